@@ -1,0 +1,3 @@
+from qwen_gateway.cli import main
+
+main()

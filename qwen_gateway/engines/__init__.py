@@ -1,0 +1,1 @@
+"""Engines: one interface (``base.Engine``) and one package per implementation."""

@@ -1,0 +1,121 @@
+"""The gateway's one exception tree.
+
+Every layer raises these; the API layer renders them (``api/errors.py``) in the wire shape of the
+protocol that is answering. Nothing else decides an HTTP status.
+
+    GatewayError                      anything the gateway itself raises on purpose
+    ├── StartupError                  configuration or a checkpoint that can't be loaded (CLI: one line)
+    └── ApiError                      an answer to a client: status, code, type, message, param
+        ├── InvalidParameter          400 invalid_parameter_error (names the ``param``)
+        │   └── ContextLengthExceeded 400 the prompt (plus max_tokens) does not fit the model
+        ├── InvalidRequest            400 malformed body / unsupported request (``invalid_request_error``)
+        ├── AuthenticationError       401 invalid_api_key
+        ├── ModelNotFound             404 model_not_found
+        ├── RateLimited               429 limit_requests
+        ├── EngineOverloaded          503 the engine can't take more work now
+        ├── EngineUnavailable         503 the model is not loaded / failed
+        └── EngineFailure             500 the engine broke while generating
+
+Each class states its compatible-mode ``code``/``type`` and its native DashScope ``native_code`` so the
+two protocols can render the same failure.
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway raises deliberately."""
+
+
+class StartupError(GatewayError):
+    """The server cannot start; ``str(err)`` is a one-line message for the terminal."""
+
+
+class ApiError(GatewayError):
+    """An error answered to a client."""
+
+    status: int = 500
+    code: str | None = "internal_error"
+    type: str = "internal_error"
+    native_code: str = "InternalError"
+    default_message: str = "An internal error has occured, please try again later."
+
+    def __init__(self, message: str | None = None, *, param: str | None = None) -> None:
+        self.message = message if message is not None else self.default_message
+        self.param = param
+        super().__init__(self.message)
+
+
+class InvalidParameter(ApiError):
+    status = 400
+    code = "invalid_parameter_error"
+    type = "invalid_request_error"
+    native_code = "InvalidParameter"
+    default_message = "The request parameters are invalid."
+
+
+class ContextLengthExceeded(InvalidParameter):
+    pass
+
+
+class InvalidRequest(ApiError):
+    """The body is not a request at all (bad JSON, wrong top-level type)."""
+
+    status = 400
+    code = "invalid_request_error"
+    type = "invalid_request_error"
+    native_code = "InvalidParameter"
+    default_message = "The input parameter requires json format."
+
+
+class AuthenticationError(ApiError):
+    status = 401
+    code = "invalid_api_key"
+    type = "invalid_request_error"
+    native_code = "InvalidApiKey"
+    # DashScope's compatible-mode message, trailing space included (seed 000).
+    default_message = "Incorrect API key provided. "
+
+
+class ModelNotFound(ApiError):
+    status = 404
+    code = "model_not_found"
+    type = "invalid_request_error"
+    native_code = "ModelNotFound"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"The model `{model}` does not exist or you do not have access to it.", param="model"
+        )
+
+
+class RateLimited(ApiError):
+    status = 429
+    code = "limit_requests"
+    type = "limit_requests"
+    native_code = "Throttling.RateQuota"
+    default_message = "You have exceeded your current request limit."
+
+
+class EngineOverloaded(ApiError):
+    status = 503
+    code = "ModelServingError"
+    type = "ModelServingError"
+    native_code = "ModelServingError"
+    default_message = "Too many requests in route. Please try again later."
+
+
+class EngineUnavailable(ApiError):
+    status = 503
+    code = "ModelUnavailable"
+    type = "ModelUnavailable"
+    native_code = "ModelUnavailable"
+    default_message = "Model is unavailable, please try again later."
+
+
+class EngineFailure(ApiError):
+    status = 500
+    code = "internal_error"
+    type = "internal_error"
+    native_code = "InternalError.Algo"
+    default_message = "inference internal error."

@@ -1,0 +1,140 @@
+"""The one settings object, built at startup (``Settings.load``) and passed down.
+
+Sources, later wins: built-in defaults < environment (``QWEN_GATEWAY_*``) < the TOML config file <
+command-line flags. The TOML shape is a public contract::
+
+    [[models]]
+    id = "qwen-plus"            # the id clients send
+    engine = "local"            # in-process engine
+    path = "/models/Qwen2.5-7B-Instruct"   # a Hugging Face checkpoint directory, .gguf file or repo id
+
+Any catalog field (``context_length``, ``max_output``, prices, ...) may be given in a ``[[models]]`` entry
+to override the built-in catalog for that id.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from qwen_gateway.errors import StartupError
+
+DEFAULT_HOME = Path("~/.qwen-gateway")
+
+
+class ModelConfig(BaseModel):
+    """One served model: which engine runs it and where its weights are."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = Field(min_length=1)
+    engine: str = "local"
+    # A checkpoint directory, a .gguf file, or a Hugging Face repo id ("Qwen/Qwen2.5-0.5B-Instruct").
+    path: str | None = None
+    gguf_file: str | None = None  # file name inside ``path`` when it is a directory or repo of GGUFs
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    max_batch_size: int = Field(default=8, ge=1, le=256)
+    # Upstream engines (later issues): base URL and key of an OpenAI-compatible server.
+    base_url: str | None = None
+    api_key: str | None = None
+    upstream_model: str | None = None
+    # Catalog overrides (see service/catalog.py); None means "use the catalog's value".
+    family: str | None = None
+    context_length: int | None = Field(default=None, ge=1)
+    max_output: int | None = Field(default=None, ge=1)
+    thinking_default: bool | None = None
+    supports_thinking: bool | None = None
+    stream_only: bool | None = None
+    input_price: float | None = Field(default=None, ge=0)  # per 1K tokens
+    output_price: float | None = Field(default=None, ge=0)
+    # Served from the embedded default; shown as such in /health.
+    embedded: bool = False
+
+    @classmethod
+    def from_flag(cls, value: str) -> ModelConfig:
+        """Parse ``--model ID=PATH``."""
+        model_id, sep, path = value.partition("=")
+        if not sep or not model_id.strip() or not path.strip():
+            raise StartupError(f"--model expects ID=PATH, got {value!r}")
+        return cls(id=model_id.strip(), path=path.strip())
+
+
+class Settings(BaseSettings):
+    """Everything the server needs to start; nothing reads the environment after this is built."""
+
+    model_config = SettingsConfigDict(env_prefix="QWEN_GATEWAY_", extra="forbid", frozen=True)
+
+    home: Path = DEFAULT_HOME
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    # SQLAlchemy URL; default: SQLite file in ``home``.
+    database_url: str | None = None
+    models: tuple[ModelConfig, ...] = ()
+    # With no model configured, serve the embedded default (SmolLM2-135M-Instruct, GGUF from PyPI).
+    embedded_default: bool = True
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Seconds between SSE keep-alive comments while a stream has nothing to send.
+    keepalive_seconds: float = Field(default=15.0, gt=0)
+    # Whether the local engine may download a repo id from the Hugging Face hub.
+    allow_downloads: bool = True
+
+    @field_validator("home", mode="after")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{self.home / 'gateway.db'}"
+
+    @classmethod
+    def load(
+        cls,
+        *,
+        config_file: Path | None = None,
+        overrides: dict[str, Any] | None = None,
+        extra_models: tuple[ModelConfig, ...] = (),
+    ) -> Settings:
+        """Build settings from env, an optional TOML file and CLI overrides (``None`` values ignored)."""
+        data: dict[str, Any] = {}
+        if config_file is not None:
+            data.update(_read_toml(config_file))
+        data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        if extra_models:
+            data["models"] = tuple(data.get("models", ())) + tuple(m.model_dump() for m in extra_models)
+        try:
+            settings = cls(**data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise StartupError(f"invalid setting {where}: {first['msg']}") from None
+        ids = [m.id for m in settings.models]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise StartupError(f"model id configured twice: {', '.join(dupes)}")
+        return settings
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.expanduser().open("rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise StartupError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise StartupError(f"config file {path} is not valid TOML: {exc}") from None
+    data: dict[str, Any] = {}
+    server = raw.pop("server", {})
+    if not isinstance(server, dict):
+        raise StartupError(f"config file {path}: [server] must be a table")
+    data.update(server)
+    if "models" in raw:
+        data["models"] = raw.pop("models")
+    data.update(raw)
+    return data
