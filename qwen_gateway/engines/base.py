@@ -106,9 +106,14 @@ class Usage:
 
 @dataclass(frozen=True, slots=True)
 class TextDelta:
-    """New answer text. Never ends inside a UTF-8 character or a possible stop string."""
+    """New answer text. Never ends inside a UTF-8 character or a possible stop string.
+
+    ``usage`` is the cumulative usage so far when the engine knows it: the native protocol reports it
+    on every event, and billing uses the last one seen when a client disconnects mid-stream.
+    """
 
     text: str
+    usage: Usage | None = None
 
 
 FinishReason = Literal["stop", "length", "tool_calls"]
