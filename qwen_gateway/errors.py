@@ -39,6 +39,8 @@ class ApiError(GatewayError):
     type: str = "internal_error"
     native_code: str = "InternalError"
     default_message: str = "An internal error has occured, please try again later."
+    # DashScope adds the request id to most error bodies, but not to the bad-key one (seed 000).
+    include_request_id: bool = True
 
     def __init__(self, message: str | None = None, *, param: str | None = None) -> None:
         self.message = message if message is not None else self.default_message
@@ -75,6 +77,7 @@ class AuthenticationError(ApiError):
     native_code = "InvalidApiKey"
     # DashScope's compatible-mode message, trailing space included (seed 000).
     default_message = "Incorrect API key provided. "
+    include_request_id = False
 
 
 class ModelNotFound(ApiError):

@@ -1,0 +1,72 @@
+"""Rendering of errors: the one place that turns exceptions into HTTP answers (compatible mode)."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.responses import ORJSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from qwen_gateway.errors import ApiError
+from qwen_gateway.protocol import compat
+
+log = logging.getLogger(__name__)
+
+
+def request_id_of(request: Request) -> str:
+    return str(request.scope.get("state", {}).get("request_id", ""))
+
+
+def error_response(exc: ApiError, request_id: str | None) -> ORJSONResponse:
+    body = compat.error_dict(
+        message=exc.message,
+        type_=exc.type,
+        code=exc.code,
+        param=exc.param,
+        request_id=request_id if exc.include_request_id else None,
+    )
+    return ORJSONResponse(body, status_code=exc.status)
+
+
+async def _api_error(request: Request, exc: Exception) -> ORJSONResponse:
+    assert isinstance(exc, ApiError)
+    return error_response(exc, request_id_of(request))
+
+
+async def _http_error(request: Request, exc: Exception) -> ORJSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 405:
+        message = f"Request method '{request.method}' is not supported."
+    elif exc.status_code == 404:
+        message = f"The requested URL {request.url.path} was not found on this server."
+    else:
+        message = str(exc.detail)
+    body = compat.error_dict(
+        message=message,
+        type_="invalid_request_error",
+        code="NotFound" if exc.status_code == 404 else "invalid_request_error",
+        param=None,
+        request_id=request_id_of(request),
+    )
+    return ORJSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _unexpected(request: Request, exc: Exception) -> ORJSONResponse:
+    # The traceback goes to the server log only; the client gets the request id to quote.
+    rid = request_id_of(request)
+    log.error("unhandled error in request %s", rid, exc_info=exc)
+    body = compat.error_dict(
+        message="An internal error has occured, please try again later.",
+        type_="internal_error",
+        code="internal_error",
+        param=None,
+        request_id=rid,
+    )
+    return ORJSONResponse(body, status_code=500)
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

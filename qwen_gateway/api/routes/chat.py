@@ -1,0 +1,58 @@
+"""``POST /chat/completions`` (compatible mode)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import ORJSONResponse, Response
+
+from qwen_gateway.api.deps import get_gateway, key_id_of
+from qwen_gateway.api.errors import request_id_of
+from qwen_gateway.api.sse import SSEResponse
+from qwen_gateway.service.validation import build_call, parse_body
+
+router = APIRouter()
+
+
+async def _until_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+@router.post("/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    gateway = get_gateway(request)
+    body = parse_body(await request.body())
+    call = build_call(body, gateway.models, request_id=request_id_of(request))
+    key_id = key_id_of(request)
+    if call.stream:
+        items = gateway.chat.stream(call, key_id=key_id)
+        # Pull the first chunk before any header goes out: errors found by the engine before it
+        # generates (e.g. a prompt longer than the context) still get their own HTTP status.
+        try:
+            first: dict[str, Any] | None = await anext(items)
+        except StopAsyncIteration:
+            first = None
+        except BaseException:
+            await items.aclose()
+            raise
+        return SSEResponse(items, first=first, keepalive=gateway.settings.keepalive_seconds)
+
+    # A client that hangs up on a non-stream call frees the engine too.
+    work = asyncio.ensure_future(gateway.chat.complete(call, key_id=key_id))
+    watcher = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(BaseException):
+            await watcher
+        if not work.done():
+            work.cancel()
+            with contextlib.suppress(BaseException):
+                await work
+            return Response(status_code=499)
+    return ORJSONResponse(work.result())

@@ -1,0 +1,87 @@
+"""The served models: each configured id with its engine and its effective catalog spec."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from qwen_gateway.engines.base import Engine, EngineHealth, EngineState
+from qwen_gateway.engines.registry import create_engine
+from qwen_gateway.errors import ModelNotFound, StartupError
+from qwen_gateway.service.catalog import ModelSpec, resolve_spec
+from qwen_gateway.settings import ModelConfig, Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ServedModel:
+    config: ModelConfig
+    engine: Engine
+    spec: ModelSpec
+
+    @property
+    def id(self) -> str:
+        return self.config.id
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStatus:
+    id: str
+    engine: str
+    health: EngineHealth
+
+
+class ModelRegistry:
+    """Model id -> served model. Built once at startup; ids are case-sensitive, like DashScope's."""
+
+    def __init__(self, models: list[ServedModel]) -> None:
+        self._models = {m.id: m for m in models}
+
+    @classmethod
+    async def start(cls, configs: tuple[ModelConfig, ...], settings: Settings) -> ModelRegistry:
+        """Create and start every engine, one after another (loading two checkpoints at once only
+        competes for memory and disk). Any failure closes what was started and raises StartupError."""
+        started: list[ServedModel] = []
+        try:
+            for config in configs:
+                engine = create_engine(config, settings)
+                await engine.start()
+                started.append(ServedModel(config, engine, resolve_spec(config, engine.capabilities)))
+        except BaseException:
+            for served in started:
+                await served.engine.aclose()
+            raise
+        if not started:
+            raise StartupError("no model configured")
+        return cls(started)
+
+    def get(self, model_id: str) -> ServedModel:
+        try:
+            return self._models[model_id]
+        except KeyError:
+            raise ModelNotFound(model_id) from None
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._models.values())
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    async def statuses(self) -> list[ModelStatus]:
+        out = []
+        for served in self._models.values():
+            try:
+                health = await served.engine.health()
+            except Exception as exc:  # a broken engine must not break /health itself
+                log.warning("health check of %s failed: %s", served.id, exc)
+                health = EngineHealth(EngineState.FAILED, 0, detail=type(exc).__name__)
+            out.append(ModelStatus(served.id, served.config.engine, health))
+        return out
+
+    async def aclose(self) -> None:
+        for served in self._models.values():
+            try:
+                await served.engine.aclose()
+            except Exception:
+                log.exception("closing engine of %s failed", served.id)

@@ -1,0 +1,288 @@
+"""Compatible-mode request -> one frozen internal :class:`ChatCall` (parse once, validate once).
+
+Every check answers with DashScope's own message (reference §2, §5.2) and names the offending
+``param``. Model-dependent limits (max output, stream-only models, thinking) come from the model's
+effective catalog spec.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from qwen_gateway.engines.base import (
+    ChatMessage,
+    GenerationRequest,
+    SamplingParams,
+    TextPart,
+    ToolCall,
+    ToolSpec,
+)
+from qwen_gateway.errors import InvalidParameter, InvalidRequest
+from qwen_gateway.protocol.compat import ChatCompletionRequest, MessageIn, ToolIn
+from qwen_gateway.service.models import ModelRegistry, ServedModel
+
+SEED_MAX = 9223372036854775807
+STOP_TYPE_MESSAGE = (
+    'The "stop" parameter must be of type "str", "list[str]", "list[int]", or "list[list[int]]"'
+)
+ROLE_MESSAGE = "Role must be user or assistant and Content length must be greater than 0"
+STREAM_ONLY_MESSAGE = (
+    "This model only support stream mode, please enable the stream parameter to access the model. "
+)
+# The OpenAI SDK's newer "developer" role means what "system" means to a Qwen chat template.
+ROLE_ALIASES = {"developer": "system"}
+ROLES = frozenset({"system", "user", "assistant", "tool"})
+
+
+@dataclass(frozen=True, slots=True)
+class ChatCall:
+    """A validated chat request: what to run and how to answer."""
+
+    request_id: str
+    completion_id: str
+    created: int
+    model: ServedModel
+    generation: GenerationRequest
+    n: int
+    stream: bool
+    include_usage: bool
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """JSON body -> dict, or DashScope's 400 for anything that is not a JSON object."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidRequest("The input parameter requires json format.") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The input parameter requires json format.")
+    return body
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def parse_wire(body: dict[str, Any]) -> ChatCompletionRequest:
+    """dict -> wire model; type errors become 400s naming the field, never 500s."""
+    if "model" not in body or body.get("model") in (None, ""):
+        raise InvalidParameter('Required parameter "model" missing from request.', param="model")
+    if "messages" not in body:
+        raise InvalidParameter('Required parameter "messages" missing from request.', param="messages")
+    try:
+        return ChatCompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = tuple(first["loc"])
+        if loc and loc[0] == "stop":
+            raise InvalidParameter(STOP_TYPE_MESSAGE, param="stop") from None
+        # Unions report one error per branch; the field path up to the branch name is what matters.
+        where = _loc(tuple(p for p in loc if not (isinstance(p, str) and "[" in p)))
+        raise InvalidParameter(f"{first['msg']}: {where}", param=where) from None
+
+
+def _check_range(
+    value: float | None, *, param: str, lo: float, hi: float, lo_open: bool, hi_open: bool, msg: str
+) -> None:
+    if value is None:
+        return
+    if (value <= lo if lo_open else value < lo) or (value >= hi if hi_open else value > hi):
+        raise InvalidParameter(msg, param=param)
+
+
+def _content(message: MessageIn, index: int) -> str | tuple[TextPart, ...]:
+    content = message.content
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    parts: list[TextPart] = []
+    for part in content:
+        if part.type != "text" or part.text is None:
+            raise InvalidParameter(
+                "The provided messages input is invalid. The error info is "
+                "[Unexpected item type in content.]",
+                param=f"messages.{index}.content",
+            )
+        parts.append(TextPart(part.text))
+    return tuple(parts)
+
+
+def _messages(wire: list[MessageIn]) -> tuple[ChatMessage, ...]:
+    if not wire:
+        raise InvalidParameter("[] is too short", param="messages")
+    out: list[ChatMessage] = []
+    for i, m in enumerate(wire):
+        role = ROLE_ALIASES.get(m.role, m.role)
+        if role not in ROLES:
+            raise InvalidParameter(ROLE_MESSAGE, param=f"messages.{i}.role")
+        content = _content(m, i)
+        tool_calls = tuple(
+            ToolCall(id=tc.id, name=tc.function.name, arguments=tc.function.arguments)
+            for tc in (m.tool_calls or ())
+        )
+        empty = content == "" or content == ()
+        # An assistant turn may be empty when it only calls tools; a user turn never.
+        if empty and role == "user":
+            raise InvalidParameter(ROLE_MESSAGE, param=f"messages.{i}.content")
+        partial = bool(m.partial) and role == "assistant" and i == len(wire) - 1
+        out.append(
+            ChatMessage(
+                role=role,  # type: ignore[arg-type]
+                content=content,
+                name=m.name,
+                tool_calls=tool_calls,
+                tool_call_id=m.tool_call_id,
+                reasoning_content=m.reasoning_content,
+                partial=partial,
+            )
+        )
+    return tuple(out)
+
+
+def _stop(stop: str | list[str] | list[int] | list[list[int]] | None) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]:
+    if stop is None:
+        return (), ()
+    if isinstance(stop, str):
+        return ((stop,) if stop else ()), ()
+    if all(isinstance(s, str) for s in stop):
+        return tuple(s for s in stop if isinstance(s, str) and s), ()
+    if all(isinstance(s, int) for s in stop):
+        return (), (tuple(s for s in stop if isinstance(s, int)),) if stop else ()
+    if all(isinstance(s, list) for s in stop):
+        seqs = tuple(tuple(seq) for seq in stop if isinstance(seq, list) and seq)
+        return (), seqs
+    raise InvalidParameter(STOP_TYPE_MESSAGE, param="stop")
+
+
+def _tools(tools: list[ToolIn] | None) -> tuple[ToolSpec, ...]:
+    out = []
+    for i, t in enumerate(tools or ()):
+        if t.type != "function":
+            raise InvalidParameter(f"Unsupported tool type: {t.type}", param=f"tools.{i}.type")
+        if t.function.name == "search":
+            raise InvalidParameter("Tool names are not allowed to be [search]", param=f"tools.{i}")
+        out.append(ToolSpec(t.function.name, t.function.description, t.function.parameters or {}))
+    return tuple(out)
+
+
+def _max_tokens(req: ChatCompletionRequest, limit: int) -> int:
+    given = [(p, v) for p, v in (("max_tokens", req.max_tokens), ("max_completion_tokens",
+             req.max_completion_tokens)) if v is not None]
+    for param, value in given:
+        if not 1 <= value <= limit:
+            raise InvalidParameter(f"Range of max_tokens should be [1, {limit}]", param=param)
+    return min((v for _, v in given), default=limit)
+
+
+def _thinking(req: ChatCompletionRequest, served: ServedModel) -> bool | None:
+    """Whether the model thinks on this call (None: the model has no thinking switch)."""
+    spec = served.spec
+    if not spec.supports_thinking:
+        if req.enable_thinking:
+            raise InvalidParameter("The model does not support enable_thinking", param="enable_thinking")
+        return None
+    thinking = spec.thinking_default if req.enable_thinking is None else req.enable_thinking
+    if req.thinking_budget is not None and req.thinking_budget <= 0:
+        raise InvalidParameter(
+            "The thinking_budget parameter must be a positive integer and not greater than "
+            f"{spec.max_output or spec.context_length}",
+            param="thinking_budget",
+        )
+    return thinking
+
+
+def build_call(body: dict[str, Any], models: ModelRegistry, *, request_id: str) -> ChatCall:
+    """The whole compatible-mode validation: wire dict -> :class:`ChatCall`."""
+    req = parse_wire(body)
+    served = models.get(req.model)
+    spec = served.spec
+    messages = _messages(req.messages)
+
+    _check_range(req.temperature, param="temperature", lo=0.0, hi=2.0, lo_open=False, hi_open=True,
+                 msg="Temperature should be in [0.0, 2.0)")
+    _check_range(req.top_p, param="top_p", lo=0.0, hi=1.0, lo_open=True, hi_open=False,
+                 msg="Range of top_p should be (0.0, 1.0]")
+    if req.top_k is not None and req.top_k < 0:
+        raise InvalidParameter("Parameter top_k be greater than or equal to 0", param="top_k")
+    _check_range(req.presence_penalty, param="presence_penalty", lo=-2.0, hi=2.0, lo_open=False,
+                 hi_open=False, msg="Presence_penalty should be in [-2.0, 2.0]")
+    _check_range(req.frequency_penalty, param="frequency_penalty", lo=-2.0, hi=2.0, lo_open=False,
+                 hi_open=False, msg="Frequency_penalty should be in [-2.0, 2.0]")
+    if req.repetition_penalty is not None and req.repetition_penalty <= 0:
+        raise InvalidParameter("Repetition_penalty should be greater than 0.0", param="repetition_penalty")
+    n = 1 if req.n is None else req.n
+    if not 1 <= n <= 4:
+        raise InvalidParameter("Range of n should be [1, 4]", param="n")
+    if req.seed is not None and not 0 <= req.seed <= SEED_MAX:
+        raise InvalidParameter(f"Range of seed should be [0, {SEED_MAX}]", param="seed")
+    if isinstance(req.tool_choice, str) and req.tool_choice not in ("none", "auto"):
+        raise InvalidParameter(
+            'tool_choice is one of the strings that should be ["none", "auto"]', param="tool_choice"
+        )
+    tools = _tools(req.tools)
+    if n > 1 and tools:
+        raise InvalidParameter("The n parameter must be 1 when tools are provided.", param="n")
+    if req.logprobs:
+        raise InvalidParameter("logprobs is not supported by this server yet.", param="logprobs")
+    if req.response_format is not None and req.response_format.get("type", "text") != "text":
+        raise InvalidParameter(
+            "Unknown format of response_format, response_format should be a dict that includes "
+            "'type' and the value of type should be 'text' (json output is not supported by this "
+            "server yet).",
+            param="response_format",
+        )
+    if req.enable_search and not spec.supports_search:
+        raise InvalidParameter("This model does not support enable_search.", param="enable_search")
+
+    stream = bool(req.stream)
+    thinking = _thinking(req, served)
+    if not stream and spec.stream_only:
+        raise InvalidParameter(STREAM_ONLY_MESSAGE)
+    if not stream and thinking:
+        raise InvalidParameter(
+            "parameter.enable_thinking must be set to false for non-streaming calls",
+            param="enable_thinking",
+        )
+    stop, stop_ids = _stop(req.stop)
+    top_k = req.top_k if req.top_k is not None and 0 < req.top_k <= 100 else None
+    if req.top_k is not None and req.top_k == 0:
+        top_k = None
+    sampling = SamplingParams(
+        max_tokens=_max_tokens(req, spec.max_output or spec.context_length),
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=top_k,
+        seed=req.seed,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty,
+        stop=stop,
+        stop_token_ids=stop_ids,
+    )
+    if stop_ids and not served.engine.capabilities.stop_token_ids:
+        raise InvalidParameter("This model does not accept stop as token ids.", param="stop")
+    generation = GenerationRequest(
+        request_id=request_id,
+        model=served.id,
+        messages=messages,
+        sampling=sampling,
+        tools=tools if req.tool_choice != "none" else (),
+        template_kwargs={} if thinking is None else {"enable_thinking": thinking},
+    )
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return ChatCall(
+        request_id=request_id,
+        completion_id=f"chatcmpl-{request_id}",
+        created=int(time.time()),
+        model=served,
+        generation=generation,
+        n=n,
+        stream=stream,
+        include_usage=include_usage,
+    )

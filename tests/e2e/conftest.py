@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import MODELS, Server, start_server
+
+# The tiny checkpoints have random weights: they rarely emit EOS, so the test config caps output
+# (a [[models]] override of the catalog's max_output) to keep un-capped seed requests short.
+CONFIG = """
+[[models]]
+id = "qwen-plus"
+engine = "local"
+path = "{qwen25}"
+max_output = 48
+
+# A long-output id for concurrency and disconnect tests.
+[[models]]
+id = "qwen-turbo"
+engine = "local"
+path = "{qwen25}"
+max_output = 4096
+
+[[models]]
+id = "qwen3-8b"
+engine = "local"
+path = "{qwen3}"
+max_output = 48
+"""
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    home = tmp_path_factory.mktemp("gateway-home")
+    config = home / "config.toml"
+    config.write_text(CONFIG.format(qwen25=MODELS / "tiny-qwen2.5", qwen3=MODELS / "tiny-qwen3"))
+    srv = start_server(home, "--config", str(config))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_path() -> Path:
+    return MODELS / "tiny-qwen2.5"

@@ -1,0 +1,131 @@
+"""Shared test support: paths, the OpenAI spec's schemas, a real server on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import httpx
+from jsonschema import Draft202012Validator
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+MODELS = SHARED / "models"
+SPEC = SHARED / "specs" / "openai-openapi.json"
+
+
+def _nullable_to_null(node: Any) -> Any:
+    """The spec mixes OpenAPI 3.0's ``nullable: true`` into 3.1 schemas; JSON Schema needs anyOf null."""
+    if isinstance(node, list):
+        return [_nullable_to_null(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _nullable_to_null(v) for k, v in node.items() if k != "nullable"}
+    if node.get("nullable") is True:
+        return {"anyOf": [out, {"type": "null"}]}
+    return out
+
+
+@cache
+def _components() -> dict[str, Any]:
+    spec = json.loads(SPEC.read_text())
+    return _nullable_to_null(spec["components"])  # type: ignore[no-any-return]
+
+
+@cache
+def validator(schema_name: str) -> Draft202012Validator:
+    schema = {"$ref": f"#/components/schemas/{schema_name}", "components": _components()}
+    return Draft202012Validator(schema)
+
+
+def assert_schema(instance: Any, schema_name: str) -> None:
+    errors = sorted(validator(schema_name).iter_errors(instance), key=lambda e: e.path)
+    assert not errors, f"{schema_name}: " + "; ".join(
+        f"{list(e.path)}: {e.message}" for e in errors[:5]
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cli(*args: str, home: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "qwen_gateway", *args, "--home", str(home)],
+        capture_output=True,
+        text=True,
+        check=check,
+        timeout=120,
+    )
+
+
+def create_key(home: Path, name: str) -> str:
+    out = cli("keys", "create", "--name", name, home=home).stdout
+    match = re.search(r"\bsk-[A-Za-z0-9_-]{16,}", out)
+    assert match, out
+    return match.group(0)
+
+
+@dataclass
+class Server:
+    base_url: str
+    home: Path
+    api_key: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def compat_url(self) -> str:
+        return f"{self.base_url}/compatible-mode/v1"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_server(home: Path, *args: str, timeout: float = 180.0) -> Server:
+    """Start ``qwen-gateway serve`` in a subprocess on a free loopback port and wait until healthy."""
+    home.mkdir(parents=True, exist_ok=True)
+    api_key = create_key(home, f"test-{time.monotonic_ns()}")
+    port = free_port()
+    log_path = home / "server.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qwen_gateway", "serve", "--home", str(home), "--port", str(port), *args],
+        stdout=log_path.open("wb"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    server = Server(f"http://127.0.0.1:{port}", home, api_key, proc, log_path)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()}")
+        try:
+            if httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    server.stop()
+    raise RuntimeError(f"server did not become healthy:\n{server.log()}")
