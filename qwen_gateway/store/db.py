@@ -1,0 +1,198 @@
+"""The database handle: an async SQLAlchemy engine, migrated to head when opened.
+
+Repository functions (``store/keys.py``, ``store/usage.py``) take a :data:`Database`: either the
+:class:`Store` (each call runs in its own transaction) or an :class:`AsyncConnection` already inside a
+transaction (the call joins it, so a caller can e.g. debit a balance and record usage atomically).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any, TypeAlias
+
+from sqlalchemy import Connection, event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from qwen_gateway.errors import StartupError
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+
+# How long a SQLite writer waits for another process's write lock (the CLI and a running server share
+# one file) before failing with "database is locked".
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+
+
+class Store:
+    """The gateway's database. Build with :meth:`open`; close with :meth:`aclose` (or ``async with``)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    @classmethod
+    async def open(cls, url: str, *, migrate: bool = True) -> Store:
+        """Connect to ``url`` (an async SQLAlchemy URL) and run migrations to head.
+
+        A plain ``sqlite:///`` URL is upgraded to the aiosqlite driver. For a SQLite file the parent
+        directory is created. Any failure is a :class:`StartupError` with a one-line message.
+        """
+        try:
+            parsed = _async_url(make_url(url))
+        except ArgumentError:
+            # Not echoed: a malformed URL may still hold a password.
+            raise StartupError(
+                "invalid database URL (expected e.g. sqlite+aiosqlite:////path/to/gateway.db)"
+            ) from None
+        shown = parsed.render_as_string(hide_password=True)
+        try:
+            _prepare_sqlite_file(parsed)
+            engine = create_async_engine(parsed)
+        except (NoSuchModuleError, ImportError, OSError, SQLAlchemyError) as exc:
+            raise StartupError(f"cannot open database {shown}: {_one_line(exc)}") from None
+        if parsed.get_backend_name() == "sqlite":
+            event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
+        store = cls(engine)
+        if migrate:
+            try:
+                await store.migrate()
+            except BaseException as exc:
+                await engine.dispose()
+                if isinstance(exc, Exception) and not isinstance(exc, StartupError):
+                    raise StartupError(f"cannot migrate database {shown}: {_one_line(exc)}") from None
+                raise
+        return store
+
+    async def migrate(self) -> None:
+        """Upgrade the schema to the newest revision shipped with this package."""
+        # Alembic is synchronous; run_sync hands it a sync facade over our own async connection (the
+        # Alembic "asyncio" cookbook), so no second, synchronous driver is needed for any backend.
+        async with self._engine.begin() as conn:
+            await conn.run_sync(_upgrade_to_head)
+
+    @property
+    def engine(self) -> AsyncEngine:
+        return self._engine
+
+    def connect(self) -> contextlib.AbstractAsyncContextManager[AsyncConnection]:
+        """A connection for reads (rolled back on exit)."""
+        return self._engine.connect()
+
+    def begin(self) -> contextlib.AbstractAsyncContextManager[AsyncConnection]:
+        """A connection inside a transaction, committed on a clean exit and rolled back on an error."""
+        return self._engine.begin()
+
+    async def aclose(self) -> None:
+        await self._engine.dispose()
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+Database: TypeAlias = Store | AsyncConnection
+
+
+@contextlib.asynccontextmanager
+async def transaction(db: Database) -> AsyncIterator[AsyncConnection]:
+    """A connection in a transaction: a new one from a Store, or the caller's own (which the caller ends)."""
+    if isinstance(db, AsyncConnection):
+        yield db
+        return
+    async with db.begin() as conn:
+        yield conn
+
+
+@contextlib.asynccontextmanager
+async def reading(db: Database) -> AsyncIterator[AsyncConnection]:
+    """A connection for reads: a new one from a Store, or the caller's own."""
+    if isinstance(db, AsyncConnection):
+        yield db
+        return
+    async with db.connect() as conn:
+        yield conn
+
+
+def _async_url(url: URL) -> URL:
+    if url.drivername == "sqlite":
+        return url.set(drivername="sqlite+aiosqlite")
+    return url
+
+
+def _prepare_sqlite_file(url: URL) -> None:
+    if url.get_backend_name() != "sqlite":
+        return
+    database = url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets the server keep reading while the CLI writes (and vice versa); the busy timeout makes a
+    # second writer wait instead of failing at once; SQLite leaves foreign keys off unless asked.
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+    finally:
+        cursor.close()
+
+
+def _upgrade_to_head(connection: Connection) -> None:
+    with _alembic_quiet():
+        # Imported here (and quietly: importing alembic.command logs its plugin setup at INFO).
+        from alembic import command
+        from alembic.config import Config
+        from alembic.runtime.migration import MigrationContext
+        from alembic.script import ScriptDirectory
+        from alembic.util.exc import CommandError
+
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS_DIR))
+        # env.py migrates on this connection instead of building an engine from a URL.
+        config.attributes["connection"] = connection
+        heads = set(ScriptDirectory.from_config(config).get_heads())
+        current = set(MigrationContext.configure(connection).get_current_heads())
+        if current == heads:
+            return
+        try:
+            command.upgrade(config, "head")
+        except CommandError as exc:
+            # Typically: the database was migrated by a newer qwen-gateway than this one.
+            raise StartupError(f"database schema: {_one_line(exc)}") from None
+    log.info("database schema upgraded from %s to %s", _revisions(current), _revisions(heads))
+
+
+@contextlib.contextmanager
+def _alembic_quiet() -> Iterator[None]:
+    """Alembic logs a dozen INFO lines per start (plugins, context impl); show them only when debugging."""
+    logger = logging.getLogger("alembic")
+    if logger.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    previous = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
+def _revisions(revisions: set[str]) -> str:
+    return ", ".join(sorted(revisions)) or "(empty)"
+
+
+def _one_line(exc: BaseException) -> str:
+    # A DBAPIError's own text appends the SQL and a documentation link; the driver's message is the point.
+    orig = getattr(exc, "orig", None)
+    text = " ".join(str(orig if isinstance(orig, BaseException) else exc).split())
+    return text or type(exc).__name__

@@ -1,0 +1,153 @@
+"""API-key rows. Only hashes are stored; making and checking keys is ``service/keys.py``'s job."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import Row, select, update
+from sqlalchemy.exc import IntegrityError
+
+from qwen_gateway.store.db import Database, reading, transaction
+from qwen_gateway.store.tables import api_keys
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRow:
+    id: str
+    name: str
+    prefix: str
+    # Kept out of repr so a logged row never carries even the hash.
+    key_hash: str = field(repr=False)
+    created_at: datetime
+    revoked_at: datetime | None
+    balance: Decimal | None  # None: unmetered
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+
+class DuplicateKeyName(Exception):
+    """``insert_key`` was given a name another key already has."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def new_key_id() -> str:
+    return "key_" + secrets.token_hex(6)
+
+
+async def insert_key(
+    *,
+    store: Database,
+    name: str,
+    prefix: str,
+    key_hash: str,
+    key_id: str | None = None,
+    created_at: datetime | None = None,
+    balance: Decimal | None = None,
+) -> KeyRow:
+    """Insert a key row. Raises :class:`DuplicateKeyName` if ``name`` is taken."""
+    row = KeyRow(
+        id=key_id or new_key_id(),
+        name=name,
+        prefix=prefix,
+        key_hash=key_hash,
+        created_at=created_at or datetime.now(UTC),
+        revoked_at=None,
+        balance=balance,
+    )
+    values = {
+        "id": row.id,
+        "name": row.name,
+        "prefix": row.prefix,
+        "key_hash": row.key_hash,
+        "created_at": row.created_at,
+        "revoked_at": None,
+        "balance": row.balance,
+    }
+    try:
+        async with transaction(store) as conn:
+            await conn.execute(api_keys.insert().values(**values))
+    except IntegrityError as exc:
+        # Inserting first and classifying the failure (rather than checking the name beforehand) keeps
+        # this one statement, so two concurrent creators can't both pass a check. The message names the
+        # column (SQLite: "UNIQUE constraint failed: api_keys.name") or the constraint (PostgreSQL:
+        # "uq_api_keys_name", see tables.NAMING_CONVENTION).
+        message = str(exc.orig)
+        if "api_keys.name" in message or "uq_api_keys_name" in message:
+            raise DuplicateKeyName(name) from None
+        raise
+    return row
+
+
+async def find_active_key_by_hash(*, store: Database, key_hash: str) -> KeyRow | None:
+    """The unrevoked key whose hash is ``key_hash``, if any."""
+    query = select(api_keys).where(api_keys.c.key_hash == key_hash, api_keys.c.revoked_at.is_(None))
+    async with reading(store) as conn:
+        found = (await conn.execute(query)).first()
+    return None if found is None else _row(found)
+
+
+async def get_key(*, store: Database, name_or_id: str) -> KeyRow | None:
+    """The key (revoked or not) with this id, else with this name."""
+    async with reading(store) as conn:
+        for column in (api_keys.c.id, api_keys.c.name):
+            found = (await conn.execute(select(api_keys).where(column == name_or_id))).first()
+            if found is not None:
+                return _row(found)
+    return None
+
+
+async def list_keys(*, store: Database, include_revoked: bool = True) -> list[KeyRow]:
+    """Keys in creation order."""
+    query = select(api_keys).order_by(api_keys.c.created_at, api_keys.c.id)
+    if not include_revoked:
+        query = query.where(api_keys.c.revoked_at.is_(None))
+    async with reading(store) as conn:
+        return [_row(r) for r in (await conn.execute(query)).all()]
+
+
+async def revoke_key(*, store: Database, name_or_id: str, now: datetime | None = None) -> KeyRow | None:
+    """Revoke the key with this id (else this name). Returns the row as it is now, or None if unknown.
+
+    Revoking a revoked key changes nothing and returns it with its original ``revoked_at``.
+    """
+    when = now or datetime.now(UTC)
+    async with transaction(store) as conn:
+        # Write first: on SQLite a transaction that reads and then writes can fail with "database is
+        # locked" without waiting if another process wrote in between; one that starts by writing waits.
+        for column in (api_keys.c.id, api_keys.c.name):
+            statement = (
+                update(api_keys)
+                .where(column == name_or_id, api_keys.c.revoked_at.is_(None))
+                .values(revoked_at=when)
+                .returning(*api_keys.c)
+            )
+            changed = (await conn.execute(statement)).first()
+            if changed is not None:
+                return _row(changed)
+            # An id match that is already revoked must not fall through to a name match.
+            existing = (await conn.execute(select(api_keys).where(column == name_or_id))).first()
+            if existing is not None:
+                return _row(existing)
+        return None
+
+
+def _row(row: Row[Any]) -> KeyRow:
+    m = row._mapping
+    return KeyRow(
+        id=m["id"],
+        name=m["name"],
+        prefix=m["prefix"],
+        key_hash=m["key_hash"],
+        created_at=m["created_at"],
+        revoked_at=m["revoked_at"],
+        balance=m["balance"],
+    )

@@ -1,0 +1,165 @@
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Connection, text
+
+from qwen_gateway.errors import StartupError
+from qwen_gateway.store.db import MIGRATIONS_DIR, Store
+from qwen_gateway.store.keys import insert_key, list_keys
+from qwen_gateway.store.tables import metadata
+from tests.unit.store.conftest import StoreRunner
+
+
+def test_open_creates_the_directory_and_migrates(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "er" / "gateway.db"
+
+    async def main() -> set[str]:
+        async with await Store.open(f"sqlite+aiosqlite:///{path}") as store, store.connect() as conn:
+            rows = await conn.execute(text("SELECT name FROM sqlite_master WHERE type = 'table'"))
+            return {r[0] for r in rows}
+
+    assert {"api_keys", "usage_ledger", "alembic_version"} <= asyncio.run(main())
+    assert path.is_file()
+
+
+def test_sqlite_connections_use_wal_busy_timeout_and_foreign_keys(with_store: StoreRunner) -> None:
+    async def body(store: Store) -> tuple[Any, ...]:
+        async with store.connect() as conn:
+            return tuple(
+                [
+                    (await conn.execute(text(f"PRAGMA {p}"))).scalar()
+                    for p in ("journal_mode", "busy_timeout", "foreign_keys")
+                ]
+            )
+
+    journal, busy, fks = with_store(body)
+    assert journal == "wal"
+    assert busy >= 1000
+    assert fks == 1
+
+
+def test_the_migrated_schema_matches_the_tables_module(with_store: StoreRunner) -> None:
+    def diff(conn: Connection) -> list[Any]:
+        return list(compare_metadata(MigrationContext.configure(conn), metadata))
+
+    async def body(store: Store) -> list[Any]:
+        async with store.connect() as conn:
+            return await conn.run_sync(diff)
+
+    assert with_store(body) == []
+
+
+def test_reopening_is_idempotent_and_keeps_data(db_url: str) -> None:
+    async def main() -> int:
+        async with await Store.open(db_url) as store:
+            await insert_key(store=store, name="a", prefix="sk-aaaaa", key_hash="h" * 64)
+        async with await Store.open(db_url) as store:
+            return len(await list_keys(store=store))
+
+    assert asyncio.run(main()) == 1
+
+
+def test_a_plain_sqlite_url_gets_the_async_driver(tmp_path: Path) -> None:
+    async def main() -> str:
+        async with await Store.open(f"sqlite:///{tmp_path / 'g.db'}") as store:
+            return store.engine.url.drivername
+
+    assert asyncio.run(main()) == "sqlite+aiosqlite"
+
+
+def test_in_memory_sqlite_works() -> None:
+    async def main() -> int:
+        async with await Store.open("sqlite+aiosqlite://") as store:
+            await insert_key(store=store, name="a", prefix="sk-aaaaa", key_hash="h" * 64)
+            return len(await list_keys(store=store))
+
+    assert asyncio.run(main()) == 1
+
+
+@pytest.mark.parametrize(
+    ("url", "fragment"),
+    [
+        ("not a url", "invalid database URL"),
+        ("nosuchdb+nodriver://x/y", "cannot open database"),
+    ],
+)
+def test_bad_urls_are_one_line_startup_errors(url: str, fragment: str) -> None:
+    with pytest.raises(StartupError) as info:
+        asyncio.run(Store.open(url))
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_an_unopenable_file_is_a_startup_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StartupError) as info:
+        asyncio.run(Store.open(f"sqlite+aiosqlite:///{blocker / 'sub' / 'g.db'}"))
+    assert "\n" not in str(info.value)
+
+
+def test_a_database_from_a_newer_gateway_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "g.db"
+    asyncio.run(_open_and_close(f"sqlite+aiosqlite:///{path}"))
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE alembic_version SET version_num = '9999_from_the_future'")
+    with pytest.raises(StartupError) as info:
+        asyncio.run(Store.open(f"sqlite+aiosqlite:///{path}"))
+    assert "9999_from_the_future" in str(info.value)
+
+
+def test_migrations_downgrade_cleanly(tmp_path: Path) -> None:
+    path = tmp_path / "g.db"
+    asyncio.run(_open_and_close(f"sqlite+aiosqlite:///{path}"))
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    # The Alembic CLI path of env.py: no shared connection, a URL given with -x.
+    config.cmd_opts = type("Opts", (), {"x": [f"url=sqlite+aiosqlite:///{path}"]})()
+    command.downgrade(config, "base")
+    with sqlite3.connect(path) as conn:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert tables == {"alembic_version"}
+    command.upgrade(config, "head")
+    with sqlite3.connect(path) as conn:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"api_keys", "usage_ledger"} <= tables
+
+
+def test_two_stores_on_one_file_wait_for_each_other(db_url: str) -> None:
+    """The CLI and a running server share the SQLite file: a writer waits for the other's lock."""
+
+    async def main() -> int:
+        async with await Store.open(db_url) as server, await Store.open(db_url) as cli:
+            async with server.begin() as conn:
+                await insert_key(store=conn, name="server", prefix="sk-sssss", key_hash="s" * 64)
+                # The server's transaction holds the write lock while the CLI tries to write.
+                cli_write = asyncio.create_task(
+                    insert_key(store=cli, name="cli", prefix="sk-ccccc", key_hash="c" * 64)
+                )
+                await asyncio.sleep(0.3)
+                assert not cli_write.done()
+            await cli_write
+            return len(await list_keys(store=server))
+
+    assert asyncio.run(main()) == 2
+
+
+async def _open_and_close(url: str) -> None:
+    store = await Store.open(url)
+    await store.aclose()
+
+
+def test_a_password_never_reaches_the_error_message() -> None:
+    with pytest.raises(StartupError) as info:
+        asyncio.run(Store.open("postgresql+nosuchdriver://user:hunter2@db.example/gateway"))
+    assert "hunter2" not in str(info.value)
+    assert "db.example" in str(info.value)

@@ -1,0 +1,111 @@
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from sqlalchemy.exc import IntegrityError
+
+from qwen_gateway.store.db import Store
+from qwen_gateway.store.keys import KeyRow, insert_key
+from qwen_gateway.store.usage import UsageRow, list_usage, record_usage
+from tests.unit.store.conftest import StoreRunner
+
+
+async def _key(store: Store) -> KeyRow:
+    return await insert_key(store=store, name="alice", prefix="sk-alice", key_hash="a" * 64)
+
+
+async def _record(store: Store, key_id: str | None, request_id: str = "req-1", **kwargs: object) -> UsageRow:
+    values: dict[str, object] = {
+        "model": "qwen-plus",
+        "endpoint": "chat.completions",
+        "prompt_tokens": 20,
+        "completion_tokens": 8,
+        "status": "ok",
+    }
+    values.update(kwargs)
+    return await record_usage(store=store, request_id=request_id, key_id=key_id, **values)  # type: ignore[arg-type]
+
+
+def test_record_and_list(with_store: StoreRunner) -> None:
+    async def body(store: Store) -> tuple[UsageRow, list[UsageRow]]:
+        key = await _key(store)
+        row = await _record(store, key.id, cost=Decimal("0.00007"))
+        return row, await list_usage(store=store, key_id=key.id)
+
+    row, listed = with_store(body)
+    assert row.id >= 1
+    assert row.total_tokens == 28
+    assert len(listed) == 1
+    stored = listed[0]
+    assert (stored.id, stored.request_id, stored.model, stored.endpoint, stored.status) == (
+        row.id,
+        "req-1",
+        "qwen-plus",
+        "chat.completions",
+        "ok",
+    )
+    assert (stored.prompt_tokens, stored.completion_tokens, stored.total_tokens) == (20, 8, 28)
+    assert stored.cost == Decimal("0.00007")
+    assert stored.created_at == row.created_at
+
+
+def test_float_costs_keep_their_decimal_value(with_store: StoreRunner) -> None:
+    async def body(store: Store) -> tuple[UsageRow, list[UsageRow]]:
+        row = await _record(store, None, cost=0.1)
+        return row, await list_usage(store=store)
+
+    row, listed = with_store(body)
+    assert row.cost == Decimal("0.1")
+    assert listed[0].cost == Decimal("0.1")
+
+
+def test_unauthenticated_usage_has_no_key_and_no_cost(with_store: StoreRunner) -> None:
+    async def body(store: Store) -> list[UsageRow]:
+        await _record(store, None, status="cancelled")
+        return await list_usage(store=store)
+
+    (row,) = with_store(body)
+    assert row.key_id is None
+    assert row.cost is None
+    assert row.status == "cancelled"
+
+
+def test_an_unknown_key_id_violates_the_foreign_key(with_store: StoreRunner) -> None:
+    with pytest.raises(IntegrityError):
+        with_store(lambda store: _record(store, "key_doesnotexist"))
+
+
+@pytest.mark.parametrize("kwargs", [{"status": "done"}, {"prompt_tokens": -1}, {"completion_tokens": -5}])
+def test_bad_values_are_refused(with_store: StoreRunner, kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        with_store(lambda store: _record(store, None, **kwargs))
+
+
+def test_filters_and_limit(with_store: StoreRunner) -> None:
+    async def body(store: Store) -> tuple[list[str], list[str], list[str]]:
+        key = await _key(store)
+        for i in range(5):
+            await _record(store, key.id if i % 2 else None, request_id=f"r{i}")
+        return (
+            [u.request_id for u in await list_usage(store=store, limit=3)],
+            [u.request_id for u in await list_usage(store=store, key_id=key.id)],
+            [u.request_id for u in await list_usage(store=store, request_id="r2")],
+        )
+
+    newest, for_key, one = with_store(body)
+    assert newest == ["r2", "r3", "r4"]
+    assert for_key == ["r1", "r3"]
+    assert one == ["r2"]
+
+
+def test_a_callers_transaction_makes_usage_atomic_with_other_writes(with_store: StoreRunner) -> None:
+    async def body(store: Store) -> list[UsageRow]:
+        with pytest.raises(RuntimeError):
+            async with store.begin() as conn:
+                await _record(conn, None)  # type: ignore[arg-type]
+                raise RuntimeError("the debit failed")
+        return await list_usage(store=store)
+
+    assert with_store(body) == []
