@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import orjson
@@ -31,7 +31,7 @@ def encode_compat_sse(item: dict[str, Any]) -> bytes:
 
 async def _framed(
     items: AsyncIterator[dict[str, Any]], first: dict[str, Any] | None, keepalive: float
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     if first is not None:
         yield encode_compat_sse(first)
     pending: asyncio.Task[dict[str, Any]] | None = None
@@ -76,12 +76,12 @@ class SSEResponse(Response):
         self._items = items
         self._first = first
         self._keepalive = keepalive
-        self._headers = list(HEADERS) + [
+        self._sse_headers = list(HEADERS) + [
             (k.lower().encode(), v.encode()) for k, v in (headers or {}).items()
         ]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self._headers})
+        await send({"type": "http.response.start", "status": 200, "headers": self._sse_headers})
         # ``first`` was already pulled from ``items`` by the route; ``_framed`` sends it first.
         body = _framed(self._items, self._first, self._keepalive)
 

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,13 +50,11 @@ class ChatService:
             if sampling.seed is not None:
                 sampling = dataclasses.replace(sampling, seed=(sampling.seed + i) % (2**63))
             out.append(
-                dataclasses.replace(
-                    call.generation, request_id=f"{call.request_id}-{i}", sampling=sampling
-                )
+                dataclasses.replace(call.generation, request_id=f"{call.request_id}-{i}", sampling=sampling)
             )
         return out
 
-    async def _events(self, call: ChatCall) -> AsyncIterator[tuple[int, GenerationEvent]]:
+    async def _events(self, call: ChatCall) -> AsyncGenerator[tuple[int, GenerationEvent], None]:
         """(choice index, event) from every choice's engine stream, as they come."""
         engine = call.model.engine
         requests = self._requests(call)
@@ -153,7 +151,7 @@ class ChatService:
 
     # -- stream ----------------------------------------------------------------------------------------
 
-    async def stream(self, call: ChatCall, *, key_id: str | None) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, call: ChatCall, *, key_id: str | None) -> AsyncGenerator[dict[str, Any], None]:
         """Chunks in DashScope's order: role chunk, content deltas, finish chunk per choice, then the
         usage chunk when asked for. An error after the first chunk is yielded as an error object (the
         API layer then ends the stream); the ledger records the tokens spent up to that point."""

@@ -145,7 +145,9 @@ def _messages(wire: list[MessageIn]) -> tuple[ChatMessage, ...]:
     return tuple(out)
 
 
-def _stop(stop: str | list[str] | list[int] | list[list[int]] | None) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]:
+def _stop(
+    stop: str | list[str] | list[int] | list[list[int]] | None,
+) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]:
     if stop is None:
         return (), ()
     if isinstance(stop, str):
@@ -172,8 +174,11 @@ def _tools(tools: list[ToolIn] | None) -> tuple[ToolSpec, ...]:
 
 
 def _max_tokens(req: ChatCompletionRequest, limit: int) -> int:
-    given = [(p, v) for p, v in (("max_tokens", req.max_tokens), ("max_completion_tokens",
-             req.max_completion_tokens)) if v is not None]
+    given = [
+        (p, v)
+        for p, v in (("max_tokens", req.max_tokens), ("max_completion_tokens", req.max_completion_tokens))
+        if v is not None
+    ]
     for param, value in given:
         if not 1 <= value <= limit:
             raise InvalidParameter(f"Range of max_tokens should be [1, {limit}]", param=param)
@@ -187,14 +192,17 @@ def _thinking(req: ChatCompletionRequest, served: ServedModel) -> bool | None:
         if req.enable_thinking:
             raise InvalidParameter("The model does not support enable_thinking", param="enable_thinking")
         return None
-    thinking = spec.thinking_default if req.enable_thinking is None else req.enable_thinking
-    if req.thinking_budget is not None and req.thinking_budget <= 0:
+    if spec.thinking_fixed and req.enable_thinking is False:
         raise InvalidParameter(
-            "The thinking_budget parameter must be a positive integer and not greater than "
-            f"{spec.max_output or spec.context_length}",
+            "The value of the enable_thinking parameter is restricted to True.", param="enable_thinking"
+        )
+    limit = spec.max_output or spec.context_length
+    if req.thinking_budget is not None and not 0 < req.thinking_budget <= limit:
+        raise InvalidParameter(
+            f"The thinking_budget parameter must be a positive integer and not greater than {limit}",
             param="thinking_budget",
         )
-    return thinking
+    return spec.thinking_enabled(req.enable_thinking)
 
 
 def build_call(body: dict[str, Any], models: ModelRegistry, *, request_id: str) -> ChatCall:
@@ -204,16 +212,44 @@ def build_call(body: dict[str, Any], models: ModelRegistry, *, request_id: str) 
     spec = served.spec
     messages = _messages(req.messages)
 
-    _check_range(req.temperature, param="temperature", lo=0.0, hi=2.0, lo_open=False, hi_open=True,
-                 msg="Temperature should be in [0.0, 2.0)")
-    _check_range(req.top_p, param="top_p", lo=0.0, hi=1.0, lo_open=True, hi_open=False,
-                 msg="Range of top_p should be (0.0, 1.0]")
+    _check_range(
+        req.temperature,
+        param="temperature",
+        lo=0.0,
+        hi=2.0,
+        lo_open=False,
+        hi_open=True,
+        msg="Temperature should be in [0.0, 2.0)",
+    )
+    _check_range(
+        req.top_p,
+        param="top_p",
+        lo=0.0,
+        hi=1.0,
+        lo_open=True,
+        hi_open=False,
+        msg="Range of top_p should be (0.0, 1.0]",
+    )
     if req.top_k is not None and req.top_k < 0:
         raise InvalidParameter("Parameter top_k be greater than or equal to 0", param="top_k")
-    _check_range(req.presence_penalty, param="presence_penalty", lo=-2.0, hi=2.0, lo_open=False,
-                 hi_open=False, msg="Presence_penalty should be in [-2.0, 2.0]")
-    _check_range(req.frequency_penalty, param="frequency_penalty", lo=-2.0, hi=2.0, lo_open=False,
-                 hi_open=False, msg="Frequency_penalty should be in [-2.0, 2.0]")
+    _check_range(
+        req.presence_penalty,
+        param="presence_penalty",
+        lo=-2.0,
+        hi=2.0,
+        lo_open=False,
+        hi_open=False,
+        msg="Presence_penalty should be in [-2.0, 2.0]",
+    )
+    _check_range(
+        req.frequency_penalty,
+        param="frequency_penalty",
+        lo=-2.0,
+        hi=2.0,
+        lo_open=False,
+        hi_open=False,
+        msg="Frequency_penalty should be in [-2.0, 2.0]",
+    )
     if req.repetition_penalty is not None and req.repetition_penalty <= 0:
         raise InvalidParameter("Repetition_penalty should be greater than 0.0", param="repetition_penalty")
     n = 1 if req.n is None else req.n
@@ -244,7 +280,7 @@ def build_call(body: dict[str, Any], models: ModelRegistry, *, request_id: str) 
     thinking = _thinking(req, served)
     if not stream and spec.stream_only:
         raise InvalidParameter(STREAM_ONLY_MESSAGE)
-    if not stream and thinking:
+    if not stream and spec.requires_stream(thinking=bool(thinking)):
         raise InvalidParameter(
             "parameter.enable_thinking must be set to false for non-streaming calls",
             param="enable_thinking",

@@ -47,12 +47,11 @@ async def chat_completions(request: Request) -> Response:
     try:
         await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        watcher.cancel()
-        with contextlib.suppress(BaseException):
-            await watcher
-        if not work.done():
-            work.cancel()
+        for task in (watcher, work) if not work.done() else (watcher,):
+            task.cancel()
             with contextlib.suppress(BaseException):
-                await work
-            return Response(status_code=499)
+                await task
+    if work.cancelled():
+        # Nobody is listening any more; 499 is what proxies log for "client closed request".
+        return Response(status_code=499)
     return ORJSONResponse(work.result())
