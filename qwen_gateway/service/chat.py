@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,7 +64,7 @@ class ChatService:
                 async for event in stream:
                     yield 0, event
             finally:
-                await stream.aclose()  # type: ignore[attr-defined]
+                await _aclose(stream)
             return
         queue: asyncio.Queue[tuple[int, GenerationEvent | BaseException | None]] = asyncio.Queue()
 
@@ -77,7 +77,7 @@ class ChatService:
             except Exception as exc:
                 queue.put_nowait((index, exc))
             finally:
-                await stream.aclose()  # type: ignore[attr-defined]
+                await _aclose(stream)
 
         tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
         try:
@@ -216,8 +216,15 @@ class ChatService:
             raise
         finally:
             with contextlib.suppress(Exception):
-                await events.aclose()  # type: ignore[attr-defined]
+                await events.aclose()
             await self._settle(call, key_id, status, self._total(choices))
+
+
+async def _aclose(stream: AsyncIterator[GenerationEvent]) -> None:
+    """Close an engine stream: that is how an engine learns its consumer is gone."""
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 def _error_payload(exc: ApiError, request_id: str) -> dict[str, Any]:
