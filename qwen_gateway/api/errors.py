@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 
 from fastapi import FastAPI, Request
-from fastapi.responses import ORJSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from qwen_gateway.api.responses import JSONBytesResponse
 from qwen_gateway.errors import ApiError
 from qwen_gateway.protocol import compat
 
@@ -18,7 +18,7 @@ def request_id_of(request: Request) -> str:
     return str(request.scope.get("state", {}).get("request_id", ""))
 
 
-def error_response(exc: ApiError, request_id: str | None) -> ORJSONResponse:
+def error_response(exc: ApiError, request_id: str | None) -> JSONBytesResponse:
     body = compat.error_dict(
         message=exc.message,
         type_=exc.type,
@@ -26,15 +26,15 @@ def error_response(exc: ApiError, request_id: str | None) -> ORJSONResponse:
         param=exc.param,
         request_id=request_id if exc.include_request_id else None,
     )
-    return ORJSONResponse(body, status_code=exc.status)
+    return JSONBytesResponse(body, status_code=exc.status)
 
 
-async def _api_error(request: Request, exc: Exception) -> ORJSONResponse:
+async def _api_error(request: Request, exc: Exception) -> JSONBytesResponse:
     assert isinstance(exc, ApiError)
     return error_response(exc, request_id_of(request))
 
 
-async def _http_error(request: Request, exc: Exception) -> ORJSONResponse:
+async def _http_error(request: Request, exc: Exception) -> JSONBytesResponse:
     assert isinstance(exc, StarletteHTTPException)
     if exc.status_code == 405:
         message = f"Request method '{request.method}' is not supported."
@@ -49,10 +49,10 @@ async def _http_error(request: Request, exc: Exception) -> ORJSONResponse:
         param=None,
         request_id=request_id_of(request),
     )
-    return ORJSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+    return JSONBytesResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
-async def _unexpected(request: Request, exc: Exception) -> ORJSONResponse:
+async def _unexpected(request: Request, exc: Exception) -> JSONBytesResponse:
     # The traceback goes to the server log only; the client gets the request id to quote.
     rid = request_id_of(request)
     log.error("unhandled error in request %s", rid, exc_info=exc)
@@ -63,7 +63,7 @@ async def _unexpected(request: Request, exc: Exception) -> ORJSONResponse:
         param=None,
         request_id=rid,
     )
-    return ORJSONResponse(body, status_code=500)
+    return JSONBytesResponse(body, status_code=500)
 
 
 def install(app: FastAPI) -> None:

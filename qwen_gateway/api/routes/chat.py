@@ -7,10 +7,11 @@ import contextlib
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import ORJSONResponse, Response
+from fastapi.responses import Response
 
 from qwen_gateway.api.deps import get_gateway, key_id_of
 from qwen_gateway.api.errors import request_id_of
+from qwen_gateway.api.responses import JSONBytesResponse
 from qwen_gateway.api.sse import SSEResponse
 from qwen_gateway.service.validation import build_call, parse_body
 
@@ -54,4 +55,4 @@ async def chat_completions(request: Request) -> Response:
     if work.cancelled():
         # Nobody is listening any more; 499 is what proxies log for "client closed request".
         return Response(status_code=499)
-    return ORJSONResponse(work.result())
+    return JSONBytesResponse(work.result())

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import ORJSONResponse
 
 from qwen_gateway.api.deps import get_gateway
+from qwen_gateway.api.responses import JSONBytesResponse
 from qwen_gateway.engines.base import EngineState
 
 router = APIRouter()
 
 
 @router.get("/health")
-async def health(request: Request) -> ORJSONResponse:
+async def health(request: Request) -> JSONBytesResponse:
     statuses = await get_gateway(request).models.statuses()
     ready = all(s.health.state is EngineState.READY for s in statuses)
     body = {
@@ -28,4 +28,4 @@ async def health(request: Request) -> ORJSONResponse:
             for s in statuses
         ],
     }
-    return ORJSONResponse(body, status_code=200 if ready else 503)
+    return JSONBytesResponse(body, status_code=200 if ready else 503)

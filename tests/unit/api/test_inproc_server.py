@@ -1,0 +1,169 @@
+"""The API layer over a real uvicorn on loopback, with a FAKE engine that fails on demand.
+
+A real engine can't be made to break mid-stream at will; ``tests.fakes.FaultyEngine`` can. Everything
+else (HTTP server, store, keys, ledger) is real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import uvicorn
+
+from qwen_gateway.api.app import create_app
+from qwen_gateway.service.catalog import resolve_spec
+from qwen_gateway.service.chat import ChatService
+from qwen_gateway.service.keys import KeyService
+from qwen_gateway.service.models import ModelRegistry, ServedModel
+from qwen_gateway.service.runtime import Gateway
+from qwen_gateway.settings import ModelConfig, Settings
+from qwen_gateway.store.db import Store
+from qwen_gateway.store.usage import list_usage, record_usage
+from tests.fakes import FaultyEngine
+from tests.support import free_port
+
+
+@contextmanager
+def serve_fake(
+    home: Path, engine: FaultyEngine, model_id: str = "qwen-plus"
+) -> Iterator[tuple[str, str, Gateway]]:
+    """A real server in a thread; yields (base_url, api_key, gateway)."""
+    settings = Settings(home=home)
+    port = free_port()
+    ready = threading.Event()
+    state: dict[str, object] = {}
+
+    async def main() -> None:
+        store = await Store.open(f"sqlite+aiosqlite:///{home / 'gw.db'}")
+        keys = KeyService(store)
+        _, raw = await keys.create("t")
+        config = ModelConfig(id=model_id, engine="fake")
+
+        async def sink(request_id: str, key_id: str | None, model: str, status: str, usage) -> None:  # type: ignore[no-untyped-def]
+            await record_usage(
+                store=store,
+                request_id=request_id,
+                key_id=key_id,
+                model=model,
+                endpoint="chat.completions",
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                status=status,
+            )
+
+        gateway = Gateway(
+            settings=settings,
+            store=store,
+            keys=keys,
+            models=ModelRegistry([ServedModel(config, engine, resolve_spec(config, engine.capabilities))]),  # type: ignore[arg-type]
+            chat=ChatService(sink),
+            started_at=int(time.time()),
+        )
+        server = uvicorn.Server(
+            uvicorn.Config(create_app(gateway), host="127.0.0.1", port=port, log_level="warning")
+        )
+        _LOOPS[id(gateway)] = asyncio.get_running_loop()
+        state.update(key=raw, gateway=gateway, server=server)
+        ready.set()
+        await server.serve()
+        await store.aclose()
+
+    thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+    thread.start()
+    assert ready.wait(30)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"{base}/health", timeout=1)
+            break
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    try:
+        yield base, str(state["key"]), state["gateway"]  # type: ignore[misc]
+    finally:
+        state["server"].should_exit = True  # type: ignore[attr-defined]
+        thread.join(10)
+
+
+def ledger(gateway: Gateway) -> list:  # type: ignore[type-arg]
+    """The usage rows, read on the server's own loop (the store's connections belong to it)."""
+    fut = asyncio.run_coroutine_threadsafe(list_usage(store=gateway.store), _LOOPS[id(gateway)])
+    return fut.result(10)
+
+
+_LOOPS: dict[int, asyncio.AbstractEventLoop] = {}
+
+
+def test_error_mid_stream_goes_in_band(tmp_path: Path) -> None:
+    engine = FaultyEngine(good_deltas=3, fail=True)
+    with serve_fake(tmp_path, engine) as (base, key, gateway):
+        with httpx.stream(
+            "POST",
+            f"{base}/compatible-mode/v1/chat/completions",
+            headers={"Authorization": f"Bearer {key}"},
+            json={"model": "qwen-plus", "messages": [{"role": "user", "content": "hi"}], "stream": True},
+        ) as r:
+            assert r.status_code == 200
+            data = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        assert data[-1] == "[DONE]"
+        items = [json.loads(d) for d in data[:-1]]
+        assert items[0]["choices"][0]["delta"] == {"content": "", "role": "assistant"}
+        assert [i["choices"][0]["delta"]["content"] for i in items[1:4]] == ["tok0 ", "tok1 ", "tok2 "]
+        error = items[4]
+        assert set(error) == {"error", "request_id"}
+        assert error["error"]["code"] == "internal_error"
+        assert error["error"]["message"] == "inference internal error."
+        assert error["request_id"] == r.headers["x-request-id"]
+        assert len(items) == 5
+        assert engine.active == 0
+        (row,) = ledger(gateway)
+        assert (row.status, row.prompt_tokens, row.completion_tokens) == ("error", 7, 3)
+        assert row.request_id == r.headers["x-request-id"]
+
+
+def test_error_before_output_is_a_plain_http_error(tmp_path: Path) -> None:
+    engine = FaultyEngine(good_deltas=0, fail=True)
+    with serve_fake(tmp_path, engine) as (base, key, _):
+        for stream in (True, False):
+            r = httpx.post(
+                f"{base}/compatible-mode/v1/chat/completions",
+                headers={"Authorization": f"Bearer {key}"},
+                json={
+                    "model": "qwen-plus",
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "stream": stream,
+                },
+            )
+            assert r.status_code == 500
+            assert r.json()["error"]["message"] == "inference internal error."
+            assert "Traceback" not in r.text
+
+
+def test_two_apps_in_one_process(tmp_path: Path) -> None:
+    with (
+        serve_fake(tmp_path / "a", FaultyEngine(2, fail=False), "qwen-plus") as (base_a, key_a, _),
+        serve_fake(tmp_path / "b", FaultyEngine(4, fail=False), "qwen-max") as (base_b, key_b, _),
+    ):
+        a = httpx.get(f"{base_a}/v1/models", headers={"Authorization": f"Bearer {key_a}"}).json()
+        b = httpx.get(f"{base_b}/v1/models", headers={"Authorization": f"Bearer {key_b}"}).json()
+        assert [m["id"] for m in a["data"]] == ["qwen-plus"]
+        assert [m["id"] for m in b["data"]] == ["qwen-max"]
+        # Keys belong to their own gateway.
+        assert (
+            httpx.get(f"{base_a}/v1/models", headers={"Authorization": f"Bearer {key_b}"}).status_code == 401
+        )
+        r = httpx.post(
+            f"{base_b}/v1/chat/completions",
+            headers={"Authorization": f"Bearer {key_b}"},
+            json={"model": "qwen-max", "messages": [{"role": "user", "content": "x"}]},
+        )
+        assert r.json()["choices"][0]["message"]["content"] == "tok0 tok1 tok2 tok3 "
+        assert r.json()["usage"] == {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11}
