@@ -20,15 +20,20 @@ from pathlib import Path
 from openai import AsyncOpenAI
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.support import start_server  # noqa: E402
+from tests.support import start_server
 
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
 
 
 async def one_stream(client: AsyncOpenAI, model: str, max_tokens: int, seed: int) -> int:
     stream = await client.chat.completions.create(
-        model=model, messages=PROMPT, stream=True, max_tokens=max_tokens,  # type: ignore[arg-type]
-        temperature=0.7, seed=seed, stream_options={"include_usage": True},
+        model=model,
+        messages=PROMPT,
+        stream=True,
+        max_tokens=max_tokens,  # type: ignore[arg-type]
+        temperature=0.7,
+        seed=seed,
+        stream_options={"include_usage": True},
     )
     tokens = 0
     async for chunk in stream:
@@ -47,10 +52,16 @@ async def measure(base_url: str, key: str, model: str, streams: int, max_tokens:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", help="ID=PATH; default: the embedded default model")
-    parser.add_argument("--home", type=Path, help="gateway home (default: a temp dir; ~/.qwen-gateway's "
-                        "embedded model is reused when --home is ~/.qwen-gateway)")
+    parser.add_argument(
+        "--home",
+        type=Path,
+        help="gateway home (default: a temp dir; ~/.qwen-gateway's "
+        "embedded model is reused when --home is ~/.qwen-gateway)",
+    )
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
@@ -62,10 +73,14 @@ def main() -> None:
         base = server.compat_url
         asyncio.run(measure(base, server.api_key, model, 1, 8))  # warm-up
         for streams in (1, 4):
-            rates = [asyncio.run(measure(base, server.api_key, model, streams, args.max_tokens))
-                     for _ in range(args.rounds)]
-            print(f"server  {model}  streams={streams}  tokens/s={max(rates):.1f}  "
-                  f"(best of {args.rounds}, max_tokens={args.max_tokens})")
+            rates = [
+                asyncio.run(measure(base, server.api_key, model, streams, args.max_tokens))
+                for _ in range(args.rounds)
+            ]
+            print(
+                f"server  {model}  streams={streams}  tokens/s={max(rates):.1f}  "
+                f"(best of {args.rounds}, max_tokens={args.max_tokens})"
+            )
     finally:
         server.stop()
 

@@ -50,9 +50,7 @@ def validator(schema_name: str) -> Draft202012Validator:
 
 def assert_schema(instance: Any, schema_name: str) -> None:
     errors = sorted(validator(schema_name).iter_errors(instance), key=lambda e: e.path)
-    assert not errors, f"{schema_name}: " + "; ".join(
-        f"{list(e.path)}: {e.message}" for e in errors[:5]
-    )
+    assert not errors, f"{schema_name}: " + "; ".join(f"{list(e.path)}: {e.message}" for e in errors[:5])
 
 
 def free_port() -> int:

@@ -24,7 +24,11 @@ def import_from_string(target: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        hint = " (install the 'local' extra: pip install 'qwen-gateway[local]')" if "local" in module_name else ""
+        hint = (
+            " (install the 'local' extra: pip install 'qwen-gateway[local]')"
+            if "local" in module_name
+            else ""
+        )
         raise StartupError(f"cannot import engine module {module_name!r}: {exc}{hint}") from None
     try:
         return getattr(module, attr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import time
 
@@ -25,8 +26,12 @@ def test_two_concurrent_streams_both_progress(server: Server) -> None:
     async def run(name: str, seed: int) -> None:
         client = AsyncOpenAI(api_key=server.api_key, base_url=server.compat_url)
         stream = await client.chat.completions.create(
-            model="qwen-turbo", messages=MSG, stream=True, max_tokens=300,  # type: ignore[arg-type]
-            temperature=1.0, seed=seed,
+            model="qwen-turbo",
+            messages=MSG,
+            stream=True,
+            max_tokens=300,  # type: ignore[arg-type]
+            temperature=1.0,
+            seed=seed,
         )
         async for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
@@ -51,12 +56,23 @@ def test_two_concurrent_streams_both_progress(server: Server) -> None:
 
 
 def test_killed_streaming_client_frees_engine(server: Server) -> None:
-    body = ('{"model": "qwen-turbo", "stream": true, "max_tokens": 4000, "temperature": 1.0, "seed": 9,'
-            ' "messages": [{"role": "user", "content": "Count forever."}]}')
+    body = (
+        '{"model": "qwen-turbo", "stream": true, "max_tokens": 4000, "temperature": 1.0, "seed": 9,'
+        ' "messages": [{"role": "user", "content": "Count forever."}]}'
+    )
     proc = subprocess.Popen(
-        ["curl", "-sS", "-N", f"{server.compat_url}/chat/completions",
-         "-H", f"Authorization: Bearer {server.api_key}", "-H", "Content-Type: application/json",
-         "-d", body],
+        [
+            "curl",
+            "-sS",
+            "-N",
+            f"{server.compat_url}/chat/completions",
+            "-H",
+            f"Authorization: Bearer {server.api_key}",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            body,
+        ],
         stdout=subprocess.PIPE,
     )
     assert proc.stdout is not None
@@ -78,16 +94,18 @@ def test_killed_streaming_client_frees_engine(server: Server) -> None:
 
 
 def test_disconnect_on_non_stream_frees_engine(server: Server) -> None:
-    with httpx.Client(timeout=0.7) as client:
-        try:
-            client.post(
-                f"{server.compat_url}/chat/completions",
-                headers={"Authorization": f"Bearer {server.api_key}"},
-                json={"model": "qwen-turbo", "max_tokens": 4000, "temperature": 1.0, "seed": 9,
-                      "messages": [{"role": "user", "content": "Count forever."}]},
-            )
-        except httpx.ReadTimeout:
-            pass
+    with httpx.Client(timeout=0.7) as client, contextlib.suppress(httpx.ReadTimeout):
+        client.post(
+            f"{server.compat_url}/chat/completions",
+            headers={"Authorization": f"Bearer {server.api_key}"},
+            json={
+                "model": "qwen-turbo",
+                "max_tokens": 4000,
+                "temperature": 1.0,
+                "seed": 9,
+                "messages": [{"role": "user", "content": "Count forever."}],
+            },
+        )
     gone_at = time.monotonic()
     while active(server) != 0:
         assert time.monotonic() - gone_at < 2.0

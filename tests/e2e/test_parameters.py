@@ -52,14 +52,21 @@ def err(r: httpx.Response, status: int = 400) -> dict[str, Any]:
             "stop",
             'The "stop" parameter must be of type "str", "list[str]", "list[int]", or "list[list[int]]"',
         ),
-        ({"tool_choice": "required"}, "tool_choice",
-         'tool_choice is one of the strings that should be ["none", "auto"]'),
+        (
+            {"tool_choice": "required"},
+            "tool_choice",
+            'tool_choice is one of the strings that should be ["none", "auto"]',
+        ),
     ],
 )
 def test_out_of_range(server: Server, extra: dict[str, Any], param: str, message: str) -> None:
     e = err(post(server, {"model": "qwen-plus", "messages": MSG, **extra}))
-    assert e == {"message": message, "type": "invalid_request_error", "param": param,
-                 "code": "invalid_parameter_error"}
+    assert e == {
+        "message": message,
+        "type": "invalid_request_error",
+        "param": param,
+        "code": "invalid_parameter_error",
+    }
 
 
 @pytest.mark.parametrize(
@@ -85,7 +92,7 @@ def test_empty_messages_message(server: Server) -> None:
     assert err(post(server, {"model": "qwen-plus", "messages": []}))["message"] == "[] is too short"
 
 
-@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"", "\"text\""])
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"", '"text"'])
 def test_malformed_json_is_400(server: Server, raw: bytes | str) -> None:
     e = err(post(server, raw, headers={"Content-Type": "application/json"}))
     assert e["message"] == "The input parameter requires json format."
@@ -99,8 +106,9 @@ def test_unknown_model_404(server: Server, model: str) -> None:
 
 
 def test_wrong_method_and_route(server: Server) -> None:
-    r = httpx.get(f"{server.compat_url}/chat/completions",
-                  headers={"Authorization": f"Bearer {server.api_key}"})
+    r = httpx.get(
+        f"{server.compat_url}/chat/completions", headers={"Authorization": f"Bearer {server.api_key}"}
+    )
     assert r.status_code == 405
     assert r.json()["error"]["message"] == "Request method 'GET' is not supported."
     r = httpx.get(f"{server.compat_url}/nothing-here", headers={"Authorization": f"Bearer {server.api_key}"})
@@ -110,15 +118,29 @@ def test_wrong_method_and_route(server: Server) -> None:
 def test_extra_fields_and_headers_tolerated(server: Server) -> None:
     r = post(
         server,
-        {"model": "qwen-plus", "messages": [
-            {"role": "system", "content": [{"type": "text", "text": "Be brief.",
-                                            "cache_control": {"type": "ephemeral"}}]},
-            {"role": "user", "content": "hi"}],
-         "metadata": {"sessionId": "s1", "promptId": "p1", "channel": "cli"},
-         "vl_high_resolution_images": True, "parallel_tool_calls": False, "user": "u-1",
-         "max_tokens": 4},
-        headers={"X-DashScope-CacheControl": "enable", "X-DashScope-UserAgent": "qwen-code/1.0",
-                 "X-DashScope-AuthType": "openai", "X-DashScope-DataInspection": '{"input":"cip"}'},
+        {
+            "model": "qwen-plus",
+            "messages": [
+                {
+                    "role": "system",
+                    "content": [
+                        {"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}
+                    ],
+                },
+                {"role": "user", "content": "hi"},
+            ],
+            "metadata": {"sessionId": "s1", "promptId": "p1", "channel": "cli"},
+            "vl_high_resolution_images": True,
+            "parallel_tool_calls": False,
+            "user": "u-1",
+            "max_tokens": 4,
+        },
+        headers={
+            "X-DashScope-CacheControl": "enable",
+            "X-DashScope-UserAgent": "qwen-code/1.0",
+            "X-DashScope-AuthType": "openai",
+            "X-DashScope-DataInspection": '{"input":"cip"}',
+        },
     )
     assert r.status_code == 200, r.text
     assert_schema(r.json(), "CreateChatCompletionResponse")
@@ -131,7 +153,11 @@ def sdk(server: Server) -> OpenAI:
 def test_max_tokens_gives_length(server: Server) -> None:
     for kw in ({"max_tokens": 5}, {"max_completion_tokens": 5}):
         r = sdk(server).chat.completions.create(
-            model="qwen-plus", messages=MSG, temperature=0.9, seed=7, **kw  # type: ignore[arg-type]
+            model="qwen-plus",
+            messages=MSG,
+            temperature=0.9,
+            seed=7,
+            **kw,  # type: ignore[arg-type]
         )
         assert r.choices[0].finish_reason == "length"
         assert r.usage is not None and r.usage.completion_tokens == 5
@@ -140,7 +166,12 @@ def test_max_tokens_gives_length(server: Server) -> None:
 def test_seed_is_deterministic(server: Server) -> None:
     def run(seed: int) -> str:
         r = sdk(server).chat.completions.create(
-            model="qwen-plus", messages=MSG, temperature=1.2, top_p=1.0, seed=seed, max_tokens=20  # type: ignore[arg-type]
+            model="qwen-plus",
+            messages=MSG,
+            temperature=1.2,
+            top_p=1.0,
+            seed=seed,
+            max_tokens=20,  # type: ignore[arg-type]
         )
         return r.choices[0].message.content or ""
 
@@ -151,22 +182,43 @@ def test_seed_is_deterministic(server: Server) -> None:
 
 def test_greedy_is_deterministic(server: Server) -> None:
     outs = {
-        sdk(server).chat.completions.create(
-            model="qwen-plus", messages=MSG, temperature=0, max_tokens=12  # type: ignore[arg-type]
-        ).choices[0].message.content
+        sdk(server)
+        .chat.completions.create(
+            model="qwen-plus",
+            messages=MSG,
+            temperature=0,
+            max_tokens=12,  # type: ignore[arg-type]
+        )
+        .choices[0]
+        .message.content
         for _ in range(2)
     }
     assert len(outs) == 1
 
 
 def test_stop_string_is_not_returned(server: Server) -> None:
-    base = sdk(server).chat.completions.create(
-        model="qwen-plus", messages=MSG, temperature=1.0, seed=3, max_tokens=30  # type: ignore[arg-type]
-    ).choices[0].message.content or ""
+    base = (
+        sdk(server)
+        .chat.completions.create(
+            model="qwen-plus",
+            messages=MSG,
+            temperature=1.0,
+            seed=3,
+            max_tokens=30,  # type: ignore[arg-type]
+        )
+        .choices[0]
+        .message.content
+        or ""
+    )
     assert len(base) > 4
-    stop = base[len(base) // 2: len(base) // 2 + 2]
+    stop = base[len(base) // 2 : len(base) // 2 + 2]
     cut = sdk(server).chat.completions.create(
-        model="qwen-plus", messages=MSG, temperature=1.0, seed=3, max_tokens=30, stop=[stop]  # type: ignore[arg-type]
+        model="qwen-plus",
+        messages=MSG,
+        temperature=1.0,
+        seed=3,
+        max_tokens=30,
+        stop=[stop],  # type: ignore[arg-type]
     )
     text = cut.choices[0].message.content or ""
     assert cut.choices[0].finish_reason == "stop"
@@ -179,13 +231,32 @@ def test_stop_token_ids(server: Server) -> None:
     from tests.support import MODELS
 
     tok = AutoTokenizer.from_pretrained(MODELS / "tiny-qwen2.5")
-    base = sdk(server).chat.completions.create(
-        model="qwen-plus", messages=MSG, temperature=1.0, seed=5, max_tokens=20  # type: ignore[arg-type]
-    ).choices[0].message.content or ""
+    base = (
+        sdk(server)
+        .chat.completions.create(
+            model="qwen-plus",
+            messages=MSG,
+            temperature=1.0,
+            seed=5,
+            max_tokens=20,  # type: ignore[arg-type]
+        )
+        .choices[0]
+        .message.content
+        or ""
+    )
     ids = tok(base, add_special_tokens=False)["input_ids"]
     target = ids[5]
-    r = post(server, {"model": "qwen-plus", "messages": MSG, "temperature": 1.0, "seed": 5,
-                      "max_tokens": 20, "stop": [[target]]})
+    r = post(
+        server,
+        {
+            "model": "qwen-plus",
+            "messages": MSG,
+            "temperature": 1.0,
+            "seed": 5,
+            "max_tokens": 20,
+            "stop": [[target]],
+        },
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["choices"][0]["finish_reason"] == "stop"
@@ -194,13 +265,24 @@ def test_stop_token_ids(server: Server) -> None:
 
 def test_n_choices(server: Server) -> None:
     r = sdk(server).chat.completions.create(
-        model="qwen-plus", messages=MSG, n=3, temperature=1.0, seed=11, max_tokens=8  # type: ignore[arg-type]
+        model="qwen-plus",
+        messages=MSG,
+        n=3,
+        temperature=1.0,
+        seed=11,
+        max_tokens=8,  # type: ignore[arg-type]
     )
     assert [c.index for c in r.choices] == [0, 1, 2]
     assert len({c.message.content for c in r.choices}) > 1
     assert r.usage is not None and r.usage.completion_tokens == 24
     stream = sdk(server).chat.completions.create(
-        model="qwen-plus", messages=MSG, n=2, temperature=1.0, seed=11, max_tokens=8, stream=True,  # type: ignore[arg-type]
+        model="qwen-plus",
+        messages=MSG,
+        n=2,
+        temperature=1.0,
+        seed=11,
+        max_tokens=8,
+        stream=True,  # type: ignore[arg-type]
         stream_options={"include_usage": True},
     )
     chunks = list(stream)
@@ -211,7 +293,11 @@ def test_n_choices(server: Server) -> None:
 
 def test_penalties_and_top_k_accepted(server: Server) -> None:
     r = sdk(server).chat.completions.create(
-        model="qwen-plus", messages=MSG, max_tokens=6, presence_penalty=1.5, frequency_penalty=0.5,  # type: ignore[arg-type]
+        model="qwen-plus",
+        messages=MSG,
+        max_tokens=6,
+        presence_penalty=1.5,
+        frequency_penalty=0.5,  # type: ignore[arg-type]
         extra_body={"repetition_penalty": 1.3, "top_k": 5, "enable_search": False},
     )
     assert r.usage is not None and r.usage.completion_tokens >= 1

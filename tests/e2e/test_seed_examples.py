@@ -159,22 +159,48 @@ def test_async_client_seed(server: Server) -> None:
 def test_curl_seed(server: Server) -> None:
     payload = json.dumps({"model": "qwen-plus", "messages": SEED_MESSAGES})
     out = subprocess.run(
-        ["curl", "-sS", "-X", "POST", f"{server.compat_url}/chat/completions",
-         "-H", f"Authorization: Bearer {server.api_key}", "-H", "Content-Type: application/json",
-         "-d", payload],
-        capture_output=True, text=True, timeout=60, check=True,
+        [
+            "curl",
+            "-sS",
+            "-X",
+            "POST",
+            f"{server.compat_url}/chat/completions",
+            "-H",
+            f"Authorization: Bearer {server.api_key}",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            payload,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     ).stdout
     body = json.loads(out)
     assert set(body) == COMPLETION_KEYS
     assert_schema(body, "CreateChatCompletionResponse")
     stream_payload = json.dumps({"model": "qwen-plus", "messages": SEED_MESSAGES, "stream": True})
     out = subprocess.run(
-        ["curl", "-sS", "-N", "--location", f"{server.compat_url}/chat/completions",
-         "--header", f"Authorization: Bearer {server.api_key}", "--header", "Content-Type: application/json",
-         "--data", stream_payload],
-        capture_output=True, text=True, timeout=60, check=True,
+        [
+            "curl",
+            "-sS",
+            "-N",
+            "--location",
+            f"{server.compat_url}/chat/completions",
+            "--header",
+            f"Authorization: Bearer {server.api_key}",
+            "--header",
+            "Content-Type: application/json",
+            "--data",
+            stream_payload,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     ).stdout
-    data = [line[len("data: "):] for line in out.splitlines() if line.startswith("data: ")]
+    data = [line[len("data: ") :] for line in out.splitlines() if line.startswith("data: ")]
     assert data[-1] == "[DONE]"
     _check_stream_chunks([json.loads(d) for d in data[:-1]], include_usage=False)
 
@@ -197,8 +223,11 @@ def test_bad_api_key_seed(server: Server, headers: dict[str, str]) -> None:
     for path, method in (("/chat/completions", "POST"), ("/models", "GET")):
         for base in (server.compat_url, f"{server.base_url}/v1"):
             r = httpx.request(
-                method, base + path, headers=headers,
-                json={"model": "qwen-plus", "messages": SEED_MESSAGES}, timeout=30,
+                method,
+                base + path,
+                headers=headers,
+                json={"model": "qwen-plus", "messages": SEED_MESSAGES},
+                timeout=30,
             )
             assert r.status_code == 401
             assert r.json() == SEED_BAD_KEY_BODY
