@@ -134,7 +134,7 @@ def serve(
         config_file, {"home": home, "host": host, "port": port, "log_level": log_level}, extra
     )
     # Imported here: the server stack (FastAPI, uvicorn, engines) is only needed by this command.
-    from qwen_gateway.service.runtime import serve as run_server
+    from qwen_gateway.server import serve as run_server
 
     try:
         _run(run_server(settings))

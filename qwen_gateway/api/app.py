@@ -1,7 +1,7 @@
 """The app factory: one FastAPI app around one opened :class:`~qwen_gateway.service.runtime.Gateway`.
 
 The gateway (store, engines, services) is opened and closed by whoever runs the app
-(``service.runtime.serve``), so a checkpoint that fails to load stops startup before a port is bound.
+(``qwen_gateway.server.serve``), so a checkpoint that fails to load stops startup before a port is bound.
 Two apps over two gateways can live in one process: nothing here is module-level state.
 """
 

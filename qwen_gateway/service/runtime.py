@@ -1,16 +1,14 @@
-"""The composition root: open the store and the engines, wire the services, run the HTTP server."""
+"""The gateway: the store, the engines and the services, opened together at startup."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import time
 from dataclasses import dataclass
 
 from rich.console import Console
 
-from qwen_gateway import __version__
 from qwen_gateway.engines.base import Usage
 from qwen_gateway.errors import StartupError
 from qwen_gateway.service.chat import ChatService
@@ -85,40 +83,3 @@ async def _embedded_models(settings: Settings, console: Console | None) -> tuple
             "[/] or a config file with [[models]] entries (see README)."
         )
     return (ModelConfig(id=EMBEDDED_MODEL_ID, engine="local", path=str(path), embedded=True),)
-
-
-async def serve(settings: Settings) -> None:
-    """Open the gateway, serve HTTP until interrupted, close everything. StartupError propagates."""
-    import uvicorn
-
-    from qwen_gateway.api.app import create_app
-
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    console = Console(stderr=True)
-    gateway = await Gateway.open(settings, console=console)
-    try:
-        config = uvicorn.Config(
-            create_app(gateway),
-            host=settings.host,
-            port=settings.port,
-            log_level=settings.log_level,
-            timeout_graceful_shutdown=5,
-            log_config=None,
-        )
-        server = uvicorn.Server(config)
-        base = f"http://{settings.host}:{settings.port}"
-        console.print(f"qwen-gateway {__version__}: models {', '.join(m.id for m in gateway.models)}")
-        console.print(f"OpenAI-compatible base_url: [bold]{base}/compatible-mode/v1[/] (also {base}/v1)")
-        if not await gateway.keys.list():
-            console.print(
-                "[yellow]No API key yet:[/] create one with "
-                f"[green]qwen-gateway keys create --name me --home {settings.home}[/]"
-            )
-        await server.serve()
-        if not server.started:
-            raise StartupError(f"could not listen on {settings.host}:{settings.port}")
-    finally:
-        await gateway.aclose()
-        print("qwen-gateway stopped", file=sys.stderr)

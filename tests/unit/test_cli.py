@@ -130,9 +130,9 @@ def test_home_comes_from_the_environment(home: Path, monkeypatch: pytest.MonkeyP
 
 @pytest.fixture
 def fake_runtime(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """Stands in for ``qwen_gateway.service.runtime`` (the real server) and records its call."""
+    """Stands in for ``qwen_gateway.server`` (the real server) and records its call."""
     seen: dict[str, Any] = {}
-    module = types.ModuleType("qwen_gateway.service.runtime")
+    module = types.ModuleType("qwen_gateway.server")
 
     async def serve(settings: Settings) -> None:
         seen["settings"] = settings
@@ -141,7 +141,7 @@ def fake_runtime(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
             raise behaviour
 
     module.serve = serve  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "qwen_gateway.service.runtime", module)
+    monkeypatch.setitem(sys.modules, "qwen_gateway.server", module)
     return seen
 
 
