@@ -5,6 +5,11 @@ Requests are pydantic models that keep unknown fields (DashScope clients send ``
 in :class:`WireModel`. Ranges are *not* checked here: the service checks them against the model's limits
 and answers with DashScope's own messages. Responses are plain dicts shaped like DashScope's output (the
 seed examples), built by the functions at the bottom so every shape is written in one place.
+
+Two deliberate differences from DashScope's raw bytes, so that every answer also validates against
+OpenAI's published schema: ``system_fingerprint`` is omitted (DashScope sends ``null``, the schema only
+allows a string; SDKs fill in ``None`` either way) and the message carries ``"refusal": null`` (required
+by the schema; DashScope's SDK output shows it too).
 """
 
 from __future__ import annotations
@@ -126,7 +131,6 @@ def completion_dict(
         "object": "chat.completion",
         "usage": usage,
         "created": created,
-        "system_fingerprint": None,
         "model": model,
         "id": completion_id,
     }
@@ -134,7 +138,7 @@ def completion_dict(
 
 def choice_dict(*, index: int, content: str, finish_reason: FinishReasonOut) -> dict[str, Any]:
     return {
-        "message": {"role": "assistant", "content": content},
+        "message": {"role": "assistant", "content": content, "refusal": None},
         "finish_reason": finish_reason,
         "index": index,
         "logprobs": None,
@@ -154,7 +158,6 @@ def chunk_dict(
         "object": "chat.completion.chunk",
         "usage": usage,
         "created": created,
-        "system_fingerprint": None,
         "model": model,
         "id": completion_id,
     }
