@@ -1,0 +1,140 @@
+"""Token ids -> streamed text: an incremental detokenizer and the stop matchers that hold text back.
+
+Byte-level BPE (Qwen, SmolLM2) splits one CJK character or emoji across several tokens, so decoding
+one token at a time yields U+FFFD halves. The detokenizer keeps two offsets into the token list, as
+vLLM's does: text is released only once the newest tokens decode to complete characters, and each
+step decodes a short window instead of the whole answer again.
+
+Pure Python: nothing here imports torch, so these pieces are testable on their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+# Prompt tokens kept as left context: SentencePiece-style tokenizers drop a leading space when a
+# window starts on a word-initial token, so every window starts a few tokens earlier.
+_CONTEXT_TOKENS = 5
+_REPLACEMENT = "\ufffd"
+
+
+class Decoder(Protocol):
+    """The slice of a Hugging Face tokenizer that decoding needs."""
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = ...) -> str: ...
+
+
+class IncrementalDetokenizer:
+    """Feeds generated ids one at a time; returns only text that can no longer change.
+
+    Invariant: the concatenation of everything returned by :meth:`push` and :meth:`flush` equals the
+    text of all pushed ids decoded together (after the prompt context).
+    """
+
+    def __init__(self, tokenizer: Decoder, prompt_ids: Sequence[int]) -> None:
+        self._tokenizer = tokenizer
+        self._ids: list[int] = list(prompt_ids[-_CONTEXT_TOKENS:])
+        # [prefix, read) is the window already released as text; [read, end) is not released yet.
+        self._prefix = 0
+        self._read = len(self._ids)
+        self._prefix_text = self._decode(self._prefix, self._read)
+
+    def _decode(self, start: int, end: int | None = None) -> str:
+        # Special tokens that are not EOS (<think>, <tool_call>) are part of the answer text; the
+        # service layer parses them.
+        return self._tokenizer.decode(self._ids[start:end], skip_special_tokens=False)
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        text = self._decode(self._prefix)
+        if len(text) <= len(self._prefix_text) or text.endswith(_REPLACEMENT):
+            return ""  # an incomplete character: wait for its remaining bytes
+        delta = text[len(self._prefix_text) :]
+        self._prefix = self._read
+        self._read = len(self._ids)
+        self._prefix_text = self._decode(self._prefix, self._read)
+        return delta
+
+    def flush(self) -> str:
+        """Everything not yet released, incomplete characters included (the answer has ended)."""
+        text = self._decode(self._prefix)
+        delta = text[len(self._prefix_text) :] if len(text) > len(self._prefix_text) else ""
+        self._prefix = self._read
+        self._read = len(self._ids)
+        self._prefix_text = self._decode(self._prefix, self._read)
+        return delta
+
+
+class StopStrings:
+    """Cuts the text stream at the first stop string; holds back any tail that could begin one.
+
+    Only the held-back tail can be part of a future match: everything released earlier was checked to
+    start no stop string, so a search never needs to look further back than the held text.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = tuple(s for s in stops if s)
+        self._held = ""
+        self.stopped = False
+
+    def push(self, text: str) -> str:
+        """Text that is safe to release now; sets :attr:`stopped` when a stop string was found."""
+        if not self._stops:
+            return text
+        buf = self._held + text
+        cut = min((i for i in (buf.find(s) for s in self._stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self._held = ""
+            self.stopped = True
+            return buf[:cut]
+        hold = self._partial_suffix(buf)
+        self._held = buf[len(buf) - hold :]
+        return buf[: len(buf) - hold]
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return held
+
+    def _partial_suffix(self, buf: str) -> int:
+        """Length of the longest tail of ``buf`` that is a proper prefix of a stop string."""
+        longest = max(len(s) for s in self._stops) - 1
+        for size in range(min(longest, len(buf)), 0, -1):
+            tail = buf[-size:]
+            if any(s.startswith(tail) for s in self._stops):
+                return size
+        return 0
+
+
+class StopTokenSequences:
+    """The token-id twin of :class:`StopStrings`: ids are held back while they could begin a stop
+    sequence, so a stop sequence's own text is never released."""
+
+    def __init__(self, sequences: Sequence[Sequence[int]]) -> None:
+        self._seqs = tuple(tuple(s) for s in sequences if s)
+        self._longest = max((len(s) for s in self._seqs), default=0)
+        self._held: list[int] = []
+        self.stopped = False
+
+    def push(self, token_id: int) -> list[int]:
+        """Ids safe to release to the detokenizer; sets :attr:`stopped` when a sequence completed."""
+        if not self._seqs:
+            return [token_id]
+        held = [*self._held, token_id]
+        for seq in self._seqs:
+            if len(seq) <= len(held) and tuple(held[-len(seq) :]) == seq:
+                self._held = []
+                self.stopped = True
+                return held[: len(held) - len(seq)]
+        hold = 0
+        for size in range(min(self._longest - 1, len(held)), 0, -1):
+            tail = tuple(held[-size:])
+            if any(seq[:size] == tail for seq in self._seqs):
+                hold = size
+                break
+        self._held = held[len(held) - hold :]
+        return held[: len(held) - hold]
+
+    def flush(self) -> list[int]:
+        held, self._held = self._held, []
+        return held

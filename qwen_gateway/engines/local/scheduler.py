@@ -1,0 +1,205 @@
+"""The inference thread: the only thread that touches the model.
+
+Requests arrive through a thread-safe inbox; the thread admits them FIFO up to ``max_batch_size``,
+prefills a newcomer between decode steps, decodes one token per active sequence per step, and drops
+cancelled sequences at the next step. Events go back through each sequence's ``emit`` callback.
+
+Failure rules: an exception while serving one sequence fails that sequence only (EngineFailure, or
+EngineOverloaded for out-of-memory); the thread keeps serving the rest. If the loop itself breaks,
+every held request fails with EngineUnavailable and the engine reports FAILED.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+from typing import Any
+
+import torch
+
+from qwen_gateway.engines.local.backends import Backend, SchedulerKind, make_backend
+from qwen_gateway.engines.local.sequence import Sequence
+from qwen_gateway.errors import ApiError, EngineFailure, EngineOverloaded, EngineUnavailable
+
+log = logging.getLogger(__name__)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    oom_types: tuple[type[BaseException], ...] = (MemoryError,)
+    torch_oom = getattr(torch, "OutOfMemoryError", None)
+    if isinstance(torch_oom, type):
+        oom_types += (torch_oom,)
+    if isinstance(exc, oom_types):
+        return True
+    # CPU allocations fail as a plain RuntimeError from c10's DefaultCPUAllocator.
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        model: Any,
+        *,
+        device: torch.device,
+        kind: SchedulerKind,
+        max_batch_size: int,
+        name: str,
+    ) -> None:
+        self.kind = kind
+        self._backend: Backend = make_backend(kind, model, device)
+        self._max_batch = max_batch_size
+        # None is a wake-up nudge (a cancellation or a stop request), never a request.
+        self._inbox: queue.SimpleQueue[Sequence | None] = queue.SimpleQueue()
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._active: list[Sequence] = []
+        self._lock = threading.Lock()
+        self._held = 0  # sequences submitted and not yet released by the thread
+        self._closed = False
+        self._stopping = threading.Event()
+        self.error: BaseException | None = None  # why the loop died, if it did
+        self._thread = threading.Thread(target=self._run, name=f"qwen-gateway-infer-{name}", daemon=True)
+
+    # -- any thread ------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def held(self) -> int:
+        """Requests queued or running in the thread."""
+        with self._lock:
+            return self._held
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    def submit(self, seq: Sequence) -> None:
+        with self._lock:
+            if self._closed:
+                raise EngineUnavailable()
+            self._held += 1
+            seq.on_release = self._count_release
+            self._inbox.put(seq)
+
+    def wake(self) -> None:
+        self._inbox.put(None)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the thread (blocking); requests still held fail with EngineUnavailable."""
+        self._stopping.set()
+        self._inbox.put(None)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # -- the inference thread --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            with torch.inference_mode():
+                while not self._stopping.is_set():
+                    self._take_inbox(block=not self._waiting and not self._active)
+                    if self._stopping.is_set():
+                        break
+                    self._drop_cancelled()
+                    self._admit()
+                    if self._active:
+                        self._backend.step(self._active, self._on_error)
+                        self._reap()
+        except BaseException as exc:  # a bug in the loop itself: fail loudly, never hang consumers
+            log.exception("the inference thread stopped")
+            self.error = exc
+        finally:
+            self._shutdown()
+
+    def _take_inbox(self, *, block: bool) -> None:
+        item = self._inbox.get() if block else self._get_nowait()
+        while True:
+            if item is not None:
+                self._waiting.append(item)
+            item = self._get_nowait()
+            if item is None and self._inbox.empty():
+                return
+
+    def _get_nowait(self) -> Sequence | None:
+        try:
+            return self._inbox.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _drop_cancelled(self) -> None:
+        if any(s.cancelled for s in self._waiting):
+            for seq in [s for s in self._waiting if s.cancelled]:
+                self._waiting.remove(seq)
+                self._release(seq)
+        self._reap()
+
+    def _admit(self) -> None:
+        # With others decoding, one prefill per step keeps their inter-token latency bounded; an idle
+        # thread fills the whole batch at once.
+        decoding = bool(self._active)
+        while self._waiting and len(self._active) < self._max_batch:
+            seq = self._waiting.popleft()
+            if seq.cancelled:
+                self._release(seq)
+                continue
+            try:
+                self._backend.prefill(seq)
+            except Exception as exc:
+                self._on_error(seq, exc)
+            if seq.finished or seq.cancelled:
+                self._release(seq)
+            else:
+                self._active.append(seq)
+            if decoding:
+                break
+
+    def _reap(self) -> None:
+        done = [s for s in self._active if s.finished or s.cancelled]
+        if not done:
+            return
+        self._backend.remove(done)
+        gone = {id(s) for s in done}
+        self._active = [s for s in self._active if id(s) not in gone]
+        for seq in done:
+            self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        seq.cache = None
+        seq.release()
+
+    def _count_release(self) -> None:
+        with self._lock:
+            self._held -= 1
+
+    def _on_error(self, seq: Sequence, exc: BaseException) -> None:
+        if isinstance(exc, ApiError):
+            seq.fail(exc)
+        elif is_out_of_memory(exc):
+            log.warning("request %s ran out of memory: %s", seq.request_id, exc)
+            seq.fail(EngineOverloaded())
+        else:
+            log.error("request %s failed in the inference thread", seq.request_id, exc_info=exc)
+            seq.fail(EngineFailure("inference internal error."))
+
+    def _shutdown(self) -> None:
+        with self._lock:
+            self._closed = True
+        leftovers = [*self._active, *self._waiting]
+        while True:
+            item = self._get_nowait()
+            if item is None and self._inbox.empty():
+                break
+            if item is not None:
+                leftovers.append(item)
+        self._active, self._waiting = [], collections.deque()
+        for seq in leftovers:
+            seq.fail(EngineUnavailable())
+            self._release(seq)
+        try:
+            self._backend.remove(leftovers)
+        except Exception:  # freeing memory at shutdown must not mask the original problem
+            log.exception("freeing KV caches at shutdown failed")

@@ -1,0 +1,106 @@
+"""Helpers for the local engine's tests: the tiny checkpoints, a runner, request builders and
+logits-processor probes (the engine's internal per-request hook)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from qwen_gateway.engines.base import (
+    ChatMessage,
+    Finished,
+    GenerationEvent,
+    GenerationRequest,
+    SamplingParams,
+    TextDelta,
+)
+from qwen_gateway.settings import ModelConfig, Settings
+
+MODELS = Path(__file__).resolve().parents[3] / ".." / "shared" / "models"
+QWEN25 = MODELS / "tiny-qwen2.5"
+QWEN3 = MODELS / "tiny-qwen3"
+
+T = TypeVar("T")
+
+
+def run(coro: Awaitable[T]) -> T:
+    async def main() -> T:
+        return await coro
+
+    return asyncio.run(main())
+
+
+def make_engine(path: Path, tmp: Path, **config: Any) -> Any:
+    from qwen_gateway.engines.local import LocalEngine
+
+    scheduler = config.pop("scheduler", None)
+    cfg = ModelConfig(id=config.pop("id", "tiny"), path=str(path), **config)
+    return LocalEngine(cfg, settings=Settings(home=tmp), scheduler=scheduler)
+
+
+def request(
+    text: str = "Tell me a story about the sea.",
+    *,
+    messages: tuple[ChatMessage, ...] | None = None,
+    request_id: str = "req",
+    **sampling: Any,
+) -> GenerationRequest:
+    sampling.setdefault("max_tokens", 16)
+    template_kwargs = sampling.pop("template_kwargs", {})
+    tools = sampling.pop("tools", ())
+    return GenerationRequest(
+        request_id=request_id,
+        model="tiny",
+        messages=messages or (ChatMessage("user", text),),
+        sampling=SamplingParams(**sampling),
+        tools=tools,
+        template_kwargs=template_kwargs,
+    )
+
+
+async def collect(stream: AsyncIterator[GenerationEvent]) -> tuple[list[TextDelta], Finished]:
+    deltas: list[TextDelta] = []
+    async for event in stream:
+        if isinstance(event, TextDelta):
+            deltas.append(event)
+        else:
+            return deltas, event
+    raise AssertionError("stream ended without Finished")
+
+
+def text_of(deltas: list[TextDelta]) -> str:
+    return "".join(d.text for d in deltas)
+
+
+async def answer(engine: Any, req: GenerationRequest) -> tuple[str, Finished]:
+    deltas, finished = await collect(engine.generate(req))
+    return text_of(deltas), finished
+
+
+class Recorder:
+    """A logits processor (the engine's internal hook) that keeps the request's live list of generated
+    ids, so after the answer it holds every generated id."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def __call__(self, generated: Any, logits: Any) -> Any:
+        self.seen = generated
+        return logits
+
+
+class Forcer:
+    """A logits processor that makes the model emit ``ids`` in order (everything else masked)."""
+
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = ids
+
+    def __call__(self, generated: Any, logits: Any) -> Any:
+        import torch
+
+        target = self.ids[min(len(generated), len(self.ids) - 1)]
+        masked = torch.full_like(logits, float("-inf"))
+        masked[target] = 0.0
+        return masked
