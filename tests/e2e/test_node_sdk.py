@@ -17,14 +17,18 @@ NODE_DIR = Path(__file__).resolve().parents[1] / "node"
 @pytest.fixture(scope="module")
 def node_env(server: Server) -> dict[str, str]:
     if not (NODE_DIR / "node_modules" / "openai").exists():
-        subprocess.run(["npm", "install", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True,
-                       capture_output=True, timeout=300)
+        subprocess.run(
+            ["npm", "install", "--no-audit", "--no-fund"],
+            cwd=NODE_DIR,
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
     return {**os.environ, "DASHSCOPE_API_KEY": server.api_key, "GATEWAY_BASE_URL": server.compat_url}
 
 
 def run(script: str, env: dict[str, str]) -> list[str]:
-    out = subprocess.run(["node", script], cwd=NODE_DIR, env=env, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(["node", script], cwd=NODE_DIR, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     return [line for line in out.stdout.splitlines() if line.strip()]
 

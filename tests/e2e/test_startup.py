@@ -14,7 +14,9 @@ from tests.support import MODELS, start_server
 def serve_fails(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "qwen_gateway", "serve", "--home", str(home), "--port", "0", *args],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 

@@ -12,12 +12,27 @@ PKG = Path(__file__).resolve().parents[2] / "qwen_gateway"
 
 # layer -> packages it must never import
 FORBIDDEN = {
-    "engines": ("qwen_gateway.api", "qwen_gateway.service", "qwen_gateway.protocol", "qwen_gateway.store",
-                "qwen_gateway.cli"),
-    "protocol": ("qwen_gateway.api", "qwen_gateway.service", "qwen_gateway.engines", "qwen_gateway.store",
-                 "qwen_gateway.cli"),
-    "store": ("qwen_gateway.api", "qwen_gateway.service", "qwen_gateway.engines", "qwen_gateway.protocol",
-              "qwen_gateway.cli"),
+    "engines": (
+        "qwen_gateway.api",
+        "qwen_gateway.service",
+        "qwen_gateway.protocol",
+        "qwen_gateway.store",
+        "qwen_gateway.cli",
+    ),
+    "protocol": (
+        "qwen_gateway.api",
+        "qwen_gateway.service",
+        "qwen_gateway.engines",
+        "qwen_gateway.store",
+        "qwen_gateway.cli",
+    ),
+    "store": (
+        "qwen_gateway.api",
+        "qwen_gateway.service",
+        "qwen_gateway.engines",
+        "qwen_gateway.protocol",
+        "qwen_gateway.cli",
+    ),
     "service": ("qwen_gateway.api", "qwen_gateway.cli"),
     "api": ("qwen_gateway.cli",),
 }

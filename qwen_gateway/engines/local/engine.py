@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import os
 import threading
 from collections.abc import AsyncIterator, Callable
 from collections.abc import Sequence as SequenceABC
@@ -40,9 +39,6 @@ from qwen_gateway.settings import ModelConfig, Settings
 
 log = logging.getLogger(__name__)
 
-SCHEDULER_ENV = "QWEN_GATEWAY_LOCAL_SCHEDULER"
-DEFAULT_SCHEDULER: SchedulerKind = "batched"
-_SCHEDULERS: tuple[SchedulerKind, ...] = ("batched", "interleaved")
 
 # Internal hook (not part of engines/base.py): builds a request's logits processors, for constrained
 # decoding and thinking budgets. It runs on the event loop before the request is queued.
@@ -51,7 +47,7 @@ ProcessorFactory = Callable[[GenerationRequest, Any], SequenceABC[LogitsProcesso
 
 class LocalEngine:
     """The ``local`` engine. ``scheduler`` picks how concurrent requests share the model
-    (``batched`` or ``interleaved``); ``None`` reads ``QWEN_GATEWAY_LOCAL_SCHEDULER``, default batched."""
+    (``batched`` or ``interleaved``); ``None`` takes the model's config (``ModelConfig.scheduler``)."""
 
     name = "local"
 
@@ -66,12 +62,7 @@ class LocalEngine:
         self._config = config
         self._settings = settings
         self._console = console or Console(stderr=True)
-        requested = scheduler or os.environ.get(SCHEDULER_ENV, "").strip().lower() or DEFAULT_SCHEDULER
-        if requested not in _SCHEDULERS:
-            raise StartupError(
-                f"model {config.id!r}: {SCHEDULER_ENV}={requested!r} is not one of {', '.join(_SCHEDULERS)}"
-            )
-        self._scheduler_kind: SchedulerKind = requested
+        self._scheduler_kind: SchedulerKind = scheduler or config.scheduler
         self._state = EngineState.LOADING
         self._detail: str | None = None
         self._loaded: loader.LoadedModel | None = None

@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from qwen_gateway.engines.base import EngineState, Finished, TextDelta
-from qwen_gateway.errors import EngineFailure, EngineOverloaded, EngineUnavailable, StartupError
+from qwen_gateway.engines.local import LocalEngine
+from qwen_gateway.errors import EngineFailure, EngineOverloaded, EngineUnavailable
+from qwen_gateway.settings import ModelConfig, Settings
 from tests.unit.engines.local_helpers import QWEN3, QWEN25, Forcer, answer, collect, make_engine, request, run
 
 SCHEDULERS = ["batched", "interleaved"]
@@ -57,13 +59,9 @@ def spy(engine: Any) -> Iterator[ForwardSpy]:
     engine.processor_factory = None
 
 
-def test_scheduler_is_selected_by_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("QWEN_GATEWAY_LOCAL_SCHEDULER", "interleaved")
-    assert make_engine(QWEN25, tmp_path).scheduler_kind == "interleaved"
-    monkeypatch.setenv("QWEN_GATEWAY_LOCAL_SCHEDULER", "warp")
-    with pytest.raises(StartupError, match="QWEN_GATEWAY_LOCAL_SCHEDULER"):
-        make_engine(QWEN25, tmp_path)
-    monkeypatch.delenv("QWEN_GATEWAY_LOCAL_SCHEDULER")
+def test_scheduler_is_selected_by_config(tmp_path: Path) -> None:
+    config = ModelConfig(id="qwen-plus", path=str(QWEN25), scheduler="interleaved")
+    assert LocalEngine(config, settings=Settings(home=tmp_path)).scheduler_kind == "interleaved"
     assert make_engine(QWEN25, tmp_path).scheduler_kind == "batched"
 
 
