@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -90,6 +91,13 @@ class Server:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def ledger(self, request_id: str | None = None) -> list[sqlite3.Row]:
+        """Usage-ledger rows straight from the server's SQLite file, newest first."""
+        with sqlite3.connect(self.home / "gateway.db") as db:
+            db.row_factory = sqlite3.Row
+            where, args = ("WHERE request_id = ?", (request_id,)) if request_id else ("", ())
+            return list(db.execute(f"SELECT * FROM usage_ledger {where} ORDER BY id DESC", args))
 
     def stop(self) -> None:
         if self.proc.poll() is None:

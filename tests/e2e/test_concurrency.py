@@ -91,6 +91,13 @@ def test_killed_streaming_client_frees_engine(server: Server) -> None:
         time.sleep(0.05)
     freed_in = time.monotonic() - killed_at
     print(f"engine freed {freed_in:.3f}s after the client was killed")
+    # The tokens generated before the server saw the abort are on the ledger, marked cancelled.
+    deadline = time.monotonic() + 5
+    while (row := server.ledger()[0])["status"] != "cancelled":
+        assert time.monotonic() < deadline, dict(row)
+        time.sleep(0.05)
+    assert row["model"] == "qwen-turbo" and row["completion_tokens"] >= 19
+    assert row["total_tokens"] == row["prompt_tokens"] + row["completion_tokens"] and row["prompt_tokens"] > 0
 
 
 def test_disconnect_on_non_stream_frees_engine(server: Server) -> None:

@@ -71,6 +71,14 @@ def test_non_stream_raw_shape_and_schema(server: Server) -> None:
     assert set(body["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
     assert body["id"] == f"chatcmpl-{r.headers['x-request-id']}"
     assert_schema(body, "CreateChatCompletionResponse")
+    # One ledger row per request, with exactly the usage that was answered, under the caller's key.
+    (row,) = server.ledger(r.headers["x-request-id"])
+    assert (row["status"], row["prompt_tokens"], row["completion_tokens"]) == (
+        "ok",
+        body["usage"]["prompt_tokens"],
+        body["usage"]["completion_tokens"],
+    )
+    assert row["endpoint"] == "chat.completions" and row["key_id"].startswith("key_")
 
 
 def _check_stream_chunks(chunks: list[dict], include_usage: bool) -> None:
@@ -231,6 +239,9 @@ def test_bad_api_key_seed(server: Server, headers: dict[str, str]) -> None:
             )
             assert r.status_code == 401
             assert r.json() == SEED_BAD_KEY_BODY
+    # Keys, good or bad, never reach the server's log.
+    log = server.log()
+    assert "sk-not-a-real-key" not in log and server.api_key not in log
 
 
 def test_bad_api_key_with_sdk(server: Server) -> None:
