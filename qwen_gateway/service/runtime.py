@@ -43,7 +43,13 @@ class Gateway:
             await store.aclose()
             raise
 
-        async def sink(request_id: str, key_id: str | None, model: str, status: str, usage: Usage) -> None:
+        return cls.assemble(settings, store, models)
+
+    @classmethod
+    def assemble(cls, settings: Settings, store: Store, models: ModelRegistry) -> Gateway:
+        """Wire the services over an opened store and started models."""
+
+        async def ledger(request_id: str, key_id: str | None, model: str, status: str, usage: Usage) -> None:
             await record_usage(
                 store=store,
                 request_id=request_id,
@@ -60,7 +66,7 @@ class Gateway:
             store=store,
             keys=KeyService(store),
             models=models,
-            chat=ChatService(sink),
+            chat=ChatService(ledger),
             started_at=int(time.time()),
         )
 

@@ -19,13 +19,11 @@ import uvicorn
 
 from qwen_gateway.api.app import create_app
 from qwen_gateway.service.catalog import resolve_spec
-from qwen_gateway.service.chat import ChatService
-from qwen_gateway.service.keys import KeyService
 from qwen_gateway.service.models import ModelRegistry, ServedModel
 from qwen_gateway.service.runtime import Gateway
 from qwen_gateway.settings import ModelConfig, Settings
 from qwen_gateway.store.db import Store
-from qwen_gateway.store.usage import list_usage, record_usage
+from qwen_gateway.store.usage import list_usage
 from tests.fakes import FaultyEngine
 from tests.support import free_port
 
@@ -42,30 +40,10 @@ def serve_fake(
 
     async def main() -> None:
         store = await Store.open(f"sqlite+aiosqlite:///{home / 'gw.db'}")
-        keys = KeyService(store)
-        _, raw = await keys.create("t")
         config = ModelConfig(id=model_id, engine="fake")
-
-        async def sink(request_id: str, key_id: str | None, model: str, status: str, usage) -> None:  # type: ignore[no-untyped-def]
-            await record_usage(
-                store=store,
-                request_id=request_id,
-                key_id=key_id,
-                model=model,
-                endpoint="chat.completions",
-                prompt_tokens=usage.prompt_tokens,
-                completion_tokens=usage.completion_tokens,
-                status=status,
-            )
-
-        gateway = Gateway(
-            settings=settings,
-            store=store,
-            keys=keys,
-            models=ModelRegistry([ServedModel(config, engine, resolve_spec(config, engine.capabilities))]),  # type: ignore[arg-type]
-            chat=ChatService(sink),
-            started_at=int(time.time()),
-        )
+        served = ServedModel(config, engine, resolve_spec(config, engine.capabilities))  # type: ignore[arg-type]
+        gateway = Gateway.assemble(settings, store, ModelRegistry([served]))
+        _, raw = await gateway.keys.create("t")
         server = uvicorn.Server(
             uvicorn.Config(create_app(gateway), host="127.0.0.1", port=port, log_level="warning")
         )
