@@ -16,6 +16,14 @@ engine = "local"
 path = "{qwen25}"
 max_output = 48
 
+# A small context window (a config override of the checkpoint's 32768) for context-length tests.
+[[models]]
+id = "qwen-max"
+engine = "local"
+path = "{qwen25}"
+context_length = 64
+max_output = 48
+
 # A long-output id for concurrency and disconnect tests.
 [[models]]
 id = "qwen-turbo"

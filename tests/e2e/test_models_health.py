@@ -12,9 +12,9 @@ def test_models_list(server: Server) -> None:
         assert r.status_code == 200
         body = r.json()
         assert_schema(body, "ListModelsResponse")
-        assert [m["id"] for m in body["data"]] == ["qwen-plus", "qwen-turbo", "qwen3-8b"]
+        assert [m["id"] for m in body["data"]] == ["qwen-plus", "qwen-max", "qwen-turbo", "qwen3-8b"]
     ids = [m.id for m in OpenAI(api_key=server.api_key, base_url=server.compat_url).models.list()]
-    assert ids == ["qwen-plus", "qwen-turbo", "qwen3-8b"]
+    assert ids == ["qwen-plus", "qwen-max", "qwen-turbo", "qwen3-8b"]
 
 
 def test_health(server: Server) -> None:
@@ -24,6 +24,7 @@ def test_health(server: Server) -> None:
     assert body["status"] == "ok"
     assert {m["id"]: (m["state"], m["active_generations"]) for m in body["models"]} == {
         "qwen-plus": ("ready", 0),
+        "qwen-max": ("ready", 0),
         "qwen-turbo": ("ready", 0),
         "qwen3-8b": ("ready", 0),
     }

@@ -309,3 +309,21 @@ def test_stream_only_and_thinking_rules(server: Server) -> None:
     assert e["message"] == "parameter.enable_thinking must be set to false for non-streaming calls"
     r = post(server, {"model": "qwen3-8b", "messages": MSG, "enable_thinking": False, "max_tokens": 4})
     assert r.status_code == 200, r.text
+
+
+def test_prompt_longer_than_context(server: Server) -> None:
+    long = [{"role": "user", "content": "word " * 200}]
+    for stream in (False, True):
+        e = err(post(server, {"model": "qwen-max", "messages": long, "stream": stream}))
+        assert e["message"] == "Range of input length should be [1, 64]"
+        assert e["param"] == "messages" and e["code"] == "invalid_parameter_error"
+
+
+def test_answer_is_cut_at_the_context_window(server: Server) -> None:
+    # 30 prompt tokens + max_tokens 48 > 64: generation stops at the window with "length".
+    msgs = [{"role": "user", "content": "hi"}]
+    r = sdk(server).chat.completions.create(
+        model="qwen-max", messages=msgs, max_tokens=48, temperature=1.0, seed=1
+    )  # type: ignore[arg-type]
+    assert r.usage is not None
+    assert r.usage.total_tokens == 64 and r.choices[0].finish_reason == "length"

@@ -97,8 +97,10 @@ class LocalEngine:
         template = loaded.chat_template
         self._loaded = loaded
         self._renderer = PromptRenderer(loaded.tokenizer, self._tokenizer_lock)
+        # A configured context_length may only shrink the checkpoint's (e.g. to bound KV-cache memory).
+        max_context = min(loaded.max_context, self._config.context_length or loaded.max_context)
         self._capabilities = Capabilities(
-            max_context=loaded.max_context,
+            max_context=max_context,
             max_output=None,
             tools="tools" in template,
             reasoning="enable_thinking" in template or "<think>" in template,
@@ -179,7 +181,7 @@ class LocalEngine:
     def _sequence(
         self, request: GenerationRequest, prompt_ids: list[int], loaded: loader.LoadedModel
     ) -> tuple[Sequence, asyncio.Queue[Outgoing]]:
-        max_context = loaded.max_context
+        max_context = self._capabilities.max_context
         if not prompt_ids or len(prompt_ids) >= max_context:
             raise ContextLengthExceeded(
                 f"Range of input length should be [1, {max_context}]", param="messages"
