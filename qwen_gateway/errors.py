@@ -9,6 +9,7 @@ protocol that is answering. Nothing else decides an HTTP status.
         ├── InvalidParameter          400 invalid_parameter_error (names the ``param``)
         │   └── ContextLengthExceeded 400 the prompt (plus max_tokens) does not fit the model
         ├── InvalidRequest            400 malformed body / unsupported request (``invalid_request_error``)
+        ├── PayloadTooLarge           413 the body is over the server's limit
         ├── AuthenticationError       401 invalid_api_key
         ├── ModelNotFound             404 model_not_found
         ├── RateLimited               429 limit_requests
@@ -68,6 +69,14 @@ class InvalidRequest(ApiError):
     type = "invalid_request_error"
     native_code = "InvalidParameter"
     default_message = "The input parameter requires json format."
+
+
+class PayloadTooLarge(ApiError):
+    status = 413
+    code = "BadRequest.TooLarge"
+    type = "invalid_request_error"
+    native_code = "BadRequest.TooLarge"
+    default_message = "Payload Too Large."
 
 
 class AuthenticationError(ApiError):

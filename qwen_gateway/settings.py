@@ -84,6 +84,8 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Seconds between SSE keep-alive comments while a stream has nothing to send.
     keepalive_seconds: float = Field(default=15.0, gt=0)
+    # Largest request body accepted (base64 images of later features count here).
+    max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     # Whether the local engine may download a repo id from the Hugging Face hub.
     allow_downloads: bool = True
 

@@ -13,9 +13,25 @@ from qwen_gateway.api.deps import get_gateway, key_id_of
 from qwen_gateway.api.errors import request_id_of
 from qwen_gateway.api.responses import JSONBytesResponse
 from qwen_gateway.api.sse import SSEResponse
+from qwen_gateway.errors import PayloadTooLarge
 from qwen_gateway.service.validation import build_call, parse_body
 
 router = APIRouter()
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes ``limit`` (before it is all in memory)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge()
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge()
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def _until_disconnect(request: Request) -> None:
@@ -26,7 +42,7 @@ async def _until_disconnect(request: Request) -> None:
 @router.post("/chat/completions")
 async def chat_completions(request: Request) -> Response:
     gateway = get_gateway(request)
-    body = parse_body(await request.body())
+    body = parse_body(await read_body(request, gateway.settings.max_request_bytes))
     call = build_call(body, gateway.models, request_id=request_id_of(request))
     key_id = key_id_of(request)
     if call.stream:

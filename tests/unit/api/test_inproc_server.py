@@ -33,7 +33,7 @@ def serve_fake(
     home: Path, engine: FaultyEngine, model_id: str = "qwen-plus"
 ) -> Iterator[tuple[str, str, Gateway]]:
     """A real server in a thread; yields (base_url, api_key, gateway)."""
-    settings = Settings(home=home)
+    settings = Settings(home=home, max_request_bytes=4096)
     port = free_port()
     ready = threading.Event()
     state: dict[str, object] = {}
@@ -145,3 +145,25 @@ def test_two_apps_in_one_process(tmp_path: Path) -> None:
         )
         assert r.json()["choices"][0]["message"]["content"] == "tok0 tok1 tok2 tok3 "
         assert r.json()["usage"] == {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11}
+
+
+def test_body_over_the_limit_is_413(tmp_path: Path) -> None:
+    with serve_fake(tmp_path, FaultyEngine(1, fail=False)) as (base, key, _):
+        big = {"model": "qwen-plus", "messages": [{"role": "user", "content": "x" * 5000}]}
+        r = httpx.post(f"{base}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, json=big)
+        assert r.status_code == 413
+        assert r.json()["error"]["message"] == "Payload Too Large."
+
+        def chunked() -> Iterator[bytes]:  # no Content-Length: the limit is counted while reading
+            yield b'{"model": "qwen-plus", "messages": [{"role": "user", "content": "'
+            for _ in range(10):
+                yield b"y" * 1000
+            yield b'"}]}'
+
+        r = httpx.post(
+            f"{base}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, content=chunked()
+        )
+        assert r.status_code == 413
+        small = {"model": "qwen-plus", "messages": [{"role": "user", "content": "x" * 100}]}
+        r = httpx.post(f"{base}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, json=small)
+        assert r.status_code == 200
