@@ -5,8 +5,10 @@
 and one forward pass decodes a token for all of them. On CPU a decode step is bound by reading the
 weights, so a batch of four costs little more than a single row (see benchmarks/bench_engine_direct.py).
 
-Both prefill a new sequence alone (its prompt length differs from everyone else's) and only then add
-it to the decode set, so a newcomer waits for at most one step, never for others to finish.
+Both prefill a new sequence alone (its prompt length differs from everyone else's), in chunks of at
+most ``budget`` prompt tokens, and only then add it to the decode set: a newcomer waits for at most one
+step, never for others to finish, and a long prompt delays the others' next token by one chunk at a
+time instead of by its whole prefill.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ OnError = Callable[[Sequence, BaseException], None]
 
 
 class Backend(Protocol):
-    def prefill(self, seq: Sequence) -> None:
-        """Run the prompt, choose the first token, and (unless that ended it) join the decode set."""
+    def prefill(self, seq: Sequence, budget: int) -> None:
+        """Run up to ``budget`` more prompt tokens. When the prompt is done, choose the first token and
+        (unless that ended the sequence) join the decode set."""
 
     def remove(self, seqs: list[Sequence]) -> None:
         """Forget finished, failed or cancelled sequences and free their cache."""
@@ -54,14 +57,23 @@ class _Base:
     def _new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.model.config)
 
-    def _prefill_alone(self, seq: Sequence) -> DynamicCache:
-        cache = self._new_cache()
-        ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.device)
+    def _prefill_chunk(self, seq: Sequence, budget: int) -> DynamicCache | None:
+        """Advance ``seq``'s prompt by up to ``budget`` tokens in ``seq.cache``; return the cache once
+        the whole prompt is in it (the first token then chosen), else None."""
+        if seq.cache is None:
+            seq.cache = self._new_cache()
+        start = seq.prefilled
+        end = min(len(seq.prompt_ids), start + max(1, budget))
+        ids = torch.tensor([seq.prompt_ids[start:end]], dtype=torch.long, device=self.device)
         # logits_to_keep=1: only the last position's logits are needed, and over a 150k vocabulary the
         # full [prompt, vocab] matrix would cost more than the transformer layers on short prompts.
-        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=ids, past_key_values=seq.cache, use_cache=True, logits_to_keep=1)
+        seq.prefilled = end
+        if not seq.prefill_done:
+            return None
+        cache, seq.cache = seq.cache, None
         seq.accept(seq.choose(out.logits[0, -1]))
-        return cache
+        return cache  # type: ignore[no-any-return]
 
     def _step_alone(self, seq: Sequence) -> None:
         ids = torch.tensor([[seq.last_token]], dtype=torch.long, device=self.device)
@@ -70,9 +82,9 @@ class _Base:
 
 
 class InterleavedBackend(_Base):
-    def prefill(self, seq: Sequence) -> None:
-        cache = self._prefill_alone(seq)
-        if not seq.finished:
+    def prefill(self, seq: Sequence, budget: int) -> None:
+        cache = self._prefill_chunk(seq, budget)
+        if cache is not None and not seq.finished:
             seq.cache = cache
 
     def remove(self, seqs: list[Sequence]) -> None:
@@ -103,9 +115,9 @@ class BatchedBackend(_Base):
 
     # -- membership ------------------------------------------------------------------------------------
 
-    def prefill(self, seq: Sequence) -> None:
-        cache = self._prefill_alone(seq)
-        if not seq.finished:
+    def prefill(self, seq: Sequence, budget: int) -> None:
+        cache = self._prefill_chunk(seq, budget)
+        if cache is not None and not seq.finished:
             self._join(seq, cache)
 
     def _join(self, seq: Sequence, own: DynamicCache) -> None:

@@ -111,6 +111,7 @@ class LocalEngine:
             kind=kind,
             max_batch_size=self._config.max_batch_size,
             name=self._config.id,
+            prefill_chunk=self._config.prefill_chunk,
         )
         self._scheduler.start()
         self._state = EngineState.READY

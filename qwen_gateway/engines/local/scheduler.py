@@ -1,7 +1,9 @@
 """The inference thread: the only thread that touches the model.
 
 Requests arrive through a thread-safe inbox; the thread admits them FIFO up to ``max_batch_size``,
-prefills a newcomer between decode steps, decodes one token per active sequence per step, and drops
+prefills a newcomer between decode steps (one chunk of ``prefill_chunk`` prompt tokens per step while
+others are decoding, so a long prompt never stalls their streams for its whole prefill), decodes one
+token per active sequence per step, and drops
 cancelled sequences at the next step. Events go back through each sequence's ``emit`` callback.
 
 Failure rules: an exception while serving one sequence fails that sequence only (EngineFailure, or
@@ -47,14 +49,17 @@ class Scheduler:
         kind: SchedulerKind,
         max_batch_size: int,
         name: str,
+        prefill_chunk: int = 512,
     ) -> None:
         self.kind = kind
+        self._prefill_chunk = prefill_chunk
         self._backend: Backend = make_backend(kind, model, device)
         self._max_batch = max_batch_size
         # None is a wake-up nudge (a cancellation or a stop request), never a request.
         self._inbox: queue.SimpleQueue[Sequence | None] = queue.SimpleQueue()
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._active: list[Sequence] = []
+        self._prefilling: Sequence | None = None  # admitted, prompt partly in its cache
         self._lock = threading.Lock()
         self._held = 0  # sequences submitted and not yet released by the thread
         self._closed = False
@@ -101,7 +106,8 @@ class Scheduler:
         try:
             with torch.inference_mode():
                 while not self._stopping.is_set():
-                    self._take_inbox(block=not self._waiting and not self._active)
+                    idle = not self._waiting and not self._active and self._prefilling is None
+                    self._take_inbox(block=idle)
                     if self._stopping.is_set():
                         break
                     self._drop_cancelled()
@@ -138,24 +144,28 @@ class Scheduler:
         self._reap()
 
     def _admit(self) -> None:
-        # With others decoding, one prefill per step keeps their inter-token latency bounded; an idle
-        # thread fills the whole batch at once.
+        # With others decoding, one prefill chunk per step keeps their inter-token latency bounded; an
+        # idle thread prefills back to back and fills the whole batch at once.
         decoding = bool(self._active)
-        while self._waiting and len(self._active) < self._max_batch:
-            seq = self._waiting.popleft()
-            if seq.cancelled:
-                self._release(seq)
-                continue
-            try:
-                self._backend.prefill(seq)
-            except Exception as exc:
-                self._on_error(seq, exc)
+        while True:
+            if self._prefilling is None:
+                if not self._waiting or len(self._active) >= self._max_batch:
+                    return
+                self._prefilling = self._waiting.popleft()
+            seq = self._prefilling
+            if not seq.cancelled:
+                try:
+                    self._backend.prefill(seq, self._prefill_chunk)
+                except Exception as exc:
+                    self._on_error(seq, exc)
             if seq.finished or seq.cancelled:
+                self._prefilling = None
                 self._release(seq)
-            else:
+            elif seq.prefill_done:
+                self._prefilling = None
                 self._active.append(seq)
             if decoding:
-                break
+                return
 
     def _reap(self) -> None:
         done = [s for s in self._active if s.finished or s.cancelled]
@@ -189,6 +199,9 @@ class Scheduler:
         with self._lock:
             self._closed = True
         leftovers = [*self._active, *self._waiting]
+        if self._prefilling is not None:
+            leftovers.append(self._prefilling)
+            self._prefilling = None
         while True:
             item = self._get_nowait()
             if item is None and self._inbox.empty():

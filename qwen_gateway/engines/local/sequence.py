@@ -60,8 +60,10 @@ class Sequence:
         # Set from the event loop thread when the consumer goes away; read by the inference thread.
         # A plain bool suffices: one writer, one reader, and the GIL makes the store atomic.
         self.cancelled = False
-        # Backend-owned KV cache (a DynamicCache) while this sequence runs on its own.
+        # Backend-owned KV cache (a DynamicCache) while this sequence runs on its own, and while its
+        # prompt is being prefilled chunk by chunk (``prefilled`` prompt tokens are in it so far).
         self.cache: Any = None
+        self.prefilled = 0
         self._detok = detokenizer
         self._stop_strings = StopStrings(stop)
         self._stop_tokens = StopTokenSequences(stop_token_ids)
@@ -77,6 +79,10 @@ class Sequence:
         self.cancelled = True
 
     # -- the inference thread ------------------------------------------------------------------------
+
+    @property
+    def prefill_done(self) -> bool:
+        return self.prefilled >= len(self.prompt_ids)
 
     @property
     def last_token(self) -> int:

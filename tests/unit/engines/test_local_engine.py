@@ -7,6 +7,7 @@ sampling, greedy decoding with penalties, or force tokens through the engine's l
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import Callable
 from typing import Any
@@ -204,14 +205,15 @@ def test_context_length_exceeded_raises_before_any_event(
     qwen25: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     prompt_len = run(answer(qwen25, request(max_tokens=1)))[1].usage.prompt_tokens
-    monkeypatch.setattr(qwen25._loaded, "max_context", prompt_len)
+    caps = qwen25.capabilities
+    monkeypatch.setattr(qwen25, "_capabilities", dataclasses.replace(caps, max_context=prompt_len))
     stream = qwen25.generate(request(max_tokens=1))
     with pytest.raises(ContextLengthExceeded) as info:
         run(stream.__anext__())
     assert info.value.message == f"Range of input length should be [1, {prompt_len}]"
     assert info.value.param == "messages"
     # Fits, but not with max_tokens: the answer is cut at the context limit.
-    monkeypatch.setattr(qwen25._loaded, "max_context", prompt_len + 3)
+    monkeypatch.setattr(qwen25, "_capabilities", dataclasses.replace(caps, max_context=prompt_len + 3))
     _, finished = run(answer(qwen25, request(max_tokens=50, seed=1, **VARIED)))
     assert finished.reason == "length" and finished.usage.completion_tokens == 3
     assert run(qwen25.health()).active_generations == 0

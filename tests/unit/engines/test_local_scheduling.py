@@ -316,3 +316,60 @@ def test_collect_helper_sees_usage_on_every_delta(engine: Any) -> None:
     deltas, finished = run(collect(engine.generate(request(max_tokens=8, seed=4, **VARIED))))
     counts = [d.usage.completion_tokens for d in deltas if d.usage is not None]
     assert counts == sorted(counts) and finished.usage.completion_tokens == 8
+
+
+class InputSpy:
+    """Wraps the model's forward and records each call's number of input tokens per row."""
+
+    def __init__(self, model: Any) -> None:
+        self.original = model.forward
+        self.widths: list[int] = []
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.widths.append(int(kwargs["input_ids"].shape[1]))
+        return self.original(*args, **kwargs)
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_chunked_prefill_matches_one_shot_prefill(engine_factory: Callable[..., Any], scheduler: str) -> None:
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 12  # ~130 prompt tokens
+    one_shot = engine_factory(QWEN25, scheduler=scheduler, prefill_chunk=4096, id=f"one-shot-{scheduler}")
+    chunked = engine_factory(QWEN25, scheduler=scheduler, prefill_chunk=16, id=f"chunked-{scheduler}")
+    req = request(long_prompt, max_tokens=12, **GREEDY_VARIED)
+    expected = run(answer(one_shot, req))
+    model = chunked._loaded.model
+    spy = InputSpy(model)
+    model.forward = spy
+    try:
+        got = run(answer(chunked, req))
+    finally:
+        del model.forward
+    assert got == expected
+    prompt_tokens = expected[1].usage.prompt_tokens
+    assert spy.widths[: -(12 - 1)] == [16] * (prompt_tokens // 16) + (
+        [prompt_tokens % 16] if prompt_tokens % 16 else []
+    )
+
+
+def test_long_prompt_prefill_interleaves_with_decoding(engine_factory: Callable[..., Any]) -> None:
+    """A long prompt arriving while another request streams is prefilled one chunk per step: the
+    running stream keeps getting tokens between the chunks."""
+    engine = engine_factory(QWEN25, scheduler="batched", prefill_chunk=16, id="interleave-prefill")
+    model = engine._loaded.model
+    spy = InputSpy(model)
+
+    async def main() -> None:
+        running = asyncio.ensure_future(answer(engine, request("Hi", max_tokens=60, **VARIED, seed=1)))
+        await asyncio.sleep(0.05)
+        model.forward = spy
+        await answer(engine, request("lorem ipsum dolor " * 30, max_tokens=2, **VARIED, seed=2))
+        await running
+
+    try:
+        run(main())
+    finally:
+        del model.forward
+    chunks = [i for i, w in enumerate(spy.widths) if w == 16]
+    assert len(chunks) >= 4
+    # Between consecutive prefill chunks there is a decode step of the running request (width 1).
+    assert all(spy.widths[a + 1] == 1 for a in chunks[:-1])
