@@ -327,3 +327,58 @@ def test_answer_is_cut_at_the_context_window(server: Server) -> None:
     )  # type: ignore[arg-type]
     assert r.usage is not None
     assert r.usage.total_tokens == 64 and r.choices[0].finish_reason == "length"
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_current_weather",
+        "description": "当你想查询指定城市的天气时非常有用。",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "location": {"type": "string", "description": "城市或县区,比如北京市、杭州市、余杭区等。"}
+            },
+            "required": ["location"],
+        },
+    },
+}
+
+
+def test_usage_counts_the_rendered_tools(server: Server) -> None:
+    from transformers import AutoTokenizer
+
+    from tests.support import MODELS
+
+    msgs = [{"role": "user", "content": "杭州天气怎么样"}]
+    r = post(server, {"model": "qwen-plus", "messages": msgs, "tools": [WEATHER_TOOL], "max_tokens": 3})
+    assert r.status_code == 200, r.text
+    tok = AutoTokenizer.from_pretrained(MODELS / "tiny-qwen2.5")
+    text = tok.apply_chat_template(msgs, tools=[WEATHER_TOOL], add_generation_prompt=True, tokenize=False)
+    assert r.json()["usage"]["prompt_tokens"] == len(tok(text, add_special_tokens=False)["input_ids"])
+    without = post(server, {"model": "qwen-plus", "messages": msgs, "max_tokens": 3}).json()["usage"]
+    assert r.json()["usage"]["prompt_tokens"] > without["prompt_tokens"] + 50
+
+
+def test_partial_mode_continues_the_prefix(server: Server) -> None:
+    from transformers import AutoTokenizer
+
+    from tests.support import MODELS
+
+    msgs = [{"role": "user", "content": "请对“春天来了,大地”这句话进行续写"}]
+    prefix = "春天来了,大地"
+    r = post(
+        server,
+        {
+            "model": "qwen-plus",
+            "max_tokens": 4,
+            "messages": [*msgs, {"role": "assistant", "content": prefix, "partial": True}],
+        },
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert not body["choices"][0]["message"]["content"].startswith(prefix)
+    tok = AutoTokenizer.from_pretrained(MODELS / "tiny-qwen2.5")
+    text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) + prefix
+    # The prefix is billed as input, exactly as rendered.
+    assert body["usage"]["prompt_tokens"] == len(tok(text, add_special_tokens=False)["input_ids"])
