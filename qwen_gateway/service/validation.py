@@ -64,6 +64,17 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})
+
+
+def _is_union_tag(part: int | str) -> bool:
+    """Pydantic names the union branch it tried in ``loc`` ("str", "list[ContentPartIn]",
+    "MessageIn"); wire field names are snake_case, so anything else is a branch tag."""
+    if isinstance(part, int):
+        return False
+    return part in _TYPE_TAGS or "[" in part or "-" in part or part[:1].isupper()
+
+
 def _loc(loc: tuple[int | str, ...]) -> str:
     return ".".join(str(p) for p in loc)
 
@@ -77,13 +88,14 @@ def parse_wire(body: dict[str, Any]) -> ChatCompletionRequest:
     try:
         return ChatCompletionRequest.model_validate(body)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = tuple(first["loc"])
-        if loc and loc[0] == "stop":
+        errors = exc.errors()
+        if errors[0]["loc"][:1] == ("stop",):
             raise InvalidParameter(STOP_TYPE_MESSAGE, param="stop") from None
-        # Unions report one error per branch; the field path up to the branch name is what matters.
-        where = _loc(tuple(p for p in loc if not (isinstance(p, str) and "[" in p)))
-        raise InvalidParameter(f"{first['msg']}: {where}", param=where) from None
+        # A union reports one error per branch; the deepest path names the field most precisely.
+        paths = [tuple(p for p in e["loc"] if not _is_union_tag(p)) for e in errors]
+        best = max(range(len(errors)), key=lambda i: len(paths[i]))
+        where = _loc(paths[best])
+        raise InvalidParameter(f"{errors[best]['msg']}: {where}", param=where) from None
 
 
 def _check_range(
@@ -286,9 +298,8 @@ def build_call(body: dict[str, Any], models: ModelRegistry, *, request_id: str) 
             param="enable_thinking",
         )
     stop, stop_ids = _stop(req.stop)
+    # DashScope: top_k of 0 (or null) or above 100 disables top-k filtering.
     top_k = req.top_k if req.top_k is not None and 0 < req.top_k <= 100 else None
-    if req.top_k is not None and req.top_k == 0:
-        top_k = None
     sampling = SamplingParams(
         max_tokens=_max_tokens(req, spec.max_output or spec.context_length),
         temperature=req.temperature,

@@ -75,6 +75,15 @@ def test_out_of_range(server: Server, extra: dict[str, Any], param: str, message
         ({"model": "qwen-plus", "messages": []}, "messages"),
         ({"model": "qwen-plus", "messages": "hi"}, "messages"),
         ({"model": "qwen-plus", "messages": [{"role": "user"}]}, "messages.0.content"),
+        ({"model": "qwen-plus", "messages": [{"role": "user", "content": 123}]}, "messages.0.content"),
+        (
+            {"model": "qwen-plus", "messages": [{"role": "user", "content": [{"text": "x"}]}]},
+            "messages.0.content.0.type",
+        ),
+        (
+            {"model": "qwen-plus", "messages": MSG, "stream_options": {"include_usage": "often"}},
+            "stream_options.include_usage",
+        ),
         ({"model": "qwen-plus", "messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
         ({"model": "qwen-plus", "messages": MSG, "temperature": "hot"}, "temperature"),
         ({"model": "qwen-plus", "messages": MSG, "stream": "maybe"}, "stream"),
