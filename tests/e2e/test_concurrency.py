@@ -117,3 +117,50 @@ def test_disconnect_on_non_stream_frees_engine(server: Server) -> None:
     while active(server) != 0:
         assert time.monotonic() - gone_at < 2.0
         time.sleep(0.05)
+
+
+def test_many_clients_some_abandoning_leave_nothing_behind(server: Server) -> None:
+    """A bounded burst: 16 streaming and non-streaming clients on one model (more than the batch of
+    8), a third of them hanging up early. Every answer is well-formed, the engine ends idle, and every
+    request has exactly one ledger row."""
+    before = len(server.ledger())
+
+    async def client_run(i: int) -> str:
+        async with httpx.AsyncClient(
+            base_url=server.compat_url, timeout=60, headers={"Authorization": f"Bearer {server.api_key}"}
+        ) as http:
+            body = {
+                "model": "qwen-turbo",
+                "messages": [{"role": "user", "content": f"story {i}"}],
+                "max_tokens": 20 + 7 * i,
+                "temperature": 1.0,
+                "seed": i,
+            }
+            if i % 2:
+                r = await http.post("/chat/completions", json=body)
+                assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+                return "ok"
+            async with http.stream("POST", "/chat/completions", json={**body, "stream": True}) as r:
+                assert r.status_code == 200
+                seen = 0
+                last = ""
+                async for line in r.aiter_lines():
+                    if line.startswith("data: "):
+                        seen, last = seen + 1, line
+                        if i % 3 == 0 and seen == 5:
+                            return "abandoned"  # leaving the block closes the connection mid-stream
+                assert last == "data: [DONE]"
+                return "ok"
+
+    async def main() -> list[str]:
+        return list(await asyncio.gather(*(client_run(i) for i in range(16))))
+
+    outcomes = asyncio.run(main())
+    assert outcomes.count("abandoned") == 3
+    deadline = time.monotonic() + 5
+    while active(server) != 0 or len(server.ledger()) - before < 16:
+        assert time.monotonic() < deadline, (active(server), len(server.ledger()) - before)
+        time.sleep(0.05)
+    rows = server.ledger()[: len(server.ledger()) - before]
+    assert len(rows) == 16
+    assert sorted(r["status"] for r in rows).count("cancelled") == 3
