@@ -159,6 +159,11 @@ def sdk(server: Server) -> OpenAI:
     return OpenAI(api_key=server.api_key, base_url=server.compat_url)
 
 
+def answer_text(server: Server, **kw: Any) -> str:
+    r = sdk(server).chat.completions.create(model="qwen-plus", messages=MSG, **kw)  # type: ignore[arg-type]
+    return r.choices[0].message.content or ""
+
+
 def test_max_tokens_gives_length(server: Server) -> None:
     for kw in ({"max_tokens": 5}, {"max_completion_tokens": 5}):
         r = sdk(server).chat.completions.create(
@@ -206,19 +211,7 @@ def test_greedy_is_deterministic(server: Server) -> None:
 
 
 def test_stop_string_is_not_returned(server: Server) -> None:
-    base = (
-        sdk(server)
-        .chat.completions.create(
-            model="qwen-plus",
-            messages=MSG,
-            temperature=1.0,
-            seed=3,
-            max_tokens=30,  # type: ignore[arg-type]
-        )
-        .choices[0]
-        .message.content
-        or ""
-    )
+    base = answer_text(server, temperature=1.0, seed=3, max_tokens=30)
     assert len(base) > 4
     stop = base[len(base) // 2 : len(base) // 2 + 2]
     cut = sdk(server).chat.completions.create(
@@ -240,19 +233,7 @@ def test_stop_token_ids(server: Server) -> None:
     from tests.support import MODELS
 
     tok = AutoTokenizer.from_pretrained(MODELS / "tiny-qwen2.5")
-    base = (
-        sdk(server)
-        .chat.completions.create(
-            model="qwen-plus",
-            messages=MSG,
-            temperature=1.0,
-            seed=5,
-            max_tokens=20,  # type: ignore[arg-type]
-        )
-        .choices[0]
-        .message.content
-        or ""
-    )
+    base = answer_text(server, temperature=1.0, seed=5, max_tokens=20)
     ids = tok(base, add_special_tokens=False)["input_ids"]
     target = ids[5]
     r = post(
