@@ -24,7 +24,7 @@ async def serve(settings: Settings) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     gateway = await Gateway.open(settings, console=console)
     try:
         config = uvicorn.Config(
@@ -38,9 +38,7 @@ async def serve(settings: Settings) -> None:
         server = uvicorn.Server(config)
         base = f"http://{settings.host}:{settings.port}"
         console.print(f"qwen-gateway {__version__}: models {', '.join(m.id for m in gateway.models)}")
-        console.print(
-            f"OpenAI-compatible base_url: [bold]{base}/compatible-mode/v1[/] (also {base}/v1)", soft_wrap=True
-        )
+        console.print(f"OpenAI-compatible base_url: [bold]{base}/compatible-mode/v1[/] (also {base}/v1)")
         if not await gateway.keys.list():
             console.print(
                 "[yellow]No API key yet:[/] create one with "

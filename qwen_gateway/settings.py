@@ -45,6 +45,12 @@ class ModelConfig(BaseModel):
     scheduler: Literal["batched", "interleaved"] = "batched"
     # Prompt tokens prefilled per scheduler step while other requests are decoding.
     prefill_chunk: int = Field(default=512, ge=16)
+    # Sampling defaults for requests that don't set them; None falls back to the checkpoint's own
+    # generation_config.json.
+    temperature: float | None = Field(default=None, ge=0, lt=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)
+    repetition_penalty: float | None = Field(default=None, gt=0)
     # Upstream engines (later issues): base URL and key of an OpenAI-compatible server.
     base_url: str | None = None
     api_key: str | None = None

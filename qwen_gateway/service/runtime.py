@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 
 from rich.console import Console
+from rich.markup import escape
 
 from qwen_gateway.engines.base import Usage
 from qwen_gateway.errors import StartupError
@@ -86,6 +87,18 @@ async def _embedded_models(settings: Settings, console: Console | None) -> tuple
             f"[bold]No model configured:[/] serving the embedded default [cyan]{EMBEDDED_MODEL_ID}[/] "
             "(SmolLM2-135M-Instruct, Apache-2.0).\n"
             "To serve Qwen models: [green]qwen-gateway serve --model qwen-plus=/path/to/Qwen2.5-7B-Instruct"
-            "[/] or a config file with [[models]] entries (see README)."
+            f"[/] or a config file with {escape('[[models]]')} entries (see README)."
         )
-    return (ModelConfig(id=EMBEDDED_MODEL_ID, engine="local", path=str(path), embedded=True),)
+    # The SmolLM2 card recommends low-temperature sampling; its GGUF carries no generation defaults.
+    # A 135M model that starts looping would otherwise run to its 8K context: cap the answer.
+    return (
+        ModelConfig(
+            id=EMBEDDED_MODEL_ID,
+            engine="local",
+            path=str(path),
+            embedded=True,
+            temperature=0.2,
+            top_p=0.9,
+            max_output=2048,
+        ),
+    )

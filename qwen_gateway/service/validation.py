@@ -300,15 +300,18 @@ def build_call(body: dict[str, Any], models: ModelRegistry, *, request_id: str) 
     stop, stop_ids = _stop(req.stop)
     # DashScope: top_k of 0 (or null) or above 100 disables top-k filtering.
     top_k = req.top_k if req.top_k is not None and 0 < req.top_k <= 100 else None
+    defaults = served.config
     sampling = SamplingParams(
         max_tokens=_max_tokens(req, spec.max_output or spec.context_length),
-        temperature=req.temperature,
-        top_p=req.top_p,
-        top_k=top_k,
+        temperature=req.temperature if req.temperature is not None else defaults.temperature,
+        top_p=req.top_p if req.top_p is not None else defaults.top_p,
+        top_k=top_k if req.top_k is not None else defaults.top_k,
         seed=req.seed,
         presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty,
-        repetition_penalty=req.repetition_penalty,
+        repetition_penalty=(
+            req.repetition_penalty if req.repetition_penalty is not None else defaults.repetition_penalty
+        ),
         stop=stop,
         stop_token_ids=stop_ids,
     )

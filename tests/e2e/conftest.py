@@ -23,6 +23,7 @@ engine = "local"
 path = "{qwen25}"
 context_length = 64
 max_output = 48
+temperature = 0.0    # a per-model sampling default (requests that don't set temperature are greedy)
 
 # A long-output id for concurrency and disconnect tests.
 [[models]]

