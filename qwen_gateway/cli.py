@@ -17,6 +17,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -192,7 +193,7 @@ def keys_list(home: Path | None, config_file: Path | None) -> None:
     table.add_column("STATUS", no_wrap=True)
     for row in rows:
         status = "active" if row.revoked_at is None else f"revoked {_when(row.revoked_at)}"
-        table.add_row(row.id, row.name, row.prefix, _when(row.created_at), status)
+        table.add_row(row.id, escape(row.name), row.prefix, _when(row.created_at), status)
     console.print(table)
 
 

@@ -9,7 +9,7 @@ protocol that is answering. Nothing else decides an HTTP status.
         ├── InvalidParameter          400 invalid_parameter_error (names the ``param``)
         │   └── ContextLengthExceeded 400 the prompt (plus max_tokens) does not fit the model
         ├── InvalidRequest            400 malformed body / unsupported request (``invalid_request_error``)
-        ├── PayloadTooLarge           413 the body is over the server's limit
+        ├── PayloadTooLarge           400 the body is over the server's limit (DashScope: 400 TooLarge)
         ├── AuthenticationError       401 invalid_api_key
         ├── ModelNotFound             404 model_not_found
         ├── RateLimited               429 limit_requests
@@ -72,7 +72,7 @@ class InvalidRequest(ApiError):
 
 
 class PayloadTooLarge(ApiError):
-    status = 413
+    status = 400
     code = "BadRequest.TooLarge"
     type = "invalid_request_error"
     native_code = "BadRequest.TooLarge"

@@ -63,7 +63,8 @@ async def _unexpected(request: Request, exc: Exception) -> JSONBytesResponse:
         param=None,
         request_id=rid,
     )
-    return JSONBytesResponse(body, status_code=500)
+    # This handler runs outside RequestIdMiddleware (in Starlette's outermost layer): add the header here.
+    return JSONBytesResponse(body, status_code=500, headers={"X-Request-ID": rid})
 
 
 def install(app: FastAPI) -> None:

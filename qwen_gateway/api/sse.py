@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import orjson
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
+
+from qwen_gateway.errors import ApiError, EngineFailure
+from qwen_gateway.protocol import compat
+
+log = logging.getLogger(__name__)
 
 DONE = b"data: [DONE]\n\n"
 KEEPALIVE = b": keep-alive\n\n"
@@ -29,12 +35,24 @@ def encode_compat_sse(item: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(item) + b"\n\n"
 
 
+def _error_frame(exc: BaseException, request_id: str) -> bytes:
+    """An error that surfaced after the headers went out, as an in-band error object."""
+    if not isinstance(exc, ApiError):
+        log.error("stream of request %s failed", request_id, exc_info=exc)
+        exc = EngineFailure()
+    return encode_compat_sse(
+        compat.error_dict(
+            message=exc.message, type_=exc.type, code=exc.code, param=exc.param, request_id=request_id
+        )
+    )
+
+
 async def _framed(
-    items: AsyncIterator[dict[str, Any]], first: dict[str, Any] | None, keepalive: float
+    items: AsyncIterator[dict[str, Any]],
+    pending: asyncio.Future[dict[str, Any]] | None,
+    keepalive: float,
+    request_id: str,
 ) -> AsyncGenerator[bytes, None]:
-    if first is not None:
-        yield encode_compat_sse(first)
-    pending: asyncio.Task[dict[str, Any]] | None = None
     try:
         while True:
             if pending is None:
@@ -47,6 +65,9 @@ async def _framed(
             try:
                 item = task.result()
             except StopAsyncIteration:
+                break
+            except Exception as exc:  # raised before the service's first chunk, after our headers
+                yield _error_frame(exc, request_id)
                 break
             yield encode_compat_sse(item)
     finally:
@@ -68,13 +89,15 @@ class SSEResponse(Response):
         self,
         items: AsyncIterator[dict[str, Any]],
         *,
-        first: dict[str, Any] | None,
+        first: asyncio.Future[dict[str, Any]] | None,
         keepalive: float,
+        request_id: str,
         headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(status_code=200)
         self._items = items
         self._first = first
+        self._request_id = request_id
         self._keepalive = keepalive
         self._sse_headers = list(HEADERS) + [
             (k.lower().encode(), v.encode()) for k, v in (headers or {}).items()
@@ -82,8 +105,8 @@ class SSEResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self._sse_headers})
-        # ``first`` was already pulled from ``items`` by the route; ``_framed`` sends it first.
-        body = _framed(self._items, self._first, self._keepalive)
+        # ``first`` is the route's pull of the first item (done or still running): it goes out first.
+        body = _framed(self._items, self._first, self._keepalive, self._request_id)
 
         async def pump() -> None:
             async for chunk in body:

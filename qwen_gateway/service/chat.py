@@ -211,7 +211,7 @@ class ChatService:
             if call.include_usage:
                 total = self._total(choices)
                 yield chunk([], compat.usage_dict(total.prompt_tokens, total.completion_tokens))
-        except ApiError:
+        except Exception:
             status = "error"
             raise
         finally:

@@ -86,7 +86,8 @@ def parse_wire(body: dict[str, Any]) -> ChatCompletionRequest:
     if "messages" not in body:
         raise InvalidParameter('Required parameter "messages" missing from request.', param="messages")
     try:
-        return ChatCompletionRequest.model_validate(body)
+        # Strict: DashScope refuses `"temperature": "0.5"` or `"max_tokens": true`; so do we.
+        return ChatCompletionRequest.model_validate(body, strict=True)
     except ValidationError as exc:
         errors = exc.errors()
         if errors[0]["loc"][:1] == ("stop",):
@@ -138,7 +139,7 @@ def _messages(wire: list[MessageIn]) -> tuple[ChatMessage, ...]:
             ToolCall(id=tc.id, name=tc.function.name, arguments=tc.function.arguments)
             for tc in (m.tool_calls or ())
         )
-        empty = content == "" or content == ()
+        empty = (content if isinstance(content, str) else "".join(p.text for p in content)) == ""
         # An assistant turn may be empty when it only calls tools; a user turn never.
         if empty and role == "user":
             raise InvalidParameter(ROLE_MESSAGE, param=f"messages.{i}.content")
@@ -166,6 +167,9 @@ def _stop(
         return ((stop,) if stop else ()), ()
     if all(isinstance(s, str) for s in stop):
         return tuple(s for s in stop if isinstance(s, str) and s), ()
+    ids = [i for s in stop for i in (s if isinstance(s, list) else [s]) if isinstance(i, int)]
+    if any(not 0 <= i < 2**31 for i in ids):
+        raise InvalidParameter("Token ids in stop must be in [0, 2147483647].", param="stop")
     if all(isinstance(s, int) for s in stop):
         return (), (tuple(s for s in stop if isinstance(s, int)),) if stop else ()
     if all(isinstance(s, list) for s in stop):
@@ -181,8 +185,44 @@ def _tools(tools: list[ToolIn] | None) -> tuple[ToolSpec, ...]:
             raise InvalidParameter(f"Unsupported tool type: {t.type}", param=f"tools.{i}.type")
         if t.function.name == "search":
             raise InvalidParameter("Tool names are not allowed to be [search]", param=f"tools.{i}")
+        if _depth(t.function.parameters) > MAX_SCHEMA_DEPTH:
+            raise InvalidParameter("The tool's parameters are nested too deeply.", param=f"tools.{i}")
         out.append(ToolSpec(t.function.name, t.function.description, t.function.parameters or {}))
     return tuple(out)
+
+
+MAX_SCHEMA_DEPTH = 64
+
+
+def _depth(value: Any, limit: int = MAX_SCHEMA_DEPTH) -> int:
+    """Nesting depth of a JSON value, counted no further than ``limit + 1`` (iteratively: a hostile
+    document must not exhaust the stack here either)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, dict | list):
+            deepest = max(deepest, level)
+            if level > limit:
+                return level
+            stack.extend((child, level + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
+def _check_tool_choice(choice: str | dict[str, Any] | None, tools: tuple[ToolSpec, ...]) -> None:
+    if not isinstance(choice, dict):
+        return
+    function = choice.get("function")
+    name = function.get("name") if isinstance(function, dict) else None
+    if choice.get("type") != "function" or not isinstance(name, str):
+        raise InvalidParameter(
+            'tool_choice must be "none", "auto" or {"type": "function", "function": {"name": ...}}',
+            param="tool_choice",
+        )
+    if name not in {t.name for t in tools}:
+        raise InvalidParameter(
+            f"tool_choice names a function that is not in tools: {name}", param="tool_choice"
+        )
 
 
 def _max_tokens(req: ChatCompletionRequest, limit: int) -> int:
@@ -274,6 +314,7 @@ def build_call(body: dict[str, Any], models: ModelRegistry, *, request_id: str) 
             'tool_choice is one of the strings that should be ["none", "auto"]', param="tool_choice"
         )
     tools = _tools(req.tools)
+    _check_tool_choice(req.tool_choice, tools)
     if n > 1 and tools:
         raise InvalidParameter("The n parameter must be 1 when tools are provided.", param="n")
     if req.logprobs:
@@ -298,8 +339,9 @@ def build_call(body: dict[str, Any], models: ModelRegistry, *, request_id: str) 
             param="enable_thinking",
         )
     stop, stop_ids = _stop(req.stop)
-    # DashScope: top_k of 0 (or null) or above 100 disables top-k filtering.
-    top_k = req.top_k if req.top_k is not None and 0 < req.top_k <= 100 else None
+    # DashScope: top_k of 0 or above 100 disables top-k filtering (0 tells the engine "off"; None would
+    # mean "the checkpoint's default").
+    top_k = None if req.top_k is None else (req.top_k if 0 < req.top_k <= 100 else 0)
     defaults = served.config
     sampling = SamplingParams(
         max_tokens=_max_tokens(req, spec.max_output or spec.context_length),

@@ -305,7 +305,7 @@ def test_prompt_longer_than_context(server: Server) -> None:
     long = [{"role": "user", "content": "word " * 200}]
     for stream in (False, True):
         e = err(post(server, {"model": "qwen-max", "messages": long, "stream": stream}))
-        assert e["message"] == "Range of input length should be [1, 64]"
+        assert e["message"] == "Range of input length should be [1, 63]"
         assert e["param"] == "messages" and e["code"] == "invalid_parameter_error"
 
 
@@ -385,3 +385,30 @@ def test_model_config_sampling_defaults(server: Server) -> None:
     assert len({text("qwen-max") for _ in range(3)}) == 1
     # qwen-plus keeps the checkpoint's own sampling (temperature 0.7): unseeded requests vary.
     assert len({text("qwen-plus") for _ in range(3)}) > 1
+
+
+def test_nothing_to_answer_is_400_not_500(server: Server) -> None:
+    only_prefix = [{"role": "assistant", "content": "a", "partial": True}]
+    for stream in (False, True):
+        e = err(
+            post(server, {"model": "qwen-plus", "messages": only_prefix, "max_tokens": 3, "stream": stream})
+        )
+        assert e["param"] == "messages" and e["code"] == "invalid_parameter_error"
+
+
+def test_deep_tool_call_arguments_do_not_break_rendering(server: Server) -> None:
+    deep_args = "[" * 5_000 + "]" * 5_000  # deeper than json.loads can recurse
+    msgs = [
+        {"role": "user", "content": "x"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": deep_args}}
+            ],
+        },
+        {"role": "tool", "content": "ok", "tool_call_id": "call_1"},
+    ]
+    r = post(server, {"model": "qwen-plus", "messages": msgs, "max_tokens": 2})
+    # Unparseable-as-a-value arguments are rendered as the text they are; the request is answered.
+    assert r.status_code == 200, r.text

@@ -225,3 +225,11 @@ def test_help_and_version() -> None:
     for flag in ("--host", "--port", "--model", "--home", "--config", "--log-level"):
         assert flag in serve_help
     assert invoke("--version").stdout.startswith("qwen-gateway, version ")
+
+
+def test_keys_list_shows_names_literally(home: Path) -> None:
+    for name in ("[/]", "[bold red]x"):
+        assert invoke("keys", "create", "--name", name, "--home", str(home)).exit_code == 0
+    result = invoke("keys", "list", "--home", str(home))
+    assert result.exit_code == 0, result.output
+    assert "[/]" in result.output and "[bold red]x" in result.output

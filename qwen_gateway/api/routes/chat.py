@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -18,9 +17,12 @@ from qwen_gateway.service.validation import build_call, parse_body
 
 router = APIRouter()
 
+# Seconds a stream may wait for its first chunk before the headers go out anyway.
+FIRST_CHUNK_WAIT = 1.0
+
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes ``limit`` (before it is all in memory)."""
+    """The body, refused as soon as it passes ``limit`` (before it is all in memory)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge()
@@ -47,16 +49,22 @@ async def chat_completions(request: Request) -> Response:
     key_id = key_id_of(request)
     if call.stream:
         items = gateway.chat.stream(call, key_id=key_id)
-        # Pull the first chunk before any header goes out: errors found by the engine before it
-        # generates (e.g. a prompt longer than the context) still get their own HTTP status.
-        try:
-            first: dict[str, Any] | None = await anext(items)
-        except StopAsyncIteration:
-            first = None
-        except BaseException:
+        # Wait a little for the first chunk before any header goes out: errors the engine finds before
+        # generating (e.g. a prompt longer than the context) then get their own HTTP status. A long
+        # prefill doesn't hold the headers back longer than that: the stream starts, keep-alives flow,
+        # a disconnect is noticed, and a late error goes in-band.
+        first = asyncio.ensure_future(anext(items))
+        await asyncio.wait({first}, timeout=FIRST_CHUNK_WAIT)
+        failed = first.exception() if first.done() else None
+        if failed is not None and not isinstance(failed, StopAsyncIteration):
             await items.aclose()
-            raise
-        return SSEResponse(items, first=first, keepalive=gateway.settings.keepalive_seconds)
+            raise failed
+        return SSEResponse(
+            items,
+            first=first,
+            keepalive=gateway.settings.keepalive_seconds,
+            request_id=call.request_id,
+        )
 
     # A client that hangs up on a non-stream call frees the engine too.
     work = asyncio.ensure_future(gateway.chat.complete(call, key_id=key_id))

@@ -185,7 +185,7 @@ class LocalEngine:
         max_context = self._capabilities.max_context
         if not prompt_ids or len(prompt_ids) >= max_context:
             raise ContextLengthExceeded(
-                f"Range of input length should be [1, {max_context}]", param="messages"
+                f"Range of input length should be [1, {max_context - 1}]", param="messages"
             )
         sampling = request.sampling
         # Never run past the model's context: the answer is cut with "length" instead.

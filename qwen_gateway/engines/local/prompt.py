@@ -43,10 +43,13 @@ class PromptRenderer:
                     tokenize=False,
                     **kwargs,
                 )
+        except RecursionError:
+            raise InvalidParameter("The input is nested too deeply.", param="messages") from None
         except Exception as exc:
             # jinja2.TemplateError, including the template's own raise_exception(...) messages
-            # ("No user query found in messages."): the request, not the engine, is at fault.
-            if type(exc).__module__.startswith("jinja2"):
+            # ("No user query found in messages."), and transformers' ValueError for a conversation
+            # with nothing left to render: the request, not the engine, is at fault.
+            if type(exc).__module__.startswith("jinja2") or isinstance(exc, ValueError):
                 raise InvalidParameter(f"chat template: {exc}", param="messages") from None
             raise
         if not isinstance(text, str):  # some tokenizers hand back a list for a batch of one
@@ -91,5 +94,5 @@ def _arguments(text: str) -> Any:
     # on, while a string would render double-encoded. Unparseable text is passed through unchanged.
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return text

@@ -15,6 +15,8 @@ import torch
 
 from qwen_gateway.engines.base import SamplingParams
 
+MIN_SAMPLING_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True, slots=True)
 class GenerationDefaults:
@@ -57,7 +59,9 @@ class ResolvedSampling:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0 or self.top_k == 1
+        # Below ~1e-5 the scaled float32 logits overflow and softmax turns to NaN: sampling at such a
+        # temperature is greedy decoding anyway, so do exactly that.
+        return self.temperature < MIN_SAMPLING_TEMPERATURE or self.top_k == 1
 
     @classmethod
     def resolve(cls, params: SamplingParams, defaults: GenerationDefaults) -> ResolvedSampling:

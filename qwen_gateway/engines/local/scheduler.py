@@ -160,6 +160,8 @@ class Scheduler:
                     self._on_error(seq, exc)
             if seq.finished or seq.cancelled:
                 self._prefilling = None
+                # Cancelled during its last chunk, it may already have joined the batch.
+                self._backend.remove([seq])
                 self._release(seq)
             elif seq.prefill_done:
                 self._prefilling = None

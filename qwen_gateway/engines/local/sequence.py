@@ -106,6 +106,8 @@ class Sequence:
 
     def accept(self, token_id: int) -> None:
         """Append a chosen token, release the text it completes, and finish when a rule says so."""
+        if self.finished:
+            return  # a finished row still in a batched step: its token is not part of the answer
         self.generated.append(token_id)
         self.sampler.observe(token_id)
         if token_id in self.eos_ids:

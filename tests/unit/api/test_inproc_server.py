@@ -33,7 +33,7 @@ def serve_fake(
     home: Path, engine: FaultyEngine, model_id: str = "qwen-plus"
 ) -> Iterator[tuple[str, str, Gateway]]:
     """A real server in a thread; yields (base_url, api_key, gateway)."""
-    settings = Settings(home=home, max_request_bytes=4096)
+    settings = Settings(home=home, max_request_bytes=4096, keepalive_seconds=0.3)
     port = free_port()
     ready = threading.Event()
     state: dict[str, object] = {}
@@ -147,11 +147,11 @@ def test_two_apps_in_one_process(tmp_path: Path) -> None:
         assert r.json()["usage"] == {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11}
 
 
-def test_body_over_the_limit_is_413(tmp_path: Path) -> None:
+def test_body_over_the_limit_is_refused(tmp_path: Path) -> None:
     with serve_fake(tmp_path, FaultyEngine(1, fail=False)) as (base, key, _):
         big = {"model": "qwen-plus", "messages": [{"role": "user", "content": "x" * 5000}]}
         r = httpx.post(f"{base}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, json=big)
-        assert r.status_code == 413
+        assert r.status_code == 400
         assert r.json()["error"]["message"] == "Payload Too Large."
 
         def chunked() -> Iterator[bytes]:  # no Content-Length: the limit is counted while reading
@@ -163,7 +163,72 @@ def test_body_over_the_limit_is_413(tmp_path: Path) -> None:
         r = httpx.post(
             f"{base}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, content=chunked()
         )
-        assert r.status_code == 413
+        assert r.status_code == 400
         small = {"model": "qwen-plus", "messages": [{"role": "user", "content": "x" * 100}]}
         r = httpx.post(f"{base}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, json=small)
         assert r.status_code == 200
+
+
+def _stream_lines(base: str, key: str, timeout: float = 30) -> tuple[int, list[str]]:
+    with httpx.stream(
+        "POST",
+        f"{base}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=timeout,
+        json={"model": "qwen-plus", "messages": [{"role": "user", "content": "hi"}], "stream": True},
+    ) as r:
+        return r.status_code, [line for line in r.iter_lines() if line]
+
+
+def test_slow_first_token_starts_the_stream_with_keepalives(tmp_path: Path) -> None:
+    with serve_fake(tmp_path, FaultyEngine(2, fail=False, delay=2.0)) as (base, key, _):
+        status, lines = _stream_lines(base, key)
+    assert status == 200
+    first_data = next(i for i, line in enumerate(lines) if line.startswith("data: "))
+    assert lines[:first_data] and all(line == ": keep-alive" for line in lines[:first_data])
+    assert lines[-1] == "data: [DONE]"
+
+
+def test_error_after_a_slow_start_goes_in_band(tmp_path: Path) -> None:
+    with serve_fake(tmp_path, FaultyEngine(0, fail=True, delay=1.5)) as (base, key, gateway):
+        status, lines = _stream_lines(base, key)
+        data = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        assert status == 200 and lines[-1] == "data: [DONE]"
+        assert data == [
+            {
+                "error": {
+                    "message": "inference internal error.",
+                    "type": "internal_error",
+                    "param": None,
+                    "code": "internal_error",
+                },
+                "request_id": data[0]["request_id"],
+            }
+        ]
+        (row,) = ledger(gateway)
+        assert row.status == "error"
+
+
+def test_disconnect_during_a_long_prefill_frees_the_engine(tmp_path: Path) -> None:
+    engine = FaultyEngine(2, fail=False, delay=30.0)
+    with serve_fake(tmp_path, engine) as (base, key, gateway):
+        with httpx.stream(
+            "POST",
+            f"{base}/v1/chat/completions",
+            headers={"Authorization": f"Bearer {key}"},
+            json={"model": "qwen-plus", "messages": [{"role": "user", "content": "hi"}], "stream": True},
+        ) as r:
+            assert r.status_code == 200  # headers came before the first token
+            for line in r.iter_lines():
+                assert line in ("", ": keep-alive")
+                if engine.active:
+                    break  # hang up while the engine is still "prefilling"
+        gone = time.monotonic()
+        while engine.active:
+            assert time.monotonic() - gone < 2.0
+            time.sleep(0.05)
+        deadline = time.monotonic() + 5
+        while not (rows := ledger(gateway)):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert rows[0].status == "cancelled"

@@ -210,7 +210,7 @@ def test_context_length_exceeded_raises_before_any_event(
     stream = qwen25.generate(request(max_tokens=1))
     with pytest.raises(ContextLengthExceeded) as info:
         run(stream.__anext__())
-    assert info.value.message == f"Range of input length should be [1, {prompt_len}]"
+    assert info.value.message == f"Range of input length should be [1, {prompt_len - 1}]"
     assert info.value.param == "messages"
     # Fits, but not with max_tokens: the answer is cut at the context limit.
     monkeypatch.setattr(qwen25, "_capabilities", dataclasses.replace(caps, max_context=prompt_len + 3))
@@ -311,3 +311,10 @@ def test_random_tokens_concatenate_to_the_decoded_answer(qwen25: Any, tokenizer:
     ids = list(recorder.seen)
     assert len(ids) == finished.usage.completion_tokens == 40
     assert text_of(deltas) == tokenizer.decode(ids)
+
+
+def test_tiny_temperatures_decode_greedily(qwen25: Any) -> None:
+    # Dividing float32 logits by 1e-30 overflows; such temperatures must behave as temperature 0.
+    greedy = run(answer(qwen25, request(max_tokens=8, temperature=0.0)))[0]
+    for t in (1e-6, 1e-30, 1e-300):
+        assert run(answer(qwen25, request(max_tokens=8, temperature=t, seed=1)))[0] == greedy

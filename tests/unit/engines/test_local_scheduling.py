@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -373,3 +374,44 @@ def test_long_prompt_prefill_interleaves_with_decoding(engine_factory: Callable[
     assert len(chunks) >= 4
     # Between consecutive prefill chunks there is a decode step of the running request (width 1).
     assert all(spy.widths[a + 1] == 1 for a in chunks[:-1])
+
+
+def test_cancel_during_the_last_prefill_chunk_leaves_no_row_behind(
+    engine_factory: Callable[..., Any],
+) -> None:
+    """A client that goes away while its final prefill forward runs: in batched mode the sequence has
+    already joined the shared cache, and must leave it again (not keep decoding unseen)."""
+    engine = engine_factory(QWEN25, scheduler="batched", max_batch_size=4, id="cancel-at-join")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        victim: dict[str, asyncio.Future[Any]] = {}
+
+        def hang_up_while_choosing_first_token(generated: Any, logits: Any) -> Any:
+            if len(generated) == 0:  # on the inference thread, at the end of the victim's prefill
+                loop.call_soon_threadsafe(victim["task"].cancel)
+                time.sleep(0.3)
+            return logits
+
+        engine.processor_factory = lambda req, _tok: (
+            [hang_up_while_choosing_first_token] if req.request_id == "victim" else []
+        )
+        other = asyncio.ensure_future(
+            answer(engine, request("hello", request_id="other", max_tokens=120, temperature=0))
+        )
+        await asyncio.sleep(0.2)
+        victim["task"] = asyncio.ensure_future(
+            answer(engine, request("bye", request_id="victim", max_tokens=3, temperature=0))
+        )
+        with contextlib.suppress(asyncio.CancelledError):
+            await victim["task"]
+        await other
+        await answer(engine, request("again", request_id="third", max_tokens=20, temperature=0))
+
+    try:
+        run(main())
+    finally:
+        engine.processor_factory = None
+    backend = engine._scheduler._backend
+    assert backend.rows == [] and backend.width == 0
+    assert run(engine.health()).active_generations == 0
