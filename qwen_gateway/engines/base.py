@@ -65,7 +65,7 @@ class SamplingParams:
     max_tokens: int
     temperature: float | None = None  # 0 -> greedy
     top_p: float | None = None
-    top_k: int | None = None  # None or 0 -> disabled
+    top_k: int | None = None  # None -> the checkpoint default; 0 -> top-k filtering off
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
