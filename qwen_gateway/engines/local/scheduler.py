@@ -53,6 +53,7 @@ class Scheduler:
     ) -> None:
         self.kind = kind
         self._prefill_chunk = prefill_chunk
+        self._model, self._device = model, device
         self._backend: Backend = make_backend(kind, model, device)
         self._max_batch = max_batch_size
         # None is a wake-up nudge (a cancellation or a stop request), never a request.
@@ -110,16 +111,36 @@ class Scheduler:
                     self._take_inbox(block=idle)
                     if self._stopping.is_set():
                         break
-                    self._drop_cancelled()
-                    self._admit()
-                    if self._active:
-                        self._backend.step(self._active, self._on_error)
-                        self._reap()
+                    try:
+                        self._drop_cancelled()
+                        self._admit()
+                        if self._active:
+                            self._backend.step(self._active, self._on_error)
+                            self._reap()
+                    except Exception as exc:
+                        self._recover(exc)
         except BaseException as exc:  # a bug in the loop itself: fail loudly, never hang consumers
             log.exception("the inference thread stopped")
             self.error = exc
         finally:
             self._shutdown()
+
+    def _recover(self, exc: BaseException) -> None:
+        """A step failed outside any one request's forward pass (e.g. out of memory while the shared
+        batch cache was rebuilt): fail the requests in the batch, start over with an empty backend, and
+        keep serving the queue."""
+        log.error(
+            "an inference step failed; failing the %d running request(s)", len(self._active), exc_info=exc
+        )
+        casualties = list(self._active)
+        if self._prefilling is not None:
+            casualties.append(self._prefilling)
+            self._prefilling = None
+        self._active = []
+        self._backend = make_backend(self.kind, self._model, self._device)
+        for seq in casualties:
+            self._on_error(seq, exc)
+            self._release(seq)
 
     def _take_inbox(self, *, block: bool) -> None:
         item = self._inbox.get() if block else self._get_nowait()

@@ -415,3 +415,37 @@ def test_cancel_during_the_last_prefill_chunk_leaves_no_row_behind(
     backend = engine._scheduler._backend
     assert backend.rows == [] and backend.width == 0
     assert run(engine.health()).active_generations == 0
+
+
+def test_a_failed_batch_rebuild_fails_the_batch_and_the_engine_goes_on(
+    engine_factory: Callable[..., Any],
+) -> None:
+    """Out of memory while the shared cache is rebuilt (a row leaving) is nobody's forward pass: the
+    running requests fail with EngineOverloaded, and the engine keeps serving."""
+    engine = engine_factory(QWEN25, scheduler="batched", id="rebuild-oom")
+    backend_cls = type(engine._scheduler._backend)
+    original = backend_cls.remove
+    calls = {"n": 0}
+
+    def remove_once_fails(self: Any, seqs: list[Any]) -> None:
+        if seqs and calls["n"] == 0:
+            calls["n"] += 1
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+        original(self, seqs)
+
+    async def main() -> list[Any]:
+        short = answer(engine, request("a", max_tokens=3, seed=1, **VARIED))
+        long = answer(engine, request("b", max_tokens=60, seed=2, **VARIED))
+        return list(await asyncio.gather(short, long, return_exceptions=True))
+
+    backend_cls.remove = remove_once_fails
+    try:
+        short, long = run(main())
+    finally:
+        backend_cls.remove = original
+    assert calls["n"] == 1
+    assert short[1].reason == "length"  # it had its answer before the rebuild failed
+    assert isinstance(long, EngineOverloaded)
+    assert run(engine.health()).active_generations == 0
+    _, finished = run(answer(engine, request("c", max_tokens=5, seed=3, **VARIED)))
+    assert finished.usage.completion_tokens == 5 and run(engine.health()).state is EngineState.READY
