@@ -32,6 +32,7 @@ async def one_stream(client: AsyncOpenAI, model: str, max_tokens: int, seed: int
         stream=True,
         max_tokens=max_tokens,  # type: ignore[arg-type]
         temperature=0.7,
+        top_p=1.0,  # as bench_engine_direct: no nucleus sort over the vocabulary
         seed=seed,
         stream_options={"include_usage": True},
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from qwen_gateway.engines.base import SamplingParams
@@ -80,3 +81,27 @@ def test_seeded_generators_are_private_and_repeatable() -> None:
     assert draw(7) == a
     assert draw(8) != a
     assert draw(None) != draw(None)
+
+
+def _reference_nucleus(logits: torch.Tensor, top_p: float) -> set[int]:
+    probs = torch.softmax(logits, dim=-1)
+    values, indices = torch.sort(probs, descending=True)
+    cumulative = torch.cumsum(values, dim=-1)
+    return {int(i) for i, c, p in zip(indices, cumulative, values, strict=True) if c - p <= top_p}
+
+
+@pytest.mark.parametrize("peaked", [True, False])
+def test_top_p_over_a_large_vocabulary_is_the_exact_nucleus(peaked: bool) -> None:
+    """Peaked: the nucleus sits in the top few hundred tokens (the fast path, no full sort).
+    Flat: it doesn't, and the full sort is used. Either way only nucleus tokens are drawn, and the
+    nucleus' tail is reached."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(150_000, generator=gen) * (0.5 if not peaked else 1.0)
+    if peaked:
+        logits[:40] += torch.linspace(14.0, 10.0, 40)
+    nucleus = _reference_nucleus(logits, 0.9)
+    assert (len(nucleus) < 256) == peaked
+    picks = {Sampler(resolve(temperature=1.0, top_p=0.9, seed=i), []).sample(logits) for i in range(300)}
+    assert picks <= nucleus
+    if peaked:
+        assert len(picks) > len(nucleus) // 3
