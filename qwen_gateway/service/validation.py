@@ -8,6 +8,7 @@ effective catalog spec.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,13 +100,22 @@ def parse_wire(body: dict[str, Any]) -> ChatCompletionRequest:
         raise InvalidParameter(f"{errors[best]['msg']}: {where}", param=where) from None
 
 
-def _check_range(
-    value: float | None, *, param: str, lo: float, hi: float, lo_open: bool, hi_open: bool, msg: str
-) -> None:
-    if value is None:
-        return
-    if (value <= lo if lo_open else value < lo) or (value >= hi if hi_open else value > hi):
-        raise InvalidParameter(msg, param=param)
+# param -> (accepts the value?, DashScope's message when it doesn't)
+RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "temperature": (lambda v: 0.0 <= v < 2.0, "Temperature should be in [0.0, 2.0)"),
+    "top_p": (lambda v: 0.0 < v <= 1.0, "Range of top_p should be (0.0, 1.0]"),
+    "top_k": (lambda v: v >= 0, "Parameter top_k be greater than or equal to 0"),
+    "presence_penalty": (lambda v: -2.0 <= v <= 2.0, "Presence_penalty should be in [-2.0, 2.0]"),
+    "frequency_penalty": (lambda v: -2.0 <= v <= 2.0, "Frequency_penalty should be in [-2.0, 2.0]"),
+    "repetition_penalty": (lambda v: v > 0.0, "Repetition_penalty should be greater than 0.0"),
+}
+
+
+def _check_ranges(req: ChatCompletionRequest) -> None:
+    for param, (accepts, message) in RANGES.items():
+        value = getattr(req, param)
+        if value is not None and not accepts(value):
+            raise InvalidParameter(message, param=param)
 
 
 def _content(message: MessageIn, index: int) -> str | tuple[TextPart, ...]:
@@ -264,46 +274,7 @@ def build_call(body: dict[str, Any], models: ModelRegistry, *, request_id: str) 
     spec = served.spec
     messages = _messages(req.messages)
 
-    _check_range(
-        req.temperature,
-        param="temperature",
-        lo=0.0,
-        hi=2.0,
-        lo_open=False,
-        hi_open=True,
-        msg="Temperature should be in [0.0, 2.0)",
-    )
-    _check_range(
-        req.top_p,
-        param="top_p",
-        lo=0.0,
-        hi=1.0,
-        lo_open=True,
-        hi_open=False,
-        msg="Range of top_p should be (0.0, 1.0]",
-    )
-    if req.top_k is not None and req.top_k < 0:
-        raise InvalidParameter("Parameter top_k be greater than or equal to 0", param="top_k")
-    _check_range(
-        req.presence_penalty,
-        param="presence_penalty",
-        lo=-2.0,
-        hi=2.0,
-        lo_open=False,
-        hi_open=False,
-        msg="Presence_penalty should be in [-2.0, 2.0]",
-    )
-    _check_range(
-        req.frequency_penalty,
-        param="frequency_penalty",
-        lo=-2.0,
-        hi=2.0,
-        lo_open=False,
-        hi_open=False,
-        msg="Frequency_penalty should be in [-2.0, 2.0]",
-    )
-    if req.repetition_penalty is not None and req.repetition_penalty <= 0:
-        raise InvalidParameter("Repetition_penalty should be greater than 0.0", param="repetition_penalty")
+    _check_ranges(req)
     n = 1 if req.n is None else req.n
     if not 1 <= n <= 4:
         raise InvalidParameter("Range of n should be [1, 4]", param="n")
