@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
 # ---------------------------------------------------------------------------------------------------
@@ -22,8 +22,29 @@ class TextPart:
     text: str
 
 
-# Later issues add ImagePart / VideoPart / AudioPart (resolved media, never raw URLs for the engine).
-ContentPart = TextPart
+@dataclass(frozen=True, slots=True)
+class ImagePart:
+    """An image already fetched and checked by ``media/`` (never a URL): its encoded bytes.
+
+    ``min_pixels``/``max_pixels`` bound the resize the engine applies before counting image tokens
+    (DashScope's ``vl_high_resolution_images`` and per-part limits map here)."""
+
+    data: bytes
+    mime_type: str
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VideoPart:
+    """A video as decoded frames (encoded image bytes each, in order) sampled at ``fps``."""
+
+    frames: tuple[bytes, ...]
+    mime_type: str
+    fps: float | None = None
+
+
+ContentPart = TextPart | ImagePart | VideoPart
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,14 +96,63 @@ class SamplingParams:
 
 
 @dataclass(frozen=True, slots=True)
+class Thinking:
+    """Whether a model with a thinking switch (Qwen3 hybrid, QwQ, QVQ) reasons before answering, and
+    at most how many reasoning tokens it may spend (None: up to its output limit)."""
+
+    enabled: bool
+    budget: int | None = None
+
+
+# Output constraints: what the answer must match. The engine compiles them (a token bitmask over the
+# batch for the local engine, a guided-decoding field for an upstream); the service only states them.
+
+
+@dataclass(frozen=True, slots=True)
+class JsonConstraint:
+    """A JSON value; ``schema`` None means any JSON object (``response_format: json_object``)."""
+
+    schema: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RegexConstraint:
+    pattern: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChoiceConstraint:
+    choices: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallConstraint:
+    """The answer is a call of the tool ``name`` (a named ``tool_choice``), or of any offered tool
+    when ``name`` is None (``tool_choice: "required"``)."""
+
+    name: str | None = None
+
+
+OutputConstraint = JsonConstraint | RegexConstraint | ChoiceConstraint | ToolCallConstraint
+# The names engines use in Capabilities.constraints.
+CONSTRAINT_KINDS: Mapping[type[Any], str] = {
+    JsonConstraint: "json",
+    RegexConstraint: "regex",
+    ChoiceConstraint: "choice",
+    ToolCallConstraint: "tool_call",
+}
+
+
+@dataclass(frozen=True, slots=True)
 class GenerationRequest:
     request_id: str
     model: str
     messages: tuple[ChatMessage, ...]
     sampling: SamplingParams
     tools: tuple[ToolSpec, ...] = ()
-    # Extra variables for the chat template, e.g. {"enable_thinking": False} for Qwen3.
-    template_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    # None: the model has no thinking switch (the engine renders its template's default).
+    thinking: Thinking | None = None
+    constraint: OutputConstraint | None = None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -160,6 +230,12 @@ class Capabilities:
     reasoning: bool = False
     # Whether stop may be given as token ids (a remote engine that only takes strings says False).
     stop_token_ids: bool = True
+    # Whether Thinking.budget is enforced (e.g. by forcing "</think>" when it runs out).
+    thinking_budget: bool = False
+    # Which OutputConstraint kinds the engine compiles (names from CONSTRAINT_KINDS).
+    constraints: frozenset[str] = frozenset()
+    # Sequences the engine runs at once; admission control queues up to a bound beyond this.
+    max_concurrency: int = 1
 
 
 @runtime_checkable

@@ -20,6 +20,7 @@ from qwen_gateway.engines.base import (
     GenerationRequest,
     SamplingParams,
     TextPart,
+    Thinking,
     ToolCall,
     ToolSpec,
 )
@@ -336,7 +337,7 @@ def build_call(body: dict[str, Any], models: ModelRegistry, *, request_id: str) 
         messages=messages,
         sampling=sampling,
         tools=tools if req.tool_choice != "none" else (),
-        template_kwargs={} if thinking is None else {"enable_thinking": thinking},
+        thinking=None if thinking is None else Thinking(enabled=thinking),
     )
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return ChatCall(

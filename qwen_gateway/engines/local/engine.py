@@ -104,6 +104,7 @@ class LocalEngine:
             max_output=None,
             tools="tools" in template,
             reasoning="enable_thinking" in template or "<think>" in template,
+            max_concurrency=self._config.max_batch_size if kind == "batched" else 1,
         )
         self._scheduler = Scheduler(
             loaded.model,

@@ -32,7 +32,10 @@ class PromptRenderer:
             # Partial mode: the model continues the assistant's text, so it is appended after the
             # generation prompt verbatim instead of being closed as a finished turn.
             continuation = messages.pop().text()
-        kwargs: dict[str, Any] = dict(request.template_kwargs)
+        kwargs: dict[str, Any] = {}
+        if request.thinking is not None:
+            # Qwen3-style templates read this variable; others ignore it.
+            kwargs["enable_thinking"] = request.thinking.enabled
         tools = [tool_dict(t) for t in request.tools] or None
         try:
             with self._lock:

@@ -48,7 +48,7 @@ def request(
     **sampling: Any,
 ) -> GenerationRequest:
     sampling.setdefault("max_tokens", 16)
-    template_kwargs = sampling.pop("template_kwargs", {})
+    thinking = sampling.pop("thinking", None)
     tools = sampling.pop("tools", ())
     return GenerationRequest(
         request_id=request_id,
@@ -56,7 +56,7 @@ def request(
         messages=messages or (ChatMessage("user", text),),
         sampling=SamplingParams(**sampling),
         tools=tools,
-        template_kwargs=template_kwargs,
+        thinking=thinking,
     )
 
 

@@ -18,6 +18,7 @@ from qwen_gateway.engines.base import (
     ChatMessage,
     Engine,
     EngineState,
+    Thinking,
     ToolCall,
     ToolSpec,
 )
@@ -101,16 +102,14 @@ def test_prompt_tokens_equal_the_chat_template(qwen25: Any, tokenizer: Any) -> N
     assert finished.usage.prompt_tokens == len(template_ids(tokenizer, messages))
 
 
-def test_qwen3_template_kwargs_reach_the_template(qwen3: Any) -> None:
+def test_qwen3_thinking_switch_reaches_the_template(qwen3: Any) -> None:
     tok = qwen3._loaded.tokenizer
     msgs = [{"role": "user", "content": "Why is the sky blue?"}]
     for thinking in (True, False):
-        req = request(msgs[0]["content"], max_tokens=2, template_kwargs={"enable_thinking": thinking})
+        req = request(msgs[0]["content"], max_tokens=2, thinking=Thinking(enabled=thinking))
         _, finished = run(answer(qwen3, req))
         assert finished.usage.prompt_tokens == len(template_ids(tok, msgs, enable_thinking=thinking))
-    text = qwen3._renderer.render_text(
-        request(msgs[0]["content"], template_kwargs={"enable_thinking": False})
-    )
+    text = qwen3._renderer.render_text(request(msgs[0]["content"], thinking=Thinking(enabled=False)))
     assert text.endswith("<think>\n\n</think>\n\n")
 
 
