@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -27,37 +27,27 @@ DEFAULT_HOME = Path("~/.qwen-gateway")
 
 
 class ModelConfig(BaseModel):
-    """One served model: which engine runs it and where its weights are."""
+    """One served model: its id, which engine runs it, what the service applies to its requests, and
+    the engine's own options.
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    Engine options (``path``, ``max_batch_size``, ... for ``local``) are kept as extra fields here and
+    checked by the chosen engine's own config model (:func:`engine_config`), so each engine declares
+    what it accepts and an option it does not know is a startup error naming it.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="allow")
 
     id: str = Field(min_length=1)
     engine: str = "local"
-    # A checkpoint directory, a .gguf file, or a Hugging Face repo id ("Qwen/Qwen2.5-0.5B-Instruct").
-    path: str | None = None
-    gguf_file: str | None = None  # file name inside ``path`` when it is a directory or repo of GGUFs
-    revision: str | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: str = "auto"
-    max_batch_size: int = Field(default=8, ge=1, le=256)
-    # How the local engine shares the model between concurrent requests. "batched" decodes them in one
-    # forward pass (measured 2.5x the throughput of "interleaved" at 4 streams on a 2-core CPU).
-    scheduler: Literal["batched", "interleaved"] = "batched"
     # Requests that may wait for a free slot beyond the engine's concurrency (default: twice the
     # engine's concurrency); past that a request is refused at once with 503 and Retry-After.
     max_queue: int | None = Field(default=None, ge=0)
-    # Prompt tokens prefilled per scheduler step while other requests are decoding.
-    prefill_chunk: int = Field(default=512, ge=16)
     # Sampling defaults for requests that don't set them; None falls back to the checkpoint's own
     # generation_config.json.
     temperature: float | None = Field(default=None, ge=0, lt=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0)
     repetition_penalty: float | None = Field(default=None, gt=0)
-    # Upstream engines (later issues): base URL and key of an OpenAI-compatible server.
-    base_url: str | None = None
-    api_key: str | None = None
-    upstream_model: str | None = None
     # Catalog overrides (see service/catalog.py); None means "use the catalog's value".
     family: str | None = None
     context_length: int | None = Field(default=None, ge=1)
@@ -70,13 +60,48 @@ class ModelConfig(BaseModel):
     # Served from the embedded default; shown as such in /health.
     embedded: bool = False
 
+    @property
+    def engine_options(self) -> dict[str, Any]:
+        """The keys given for the engine (everything that is not a common field)."""
+        return dict(self.model_extra or {})
+
     @classmethod
     def from_flag(cls, value: str) -> ModelConfig:
         """Parse ``--model ID=PATH``."""
         model_id, sep, path = value.partition("=")
         if not sep or not model_id.strip() or not path.strip():
             raise StartupError(f"--model expects ID=PATH, got {value!r}")
-        return cls(id=model_id.strip(), path=path.strip())
+        # ``path`` is a local-engine option (an extra field here, checked by the engine's config).
+        return cls.model_validate({"id": model_id.strip(), "path": path.strip()})
+
+
+class EngineConfig(ModelConfig):
+    """A :class:`ModelConfig` as an engine reads it: the common fields plus exactly the options the
+    engine declares. Engines subclass it to add theirs; an engine with no options uses it as is."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+C = TypeVar("C", bound=EngineConfig)
+
+
+def engine_config(config: ModelConfig, model: type[C]) -> C:
+    """``config`` read by the engine's config ``model``; an unknown or invalid option is one
+    StartupError line naming it (secret values are never echoed: pydantic's message doesn't)."""
+    if isinstance(config, model):
+        return config
+    try:
+        return model.model_validate({**config.model_dump(exclude_unset=True), **config.engine_options})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        if first["type"] == "extra_forbidden":
+            known = sorted(set(model.model_fields) - set(ModelConfig.model_fields))
+            raise StartupError(
+                f"model {config.id!r}: engine {config.engine!r} has no option {where!r} "
+                f"(its options: {', '.join(known) or 'none'})"
+            ) from None
+        raise StartupError(f"model {config.id!r}: invalid option {where}: {first['msg']}") from None
 
 
 class Settings(BaseSettings):

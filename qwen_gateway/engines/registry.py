@@ -6,6 +6,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from qwen_gateway.errors import StartupError
+from qwen_gateway.settings import EngineConfig, engine_config
 
 if TYPE_CHECKING:
     from qwen_gateway.engines.base import Engine
@@ -36,8 +37,21 @@ def import_from_string(target: str) -> Any:
         raise StartupError(f"engine module {module_name!r} has no attribute {attr!r}") from None
 
 
+def engine_class(config: ModelConfig) -> Any:
+    """The class named by ``config.engine``."""
+    return import_from_string(ENGINES.get(config.engine, config.engine))
+
+
+def typed_config(config: ModelConfig) -> EngineConfig:
+    """``config`` checked against its engine's declared options (the class attribute
+    ``config_model``, an :class:`EngineConfig` subclass; an engine without one takes none)."""
+    model = getattr(engine_class(config), "config_model", EngineConfig)
+    if not (isinstance(model, type) and issubclass(model, EngineConfig)):
+        raise StartupError(f"engine {config.engine!r}: config_model must subclass EngineConfig")
+    return engine_config(config, model)
+
+
 def create_engine(config: ModelConfig, settings: Settings) -> Engine:
-    """Build (not start) the engine that serves ``config``."""
-    cls = import_from_string(ENGINES.get(config.engine, config.engine))
-    engine: Engine = cls(config, settings=settings)
+    """Build (not start) the engine that serves ``config``, given its checked options."""
+    engine: Engine = engine_class(config)(typed_config(config), settings=settings)
     return engine

@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 
 from qwen_gateway.engines.base import Engine, EngineHealth, EngineState
-from qwen_gateway.engines.registry import create_engine
+from qwen_gateway.engines.registry import create_engine, typed_config
 from qwen_gateway.errors import ModelNotFound, StartupError
 from qwen_gateway.service.admission import Admission
 from qwen_gateway.service.catalog import ModelSpec, resolve_spec
@@ -58,6 +58,10 @@ class ModelRegistry:
     async def start(cls, configs: tuple[ModelConfig, ...], settings: Settings) -> ModelRegistry:
         """Create and start every engine, one after another (loading two checkpoints at once only
         competes for memory and disk). Any failure closes what was started and raises StartupError."""
+        # Every entry's options are checked before the first model loads: a typo in the last entry
+        # must not cost the load time of all the others.
+        for config in configs:
+            typed_config(config)
         started: list[ServedModel] = []
         try:
             for config in configs:

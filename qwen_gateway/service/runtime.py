@@ -80,6 +80,7 @@ async def _embedded_models(settings: Settings, console: Console | None) -> tuple
     if not settings.embedded_default:
         raise StartupError("no model configured: pass --model ID=PATH or a config file with [[models]]")
     from qwen_gateway.engines.local.embedded import EMBEDDED_MODEL_ID, ensure_embedded_model
+    from qwen_gateway.engines.local.options import LocalModelConfig
 
     path = await asyncio.to_thread(ensure_embedded_model, settings.home)
     if console is not None:
@@ -92,7 +93,7 @@ async def _embedded_models(settings: Settings, console: Console | None) -> tuple
     # The SmolLM2 card recommends low-temperature sampling; its GGUF carries no generation defaults.
     # A 135M model that starts looping would otherwise run to its 8K context: cap the answer.
     return (
-        ModelConfig(
+        LocalModelConfig(
             id=EMBEDDED_MODEL_ID,
             engine="local",
             path=str(path),

@@ -81,3 +81,33 @@ def test_embedded_default_answers_a_real_question(tmp_path: Path) -> None:
             assert getattr(exc, "status_code", None) == 404
     finally:
         server.stop()
+
+
+def test_an_option_the_engine_does_not_know_is_a_startup_error_naming_it(tmp_path: Path) -> None:
+    good = MODELS / "tiny-qwen2.5"
+    cases = {
+        "max_batch_sise = 4": "max_batch_sise",  # a typo of a local-engine option
+        'base_url = "http://127.0.0.1:9"': "base_url",  # an upstream engine's option
+    }
+    for line, key in cases.items():
+        cfg = tmp_path / "opts.toml"
+        cfg.write_text(
+            f'[[models]]\nid = "qwen-max"\npath = "{good}"\n\n'
+            f'[[models]]\nid = "qwen-plus"\npath = "{good}"\n{line}\n'
+        )
+        r = serve_fails(tmp_path / "home", "--config", str(cfg))
+        assert r.returncode == 1, r.stderr
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: model 'qwen-plus': engine 'local' has no option"), last
+        assert repr(key) in last and "max_batch_size" in last  # names the key and the valid options
+        # Checked before any model loads (the first, valid entry included).
+        assert "ready in" not in r.stderr + r.stdout
+        assert "Traceback" not in r.stderr
+
+
+def test_a_bad_engine_option_value_names_it(tmp_path: Path) -> None:
+    cfg = tmp_path / "opts.toml"
+    cfg.write_text(f'[[models]]\nid = "qwen-plus"\npath = "{MODELS / "tiny-qwen2.5"}"\nscheduler = "fast"\n')
+    r = serve_fails(tmp_path / "home", "--config", str(cfg))
+    assert r.returncode == 1
+    assert "model 'qwen-plus': invalid option scheduler" in r.stderr and "Traceback" not in r.stderr

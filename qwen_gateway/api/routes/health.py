@@ -1,4 +1,6 @@
-"""``GET /health``: each model's state and its number of active generations (no key needed)."""
+"""``GET /health``: each model's state, active generations and queue depth (no key needed).
+
+It never waits on an engine's work: under overload it still answers at once."""
 
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ async def health(request: Request) -> JSONBytesResponse:
                 "engine": s.engine,
                 "state": s.health.state.value,
                 "active_generations": s.health.active_generations,
+                "queued": s.queued,
+                "queue_limit": s.queue_limit,
                 **({"detail": s.health.detail} if s.health.detail else {}),
             }
             for s in statuses

@@ -24,6 +24,7 @@ from qwen_gateway.engines.base import (
 from qwen_gateway.engines.local import loader
 from qwen_gateway.engines.local.backends import SchedulerKind, supports_batching
 from qwen_gateway.engines.local.detok import IncrementalDetokenizer
+from qwen_gateway.engines.local.options import LocalModelConfig
 from qwen_gateway.engines.local.prompt import PromptRenderer
 from qwen_gateway.engines.local.sampling import ResolvedSampling, Sampler
 from qwen_gateway.engines.local.scheduler import Scheduler
@@ -35,7 +36,7 @@ from qwen_gateway.errors import (
     EngineUnavailable,
     StartupError,
 )
-from qwen_gateway.settings import ModelConfig, Settings
+from qwen_gateway.settings import ModelConfig, Settings, engine_config
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +48,11 @@ ProcessorFactory = Callable[[GenerationRequest, Any], SequenceABC[LogitsProcesso
 
 class LocalEngine:
     """The ``local`` engine. ``scheduler`` picks how concurrent requests share the model
-    (``batched`` or ``interleaved``); ``None`` takes the model's config (``ModelConfig.scheduler``)."""
+    (``batched`` or ``interleaved``); ``None`` takes the model's config (``LocalModelConfig.scheduler``)."""
 
     name = "local"
+    # The options this engine takes in a [[models]] entry (see engines/registry.py).
+    config_model = LocalModelConfig
 
     def __init__(
         self,
@@ -59,10 +62,10 @@ class LocalEngine:
         scheduler: SchedulerKind | None = None,
         console: Console | None = None,
     ) -> None:
-        self._config = config
+        self._config = engine_config(config, LocalModelConfig)
         self._settings = settings
         self._console = console or Console(stderr=True, soft_wrap=True)
-        self._scheduler_kind: SchedulerKind = scheduler or config.scheduler
+        self._scheduler_kind: SchedulerKind = scheduler or self._config.scheduler
         self._state = EngineState.LOADING
         self._detail: str | None = None
         self._loaded: loader.LoadedModel | None = None

@@ -18,10 +18,11 @@ from typing import Any, Literal
 import torch
 from rich.console import Console
 
+from qwen_gateway.engines.local.options import LocalModelConfig
 from qwen_gateway.engines.local.progress import progress
 from qwen_gateway.engines.local.sampling import GenerationDefaults
 from qwen_gateway.errors import StartupError
-from qwen_gateway.settings import ModelConfig, Settings
+from qwen_gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class _Fail(Exception):
     """A load step's failure, already phrased for the one-line StartupError."""
 
 
-def resolve_source(config: ModelConfig) -> Source:
+def resolve_source(config: LocalModelConfig) -> Source:
     """Where the weights are, without loading anything."""
     raw = config.path
     if not raw:
@@ -111,7 +112,7 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def load(config: ModelConfig, settings: Settings, console: Console | None = None) -> LoadedModel:
+def load(config: LocalModelConfig, settings: Settings, console: Console | None = None) -> LoadedModel:
     """Load ``config``'s checkpoint. Raises StartupError("model 'id': ...") on every failure."""
     console = console or Console(stderr=True, soft_wrap=True)
     started = time.monotonic()
@@ -138,7 +139,7 @@ def load(config: ModelConfig, settings: Settings, console: Console | None = None
     return loaded
 
 
-def _download(source: Source, config: ModelConfig, settings: Settings) -> Source:
+def _download(source: Source, config: LocalModelConfig, settings: Settings) -> Source:
     repo = source.location
     if not settings.allow_downloads:
         raise _Fail(f"{repo} looks like a Hugging Face repo id but downloads are disabled; pass a local dir")

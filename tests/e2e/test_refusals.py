@@ -1,0 +1,106 @@
+"""Parameters the server cannot honour yet are refused with a 400 naming them, never accepted and
+ignored; the ones it can honour it does (and they are shown elsewhere to have their effect)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support import Server
+
+MSG = [{"role": "user", "content": "hi"}]
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+def post(server: Server, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(
+        f"{server.compat_url}/chat/completions",
+        headers={"Authorization": f"Bearer {server.api_key}"},
+        json=body,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        (
+            {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
+            "tool_choice",
+        ),
+        ({"enable_search": True, "search_options": {"forced_search": True}}, "search_options.forced_search"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "object"}},
+                }
+            },
+            "response_format",
+        ),
+        ({"logprobs": True}, "logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logit_bias": {"9707": 5}}, "logit_bias"),
+        ({"translation_options": {"source_lang": "auto", "target_lang": "English"}}, "translation_options"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"reasoning_effort": "high"}, "reasoning_effort"),
+    ],
+)
+def test_unhonoured_parameter_is_refused_by_name(server: Server, extra: dict[str, Any], param: str) -> None:
+    r = post(server, {"model": "qwen-plus", "messages": MSG, "max_tokens": 2, **extra})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param
+    assert error["code"] == "invalid_parameter_error"
+    assert param.split(".")[-1] in error["message"]
+
+
+def test_thinking_budget_with_thinking_on_is_refused(server: Server) -> None:
+    body = {
+        "model": "qwen3-8b",
+        "messages": MSG,
+        "stream": True,
+        "enable_thinking": True,
+        "thinking_budget": 10,
+        "max_tokens": 2,
+    }
+    r = post(server, body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "thinking_budget"
+
+
+def test_thinking_budget_with_thinking_off_has_nothing_to_bound(server: Server) -> None:
+    body = {
+        "model": "qwen3-8b",
+        "messages": MSG,
+        "enable_thinking": False,
+        "thinking_budget": 10,
+        "max_tokens": 2,
+    }
+    r = post(server, body)
+    assert r.status_code == 200, r.text
+
+
+def test_off_values_of_unhonoured_parameters_are_accepted(server: Server) -> None:
+    body = {
+        "model": "qwen-plus",
+        "messages": MSG,
+        "max_tokens": 2,
+        "logprobs": False,
+        "top_logprobs": 0,
+        "modalities": ["text"],
+        "response_format": {"type": "text"},
+        "tool_choice": "none",
+        "search_options": {"forced_search": False},
+    }
+    assert post(server, body).status_code == 200
+
+
+def test_enable_search_answers_and_logs_once_that_no_provider_is_configured(server: Server) -> None:
+    for _ in range(2):
+        r = post(server, {"model": "qwen-plus", "messages": MSG, "max_tokens": 2, "enable_search": True})
+        assert r.status_code == 200, r.text
+    assert server.log().count("no search provider is configured") == 1
