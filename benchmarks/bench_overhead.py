@@ -104,8 +104,18 @@ def start_server(home: Path, core: int, log_level: str) -> Server:
     port = _free_port()
     log = (home / "server.log").open("wb")
     proc = subprocess.Popen(
-        [*base, "serve", "--config", str(config), "--home", str(home), "--port", str(port)]
-        + ["--log-level", log_level],
+        [
+            *base,
+            "serve",
+            "--config",
+            str(config),
+            "--home",
+            str(home),
+            "--port",
+            str(port),
+            "--log-level",
+            log_level,
+        ],
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,
@@ -214,15 +224,28 @@ def run_case(server: Server, clients: int, total: int, stream: bool) -> str:
 def _py_spy(pid: int, out: str, fmt: str) -> subprocess.Popen[bytes]:
     py_spy = Path(sys.executable).with_name("py-spy")
     return subprocess.Popen(
-        [str(py_spy), "record", "--pid", str(pid), "--output", out, "--format", fmt, "--rate", "250"]
-        + ["--nonblocking"],
+        [
+            str(py_spy),
+            "record",
+            "--pid",
+            str(pid),
+            "--output",
+            out,
+            "--format",
+            fmt,
+            "--rate",
+            "250",
+            "--nonblocking",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--requests", type=int, default=2000, help="requests per 16-client case")
     parser.add_argument("--single-requests", type=int, default=500, help="requests per 1-client case")
     parser.add_argument("--repeat", type=int, default=1, help="run every case this many times")

@@ -29,7 +29,8 @@ PROMPT_TOKENS = 7
 CHUNKS = 20
 # Built once: the point is that producing the answer costs the engine nothing measurable.
 _DELTAS = tuple(
-    TextDelta(f"t{i} ", usage=Usage(prompt_tokens=PROMPT_TOKENS, completion_tokens=i + 1)) for i in range(CHUNKS)
+    TextDelta(f"t{i} ", usage=Usage(prompt_tokens=PROMPT_TOKENS, completion_tokens=i + 1))
+    for i in range(CHUNKS)
 )
 _FINISHED = Finished("stop", Usage(prompt_tokens=PROMPT_TOKENS, completion_tokens=CHUNKS))
 
