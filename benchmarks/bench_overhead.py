@@ -221,7 +221,7 @@ def run_case(server: Server, clients: int, total: int, stream: bool) -> str:
     )
 
 
-def _py_spy(pid: int, out: str, fmt: str) -> subprocess.Popen[bytes]:
+def _py_spy(pid: int, out: str, fmt: str, extra: list[str]) -> subprocess.Popen[bytes]:
     py_spy = Path(sys.executable).with_name("py-spy")
     return subprocess.Popen(
         [
@@ -236,6 +236,7 @@ def _py_spy(pid: int, out: str, fmt: str) -> subprocess.Popen[bytes]:
             "--rate",
             "250",
             "--nonblocking",
+            *extra,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -255,6 +256,7 @@ def main() -> None:
     parser.add_argument("--client-core", type=int, default=cores[-1])
     parser.add_argument("--py-spy", metavar="FILE", help="sample the server during the 16-client cases")
     parser.add_argument("--py-spy-format", default="flamegraph", choices=["flamegraph", "raw", "speedscope"])
+    parser.add_argument("--py-spy-args", default="", help="more py-spy flags, e.g. '--gil' or '--native'")
     parser.add_argument("--only", choices=["stream", "non-stream"], help="run only these cases")
     args = parser.parse_args()
     if args.server_core == args.client_core:
@@ -274,7 +276,12 @@ def main() -> None:
                     spy = None
                     if args.py_spy and clients == 16:
                         suffix = "stream" if stream else "nonstream"
-                        spy = _py_spy(server.proc.pid, f"{args.py_spy}.{suffix}", args.py_spy_format)
+                        spy = _py_spy(
+                            server.proc.pid,
+                            f"{args.py_spy}.{suffix}",
+                            args.py_spy_format,
+                            args.py_spy_args.split(),
+                        )
                         time.sleep(1.0)  # py-spy attaches before the load starts
                     total = args.requests if clients > 1 else args.single_requests
                     print(run_case(server, clients, total, stream), flush=True)
