@@ -79,6 +79,25 @@ class Gateway:
         )
 
     async def aclose(self) -> None:
+        """Close engines, then the ledger writer (flushing every row), then the store.
+
+        A cancellation while closing does not cut this short: it is held until everything is closed and
+        then re-raised. (After SIGINT, uvicorn re-raises the signal once it has stopped serving, and
+        asyncio.run turns that into a cancellation of the main task, i.e. of whoever awaits this; cut
+        short, the last usage rows would be lost and the engine's thread left running.)
+        """
+        closing = asyncio.ensure_future(self._close())
+        cancelled = False
+        while not closing.done():
+            try:
+                await asyncio.shield(closing)
+            except asyncio.CancelledError:
+                cancelled = True
+        if cancelled:
+            raise asyncio.CancelledError
+        closing.result()
+
+    async def _close(self) -> None:
         # Engines first: closing them ends their generations, whose requests then hand over their last
         # usage rows; the writer then flushes every row before the store goes.
         try:
