@@ -19,6 +19,7 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from qwen_gateway.errors import StartupError
+from qwen_gateway.store.threaded import ThreadedConnection, open_threaded
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,11 @@ class Store:
     @property
     def engine(self) -> AsyncEngine:
         return self._engine
+
+    def threaded(self) -> ThreadedConnection | None:
+        """A synchronous connection of its own in a worker thread, for batched writes (SQLite only;
+        None otherwise). The caller closes it."""
+        return open_threaded(self._engine.url, _sqlite_on_connect)
 
     def connect(self) -> contextlib.AbstractAsyncContextManager[AsyncConnection]:
         """A connection for reads (rolled back on exit)."""

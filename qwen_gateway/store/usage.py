@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Row, select
+from sqlalchemy import Connection, Row, select
 
 from qwen_gateway.store.db import Database, reading, transaction
 from qwen_gateway.store.tables import usage_ledger
@@ -80,6 +80,14 @@ async def insert_usage(*, store: Database, rows: Sequence[NewUsage]) -> None:
         return
     async with transaction(store) as conn:
         await conn.execute(usage_ledger.insert(), [row.values() for row in rows])
+
+
+def insert_usage_sync(*, conn: Connection, rows: Sequence[NewUsage]) -> None:
+    """:func:`insert_usage` on a synchronous connection (run in a worker thread; see store/threaded.py)."""
+    if not rows:
+        return
+    with conn.begin():
+        conn.execute(usage_ledger.insert(), [row.values() for row in rows])
 
 
 async def record_usage(
