@@ -169,3 +169,20 @@ def test_bad_sizes_are_refused(run: Callable[[Body], Any]) -> None:
             LedgerWriter(store, max_pending=0)
 
     run(body)
+
+
+def test_the_async_path_batches_and_contains_failures_too(run: Callable[[Body], Any]) -> None:
+    """Without a synchronous connection (any backend but SQLite) batches go through the async store."""
+
+    async def body(store: Store) -> tuple[list[Any], list[Any], int]:
+        writer = LedgerWriter(store, write_sync=None)
+        rows = [row(f"a{i}") for i in range(5)]
+        rows.insert(1, row("bad", "key_000000000000"))
+        results = await asyncio.gather(*(writer.record(r) for r in rows), return_exceptions=True)
+        await writer.aclose()
+        return results, await list_usage(store=store), writer.lost
+
+    results, stored, lost = run(body)
+    assert isinstance(results[1], IntegrityError)
+    assert ids(stored) == [f"a{i}" for i in range(5)]
+    assert lost == 1
