@@ -132,6 +132,10 @@ class LedgerWriter:
             # Rows handed over from now on take the async path, which needs no thread of ours.
             threaded, self._threaded = self._threaded, None
             await threaded.aclose()
+        if self.written or self.lost:
+            log.info(
+                "ledger: %d rows written in %d transactions, %d lost", self.written, self.batches, self.lost
+            )
 
     # -- the writer task ---------------------------------------------------------------------------
 
