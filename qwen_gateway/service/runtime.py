@@ -14,10 +14,11 @@ from qwen_gateway.engines.base import Usage
 from qwen_gateway.errors import StartupError
 from qwen_gateway.service.chat import ChatService
 from qwen_gateway.service.keys import KeyService
+from qwen_gateway.service.ledger import LedgerWriter
 from qwen_gateway.service.models import ModelRegistry
 from qwen_gateway.settings import ModelConfig, Settings
 from qwen_gateway.store.db import Store
-from qwen_gateway.store.usage import record_usage
+from qwen_gateway.store.usage import NewUsage
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ class Gateway:
     keys: KeyService
     models: ModelRegistry
     chat: ChatService
+    ledger: LedgerWriter
     started_at: int
 
     @classmethod
@@ -49,17 +51,21 @@ class Gateway:
     @classmethod
     def assemble(cls, settings: Settings, store: Store, models: ModelRegistry) -> Gateway:
         """Wire the services over an opened store and started models."""
+        writer = LedgerWriter(store)
 
+        # The chat service's UsageSink: the row joins the writer's next batch; the answer waits for that
+        # shared commit (no disk flush, no lock wait; see service/ledger.py), not for one of its own.
         async def ledger(request_id: str, key_id: str | None, model: str, status: str, usage: Usage) -> None:
-            await record_usage(
-                store=store,
-                request_id=request_id,
-                key_id=key_id,
-                model=model,
-                endpoint="chat.completions",
-                prompt_tokens=usage.prompt_tokens,
-                completion_tokens=usage.completion_tokens,
-                status=status,
+            await writer.record(
+                NewUsage(
+                    request_id=request_id,
+                    key_id=key_id,
+                    model=model,
+                    endpoint="chat.completions",
+                    prompt_tokens=usage.prompt_tokens,
+                    completion_tokens=usage.completion_tokens,
+                    status=status,
+                )
             )
 
         return cls(
@@ -68,12 +74,39 @@ class Gateway:
             keys=KeyService(store),
             models=models,
             chat=ChatService(ledger),
+            ledger=writer,
             started_at=int(time.time()),
         )
 
     async def aclose(self) -> None:
-        await self.models.aclose()
-        await self.store.aclose()
+        """Close engines, then the ledger writer (flushing every row), then the store.
+
+        A cancellation while closing does not cut this short: it is held until everything is closed and
+        then re-raised. (After SIGINT, uvicorn re-raises the signal once it has stopped serving, and
+        asyncio.run turns that into a cancellation of the main task, i.e. of whoever awaits this; cut
+        short, the last usage rows would be lost and the engine's thread left running.)
+        """
+        closing = asyncio.ensure_future(self._close())
+        cancelled = False
+        while not closing.done():
+            try:
+                await asyncio.shield(closing)
+            except asyncio.CancelledError:
+                cancelled = True
+        if cancelled:
+            raise asyncio.CancelledError
+        closing.result()
+
+    async def _close(self) -> None:
+        # Engines first: closing them ends their generations, whose requests then hand over their last
+        # usage rows; the writer then flushes every row before the store goes.
+        try:
+            await self.models.aclose()
+        finally:
+            try:
+                await self.ledger.aclose()
+            finally:
+                await self.store.aclose()
 
 
 async def _embedded_models(settings: Settings, console: Console | None) -> tuple[ModelConfig, ...]:

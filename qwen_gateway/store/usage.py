@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Row, select
+from sqlalchemy import Connection, Row, select
 
 from qwen_gateway.store.db import Database, reading, transaction
 from qwen_gateway.store.tables import usage_ledger
@@ -30,6 +31,65 @@ class UsageRow:
     created_at: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class NewUsage:
+    """A ledger row not yet written (no id). Checked when built, so a bad row fails at its caller.
+
+    ``status`` is one of :data:`USAGE_STATUSES`; ``key_id`` is None for unauthenticated requests;
+    ``created_at`` defaults to now, i.e. when the request ended rather than when the row is written.
+    """
+
+    request_id: str
+    key_id: str | None
+    model: str
+    endpoint: str
+    prompt_tokens: int
+    completion_tokens: int
+    status: str
+    cost: Decimal | None = None
+    created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def __post_init__(self) -> None:
+        if self.status not in USAGE_STATUSES:
+            raise ValueError(f"usage status must be one of {sorted(USAGE_STATUSES)}, got {self.status!r}")
+        if self.prompt_tokens < 0 or self.completion_tokens < 0:
+            raise ValueError("token counts can't be negative")
+
+    def values(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "key_id": self.key_id,
+            "model": self.model,
+            "endpoint": self.endpoint,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "cost": self.cost,
+            "status": self.status,
+            "created_at": self.created_at,
+        }
+
+
+async def insert_usage(*, store: Database, rows: Sequence[NewUsage]) -> None:
+    """Append ``rows`` with one multi-row statement in one transaction (or in the caller's).
+
+    This is the ledger writer's path: a whole batch costs one statement and one commit. Either every
+    row is written or none is (the caller decides what to do with a batch that fails).
+    """
+    if not rows:
+        return
+    async with transaction(store) as conn:
+        await conn.execute(usage_ledger.insert(), [row.values() for row in rows])
+
+
+def insert_usage_sync(*, conn: Connection, rows: Sequence[NewUsage]) -> None:
+    """:func:`insert_usage` on a synchronous connection (run in a worker thread; see store/threaded.py)."""
+    if not rows:
+        return
+    with conn.begin():
+        conn.execute(usage_ledger.insert(), [row.values() for row in rows])
+
+
 async def record_usage(
     *,
     store: Database,
@@ -43,35 +103,25 @@ async def record_usage(
     cost: Decimal | float | None = None,
     created_at: datetime | None = None,
 ) -> UsageRow:
-    """Append one ledger row in one transaction (or in the caller's, when given a connection).
-
-    ``status`` is one of :data:`USAGE_STATUSES`; ``key_id`` is None for unauthenticated requests; a
-    float ``cost`` is converted through its decimal text (``0.1`` stays ``0.1``, not its binary value).
-    """
-    if status not in USAGE_STATUSES:
-        raise ValueError(f"usage status must be one of {sorted(USAGE_STATUSES)}, got {status!r}")
-    if prompt_tokens < 0 or completion_tokens < 0:
-        raise ValueError("token counts can't be negative")
-    if isinstance(cost, float):
-        cost = Decimal(repr(cost))
-    row = UsageRow(
-        id=0,  # assigned by the database
+    """Append one ledger row in one transaction (or in the caller's, when given a connection), and
+    return it with its id. Values are checked as for :class:`NewUsage`."""
+    new = NewUsage(
         request_id=request_id,
         key_id=key_id,
         model=model,
         endpoint=endpoint,
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
-        total_tokens=prompt_tokens + completion_tokens,
-        cost=cost,
         status=status,
+        # A float goes through its decimal text: 0.1 stays 0.1, not its binary value.
+        cost=Decimal(repr(cost)) if isinstance(cost, float) else cost,
         created_at=created_at or datetime.now(UTC),
     )
-    values = {f.name: getattr(row, f.name) for f in fields(row) if f.name != "id"}
+    values = new.values()
     async with transaction(store) as conn:
         result = await conn.execute(usage_ledger.insert().values(**values).returning(usage_ledger.c.id))
         row_id = result.scalar_one()
-    return replace(row, id=int(row_id))
+    return UsageRow(id=int(row_id), **values)
 
 
 async def list_usage(

@@ -8,7 +8,7 @@ from sqlalchemy.exc import IntegrityError
 
 from qwen_gateway.store.db import Store
 from qwen_gateway.store.keys import KeyRow, insert_key
-from qwen_gateway.store.usage import UsageRow, list_usage, record_usage
+from qwen_gateway.store.usage import NewUsage, UsageRow, insert_usage, list_usage, record_usage
 from tests.unit.store.conftest import StoreRunner
 
 
@@ -109,3 +109,62 @@ def test_a_callers_transaction_makes_usage_atomic_with_other_writes(with_store: 
         return await list_usage(store=store)
 
     assert with_store(body) == []
+
+
+def _new(request_id: str, key_id: str | None = None) -> NewUsage:
+    return NewUsage(
+        request_id=request_id,
+        key_id=key_id,
+        model="qwen-plus",
+        endpoint="chat.completions",
+        prompt_tokens=3,
+        completion_tokens=4,
+        status="ok",
+    )
+
+
+def test_insert_usage_writes_a_batch_in_one_statement(with_store: StoreRunner) -> None:
+    async def body(store: Store) -> list[UsageRow]:
+        await insert_usage(store=store, rows=[_new(f"b{i}") for i in range(3)])
+        await insert_usage(store=store, rows=[])
+        return await list_usage(store=store)
+
+    rows = with_store(body)
+    assert [r.request_id for r in rows] == ["b0", "b1", "b2"]
+    assert all(r.total_tokens == 7 and r.created_at.tzinfo is not None for r in rows)
+
+
+def test_insert_usage_is_all_or_nothing(with_store: StoreRunner) -> None:
+    async def body(store: Store) -> list[UsageRow]:
+        with pytest.raises(IntegrityError):
+            await insert_usage(store=store, rows=[_new("b0"), _new("b1", "key_doesnotexist")])
+        return await list_usage(store=store)
+
+    assert with_store(body) == []
+
+
+@pytest.mark.parametrize("kwargs", [{"status": "done"}, {"prompt_tokens": -1}])
+def test_new_usage_checks_its_values(kwargs: dict[str, Any]) -> None:
+    values: dict[str, Any] = {
+        "request_id": "r",
+        "key_id": None,
+        "model": "m",
+        "endpoint": "chat.completions",
+        "prompt_tokens": 1,
+        "completion_tokens": 1,
+        "status": "ok",
+    }
+    with pytest.raises(ValueError):
+        NewUsage(**{**values, **kwargs})
+
+
+def test_sqlite_commits_without_a_flush_per_commit(with_store: StoreRunner) -> None:
+    """WAL with synchronous=NORMAL (1): see store/db.py for what that keeps after a crash."""
+
+    async def body(store: Store) -> tuple[str, int]:
+        async with store.connect() as conn:
+            mode = (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar_one()
+            sync = (await conn.exec_driver_sql("PRAGMA synchronous")).scalar_one()
+        return mode, sync
+
+    assert with_store(body) == ("wal", 1)
