@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -23,29 +23,6 @@ HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
-
-
-async def _with_keepalive(frames: AsyncIterator[bytes], every: float) -> AsyncGenerator[bytes, None]:
-    pending: asyncio.Future[bytes] | None = None
-    try:
-        while True:
-            if pending is None:
-                pending = asyncio.ensure_future(anext(frames))
-            done, _ = await asyncio.wait({pending}, timeout=every)
-            if not done:
-                yield KEEPALIVE
-                continue
-            task, pending = pending, None
-            try:
-                frame = task.result()
-            except StopAsyncIteration:
-                return
-            yield frame
-    finally:
-        if pending is not None:
-            pending.cancel()
-            with contextlib.suppress(BaseException):
-                await pending
 
 
 class SSEResponse(Response):
@@ -71,29 +48,42 @@ class SSEResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self._sse_headers})
-        body = _with_keepalive(self._frames, self._keepalive)
+        loop = asyncio.get_running_loop()
+        # When something was last sent, and whether the body has ended: the keep-alive task sends a
+        # comment only into a silence of ``keepalive`` seconds, never after the end. One timer per
+        # stream instead of a timed wait per frame keeps the per-chunk cost to the send itself.
+        state = {"last": loop.time(), "ended": False}
 
         async def pump() -> None:
-            async for chunk in body:
+            async for chunk in self._frames:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                state["last"] = loop.time()
+            state["ended"] = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        async def keepalive() -> None:
+            while True:
+                await asyncio.sleep(max(0.0, state["last"] + self._keepalive - loop.time()))
+                if state["ended"]:
+                    return
+                if loop.time() - state["last"] >= self._keepalive:
+                    await send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
+                    state["last"] = loop.time()
 
         async def watch() -> None:
             while (await receive())["type"] != "http.disconnect":
                 pass
 
         pump_task = asyncio.create_task(pump())
-        watch_task = asyncio.create_task(watch())
+        tasks = (pump_task, asyncio.create_task(watch()), asyncio.create_task(keepalive()))
         try:
-            await asyncio.wait({pump_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(tasks[:2], return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (pump_task, watch_task):
+            for task in tasks:
                 task.cancel()
-            for task in (pump_task, watch_task):
+            for task in tasks:
                 with contextlib.suppress(BaseException):
                     await task
-            with contextlib.suppress(BaseException):
-                await body.aclose()
             with contextlib.suppress(BaseException):
                 await self._frames.aclose()
         if pump_task.done() and not pump_task.cancelled() and pump_task.exception() is not None:
