@@ -223,10 +223,10 @@ def test_disconnect_during_a_long_prefill_frees_the_engine(tmp_path: Path) -> No
                 if engine.active:
                     break  # hang up while the engine is still "prefilling"
         gone = time.monotonic()
-        while engine.active:
-            assert time.monotonic() - gone < 2.0
+        while engine.active:  # far above the expected few ms; a bound only for a hung server
+            assert time.monotonic() - gone < 30.0
             time.sleep(0.05)
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30
         while not (rows := ledger(gateway)):
             assert time.monotonic() < deadline
             time.sleep(0.05)
