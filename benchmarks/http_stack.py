@@ -110,7 +110,9 @@ def measure(name: str, requests: int, connections: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--protocols", default="httptools,guarded,h11")
@@ -121,7 +123,9 @@ def main() -> None:
     for _ in range(args.rounds):
         for name in names:
             results[name].append(measure(name, args.requests, args.connections))
-    print(f"{args.requests} GET /ping per round, {args.connections} keep-alive connections, {args.rounds} rounds")
+    print(
+        f"{args.requests} GET /ping per round, {args.connections} keep-alive connections, {args.rounds} rounds"
+    )
     print(f"{'protocol':<10} {'req/s (best)':>13} {'req/s (median)':>15} {'server CPU us/req (median)':>27}")
     for name in names:
         rps = sorted(r for r, _ in results[name])

@@ -20,9 +20,7 @@ What the protocol enforces (all from :class:`~qwen_gateway.settings.Settings`):
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
-import socket
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -30,7 +28,6 @@ import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from qwen_gateway.errors import StartupError
 from qwen_gateway.protocol import compat
 
 log = logging.getLogger(__name__)
@@ -106,6 +103,18 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timers()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete and not self._refused:
+            # The one log line of a client that hung up mid-body, while queued or mid-stream (the app
+            # then sees a disconnect and stops; the access log never sees such a request).
+            scope = cycle.scope
+            log.info(
+                "request %s (%s %s): client disconnected %s",
+                scope.get("state", {}).get("request_id", "-"),
+                scope.get("method", "?"),
+                scope.get("path", "?"),
+                "mid-response" if cycle.response_started else "before the response",
+            )
         super().connection_lost(exc)
 
     def _cancel_timers(self) -> None:
@@ -276,45 +285,3 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 def protocol_class(limits: EdgeLimits) -> type[GuardedHttpToolsProtocol]:
     """A protocol class bound to ``limits`` (uvicorn takes a class, not an instance)."""
     return type("GatewayHttpProtocol", (GuardedHttpToolsProtocol,), {"limits": limits})
-
-
-def bind(host: str, port: int, *, backlog: int = 2048) -> list[socket.socket]:
-    """Listening sockets for ``host:port`` (every address it resolves to), bound before any model loads
-    so a busy port fails in a second, in one line, instead of after the checkpoint is in memory."""
-    try:
-        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    sockets: list[socket.socket] = []
-    seen: set[tuple[Any, ...]] = set()
-    try:
-        for family, type_, proto, _, resolved in infos:
-            address: tuple[Any, ...] = tuple(resolved)
-            if (family, address) in seen:
-                continue
-            seen.add((family, address))
-            # With port 0 every address gets the port the first one was given.
-            address = (address[0], port, *address[2:])
-            sock = socket.socket(family, type_, proto)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                sock.bind(address)
-            except OSError as exc:
-                reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
-                where = (
-                    f"[{address[0]}]:{address[1]}"
-                    if family == socket.AF_INET6
-                    else f"{address[0]}:{address[1]}"
-                )
-                raise StartupError(f"cannot listen on {where}: {reason}") from None
-            port = sock.getsockname()[1]
-            sock.listen(backlog)
-            sock.setblocking(False)
-    except BaseException:
-        for sock in sockets:
-            sock.close()
-        raise
-    return sockets

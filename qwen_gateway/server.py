@@ -28,7 +28,8 @@ from rich.console import Console
 from qwen_gateway import __version__
 from qwen_gateway.api.app import create_app
 from qwen_gateway.api.lifecycle import Shutdown
-from qwen_gateway.edge import EdgeLimits, bind, protocol_class
+from qwen_gateway.edge import EdgeLimits, protocol_class
+from qwen_gateway.listen import bind
 from qwen_gateway.service.runtime import Gateway
 from qwen_gateway.settings import Settings
 
@@ -101,16 +102,16 @@ class GatewayServer(uvicorn.Server):
         return True
 
 
-async def serve(settings: Settings) -> None:
-    """Bind, open the gateway, serve HTTP until SIGTERM/SIGINT, close everything.
-
-    StartupError (busy port, bad checkpoint) propagates before anything is served.
+async def serve(settings: Settings, sockets: list[socket.socket] | None = None) -> None:
+    """Bind (unless given bound ``sockets``), open the gateway, serve HTTP until SIGTERM/SIGINT,
+    close everything. StartupError (busy port, bad checkpoint) propagates before anything is served.
     """
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     console = Console(stderr=True, soft_wrap=True)
-    sockets = bind(settings.host, settings.port)
+    if sockets is None:
+        sockets = bind(settings.host, settings.port)
     try:
         port = sockets[0].getsockname()[1]
         gateway = await Gateway.open(settings, console=console)

@@ -60,10 +60,10 @@ async def _http_error(request: Request, exc: Exception) -> JSONBytesResponse:
 
 
 async def _client_gone(request: Request, exc: Exception) -> Response:
-    # The client hung up before its body arrived: one line, no traceback (an unauthenticated client
-    # could otherwise flood the log). 499 is what proxies log for "client closed request"; nobody
-    # reads it.
-    log.info("request %s: client disconnected before its body was read", request_id_of(request))
+    # The client hung up before its body arrived: no traceback (a client could otherwise flood the
+    # log); the HTTP edge logs the disconnect once. 499 is what proxies log for "client closed
+    # request"; nobody reads it.
+    log.debug("request %s: body read stopped by a disconnect", request_id_of(request))
     return Response(status_code=499)
 
 
