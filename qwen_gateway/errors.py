@@ -44,10 +44,19 @@ class ApiError(GatewayError):
     # DashScope adds the request id to most error bodies, but not to the bad-key one (seed 000).
     include_request_id: bool = True
 
-    def __init__(self, message: str | None = None, *, param: str | None = None) -> None:
+    def __init__(
+        self, message: str | None = None, *, param: str | None = None, retry_after: int | None = None
+    ) -> None:
         self.message = message if message is not None else self.default_message
         self.param = param
+        # Seconds a client should wait before trying again (sent as ``Retry-After``), when known.
+        self.retry_after = retry_after
         super().__init__(self.message)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """HTTP headers this error adds to its answer."""
+        return {} if self.retry_after is None else {"Retry-After": str(self.retry_after)}
 
 
 class InvalidParameter(ApiError):
@@ -120,7 +129,10 @@ class EngineOverloaded(ApiError):
     code = "ModelServingError"
     type = "ModelServingError"
     native_code = "ModelServingError"
-    default_message = "Too many requests in route. Please try again later."
+    # reference §5.2: DashScope's 503 when a model is past its serving capacity.
+    default_message = (
+        "Too many requests. Your requests exceed the system capacity limits, please try again later."
+    )
 
 
 class EngineUnavailable(ApiError):

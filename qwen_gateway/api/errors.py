@@ -9,9 +9,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
+from qwen_gateway.api.render import compat
 from qwen_gateway.api.responses import JSONBytesResponse
 from qwen_gateway.errors import ApiError
-from qwen_gateway.protocol import compat
 
 log = logging.getLogger(__name__)
 
@@ -24,14 +24,9 @@ def request_id_of(request: Request) -> str:
 
 
 def error_response(exc: ApiError, request_id: str | None) -> JSONBytesResponse:
-    body = compat.error_dict(
-        message=exc.message,
-        type_=exc.type,
-        code=exc.code,
-        param=exc.param,
-        request_id=request_id if exc.include_request_id else None,
+    return JSONBytesResponse(
+        compat.api_error_body(exc, request_id), status_code=exc.status, headers=exc.headers or None
     )
-    return JSONBytesResponse(body, status_code=exc.status)
 
 
 async def _api_error(request: Request, exc: Exception) -> JSONBytesResponse:
@@ -49,7 +44,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONBytesResponse:
         message = f"The requested URL {shown} was not found on this server."
     else:
         message = str(exc.detail)
-    body = compat.error_dict(
+    body = compat.error_body(
         message=message,
         type_="invalid_request_error",
         code="NotFound" if exc.status_code == 404 else "invalid_request_error",
@@ -71,7 +66,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONBytesResponse:
     # The traceback goes to the server log only; the client gets the request id to quote.
     rid = request_id_of(request)
     log.error("unhandled error in request %s", rid, exc_info=exc)
-    body = compat.error_dict(
+    body = compat.error_body(
         message="An internal error has occured, please try again later.",
         type_="internal_error",
         code="internal_error",

@@ -1,8 +1,8 @@
-"""Server-sent events for compatible mode: the one place where a stream is framed.
+"""Server-sent events: the one place a stream's bytes go out.
 
-Each item is one ``data:`` line of single-line JSON (the DashScope SDK parses line by line); the stream
-always ends with ``data: [DONE]``, also after an in-band error. While the engine is silent (a long
-prefill), a comment line keeps proxies from closing the connection.
+The protocol's renderer produces the frames (``api/render/``); this module only sends them, adds a
+comment line while the renderer is silent (a long prefill) so proxies keep the connection open, and
+closes the frames as soon as the client goes away so generation stops at once.
 """
 
 from __future__ import annotations
@@ -11,18 +11,12 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any
 
-import orjson
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from qwen_gateway.errors import ApiError, EngineFailure
-from qwen_gateway.protocol import compat
-
 log = logging.getLogger(__name__)
 
-DONE = b"data: [DONE]\n\n"
 KEEPALIVE = b": keep-alive\n\n"
 HEADERS = [
     (b"content-type", b"text/event-stream;charset=UTF-8"),
@@ -31,55 +25,31 @@ HEADERS = [
 ]
 
 
-def encode_compat_sse(item: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(item) + b"\n\n"
-
-
-def _error_frame(exc: BaseException, request_id: str) -> bytes:
-    """An error that surfaced after the headers went out, as an in-band error object."""
-    if not isinstance(exc, ApiError):
-        log.error("stream of request %s failed", request_id, exc_info=exc)
-        exc = EngineFailure()
-    return encode_compat_sse(
-        compat.error_dict(
-            message=exc.message, type_=exc.type, code=exc.code, param=exc.param, request_id=request_id
-        )
-    )
-
-
-async def _framed(
-    items: AsyncIterator[dict[str, Any]],
-    pending: asyncio.Future[dict[str, Any]] | None,
-    keepalive: float,
-    request_id: str,
-) -> AsyncGenerator[bytes, None]:
+async def _with_keepalive(frames: AsyncIterator[bytes], every: float) -> AsyncGenerator[bytes, None]:
+    pending: asyncio.Future[bytes] | None = None
     try:
         while True:
             if pending is None:
-                pending = asyncio.ensure_future(anext(items))
-            done, _ = await asyncio.wait({pending}, timeout=keepalive)
+                pending = asyncio.ensure_future(anext(frames))
+            done, _ = await asyncio.wait({pending}, timeout=every)
             if not done:
                 yield KEEPALIVE
                 continue
             task, pending = pending, None
             try:
-                item = task.result()
+                frame = task.result()
             except StopAsyncIteration:
-                break
-            except Exception as exc:  # raised before the service's first chunk, after our headers
-                yield _error_frame(exc, request_id)
-                break
-            yield encode_compat_sse(item)
+                return
+            yield frame
     finally:
         if pending is not None:
             pending.cancel()
             with contextlib.suppress(BaseException):
                 await pending
-    yield DONE
 
 
 class SSEResponse(Response):
-    """An ASGI response that streams ``items`` and closes them as soon as the client goes away.
+    """An ASGI response that streams ``frames`` and closes them as soon as the client goes away.
 
     Starlette's StreamingResponse only notices a disconnect when a write fails; here a second task
     waits for ``http.disconnect`` so generation is cancelled even while the engine is between tokens.
@@ -87,17 +57,13 @@ class SSEResponse(Response):
 
     def __init__(
         self,
-        items: AsyncIterator[dict[str, Any]],
+        frames: AsyncGenerator[bytes, None],
         *,
-        first: asyncio.Future[dict[str, Any]] | None,
         keepalive: float,
-        request_id: str,
         headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(status_code=200)
-        self._items = items
-        self._first = first
-        self._request_id = request_id
+        self._frames = frames
         self._keepalive = keepalive
         self._sse_headers = list(HEADERS) + [
             (k.lower().encode(), v.encode()) for k, v in (headers or {}).items()
@@ -105,8 +71,7 @@ class SSEResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self._sse_headers})
-        # ``first`` is the route's pull of the first item (done or still running): it goes out first.
-        body = _framed(self._items, self._first, self._keepalive, self._request_id)
+        body = _with_keepalive(self._frames, self._keepalive)
 
         async def pump() -> None:
             async for chunk in body:
@@ -130,8 +95,8 @@ class SSEResponse(Response):
             with contextlib.suppress(BaseException):
                 await body.aclose()
             with contextlib.suppress(BaseException):
-                await self._items.aclose()  # type: ignore[attr-defined]
+                await self._frames.aclose()
         if pump_task.done() and not pump_task.cancelled() and pump_task.exception() is not None:
             exc = pump_task.exception()
             if not isinstance(exc, OSError):  # a client gone mid-write is not an error of ours
-                raise exc  # type: ignore[misc]
+                log.error("sending a stream failed", exc_info=exc)

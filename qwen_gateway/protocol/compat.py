@@ -14,7 +14,7 @@ by the schema; DashScope's SDK output shows it too).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
@@ -99,88 +99,6 @@ class ChatCompletionRequest(WireModel):
     enable_thinking: bool | None = None
     thinking_budget: int | None = None
     enable_search: bool | None = None
+    search_options: dict[str, Any] | None = None
     user: str | None = None
     metadata: dict[str, Any] | None = Field(default=None)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Responses (dicts in DashScope's shape; see seeds/002 and reference §2-§5)
-# ---------------------------------------------------------------------------------------------------
-
-FinishReasonOut = Literal["stop", "length", "tool_calls"] | None
-
-
-def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-def completion_dict(
-    *,
-    completion_id: str,
-    created: int,
-    model: str,
-    choices: list[dict[str, Any]],
-    usage: dict[str, Any],
-) -> dict[str, Any]:
-    return {
-        "choices": choices,
-        "object": "chat.completion",
-        "usage": usage,
-        "created": created,
-        "model": model,
-        "id": completion_id,
-    }
-
-
-def choice_dict(*, index: int, content: str, finish_reason: FinishReasonOut) -> dict[str, Any]:
-    return {
-        "message": {"role": "assistant", "content": content, "refusal": None},
-        "finish_reason": finish_reason,
-        "index": index,
-        "logprobs": None,
-    }
-
-
-def chunk_dict(
-    *,
-    completion_id: str,
-    created: int,
-    model: str,
-    choices: list[dict[str, Any]],
-    usage: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    return {
-        "choices": choices,
-        "object": "chat.completion.chunk",
-        "usage": usage,
-        "created": created,
-        "model": model,
-        "id": completion_id,
-    }
-
-
-def chunk_choice(
-    *, index: int, delta: dict[str, Any], finish_reason: FinishReasonOut = None
-) -> dict[str, Any]:
-    return {"delta": delta, "finish_reason": finish_reason, "index": index, "logprobs": None}
-
-
-def model_dict(*, model_id: str, created: int, owned_by: str) -> dict[str, Any]:
-    return {"id": model_id, "object": "model", "created": created, "owned_by": owned_by}
-
-
-def model_list_dict(models: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"object": "list", "data": models}
-
-
-def error_dict(
-    *, message: str, type_: str, code: str | None, param: str | None, request_id: str | None
-) -> dict[str, Any]:
-    body: dict[str, Any] = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    if request_id is not None:
-        body["request_id"] = request_id
-    return body

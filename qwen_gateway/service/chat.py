@@ -1,23 +1,36 @@
-"""Chat orchestration: run a validated :class:`ChatCall` on its engine, answer in compatible-mode shape,
-and write one usage-ledger row per request (after the answer, in one transaction).
+"""Chat orchestration: run a validated :class:`ChatCall` on its engine and tell what happened as
+protocol-neutral choice events (``service/events.py``), writing one usage-ledger row per request.
 
-The engine yields typed events; this module turns them into wire dicts. SSE framing is the API
-layer's job (``api/sse.py``). ``n > 1`` is served as ``n`` engine generations run side by side.
+Nothing here knows a wire shape: renderers in ``api/render/`` turn the events into compatible-mode (and
+later native) chunks and bodies. Every failure, before or after the first token, comes out as one
+:class:`StreamFailed` event, so there is exactly one error path for streams.
+
+``n > 1`` is served as ``n`` engine generations run side by side; admission control counts all of them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import assert_never
 
 from qwen_gateway.engines.base import Finished, GenerationEvent, GenerationRequest, TextDelta, Usage
 from qwen_gateway.errors import ApiError, EngineFailure
-from qwen_gateway.protocol import compat
+from qwen_gateway.service.events import (
+    ChatResult,
+    ChoiceEvent,
+    ChoiceFinished,
+    ChoiceResult,
+    ContentDelta,
+    ReasoningDelta,
+    StreamFailed,
+    ToolCallDelta,
+    ToolCallResult,
+    UsageReport,
+)
+from qwen_gateway.service.parsers import parser_for
 from qwen_gateway.service.validation import ChatCall
 
 log = logging.getLogger(__name__)
@@ -26,19 +39,99 @@ log = logging.getLogger(__name__)
 UsageSink = Callable[[str, str | None, str, str, Usage], Awaitable[None]]
 
 
-@dataclass(slots=True)
-class _Choice:
-    index: int
-    text: list[str] = dataclasses.field(default_factory=list)
-    usage: Usage | None = None
-    finish: Finished | None = None
-
-
 class ChatService:
     def __init__(self, usage_sink: UsageSink) -> None:
         self._usage_sink = usage_sink
+        self._search_notice_logged = False
 
-    # -- running -----------------------------------------------------------------------------------
+    # -- the event stream ------------------------------------------------------------------------------
+
+    async def events(self, call: ChatCall, *, key_id: str | None) -> AsyncGenerator[ChoiceEvent, None]:
+        """The request's choice events, ending with :class:`UsageReport` or :class:`StreamFailed`.
+
+        The caller must close the generator (``aclose()``) when it stops early: that is how the engine
+        learns its consumer is gone and how the admission slots are given back.
+        """
+        try:
+            ticket = call.model.admission.acquire(call.n)
+        except ApiError as exc:  # refused before any generation: no charge, no ledger row
+            yield StreamFailed(exc, before_output=True)
+            return
+        if call.enable_search and not self._search_notice_logged:
+            self._search_notice_logged = True
+            log.info("enable_search: no search provider is configured; models answer without searching")
+        usage: list[Usage | None] = [None] * call.n
+        parsers = [parser_for(i) for i in range(call.n)]
+        status = "cancelled"
+        emitted = False
+        engine_events = self._engine_events(call)
+        try:
+            try:
+                async for index, event in engine_events:
+                    match event:
+                        case TextDelta():
+                            if event.usage is not None:
+                                usage[index] = event.usage
+                            out = parsers[index].feed(event.text)
+                        case Finished():
+                            usage[index] = event.usage
+                            out = [*parsers[index].finish(), ChoiceFinished(index, event.reason)]
+                        case _:
+                            assert_never(event)
+                    for item in out:
+                        emitted = True
+                        yield item
+            except ApiError as exc:
+                status = "error"
+                yield StreamFailed(exc, before_output=not emitted)
+                return
+            except Exception:
+                status = "error"
+                log.exception("generation of request %s failed", call.request_id)
+                yield StreamFailed(EngineFailure(), before_output=not emitted)
+                return
+            status = "ok"
+            yield UsageReport(_total(usage))
+        finally:
+            await engine_events.aclose()
+            ticket.release()
+            await self._settle(call, key_id, status, _total(usage))
+
+    async def complete(self, call: ChatCall, *, key_id: str | None) -> ChatResult:
+        """The whole answer at once (non-stream); a failure raises its :class:`ApiError`."""
+        choices = [ChoiceResult(i, [], [], []) for i in range(call.n)]
+        calls: dict[tuple[int, int], list[str]] = {}
+        heads: dict[tuple[int, int], tuple[str, str]] = {}
+        total = Usage(0, 0)
+        events = self.events(call, key_id=key_id)
+        try:
+            async for event in events:
+                match event:
+                    case ContentDelta():
+                        choices[event.index].content.append(event.text)
+                    case ReasoningDelta():
+                        choices[event.index].reasoning.append(event.text)
+                    case ToolCallDelta():
+                        key = (event.index, event.call_index)
+                        if key not in heads:
+                            heads[key] = (event.id or "", event.name or "")
+                        calls.setdefault(key, []).append(event.arguments)
+                    case ChoiceFinished():
+                        choices[event.index].finish_reason = event.reason
+                    case UsageReport():
+                        total = event.usage
+                    case StreamFailed():
+                        raise event.error
+                    case _:
+                        assert_never(event)
+        finally:
+            await events.aclose()
+        for (index, _), parts in sorted(calls.items()):
+            call_id, name = heads[(index, _)]
+            choices[index].tool_calls.append(ToolCallResult(call_id, name, "".join(parts)))
+        return ChatResult(tuple(choices), total)
+
+    # -- internals -------------------------------------------------------------------------------------
 
     def _requests(self, call: ChatCall) -> list[GenerationRequest]:
         """One engine request per choice; seeded choices get seed+i so they differ but repeat."""
@@ -54,7 +147,7 @@ class ChatService:
             )
         return out
 
-    async def _events(self, call: ChatCall) -> AsyncGenerator[tuple[int, GenerationEvent], None]:
+    async def _engine_events(self, call: ChatCall) -> AsyncGenerator[tuple[int, GenerationEvent], None]:
         """(choice index, event) from every choice's engine stream, as they come."""
         engine = call.model.engine
         requests = self._requests(call)
@@ -95,129 +188,23 @@ class ChatService:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    @staticmethod
-    def _total(choices: list[_Choice]) -> Usage:
-        prompt = 0
-        completion = 0
-        for choice in choices:
-            usage = choice.finish.usage if choice.finish else choice.usage
-            if usage is None:
-                continue
-            # Every choice shares one prompt: count it once, as OpenAI and DashScope do.
-            prompt = max(prompt, usage.prompt_tokens)
-            completion += usage.completion_tokens
-        return Usage(prompt_tokens=prompt, completion_tokens=completion)
-
     async def _settle(self, call: ChatCall, key_id: str | None, status: str, usage: Usage) -> None:
         try:
             await self._usage_sink(call.request_id, key_id, call.model.id, status, usage)
         except Exception:  # the answer is already out; losing the row is logged, never raised
             log.exception("recording usage of request %s failed", call.request_id)
 
-    # -- non-stream ------------------------------------------------------------------------------------
 
-    async def complete(self, call: ChatCall, *, key_id: str | None) -> dict[str, Any]:
-        choices = [_Choice(i) for i in range(call.n)]
-        status = "error"
-        try:
-            async for index, event in self._events(call):
-                choice = choices[index]
-                if isinstance(event, TextDelta):
-                    choice.text.append(event.text)
-                    choice.usage = event.usage or choice.usage
-                else:
-                    choice.finish = event
-            status = "ok"
-        except asyncio.CancelledError:
-            status = "cancelled"
-            raise
-        finally:
-            await self._settle(call, key_id, status, self._total(choices))
-        total = self._total(choices)
-        return compat.completion_dict(
-            completion_id=call.completion_id,
-            created=call.created,
-            model=call.model.id,
-            choices=[
-                compat.choice_dict(
-                    index=c.index,
-                    content="".join(c.text),
-                    finish_reason=c.finish.reason if c.finish else "stop",
-                )
-                for c in choices
-            ],
-            usage=compat.usage_dict(total.prompt_tokens, total.completion_tokens),
-        )
-
-    # -- stream ----------------------------------------------------------------------------------------
-
-    async def stream(self, call: ChatCall, *, key_id: str | None) -> AsyncGenerator[dict[str, Any], None]:
-        """Chunks in DashScope's order: role chunk, content deltas, finish chunk per choice, then the
-        usage chunk when asked for. An error after the first chunk is yielded as an error object (the
-        API layer then ends the stream); the ledger records the tokens spent up to that point."""
-        choices = [_Choice(i) for i in range(call.n)]
-
-        def chunk(choice_list: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> dict[str, Any]:
-            return compat.chunk_dict(
-                completion_id=call.completion_id,
-                created=call.created,
-                model=call.model.id,
-                choices=choice_list,
-                usage=usage,
-            )
-
-        status = "cancelled"
-        events = self._events(call)
-        try:
-            # The engine raises request errors (e.g. context too long) before its first event: pull
-            # it before sending anything so such errors still get a proper HTTP status.
-            first = await anext(events, None)
-            for c in choices:
-                yield chunk([compat.chunk_choice(index=c.index, delta={"content": "", "role": "assistant"})])
-            pending = [first] if first is not None else []
-            try:
-                while True:
-                    if pending:
-                        index, event = pending.pop()
-                    else:
-                        nxt = await anext(events, None)
-                        if nxt is None:
-                            break
-                        index, event = nxt
-                    choice = choices[index]
-                    if isinstance(event, TextDelta):
-                        choice.usage = event.usage or choice.usage
-                        if event.text:
-                            yield chunk([compat.chunk_choice(index=index, delta={"content": event.text})])
-                    else:
-                        choice.finish = event
-                        yield chunk(
-                            [
-                                compat.chunk_choice(
-                                    index=index, delta={"content": ""}, finish_reason=event.reason
-                                )
-                            ]
-                        )
-                status = "ok"
-            except ApiError as exc:
-                status = "error"
-                yield _error_payload(exc, call.request_id)
-                return
-            except Exception:
-                status = "error"
-                log.exception("stream of request %s failed", call.request_id)
-                yield _error_payload(EngineFailure(), call.request_id)
-                return
-            if call.include_usage:
-                total = self._total(choices)
-                yield chunk([], compat.usage_dict(total.prompt_tokens, total.completion_tokens))
-        except Exception:
-            status = "error"
-            raise
-        finally:
-            with contextlib.suppress(Exception):
-                await events.aclose()
-            await self._settle(call, key_id, status, self._total(choices))
+def _total(usage: list[Usage | None]) -> Usage:
+    prompt = completion = reasoning = 0
+    for u in usage:
+        if u is None:
+            continue
+        # Every choice shares one prompt: count it once, as OpenAI and DashScope do.
+        prompt = max(prompt, u.prompt_tokens)
+        completion += u.completion_tokens
+        reasoning += u.reasoning_tokens
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, reasoning_tokens=reasoning)
 
 
 async def _aclose(stream: AsyncIterator[GenerationEvent]) -> None:
@@ -225,9 +212,3 @@ async def _aclose(stream: AsyncIterator[GenerationEvent]) -> None:
     aclose = getattr(stream, "aclose", None)
     if aclose is not None:
         await aclose()
-
-
-def _error_payload(exc: ApiError, request_id: str) -> dict[str, Any]:
-    return compat.error_dict(
-        message=exc.message, type_=exc.type, code=exc.code, param=exc.param, request_id=request_id
-    )

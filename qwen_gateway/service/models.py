@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from qwen_gateway.engines.base import Engine, EngineHealth, EngineState
 from qwen_gateway.engines.registry import create_engine
 from qwen_gateway.errors import ModelNotFound, StartupError
+from qwen_gateway.service.admission import Admission
 from qwen_gateway.service.catalog import ModelSpec, resolve_spec
 from qwen_gateway.settings import ModelConfig, Settings
 
@@ -19,6 +20,12 @@ class ServedModel:
     config: ModelConfig
     engine: Engine
     spec: ModelSpec
+    admission: Admission
+
+    @classmethod
+    def build(cls, config: ModelConfig, engine: Engine) -> ServedModel:
+        """A started engine with its effective catalog spec and its admission bounds."""
+        return cls(config, engine, resolve_spec(config, engine.capabilities), admission_for(config, engine))
 
     @property
     def id(self) -> str:
@@ -30,6 +37,15 @@ class ModelStatus:
     id: str
     engine: str
     health: EngineHealth
+    queued: int
+    queue_limit: int
+
+
+def admission_for(config: ModelConfig, engine: Engine) -> Admission:
+    """The engine runs ``max_concurrency`` sequences at once; by default twice that may wait."""
+    running = max(1, engine.capabilities.max_concurrency)
+    queue = config.max_queue if config.max_queue is not None else 2 * running
+    return Admission(running=running, queue=queue)
 
 
 class ModelRegistry:
@@ -47,7 +63,7 @@ class ModelRegistry:
             for config in configs:
                 engine = create_engine(config, settings)
                 await engine.start()
-                started.append(ServedModel(config, engine, resolve_spec(config, engine.capabilities)))
+                started.append(ServedModel.build(config, engine))
         except BaseException:
             for served in started:
                 await served.engine.aclose()
@@ -76,7 +92,10 @@ class ModelRegistry:
             except Exception as exc:  # a broken engine must not break /health itself
                 log.warning("health check of %s failed: %s", served.id, exc)
                 health = EngineHealth(EngineState.FAILED, 0, detail=type(exc).__name__)
-            out.append(ModelStatus(served.id, served.config.engine, health))
+            admission = served.admission
+            out.append(
+                ModelStatus(served.id, served.config.engine, health, admission.queued, admission.queue)
+            )
         return out
 
     async def aclose(self) -> None:

@@ -17,12 +17,16 @@ import orjson
 from pydantic import ValidationError
 
 from qwen_gateway.engines.base import (
+    CONSTRAINT_KINDS,
     ChatMessage,
     GenerationRequest,
+    JsonConstraint,
+    OutputConstraint,
     SamplingParams,
     TextPart,
     Thinking,
     ToolCall,
+    ToolCallConstraint,
     ToolSpec,
 )
 from qwen_gateway.errors import InvalidParameter, InvalidRequest
@@ -54,6 +58,12 @@ class ChatCall:
     n: int
     stream: bool
     include_usage: bool
+    # Asked for web search (answered without searching while no search provider is configured).
+    enable_search: bool = False
+
+    @property
+    def thinking(self) -> bool:
+        return self.generation.thinking is not None and self.generation.thinking.enabled
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
@@ -295,6 +305,78 @@ def _check_tool_choice(choice: str | dict[str, Any] | None, tools: tuple[ToolSpe
         )
 
 
+# DashScope parameters this server knows but cannot honour yet: set to anything but their "off" value,
+# they are refused with a 400 naming them instead of being accepted and ignored. (Not here:
+# vl_high_resolution_images, which qwen-code sends on every call and which only changes how images are
+# sized: images are refused on their own until vision lands.)
+_NOT_YET: dict[str, Callable[[Any], bool]] = {
+    "logprobs": bool,
+    "top_logprobs": lambda v: v not in (None, 0),
+    "logit_bias": bool,
+    "translation_options": lambda v: v is not None,
+    "ocr_options": lambda v: v is not None,
+    "enable_code_interpreter": bool,
+    "preserve_thinking": bool,
+    "reasoning_effort": lambda v: v is not None,
+    "tool_stream": bool,
+    "audio": lambda v: v is not None,
+    "modalities": lambda v: v not in (None, ["text"]),
+}
+
+
+def _refuse_unsupported(req: ChatCompletionRequest) -> None:
+    known = set(_NOT_YET) & set(ChatCompletionRequest.model_fields)
+    values = {**(req.model_extra or {}), **req.model_dump(include=known)}
+    for param, is_set in _NOT_YET.items():
+        if is_set(values.get(param)):
+            raise InvalidParameter(f"{param} is not supported by this server yet.", param=param)
+    options = req.search_options or {}
+    if options.get("forced_search"):
+        raise InvalidParameter(
+            "search_options.forced_search is not supported: no search provider is configured.",
+            param="search_options.forced_search",
+        )
+
+
+def _constraint(req: ChatCompletionRequest, served: ServedModel) -> OutputConstraint | None:
+    """What the answer must match (response_format, a named tool_choice), if the engine can enforce it;
+    otherwise a 400 naming the parameter."""
+    supported = served.engine.capabilities.constraints
+    constraint: OutputConstraint | None = None
+    param = ""
+    fmt = req.response_format
+    if fmt is not None:
+        kind = fmt.get("type", "text")
+        if kind == "json_object":
+            constraint, param = JsonConstraint(), "response_format"
+        elif kind == "json_schema":
+            spec = fmt.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if not isinstance(schema, dict):
+                raise InvalidParameter(
+                    "response_format.json_schema.schema must be a JSON schema object.",
+                    param="response_format.json_schema",
+                )
+            constraint, param = JsonConstraint(schema), "response_format"
+        elif kind != "text":
+            raise InvalidParameter(
+                "Unknown format of response_format, response_format should be a dict that includes "
+                "'type' and the value of type should be in ['text', 'json_object', 'json_schema'].",
+                param="response_format",
+            )
+    if isinstance(req.tool_choice, dict):
+        if constraint is not None:
+            raise InvalidParameter(
+                "response_format and a named tool_choice cannot be combined.", param="tool_choice"
+            )
+        name = req.tool_choice["function"]["name"]  # shape checked by _check_tool_choice
+        constraint, param = ToolCallConstraint(name), "tool_choice"
+    if constraint is not None and CONSTRAINT_KINDS[type(constraint)] not in supported:
+        what = "json output" if param == "response_format" else "forcing a named tool call"
+        raise InvalidParameter(f"{param}: {what} is not supported by this server yet.", param=param)
+    return constraint
+
+
 def _max_tokens(req: ChatCompletionRequest, limit: int) -> int:
     given = [
         (p, v)
@@ -307,8 +389,9 @@ def _max_tokens(req: ChatCompletionRequest, limit: int) -> int:
     return min((v for _, v in given), default=limit)
 
 
-def _thinking(req: ChatCompletionRequest, served: ServedModel) -> bool | None:
-    """Whether the model thinks on this call (None: the model has no thinking switch)."""
+def _thinking(req: ChatCompletionRequest, served: ServedModel) -> Thinking | None:
+    """Whether the model thinks on this call and for how long (None: the model has no thinking
+    switch)."""
     spec = served.spec
     if not spec.supports_thinking:
         if req.enable_thinking:
@@ -324,7 +407,14 @@ def _thinking(req: ChatCompletionRequest, served: ServedModel) -> bool | None:
             f"The thinking_budget parameter must be a positive integer and not greater than {limit}",
             param="thinking_budget",
         )
-    return spec.thinking_enabled(req.enable_thinking)
+    enabled = spec.thinking_enabled(req.enable_thinking)
+    # DashScope: the budget applies only while thinking is on (off, it has nothing to bound).
+    budget = req.thinking_budget if enabled else None
+    if budget is not None and not served.engine.capabilities.thinking_budget:
+        raise InvalidParameter(
+            "thinking_budget is not supported by this model's engine yet.", param="thinking_budget"
+        )
+    return Thinking(enabled=enabled, budget=budget)
 
 
 def build_call(body: dict[str, Any], models: ModelRegistry, *, request_id: str) -> ChatCall:
@@ -348,15 +438,8 @@ def build_call(body: dict[str, Any], models: ModelRegistry, *, request_id: str) 
     _check_tool_choice(req.tool_choice, tools)
     if n > 1 and tools:
         raise InvalidParameter("The n parameter must be 1 when tools are provided.", param="n")
-    if req.logprobs:
-        raise InvalidParameter("logprobs is not supported by this server yet.", param="logprobs")
-    if req.response_format is not None and req.response_format.get("type", "text") != "text":
-        raise InvalidParameter(
-            "Unknown format of response_format, response_format should be a dict that includes "
-            "'type' and the value of type should be 'text' (json output is not supported by this "
-            "server yet).",
-            param="response_format",
-        )
+    _refuse_unsupported(req)
+    constraint = _constraint(req, served)
     if req.enable_search and not spec.supports_search:
         raise InvalidParameter("This model does not support enable_search.", param="enable_search")
 
@@ -364,7 +447,7 @@ def build_call(body: dict[str, Any], models: ModelRegistry, *, request_id: str) 
     thinking = _thinking(req, served)
     if not stream and spec.stream_only:
         raise InvalidParameter(STREAM_ONLY_MESSAGE)
-    if not stream and spec.requires_stream(thinking=bool(thinking)):
+    if not stream and spec.requires_stream(thinking=bool(thinking and thinking.enabled)):
         raise InvalidParameter(
             "parameter.enable_thinking must be set to false for non-streaming calls",
             param="enable_thinking",
@@ -396,7 +479,8 @@ def build_call(body: dict[str, Any], models: ModelRegistry, *, request_id: str) 
         messages=messages,
         sampling=sampling,
         tools=tools if req.tool_choice != "none" else (),
-        thinking=None if thinking is None else Thinking(enabled=thinking),
+        thinking=thinking,
+        constraint=constraint,
     )
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return ChatCall(
@@ -408,4 +492,5 @@ def build_call(body: dict[str, Any], models: ModelRegistry, *, request_id: str) 
         n=n,
         stream=stream,
         include_usage=include_usage,
+        enable_search=bool(req.enable_search),
     )

@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncGenerator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from qwen_gateway.api.deps import get_gateway, key_id_of
 from qwen_gateway.api.errors import request_id_of
+from qwen_gateway.api.render import compat
 from qwen_gateway.api.responses import JSONBytesResponse
 from qwen_gateway.api.sse import SSEResponse
 from qwen_gateway.errors import PayloadTooLarge
+from qwen_gateway.service.events import ChoiceEvent, StreamFailed
 from qwen_gateway.service.validation import build_call, parse_body
 
 router = APIRouter()
 
-# Seconds a stream may wait for its first chunk before the headers go out anyway.
+# Seconds a stream may wait for its first event before the headers go out anyway.
 FIRST_CHUNK_WAIT = 1.0
 
 
@@ -41,6 +44,25 @@ async def _until_disconnect(request: Request) -> None:
         pass
 
 
+async def _resume(
+    first: asyncio.Future[ChoiceEvent | None], rest: AsyncGenerator[ChoiceEvent, None]
+) -> AsyncGenerator[ChoiceEvent, None]:
+    """``rest`` again, starting with the event the route already asked it for."""
+    try:
+        event = await first
+        if event is None:
+            return
+        yield event
+        async for event in rest:
+            yield event
+    finally:
+        if not first.done():
+            first.cancel()
+            with contextlib.suppress(BaseException):
+                await first
+        await rest.aclose()
+
+
 @router.post("/chat/completions")
 async def chat_completions(request: Request) -> Response:
     gateway = get_gateway(request)
@@ -48,22 +70,21 @@ async def chat_completions(request: Request) -> Response:
     call = build_call(body, gateway.models, request_id=request_id_of(request))
     key_id = key_id_of(request)
     if call.stream:
-        items = gateway.chat.stream(call, key_id=key_id)
-        # Wait a little for the first chunk before any header goes out: errors the engine finds before
-        # generating (e.g. a prompt longer than the context) then get their own HTTP status. A long
+        events = gateway.chat.events(call, key_id=key_id)
+        # Wait a little for the first event before any header goes out: errors found before generating
+        # (a prompt longer than the context, a full queue) then get their own HTTP status. A long
         # prefill doesn't hold the headers back longer than that: the stream starts, keep-alives flow,
         # a disconnect is noticed, and a late error goes in-band.
-        first = asyncio.ensure_future(anext(items))
+        first = asyncio.ensure_future(anext(events, None))
         await asyncio.wait({first}, timeout=FIRST_CHUNK_WAIT)
-        failed = first.exception() if first.done() else None
-        if failed is not None and not isinstance(failed, StopAsyncIteration):
-            await items.aclose()
-            raise failed
+        if first.done():
+            event = first.result()
+            if isinstance(event, StreamFailed) and event.before_output:
+                await events.aclose()
+                raise event.error
         return SSEResponse(
-            items,
-            first=first,
+            compat.sse_frames(call, _resume(first, events)),
             keepalive=gateway.settings.keepalive_seconds,
-            request_id=call.request_id,
         )
 
     # A client that hangs up on a non-stream call frees the engine too.
@@ -79,4 +100,4 @@ async def chat_completions(request: Request) -> Response:
     if work.cancelled():
         # Nobody is listening any more; 499 is what proxies log for "client closed request".
         return Response(status_code=499)
-    return JSONBytesResponse(work.result())
+    return JSONBytesResponse(compat.completion_body(call, work.result()))

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from qwen_gateway.api.deps import get_gateway
-from qwen_gateway.protocol import compat
+from qwen_gateway.api.render import compat
 
 router = APIRouter()
 
@@ -15,9 +15,9 @@ router = APIRouter()
 @router.get("/models")
 async def list_models(request: Request) -> dict[str, Any]:
     gateway = get_gateway(request)
-    return compat.model_list_dict(
+    return compat.model_list_body(
         [
-            compat.model_dict(model_id=m.id, created=gateway.started_at, owned_by=m.spec.owned_by)
+            compat.model_body(model_id=m.id, created=gateway.started_at, owned_by=m.spec.owned_by)
             for m in gateway.models
         ]
     )
@@ -27,4 +27,4 @@ async def list_models(request: Request) -> dict[str, Any]:
 async def get_model(model_id: str, request: Request) -> dict[str, Any]:
     gateway = get_gateway(request)
     served = gateway.models.get(model_id)
-    return compat.model_dict(model_id=served.id, created=gateway.started_at, owned_by=served.spec.owned_by)
+    return compat.model_body(model_id=served.id, created=gateway.started_at, owned_by=served.spec.owned_by)

@@ -18,7 +18,6 @@ import httpx
 import uvicorn
 
 from qwen_gateway.api.app import create_app
-from qwen_gateway.service.catalog import resolve_spec
 from qwen_gateway.service.models import ModelRegistry, ServedModel
 from qwen_gateway.service.runtime import Gateway
 from qwen_gateway.settings import ModelConfig, Settings
@@ -41,7 +40,7 @@ def serve_fake(
     async def main() -> None:
         store = await Store.open(f"sqlite+aiosqlite:///{home / 'gw.db'}")
         config = ModelConfig(id=model_id, engine="fake")
-        served = ServedModel(config, engine, resolve_spec(config, engine.capabilities))  # type: ignore[arg-type]
+        served = ServedModel.build(config, engine)  # type: ignore[arg-type]
         gateway = Gateway.assemble(settings, store, ModelRegistry([served]))
         _, raw = await gateway.keys.create("t")
         server = uvicorn.Server(

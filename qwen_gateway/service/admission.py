@@ -1,0 +1,64 @@
+"""Admission control: each engine runs a bounded number of sequences and queues a bounded number more.
+
+A request past both bounds is refused at once, before it reaches the engine and before any charge, with
+DashScope's capacity error (503 ``ModelServingError``) and a ``Retry-After``. Without this bound, five
+times the engine's capacity would only mean ever longer queues (latency without limit) instead of a
+fast, clear answer a client can back off from.
+
+The counter lives on the event loop (one per served model) and is only touched there, so it needs no
+lock; a request releases its slots when its stream is closed, which is also how a client that hangs up
+while queued leaves the queue at once.
+"""
+
+from __future__ import annotations
+
+from qwen_gateway.errors import EngineOverloaded
+
+# Seconds a refused client is told to wait: a queue of a few batches drains in about that time.
+RETRY_AFTER_SECONDS = 1
+
+
+class Admission:
+    """``running`` sequences at once in the engine, up to ``queue`` more waiting for a slot."""
+
+    def __init__(self, *, running: int, queue: int) -> None:
+        if running < 1 or queue < 0:
+            raise ValueError("admission needs running >= 1 and queue >= 0")
+        self.running = running
+        self.queue = queue
+        self._held = 0
+
+    @property
+    def held(self) -> int:
+        """Sequences admitted and not yet released (running or queued)."""
+        return self._held
+
+    @property
+    def queued(self) -> int:
+        """Admitted sequences waiting for one of the engine's running slots."""
+        return max(0, self._held - self.running)
+
+    def acquire(self, n: int = 1) -> Ticket:
+        """Admit ``n`` sequences (all of a request's choices, or none) or raise EngineOverloaded."""
+        if self._held + n > self.running + self.queue:
+            raise EngineOverloaded(retry_after=RETRY_AFTER_SECONDS)
+        self._held += n
+        return Ticket(self, n)
+
+    def _release(self, n: int) -> None:
+        self._held -= n
+
+
+class Ticket:
+    """Slots held by one request; :meth:`release` is idempotent."""
+
+    __slots__ = ("_admission", "_n")
+
+    def __init__(self, admission: Admission, n: int) -> None:
+        self._admission: Admission | None = admission
+        self._n = n
+
+    def release(self) -> None:
+        admission, self._admission = self._admission, None
+        if admission is not None:
+            admission._release(self._n)
