@@ -28,7 +28,7 @@ import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from qwen_gateway.protocol import compat
+from qwen_gateway.api.render.compat import error_body
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +46,7 @@ def _canned(status: int, reason: str, code: str, message: str) -> bytes:
     """A complete response written straight to the socket (no app, no request id: there is no
     request yet), in the compatible-mode error shape."""
     body = orjson.dumps(
-        compat.error_dict(
-            message=message, type_="invalid_request_error", code=code, param=None, request_id=None
-        )
+        error_body(message=message, type_="invalid_request_error", code=code, param=None, request_id=None)
     )
     head = (
         f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"

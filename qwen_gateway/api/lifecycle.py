@@ -9,6 +9,14 @@ event and ``[DONE]`` go out, and one log line says so. A non-stream call answers
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator
+
+from qwen_gateway.errors import ApiError, ShuttingDown
+from qwen_gateway.service.events import ChoiceEvent, StreamFailed, UsageReport
+
+log = logging.getLogger(__name__)
 
 
 class Shutdown:
@@ -34,3 +42,65 @@ class Shutdown:
     async def wait(self) -> None:
         """Return when the grace period is over (never, while the server runs)."""
         await self._expired.wait()
+
+
+# Seconds a stream's in-flight step may take to land once the grace period is over: stopping at a
+# token boundary lets the service report the usage the client is billed for.
+STOP_AT_BOUNDARY_SECONDS = 1.0
+
+
+async def resume_until_shutdown(
+    first: asyncio.Future[ChoiceEvent | None],
+    rest: AsyncGenerator[ChoiceEvent, None],
+    shutdown: Shutdown,
+    request_id: str,
+) -> AsyncGenerator[ChoiceEvent, None]:
+    """``rest`` again, starting with the event the route already asked it for (``first``), until the
+    shutdown grace period ends; then one :class:`StreamFailed` (:class:`ShuttingDown`) ends it.
+
+    The stop is thrown into the service's generator at a token boundary, so the service ends the
+    request itself: its ledger row and the failure event carry the tokens really generated. A
+    request still queued or in a long prefill is cancelled instead (nothing was generated yet).
+    """
+    pending: asyncio.Future[ChoiceEvent | None] | None = first
+    # One waiter for the whole stream, not one per event.
+    stop: asyncio.Future[None] = asyncio.ensure_future(shutdown.wait())
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(rest, None))
+            if not pending.done() and not stop.done():
+                await asyncio.wait((pending, stop), return_when=asyncio.FIRST_COMPLETED)
+            if not pending.done():
+                await asyncio.wait({pending}, timeout=STOP_AT_BOUNDARY_SECONDS)
+            if pending.done():
+                event = pending.result()
+                pending = None
+                if event is None:
+                    return
+                yield event
+                if isinstance(event, StreamFailed | UsageReport) or not shutdown.expired:
+                    continue  # (after UsageReport the request is complete: let it end)
+                log.info("request %s: stopped by the server's shutdown (grace period over)", request_id)
+                try:
+                    failed = await rest.athrow(ShuttingDown())
+                except StopAsyncIteration:
+                    return
+                except ApiError as exc:  # raised where the service doesn't turn errors into events
+                    failed = StreamFailed(exc, before_output=False)
+                yield failed
+                return
+            log.info("request %s: stopped by the server's shutdown before generating", request_id)
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
+            pending = None
+            yield StreamFailed(ShuttingDown(), before_output=False)
+            return
+    finally:
+        stop.cancel()
+        if pending is not None and not pending.done():
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
+        await rest.aclose()
