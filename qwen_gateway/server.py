@@ -35,8 +35,10 @@ from qwen_gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Seconds streams get, after the grace period, to write their error event, [DONE] and ledger row.
-WRAP_UP_SECONDS = 5.0
+# Seconds requests get, after the grace period, to stop at a token boundary and write their error
+# event, [DONE] and ledger row (lifecycle.STOP_AT_BOUNDARY_SECONDS of it to reach the boundary);
+# whatever still runs then is cancelled.
+WRAP_UP_SECONDS = 10.0
 
 
 class GatewayServer(uvicorn.Server):

@@ -44,9 +44,11 @@ class Shutdown:
         await self._expired.wait()
 
 
-# Seconds a stream's in-flight step may take to land once the grace period is over: stopping at a
-# token boundary lets the service report the usage the client is billed for.
-STOP_AT_BOUNDARY_SECONDS = 1.0
+# Seconds a generating stream's in-flight step may take to land once the grace period is over:
+# stopping at a token boundary lets the service report the usage the client is billed for. (Under
+# load, with every other stream stopping at once, one engine step took over a second.) The server
+# cancels whatever is still running a while after this (server.WRAP_UP_SECONDS).
+STOP_AT_BOUNDARY_SECONDS = 5.0
 
 
 async def resume_until_shutdown(
@@ -63,6 +65,7 @@ async def resume_until_shutdown(
     request still queued or in a long prefill is cancelled instead (nothing was generated yet).
     """
     pending: asyncio.Future[ChoiceEvent | None] | None = first
+    started = False
     # One waiter for the whole stream, not one per event.
     stop: asyncio.Future[None] = asyncio.ensure_future(shutdown.wait())
     try:
@@ -71,13 +74,14 @@ async def resume_until_shutdown(
                 pending = asyncio.ensure_future(anext(rest, None))
             if not pending.done() and not stop.done():
                 await asyncio.wait((pending, stop), return_when=asyncio.FIRST_COMPLETED)
-            if not pending.done():
+            if not pending.done() and started:
                 await asyncio.wait({pending}, timeout=STOP_AT_BOUNDARY_SECONDS)
             if pending.done():
                 event = pending.result()
                 pending = None
                 if event is None:
                     return
+                started = True
                 yield event
                 if isinstance(event, StreamFailed | UsageReport) or not shutdown.expired:
                     continue  # (after UsageReport the request is complete: let it end)
@@ -90,7 +94,12 @@ async def resume_until_shutdown(
                     failed = StreamFailed(exc, before_output=False)
                 yield failed
                 return
-            log.info("request %s: stopped by the server's shutdown before generating", request_id)
+            # Queued or prefilling (nothing generated to report), or a step that never landed.
+            log.info(
+                "request %s: stopped by the server's shutdown (grace period over, %s)",
+                request_id,
+                "mid-step" if started else "before generating",
+            )
             pending.cancel()
             with contextlib.suppress(BaseException):
                 await pending
