@@ -13,20 +13,24 @@ import sys
 from collections.abc import Callable, Coroutine
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from sqlalchemy.exc import SQLAlchemyError
 
 from qwen_gateway import __version__
 from qwen_gateway.errors import GatewayError
-from qwen_gateway.service.keys import KeyService
 from qwen_gateway.settings import ModelConfig, Settings
-from qwen_gateway.store.db import Store
-from qwen_gateway.store.keys import KeyRow
+
+if TYPE_CHECKING:
+    from qwen_gateway.service.keys import KeyService
+    from qwen_gateway.store.db import Store
+    from qwen_gateway.store.keys import KeyRow
+
+# The database stack (SQLAlchemy) is imported when a command first needs it, not with this module:
+# `serve` checks its port before paying for it (issue 7: a busy port is one line, at once).
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
@@ -68,6 +72,8 @@ def _load_settings(
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     """Run one async command body, turning expected failures into one line and exit status 1."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     try:
         return asyncio.run(coro)
     except GatewayError as exc:
@@ -75,6 +81,18 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     except SQLAlchemyError as exc:
         orig = getattr(exc, "orig", None)
         _fail(f"database error: {orig if orig is not None else exc}")
+
+
+async def _open_store(settings: Settings) -> Store:
+    from qwen_gateway.store.db import Store
+
+    return await Store.open(settings.resolved_database_url)
+
+
+def _keys(store: Store) -> KeyService:
+    from qwen_gateway.service.keys import KeyService
+
+    return KeyService(store)
 
 
 def _guarded(func: F) -> F:
@@ -134,11 +152,15 @@ def serve(
     settings = _load_settings(
         config_file, {"home": home, "host": host, "port": port, "log_level": log_level}, extra
     )
-    # Imported here: the server stack (FastAPI, uvicorn, engines) is only needed by this command.
+    # The address first: a busy port is one line before the server stack is imported or a model
+    # loaded. The server stack (FastAPI, uvicorn, engines) is only needed by this command.
+    from qwen_gateway.listen import bind
+
+    sockets = bind(settings.host, settings.port)
     from qwen_gateway.server import serve as run_server
 
     try:
-        _run(run_server(settings))
+        _run(run_server(settings, sockets))
     except KeyboardInterrupt:
         sys.exit(0)
 
@@ -157,8 +179,8 @@ def keys_create(name: str, home: Path | None, config_file: Path | None) -> None:
     settings = _load_settings(config_file, {"home": home})
 
     async def create() -> tuple[KeyRow, str]:
-        async with await Store.open(settings.resolved_database_url) as store:
-            return await KeyService(store).create(name)
+        async with await _open_store(settings) as store:
+            return await _keys(store).create(name)
 
     row, raw_key = _run(create())
     click.echo(f"Created key {row.name!r} (id {row.id})")
@@ -174,8 +196,8 @@ def keys_list(home: Path | None, config_file: Path | None) -> None:
     settings = _load_settings(config_file, {"home": home})
 
     async def fetch() -> list[KeyRow]:
-        async with await Store.open(settings.resolved_database_url) as store:
-            return await KeyService(store).list()
+        async with await _open_store(settings) as store:
+            return await _keys(store).list()
 
     rows = _run(fetch())
     console = Console(highlight=False)
@@ -209,8 +231,8 @@ def keys_revoke(key: str, home: Path | None, config_file: Path | None) -> None:
     settings = _load_settings(config_file, {"home": home})
 
     async def revoke() -> tuple[KeyRow | None, KeyRow | None]:
-        async with await Store.open(settings.resolved_database_url) as store:
-            service = KeyService(store)
+        async with await _open_store(settings) as store:
+            service = _keys(store)
             before = await service.get(key)
             return before, await service.revoke(key)
 

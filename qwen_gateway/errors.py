@@ -15,6 +15,7 @@ protocol that is answering. Nothing else decides an HTTP status.
         ├── RateLimited               429 limit_requests
         ├── EngineOverloaded          503 the engine can't take more work now
         ├── EngineUnavailable         503 the model is not loaded / failed
+        ├── ShuttingDown              503 the server stopped before the request finished
         └── EngineFailure             500 the engine broke while generating
 
 Each class states its compatible-mode ``code``/``type`` and its native DashScope ``native_code`` so the
@@ -104,9 +105,14 @@ class ModelNotFound(ApiError):
     type = "invalid_request_error"
     native_code = "ModelNotFound"
 
+    # Longest model id echoed back whole; a longer one (up to the body limit) is cut, so an error
+    # body never grows with the request.
+    ECHO_LIMIT = 128
+
     def __init__(self, model: str) -> None:
+        shown = model if len(model) <= self.ECHO_LIMIT else model[: self.ECHO_LIMIT] + "..."
         super().__init__(
-            f"The model `{model}` does not exist or you do not have access to it.", param="model"
+            f"The model `{shown}` does not exist or you do not have access to it.", param="model"
         )
 
 
@@ -135,6 +141,16 @@ class EngineUnavailable(ApiError):
     type = "ModelUnavailable"
     native_code = "ModelUnavailable"
     default_message = "Model is unavailable, please try again later."
+
+
+class ShuttingDown(ApiError):
+    """The server's shutdown grace period ended before this request did."""
+
+    status = 503
+    code = "ServiceUnavailable"
+    type = "ServiceUnavailable"
+    native_code = "ServiceUnavailable"
+    default_message = "The server is shutting down; the request was stopped before it finished."
 
 
 class EngineFailure(ApiError):

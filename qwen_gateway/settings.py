@@ -124,6 +124,26 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     # Whether the local engine may download a repo id from the Hugging Face hub.
     allow_downloads: bool = True
+    # The edge, enforced by the HTTP protocol before any route or key check runs (see edge.py).
+    # Request line plus headers, in bytes: more is answered 431 and the connection closed.
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    # Header fields per request: more is answered 431.
+    max_headers: int = Field(default=100, ge=8, le=10_000)
+    # Seconds from a request's first byte to the end of its headers; a slower client is answered 408
+    # and closed (also a connection that sends nothing at all).
+    header_timeout: float = Field(default=10.0, gt=0)
+    # Seconds a request body may stall between two reads before the connection is closed.
+    body_idle_timeout: float = Field(default=30.0, gt=0)
+    # Open connections at once; one more is answered 503 and closed at accept. Keep it under the
+    # process's file-descriptor limit (`ulimit -n`).
+    max_connections: int = Field(default=1000, ge=1)
+    # Seconds an idle keep-alive connection stays open between two requests.
+    idle_connection_timeout: int = Field(default=5, ge=1)
+    # On SIGTERM/SIGINT: seconds running requests may take to finish before each remaining stream is
+    # ended with an in-band error and `[DONE]` (and each waiting non-stream call with a 503).
+    shutdown_grace_seconds: float = Field(default=30.0, ge=0)
+    # Serve the OpenAPI schema at /openapi.json (off: it lists every route to anyone, without a key).
+    openapi: bool = False
 
     @field_validator("home", mode="after")
     @classmethod

@@ -1,7 +1,7 @@
 """The app factory: one FastAPI app around one opened :class:`~qwen_gateway.service.runtime.Gateway`.
 
 The gateway (store, engines, services) is opened and closed by whoever runs the app
-(``qwen_gateway.server.serve``), so a checkpoint that fails to load stops startup before a port is bound.
+(``qwen_gateway.server.serve``), so a checkpoint that fails to load stops startup before anything is served.
 Two apps over two gateways can live in one process: nothing here is module-level state.
 """
 
@@ -10,10 +10,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from fastapi import Depends, FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qwen_gateway import __version__
 from qwen_gateway.api import errors
 from qwen_gateway.api.deps import require_key
+from qwen_gateway.api.lifecycle import Shutdown
 from qwen_gateway.api.middleware import RequestIdMiddleware
 from qwen_gateway.api.routes import chat, health, models
 
@@ -25,12 +27,46 @@ API_PREFIXES = ("/compatible-mode/v1", "/v1")
 
 
 def create_app(gateway: Gateway) -> FastAPI:
-    app = FastAPI(title="qwen-gateway", version=__version__, docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="qwen-gateway",
+        version=__version__,
+        docs_url=None,
+        redoc_url=None,
+        # The schema lists every route to anyone, without a key: served only when asked for.
+        openapi_url="/openapi.json" if gateway.settings.openapi else None,
+        # A slash redirect is built from the Host header (a reflected `Location: http://evil.com/...`),
+        # and a 307 replays the body there; an unknown path is a plain 404 instead.
+        redirect_slashes=False,
+    )
     app.state.gateway = gateway
+    app.state.shutdown = Shutdown()
     for prefix in API_PREFIXES:
         for router in (chat.router, models.router):
             app.include_router(router, prefix=prefix, dependencies=[Depends(require_key)])
     app.include_router(health.router)
     errors.install(app)
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(HeadAsGet)
     return app
+
+
+class HeadAsGet:
+    """HEAD wherever GET is (load balancers probe with HEAD): routed as GET, answered with the GET's
+    status and headers (Content-Length included) and no body. FastAPI routes don't add HEAD
+    themselves, and routers are shared module objects, so this is done once here rather than by
+    editing every route's methods."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, send_headers_only)

@@ -6,12 +6,17 @@ import logging
 
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
 
 from qwen_gateway.api.render import compat
 from qwen_gateway.api.responses import JSONBytesResponse
 from qwen_gateway.errors import ApiError
 
 log = logging.getLogger(__name__)
+
+# Longest client-sent value (a path) echoed whole in an error message.
+ECHO_LIMIT = 256
 
 
 def request_id_of(request: Request) -> str:
@@ -34,7 +39,9 @@ async def _http_error(request: Request, exc: Exception) -> JSONBytesResponse:
     if exc.status_code == 405:
         message = f"Request method '{request.method}' is not supported."
     elif exc.status_code == 404:
-        message = f"The requested URL {request.url.path} was not found on this server."
+        path = request.url.path
+        shown = path if len(path) <= ECHO_LIMIT else path[:ECHO_LIMIT] + "..."
+        message = f"The requested URL {shown} was not found on this server."
     else:
         message = str(exc.detail)
     body = compat.error_body(
@@ -45,6 +52,14 @@ async def _http_error(request: Request, exc: Exception) -> JSONBytesResponse:
         request_id=request_id_of(request),
     )
     return JSONBytesResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    # The client hung up before its body arrived: no traceback (a client could otherwise flood the
+    # log); the HTTP edge logs the disconnect once. 499 is what proxies log for "client closed
+    # request"; nobody reads it.
+    log.debug("request %s: body read stopped by a disconnect", request_id_of(request))
+    return Response(status_code=499)
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONBytesResponse:
@@ -65,4 +80,5 @@ async def _unexpected(request: Request, exc: Exception) -> JSONBytesResponse:
 def install(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(Exception, _unexpected)

@@ -83,12 +83,14 @@ class ChatService:
                         yield item
             except ApiError as exc:
                 status = "error"
-                yield StreamFailed(exc, before_output=not emitted)
+                yield StreamFailed(exc, before_output=not emitted, usage=_spent(usage, emitted))
                 return
             except Exception:
                 status = "error"
                 log.exception("generation of request %s failed", call.request_id)
-                yield StreamFailed(EngineFailure(), before_output=not emitted)
+                yield StreamFailed(
+                    EngineFailure(), before_output=not emitted, usage=_total(usage) if emitted else None
+                )
                 return
             status = "ok"
             yield UsageReport(_total(usage))
@@ -193,6 +195,11 @@ class ChatService:
             await self._usage_sink(call.request_id, key_id, call.model.id, status, usage)
         except Exception:  # the answer is already out; losing the row is logged, never raised
             log.exception("recording usage of request %s failed", call.request_id)
+
+
+def _spent(usage: list[Usage | None], emitted: bool) -> Usage | None:
+    """What a request that failed after its first event is charged (reported with the failure)."""
+    return _total(usage) if emitted else None
 
 
 def _total(usage: list[Usage | None]) -> Usage:

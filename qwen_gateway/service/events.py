@@ -62,10 +62,12 @@ class UsageReport:
 @dataclass(frozen=True, slots=True)
 class StreamFailed:
     """The request failed; nothing follows. ``before_output`` is True when no other event preceded
-    it, so the answer can still carry the error's own HTTP status."""
+    it, so the answer can still carry the error's own HTTP status. ``usage`` is what the request
+    spent before failing (it is charged), once output had started."""
 
     error: ApiError
     before_output: bool
+    usage: Usage | None = None
 
 
 ChoiceEvent = ContentDelta | ReasoningDelta | ToolCallDelta | ChoiceFinished | UsageReport | StreamFailed

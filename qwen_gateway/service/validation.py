@@ -7,6 +7,7 @@ effective catalog spec.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,14 +67,72 @@ class ChatCall:
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
-    """JSON body -> dict, or DashScope's 400 for anything that is not a JSON object."""
+    """JSON body -> dict, or DashScope's 400 for anything that is not a JSON object.
+
+    A number JSON can't carry (``NaN``, ``Infinity``, ``1e999``, a 5000-digit integer) is a 400 that
+    names the parameter holding it, not the generic "requires json format"."""
     try:
         body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
+    except orjson.JSONDecodeError as exc:
+        _refuse_bad_number(exc)
         raise InvalidRequest("The input parameter requires json format.") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The input parameter requires json format.")
     return body
+
+
+# A token orjson stops at that is a number JSON can't represent: NaN / Infinity (not JSON at all) or a
+# numeral whose value is infinite as a double (orjson reads integers past 64 bits as doubles).
+_NUMBER_TOKEN = re.compile(r"-?(?:NaN|Infinity|[0-9][0-9.eE+-]*)")
+# Stands in for the bad number in a second parse that finds where it sits (NUL: never in a real value).
+_MARK = "\\u0000qwen-gateway:bad-number\\u0000"
+_MARK_VALUE = "\x00qwen-gateway:bad-number\x00"
+
+
+def _refuse_bad_number(exc: orjson.JSONDecodeError) -> None:
+    """Raise a 400 naming the parameter if ``exc`` stopped at a non-finite or over-long number."""
+    doc, pos = exc.doc, exc.pos
+    if not isinstance(doc, str):
+        return
+    start = pos - 1 if pos > 0 and doc[pos - 1] == "-" else pos
+    match = _NUMBER_TOKEN.match(doc, start)
+    if match is None:
+        return
+    token = match.group()
+    if token.lstrip("-") not in ("NaN", "Infinity"):
+        try:
+            if abs(float(token)) != float("inf"):
+                return
+        except ValueError:
+            return
+    overlong_int = token.lstrip("-").isdigit()
+    where: str | None = None
+    try:
+        marked = orjson.loads(doc[:start] + '"' + _MARK + '"' + doc[match.end() :])
+    except orjson.JSONDecodeError:
+        marked = None  # something else is broken too; the number is still the first problem
+    if marked is not None:
+        path = _path_to_mark(marked)
+        where = _loc(path) if path else None
+    name = f'"{where}"' if where else "A number"
+    if overlong_int:
+        message = f"{name} is out of range: the integer has too many digits."
+    else:
+        message = f"{name} must be a finite number (NaN, Infinity and numbers past 1.8e308 are not)."
+    raise InvalidParameter(message, param=where)
+
+
+def _path_to_mark(node: Any) -> tuple[int | str, ...] | None:
+    stack: list[tuple[Any, tuple[int | str, ...]]] = [(node, ())]
+    while stack:
+        value, path = stack.pop()
+        if value == _MARK_VALUE:
+            return path
+        if isinstance(value, dict):
+            stack.extend((v, (*path, k)) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((v, (*path, i)) for i, v in enumerate(value))
+    return None
 
 
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})

@@ -130,11 +130,13 @@ def test_home_comes_from_the_environment(home: Path, monkeypatch: pytest.MonkeyP
 
 @pytest.fixture
 def fake_runtime(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """Stands in for ``qwen_gateway.server`` (the real server) and records its call."""
+    """Stands in for ``qwen_gateway.server`` (the real server) and the port binding before it
+    (tests/e2e/test_edge.py binds for real), and records the call."""
     seen: dict[str, Any] = {}
     module = types.ModuleType("qwen_gateway.server")
+    monkeypatch.setattr("qwen_gateway.listen.bind", lambda host, port: [])
 
-    async def serve(settings: Settings) -> None:
+    async def serve(settings: Settings, sockets: list[Any] | None = None) -> None:
         seen["settings"] = settings
         behaviour = seen.get("raise")
         if behaviour is not None:

@@ -196,6 +196,9 @@ class StreamRenderer:
                     param=exc.param,
                     request_id=self._call.request_id,
                 )
+                # What the failed request is charged, when the client asked to be told.
+                if self._call.include_usage and event.usage is not None:
+                    return [self._chunk([], usage_body(event.usage)), body]
                 return [body]
             case _:
                 assert_never(event)

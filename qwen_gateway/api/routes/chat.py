@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator
+import logging
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from qwen_gateway.api.deps import get_gateway, key_id_of
 from qwen_gateway.api.errors import request_id_of
+from qwen_gateway.api.lifecycle import resume_until_shutdown
 from qwen_gateway.api.render import compat
 from qwen_gateway.api.responses import JSONBytesResponse
 from qwen_gateway.api.sse import SSEResponse
-from qwen_gateway.errors import PayloadTooLarge
-from qwen_gateway.service.events import ChoiceEvent, StreamFailed
+from qwen_gateway.errors import PayloadTooLarge, ShuttingDown
+from qwen_gateway.service.events import StreamFailed
 from qwen_gateway.service.validation import build_call, parse_body
+
+log = logging.getLogger(__name__)
 
 router = APIRouter()
 
@@ -44,25 +47,6 @@ async def _until_disconnect(request: Request) -> None:
         pass
 
 
-async def _resume(
-    first: asyncio.Future[ChoiceEvent | None], rest: AsyncGenerator[ChoiceEvent, None]
-) -> AsyncGenerator[ChoiceEvent, None]:
-    """``rest`` again, starting with the event the route already asked it for."""
-    try:
-        event = await first
-        if event is None:
-            return
-        yield event
-        async for event in rest:
-            yield event
-    finally:
-        if not first.done():
-            first.cancel()
-            with contextlib.suppress(BaseException):
-                await first
-        await rest.aclose()
-
-
 @router.post("/chat/completions")
 async def chat_completions(request: Request) -> Response:
     gateway = get_gateway(request)
@@ -82,21 +66,27 @@ async def chat_completions(request: Request) -> Response:
             if isinstance(event, StreamFailed) and event.before_output:
                 await events.aclose()
                 raise event.error
+        shutdown = request.app.state.shutdown
         return SSEResponse(
-            compat.sse_frames(call, _resume(first, events)),
+            compat.sse_frames(call, resume_until_shutdown(first, events, shutdown, call.request_id)),
             keepalive=gateway.settings.keepalive_seconds,
         )
 
-    # A client that hangs up on a non-stream call frees the engine too.
+    # A client that hangs up on a non-stream call frees the engine too; so does the end of the
+    # shutdown grace period (the ledger row keeps the tokens used; the client gets a 503).
     work = asyncio.ensure_future(gateway.chat.complete(call, key_id=key_id))
     watcher = asyncio.ensure_future(_until_disconnect(request))
+    stopper = asyncio.ensure_future(request.app.state.shutdown.wait())
     try:
-        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({work, watcher, stopper}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for task in (watcher, work) if not work.done() else (watcher,):
+        for task in (watcher, stopper, work) if not work.done() else (watcher, stopper):
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
+    if work.cancelled() and stopper.done() and not stopper.cancelled():
+        log.info("request %s: stopped by the server's shutdown (grace period over)", call.request_id)
+        raise ShuttingDown()
     if work.cancelled():
         # Nobody is listening any more; 499 is what proxies log for "client closed request".
         return Response(status_code=499)
