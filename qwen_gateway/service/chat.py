@@ -17,7 +17,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import assert_never
 
 from qwen_gateway.engines.base import Finished, GenerationEvent, GenerationRequest, TextDelta, Usage
-from qwen_gateway.errors import ApiError, EngineFailure
+from qwen_gateway.errors import ApiError, EngineFailure, ShuttingDown
 from qwen_gateway.service.events import (
     ChatResult,
     ChoiceEvent,
@@ -46,11 +46,15 @@ class ChatService:
 
     # -- the event stream ------------------------------------------------------------------------------
 
-    async def events(self, call: ChatCall, *, key_id: str | None) -> AsyncGenerator[ChoiceEvent, None]:
+    async def events(
+        self, call: ChatCall, *, key_id: str | None, stop: Callable[[], bool] | None = None
+    ) -> AsyncGenerator[ChoiceEvent, None]:
         """The request's choice events, ending with :class:`UsageReport` or :class:`StreamFailed`.
 
         The caller must close the generator (``aclose()``) when it stops early: that is how the engine
-        learns its consumer is gone and how the admission slots are given back.
+        learns its consumer is gone and how the admission slots are given back. ``stop`` is asked
+        between tokens (the server's shutdown): once it says so, the request ends there with a
+        :class:`StreamFailed` (:class:`ShuttingDown`) that carries the tokens really used.
         """
         try:
             ticket = call.model.admission.acquire(call.n)
@@ -64,6 +68,7 @@ class ChatService:
         parsers = [parser_for(i) for i in range(call.n)]
         status = "cancelled"
         emitted = False
+        finished = 0
         engine_events = self._engine_events(call)
         try:
             try:
@@ -75,12 +80,15 @@ class ChatService:
                             out = parsers[index].feed(event.text)
                         case Finished():
                             usage[index] = event.usage
+                            finished += 1
                             out = [*parsers[index].finish(), ChoiceFinished(index, event.reason)]
                         case _:
                             assert_never(event)
                     for item in out:
                         emitted = True
                         yield item
+                    if stop is not None and finished < call.n and stop():
+                        raise ShuttingDown()
             except ApiError as exc:
                 status = "error"
                 yield StreamFailed(exc, before_output=not emitted, usage=_spent(usage, emitted))
@@ -99,13 +107,15 @@ class ChatService:
             ticket.release()
             await self._settle(call, key_id, status, _total(usage))
 
-    async def complete(self, call: ChatCall, *, key_id: str | None) -> ChatResult:
+    async def complete(
+        self, call: ChatCall, *, key_id: str | None, stop: Callable[[], bool] | None = None
+    ) -> ChatResult:
         """The whole answer at once (non-stream); a failure raises its :class:`ApiError`."""
         choices = [ChoiceResult(i, [], [], []) for i in range(call.n)]
         calls: dict[tuple[int, int], list[str]] = {}
         heads: dict[tuple[int, int], tuple[str, str]] = {}
         total = Usage(0, 0)
-        events = self.events(call, key_id=key_id)
+        events = self.events(call, key_id=key_id, stop=stop)
         try:
             async for event in events:
                 match event:

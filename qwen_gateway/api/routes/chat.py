@@ -54,7 +54,8 @@ async def chat_completions(request: Request) -> Response:
     call = build_call(body, gateway.models, request_id=request_id_of(request))
     key_id = key_id_of(request)
     if call.stream:
-        events = gateway.chat.events(call, key_id=key_id)
+        shutdown = request.app.state.shutdown
+        events = gateway.chat.events(call, key_id=key_id, stop=lambda: shutdown.expired)
         # Wait a little for the first event before any header goes out: errors found before generating
         # (a prompt longer than the context, a full queue) then get their own HTTP status. A long
         # prefill doesn't hold the headers back longer than that: the stream starts, keep-alives flow,
@@ -66,25 +67,32 @@ async def chat_completions(request: Request) -> Response:
             if isinstance(event, StreamFailed) and event.before_output:
                 await events.aclose()
                 raise event.error
-        shutdown = request.app.state.shutdown
         return SSEResponse(
             compat.sse_frames(call, resume_until_shutdown(first, events, shutdown, call.request_id)),
             keepalive=gateway.settings.keepalive_seconds,
         )
 
     # A client that hangs up on a non-stream call frees the engine too; so does the end of the
-    # shutdown grace period (the ledger row keeps the tokens used; the client gets a 503).
-    work = asyncio.ensure_future(gateway.chat.complete(call, key_id=key_id))
+    # shutdown grace period (the ledger row keeps the tokens used; the client gets a 503): the service
+    # stops at a token boundary, or the shutdown interrupts a request that reaches none in time.
+    shutdown = request.app.state.shutdown
+    work = asyncio.ensure_future(gateway.chat.complete(call, key_id=key_id, stop=lambda: shutdown.expired))
     watcher = asyncio.ensure_future(_until_disconnect(request))
-    stopper = asyncio.ensure_future(request.app.state.shutdown.wait())
+    me = shutdown.register()
+    interrupted = False
     try:
-        await asyncio.wait({work, watcher, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError as exc:
+        if not shutdown.interrupted(exc):
+            raise
+        interrupted = True
     finally:
-        for task in (watcher, stopper, work) if not work.done() else (watcher, stopper):
+        shutdown.unregister(me)
+        for task in (watcher, work) if not work.done() else (watcher,):
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
-    if work.cancelled() and stopper.done() and not stopper.cancelled():
+    if interrupted or (work.done() and not work.cancelled() and isinstance(work.exception(), ShuttingDown)):
         log.info("request %s: stopped by the server's shutdown (grace period over)", call.request_id)
         raise ShuttingDown()
     if work.cancelled():
