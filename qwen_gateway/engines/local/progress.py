@@ -17,16 +17,27 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
-    MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     SpinnerColumn,
+    Task,
     TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 T = TypeVar("T")
+
+
+class _Count(ProgressColumn):
+    """``done/total`` for a step that counts something; blank for one that does not (no ``0/?``)."""
+
+    def render(self, task: Task) -> Text:
+        if not task.fields.get("counted") or task.total is None:
+            return Text("")
+        return Text(f"{int(task.completed)}/{int(task.total)}", style="progress.download")
 
 
 class Step:
@@ -60,7 +71,7 @@ class Steps:
                 SpinnerColumn(finished_text="[green]✓[/]"),
                 TextColumn("{task.description}"),
                 BarColumn(bar_width=24),
-                MofNCompleteColumn(),
+                _Count(),
                 TimeElapsedColumn(),
                 TextColumn("eta"),
                 TimeRemainingColumn(),
@@ -79,7 +90,7 @@ class Steps:
         """A step; on a terminal its row stays (ticked) once it ends, elsewhere one line is printed."""
         task = None
         if self.live is not None:
-            task = self.live.add_task(escape(name), total=total)
+            task = self.live.add_task(escape(name), total=total, counted=total is not None)
         step = Step(self, name, total, task)
         started = time.monotonic()
         try:
