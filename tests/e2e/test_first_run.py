@@ -30,6 +30,7 @@ def test_readme_asks_the_question_this_test_asks() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # ten real answers on a busy 2-core machine outlast the suite's 300 s default
 def test_embedded_default_answers_the_readme_question_ten_times(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
