@@ -33,6 +33,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import contextlib
+import itertools
+
 from qwen_gateway.engines.base import ChatMessage, Finished, GenerationRequest, SamplingParams, TextDelta
 from qwen_gateway.engines.local import LocalEngine, ensure_embedded_model
 from qwen_gateway.settings import ModelConfig, Settings
@@ -211,7 +214,10 @@ async def kv_memory(engine: LocalEngine, probe: Probe) -> None:
     # Mixed lengths: prompts from a few words to ~1,500 tokens, answers from 8 to 160 tokens.
     words = [3, 40, 400, 60, 1200, 10, 200, 800]
     answers = [160, 16, 64, 120, 8, 140, 40, 100]
-    reqs = [req("lorem ipsum " * w, a, 50 + i, f"kv{i}") for i, (w, a) in enumerate(zip(words, answers))]
+    reqs = [
+        req("lorem ipsum " * w, a, 50 + i, f"kv{i}")
+        for i, (w, a) in enumerate(zip(words, answers, strict=False))
+    ]
     try:
         await asyncio.gather(*(stream(engine, r) for r in reqs))
     finally:
@@ -242,12 +248,10 @@ async def long_prompt_gap(engine: LocalEngine, probe: Probe, prompt_tokens: int,
     refused_or_done = time.perf_counter() - long_started
     done = time.perf_counter()
     runner.cancel()
-    try:
+    with contextlib.suppress(asyncio.CancelledError):
         await runner
-    except asyncio.CancelledError:
-        pass
-    window = [b - a for a, b in zip(stamps, stamps[1:], strict=False) if b >= arrived and a <= done]
-    steady = [b - a for a, b in zip(stamps[:20], stamps[1:20], strict=False)]
+    window = [b - a for a, b in itertools.pairwise(stamps) if b >= arrived and a <= done]
+    steady = [b - a for a, b in itertools.pairwise(stamps)]
     chunk_steps = [c for c, n in zip(probe.step_cpu, probe.step_rows, strict=True) if n >= 1]
     print(
         f"  {prompt_tokens}-token prompt mid-stream: answered in {refused_or_done:5.2f} s; the running "
@@ -313,13 +317,17 @@ def through_server(path: str, args: argparse.Namespace) -> None:
         for n in args.streams:
             best = max(asyncio.run(measure(n)) for _ in range(args.rounds))
             base = base or best
-            print(f"  server  {n:2d} stream{'s' if n > 1 else ' '}: {best:7.1f} tokens/s ({best / base:4.2f}x)")
+            print(
+                f"  server  {n:2d} stream{'s' if n > 1 else ' '}: {best:7.1f} tokens/s ({best / base:4.2f}x)"
+            )
     finally:
         server.stop()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model-path", nargs="*", help="default: tiny-qwen2.5 and the embedded SmolLM2")
     parser.add_argument("--home", type=Path, default=Path("~/.qwen-gateway").expanduser())
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 8, 16])

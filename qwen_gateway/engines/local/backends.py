@@ -145,7 +145,11 @@ class InterleavedBackend(_Base):
         # logits_to_keep=1: only the last position's logits are needed, and over a 150k vocabulary the
         # full [prompt, vocab] matrix would cost more than the transformer layers on short prompts.
         out = self.model(
-            input_ids=ids, position_ids=self._positions(pos), cache=seq.cache, use_cache=True, logits_to_keep=1
+            input_ids=ids,
+            position_ids=self._positions(pos),
+            cache=seq.cache,
+            use_cache=True,
+            logits_to_keep=1,
         )
         seq.prefilled = end
         if seq.prefill_done:
@@ -155,7 +159,9 @@ class InterleavedBackend(_Base):
 class BatchedBackend(_Base):
     """Every row in one :class:`kvcache.BlockPool`; one forward pass per step."""
 
-    def __init__(self, model: Any, device: torch.device, capacity_tokens: int, budget_tokens: int | None) -> None:
+    def __init__(
+        self, model: Any, device: torch.device, capacity_tokens: int, budget_tokens: int | None
+    ) -> None:
         super().__init__(model, device)
         self.pool = kvcache.BlockPool(capacity_tokens, budget_tokens)
         self.rows: list[Sequence] = []  # sequences holding blocks

@@ -30,7 +30,7 @@ from qwen_gateway.engines.local.masks import ThinkingBudget, TokenMask
 from qwen_gateway.engines.local.prompt import PromptRenderer
 from qwen_gateway.engines.local.sampling import ResolvedSampling, Sampler
 from qwen_gateway.engines.local.scheduler import Scheduler
-from qwen_gateway.engines.local.sequence import Outgoing, Sequence, Tokens
+from qwen_gateway.engines.local.sequence import Outgoing, Sequence
 from qwen_gateway.errors import (
     ApiError,
     EngineFailure,
@@ -216,7 +216,9 @@ class LocalEngine:
         thinking = request.thinking
         if thinking is not None and thinking.enabled and thinking.budget is not None:
             if self._think_close is None:
-                raise InvalidParameter("This model does not support thinking_budget.", param="thinking_budget")
+                raise InvalidParameter(
+                    "This model does not support thinking_budget.", param="thinking_budget"
+                )
             end_id, close_ids = self._think_close
             masks.append(ThinkingBudget(thinking.budget, end_id, close_ids))
         return masks

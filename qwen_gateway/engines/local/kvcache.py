@@ -207,8 +207,11 @@ def paged_attention(
     """Attention over the pool for every row of the step. ``query`` is ``[batch, heads, tokens, dim]``
     (``[rows, heads, 1, dim]`` for a decode-only step, ``[1, heads, all tokens, dim]`` otherwise)."""
     cache = kwargs.pop(PLAN_KWARG, None)
-    if not isinstance(cache, PagedCache):
-        return _FALLBACK(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if not isinstance(cache, PagedCache):  # not one of our steps (e.g. a vision tower): plain SDPA
+        out, _ = _FALLBACK(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+        return out, None
     plan = cache.plan
     k_pool, v_pool = cache.pool.layer(module.layer_idx, key)
     batch, heads, tokens, dim = query.shape
@@ -244,7 +247,7 @@ def paged_attention(
 def _fallback() -> Callable[..., Any]:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    return sdpa_attention_forward  # type: ignore[no-any-return]
+    return sdpa_attention_forward
 
 
 _FALLBACK = _fallback()
