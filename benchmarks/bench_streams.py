@@ -257,7 +257,8 @@ async def long_prompt_gap(engine: LocalEngine, probe: Probe, prompt_tokens: int,
         f"  {prompt_tokens}-token prompt mid-stream: answered in {refused_or_done:5.2f} s; the running "
         f"stream's longest gap {max(window, default=0) * 1000:7.1f} ms (steady gap "
         f"{statistics.median(steady) * 1000:5.1f} ms; median step while prefilling "
-        f"{statistics.median(chunk_steps or [0]) * 1000:5.1f} ms CPU, chunk {chunk} tokens)",
+        f"{statistics.median(chunk_steps or [0]) * 1000:5.1f} ms CPU, slowest {max(chunk_steps or [0]) * 1000:5.1f} ms; "
+        f"chunk {chunk} tokens)",
         flush=True,
     )
 

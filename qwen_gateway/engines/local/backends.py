@@ -86,8 +86,9 @@ class _Base:
     def choose(self, seqs: list[Sequence], logits: torch.Tensor, on_error: OnError) -> None:
         """Pick and accept one token per row of ``logits`` ([rows, vocab])."""
         try:
+            # The step's logits are ours alone: penalties and the bitmask go straight into them.
             tokens = self.sampler.sample(
-                [s.sampler for s in seqs], logits, batch_bitmask(seqs, logits.shape[-1])
+                [s.sampler for s in seqs], logits, batch_bitmask(seqs, logits.shape[-1]), owned=True
             )
         except Exception:
             if len(seqs) == 1:

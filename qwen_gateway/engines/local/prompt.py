@@ -12,6 +12,7 @@ from qwen_gateway.errors import ContextLengthExceeded, InvalidParameter
 # Texts longer than this are counted piece by piece first, so a prompt that cannot fit is refused
 # after tokenizing about a context's worth of it, not all of it.
 PIECE_CHARS = 64 * 1024
+PIECES_PER_CALL = 4
 
 
 class PromptRenderer:
@@ -29,6 +30,13 @@ class PromptRenderer:
         """Prompt ids exactly as they will be fed to the model. With ``max_context``, a prompt of
         ``max_context`` tokens or more raises ContextLengthExceeded, in time bounded by the context
         rather than by the prompt's size."""
+        if max_context is not None:
+            # A message's own text is part of the prompt: one that alone cannot fit is refused
+            # before the template copies it around.
+            for message in request.messages:
+                content = message.text()
+                if len(content) > PIECE_CHARS:
+                    self._refuse_if_too_long(content, max_context)
         text = self.render_text(request)
         if max_context is not None and len(text) > PIECE_CHARS:
             self._refuse_if_too_long(text, max_context)
@@ -44,14 +52,20 @@ class PromptRenderer:
         limit = max_context + max_context // 50 + 16
         count, start = 0, 0
         while start < len(text):
-            end = min(len(text), start + PIECE_CHARS)
-            if end < len(text):
-                cut = text.rfind(" ", start + PIECE_CHARS // 2, end)
-                end = cut if cut > start else end
-            count += len(self.encode(text[start:end]))
+            pieces = []
+            while start < len(text) and len(pieces) < PIECES_PER_CALL:
+                end = min(len(text), start + PIECE_CHARS)
+                if end < len(text):
+                    cut = text.rfind(" ", start + PIECE_CHARS // 2, end)
+                    end = cut if cut > start else end
+                pieces.append(text[start:end])
+                start = end
+            # One batch call: the tokenizer's Rust side encodes the pieces in parallel.
+            with self._lock:
+                encoded = self._tokenizer(pieces, add_special_tokens=False)["input_ids"]
+            count += sum(len(ids) for ids in encoded)
             if count >= limit:
                 raise _too_long(max_context)
-            start = end
 
     def render_text(self, request: GenerationRequest) -> str:
         messages = list(request.messages)

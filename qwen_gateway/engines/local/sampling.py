@@ -205,13 +205,20 @@ class BatchSampler:
         self._generator = generator or torch.Generator().manual_seed(secrets.randbits(63))
 
     def sample(
-        self, rows: Sequence[Sampler], logits: torch.Tensor, allowed: torch.Tensor | None = None
+        self,
+        rows: Sequence[Sampler],
+        logits: torch.Tensor,
+        allowed: torch.Tensor | None = None,
+        *,
+        owned: bool = False,
     ) -> list[int]:
         """One token per row. ``allowed`` ([rows, vocab] bool) masks out tokens (the bitmask of
-        forced tokens and constraints); a row always keeps at least one allowed token."""
+        forced tokens and constraints). ``owned``: the caller hands ``logits`` over, so penalties
+        and the mask may be written into it instead of into a copy."""
         penalized = any(r._seen is not None or r._counts is not None for r in rows)
+        source = logits
         logits = logits.float()
-        if penalized or allowed is not None:
+        if (penalized or allowed is not None) and not owned and logits is source:
             logits = logits.clone()  # never write into the caller's tensor
         if penalized:
             _penalize(logits, rows)
@@ -243,16 +250,23 @@ class BatchSampler:
     def _sample_group(
         self, rows: Sequence[Sampler], logits: torch.Tensor, members: list[int], width: int, top_k: bool
     ) -> list[int]:
-        index = torch.tensor(members)
-        temps = torch.tensor([rows[i].settings.temperature for i in members], dtype=torch.float32)
-        x = logits.index_select(0, index) / temps.unsqueeze(1)
+        every = len(members) == logits.shape[0] and members == list(range(len(members)))
+        x = logits if every else logits.index_select(0, torch.tensor(members))
+        temps = torch.tensor([rows[i].settings.temperature for i in members], dtype=torch.float32).unsqueeze(
+            1
+        )
         top_p = [rows[i].settings.top_p for i in members]
         if width == 0:  # no top-k, no top-p: the whole vocabulary
-            return self._draw([rows[i] for i in members], torch.softmax(x, dim=-1)).tolist()
-        values, indices = torch.topk(x, width)
+            return self._draw([rows[i] for i in members], torch.softmax(x / temps, dim=-1)).tolist()
         thresholds = list(top_p)
         fallback: list[int] = []
-        if not top_k:
+        if top_k:
+            # A positive temperature keeps the order: take the candidates first, then scale only them.
+            values, indices = torch.topk(x, width)
+            values = values / temps
+        else:
+            x = x / temps
+            values, indices = torch.topk(x, width)
             # Nucleus candidates: the top ``width`` tokens' share of the mass decides the cut; a row
             # whose nucleus is wider than the candidates falls back to the exact full sort.
             mass = torch.exp(torch.logsumexp(values, -1) - torch.logsumexp(x, -1)).tolist()
@@ -268,7 +282,7 @@ class BatchSampler:
         probs = probs.masked_fill(cumulative - probs > cut, 0.0)
         picked = indices.gather(1, self._draw([rows[i] for i in members], probs).unsqueeze(1)).squeeze(1)
         out = [int(t) for t in picked.tolist()]
-        for j in fallback:
+        for j in fallback:  # only rows without top-k fall back, and for them ``x`` is scaled
             out[j] = self._full_nucleus(rows[members[j]], x[j], top_p[j])
         return out
 
