@@ -52,7 +52,7 @@ class PromptRenderer:
         limit = max_context + max_context // 50 + 16
         count, start = 0, 0
         while start < len(text):
-            pieces = []
+            pieces: list[str] = []
             while start < len(text) and len(pieces) < PIECES_PER_CALL:
                 end = min(len(text), start + PIECE_CHARS)
                 if end < len(text):
