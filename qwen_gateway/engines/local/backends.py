@@ -1,18 +1,21 @@
-"""The two ways the inference thread runs one decode step over the active sequences.
+"""The two ways the inference thread runs one step over the active sequences.
 
-``interleaved``: each sequence keeps its own KV cache and gets its own one-token forward pass.
-``batched``: every active sequence is a row of one shared KV cache, left-padded to a common width,
-and one forward pass decodes a token for all of them. On CPU a decode step is bound by reading the
-weights, so a batch of four costs little more than a single row (see benchmarks/bench_engine_direct.py).
+``batched`` (the default): every row lives in one block-based KV pool (:mod:`kvcache`), and a step is
+one forward pass over every decoding row's next token plus the prompt chunks being prefilled, packed
+as one flat sequence; rows join and leave without touching the others' caches, and a long prompt's
+chunk rides along with the others' decode tokens instead of stalling them.
 
-Both prefill a new sequence alone (its prompt length differs from everyone else's), in chunks of at
-most ``budget`` prompt tokens, and only then add it to the decode set: a newcomer waits for at most one
-step, never for others to finish, and a long prompt delays the others' next token by one chunk at a
-time instead of by its whole prefill.
+``interleaved``: each sequence keeps its own transformers ``DynamicCache`` and gets its own forward
+pass. It stays for architectures whose caches are not plain key/value tensors (sliding windows,
+recurrent state), which the shared pool cannot hold.
+
+Both choose the step's tokens with one :class:`BatchSampler` call over ``[rows, vocab]`` logits and
+the batch bitmask of the rows' token masks.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
@@ -20,224 +23,250 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from qwen_gateway.engines.local import kvcache
+from qwen_gateway.engines.local.masks import batch_bitmask
+from qwen_gateway.engines.local.sampling import BatchSampler
 from qwen_gateway.engines.local.sequence import Sequence
+from qwen_gateway.errors import EngineOverloaded
+
+log = logging.getLogger(__name__)
 
 SchedulerKind = Literal["batched", "interleaved"]
 # Called when a sequence's step raised: the scheduler turns the exception into that request's error.
 OnError = Callable[[Sequence, BaseException], None]
+# (sequence, prompt tokens to prefill this step)
+PrefillWork = list[tuple[Sequence, int]]
 
 
 class Backend(Protocol):
-    def prefill(self, seq: Sequence, budget: int) -> None:
-        """Run up to ``budget`` more prompt tokens. When the prompt is done, choose the first token and
-        (unless that ended the sequence) join the decode set."""
+    def step(self, decoding: list[Sequence], prefill: PrefillWork, on_error: OnError) -> None:
+        """Decode one token for every sequence in ``decoding`` and advance each prefill by its
+        count; a prefill that completes chooses its first token."""
 
     def remove(self, seqs: list[Sequence]) -> None:
         """Forget finished, failed or cancelled sequences and free their cache."""
 
-    def step(self, seqs: list[Sequence], on_error: OnError) -> None:
-        """Decode one token for every sequence in ``seqs`` (the scheduler's active set)."""
-
 
 def supports_batching(model: Any) -> bool:
-    """Batched decoding pads plain key/value tensors; caches with sliding windows or recurrent state
-    (hybrid architectures) keep per-layer state that left padding would corrupt."""
+    """The shared pool holds plain key/value tensors; caches with sliding windows or recurrent state
+    (hybrid architectures) keep per-layer state it cannot."""
     try:
-        probe = DynamicCache(config=model.config)
+        probe = DynamicCache(config=_text_config(model.config))
     except Exception:  # a config this transformers can't build a cache from: stay on the safe path
         return False
     return all(type(layer) is DynamicLayer for layer in probe.layers)
+
+
+def uses_mrope(model: Any) -> bool:
+    """Qwen2-VL / 2.5-VL / 3-VL rotate with 3-D (temporal, height, width) positions."""
+    config = _text_config(model.config)
+    for name in ("rope_parameters", "rope_scaling"):
+        params = getattr(config, name, None)
+        if isinstance(params, dict) and "mrope_section" in params:
+            return True
+    return False
+
+
+def _text_config(config: Any) -> Any:
+    return getattr(config, "text_config", None) or config
 
 
 class _Base:
     def __init__(self, model: Any, device: torch.device) -> None:
         self.model = model
         self.device = device
+        self.mrope = uses_mrope(model)
+        self.sampler = BatchSampler()
 
-    def _new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.model.config)
+    def _positions(self, positions: torch.Tensor) -> torch.Tensor:
+        # M-RoPE: text tokens have equal temporal/height/width positions (each row's rope delta is
+        # already added), shaped [3, batch, tokens].
+        return positions.unsqueeze(0).expand(3, -1, -1) if self.mrope else positions
 
-    def _prefill_chunk(self, seq: Sequence, budget: int) -> DynamicCache | None:
-        """Advance ``seq``'s prompt by up to ``budget`` tokens in ``seq.cache``; return the cache once
-        the whole prompt is in it (the first token then chosen), else None."""
-        if seq.cache is None:
-            seq.cache = self._new_cache()
-        start = seq.prefilled
-        end = min(len(seq.prompt_ids), start + max(1, budget))
-        ids = torch.tensor([seq.prompt_ids[start:end]], dtype=torch.long, device=self.device)
-        # logits_to_keep=1: only the last position's logits are needed, and over a 150k vocabulary the
-        # full [prompt, vocab] matrix would cost more than the transformer layers on short prompts.
-        out = self.model(input_ids=ids, past_key_values=seq.cache, use_cache=True, logits_to_keep=1)
-        seq.prefilled = end
-        if not seq.prefill_done:
-            return None
-        cache, seq.cache = seq.cache, None
-        seq.accept(seq.choose(out.logits[0, -1]))
-        return cache  # type: ignore[no-any-return]
+    def choose(self, seqs: list[Sequence], logits: torch.Tensor, on_error: OnError) -> None:
+        """Pick and accept one token per row of ``logits`` ([rows, vocab])."""
+        try:
+            # The step's logits are ours alone: penalties and the bitmask go straight into them.
+            tokens = self.sampler.sample(
+                [s.sampler for s in seqs], logits, batch_bitmask(seqs, logits.shape[-1]), owned=True
+            )
+        except Exception:
+            if len(seqs) == 1:
+                on_error(seqs[0], _current_exception())
+                return
+            for i, seq in enumerate(seqs):  # find the row at fault
+                self.choose([seq], logits[i : i + 1], on_error)
+            return
+        for seq, token in zip(seqs, tokens, strict=True):
+            try:
+                seq.accept(token)
+            except Exception as exc:
+                on_error(seq, exc)
 
-    def _step_alone(self, seq: Sequence) -> None:
-        ids = torch.tensor([[seq.last_token]], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=ids, past_key_values=seq.cache, use_cache=True)
-        seq.accept(seq.choose(out.logits[0, -1]))
+
+def _current_exception() -> BaseException:
+    import sys
+
+    exc = sys.exc_info()[1]
+    assert exc is not None
+    return exc
 
 
 class InterleavedBackend(_Base):
-    def prefill(self, seq: Sequence, budget: int) -> None:
-        cache = self._prefill_chunk(seq, budget)
-        if cache is not None and not seq.finished:
-            seq.cache = cache
-
     def remove(self, seqs: list[Sequence]) -> None:
         for seq in seqs:
             seq.cache = None
 
-    def step(self, seqs: list[Sequence], on_error: OnError) -> None:
-        for seq in seqs:
+    def step(self, decoding: list[Sequence], prefill: PrefillWork, on_error: OnError) -> None:
+        for seq, n in prefill:
+            try:
+                self._prefill(seq, n, on_error)
+            except Exception as exc:
+                on_error(seq, exc)
+        for seq in decoding:
             if seq.cancelled or seq.finished:
                 continue  # cancelled mid-round: skip its forward, the scheduler drops it next
             try:
-                self._step_alone(seq)
+                ids = torch.tensor([[seq.last_token]], dtype=torch.long, device=self.device)
+                pos = torch.tensor([[seq.length - 1 + seq.rope_delta]], device=self.device)
+                out = self.model(
+                    input_ids=ids, position_ids=self._positions(pos), cache=seq.cache, use_cache=True
+                )
             except Exception as exc:
                 on_error(seq, exc)
+                continue
+            self.choose([seq], out.logits[:, -1], on_error)
+
+    def _prefill(self, seq: Sequence, n: int, on_error: OnError) -> None:
+        if seq.cache is None:
+            seq.cache = DynamicCache(config=_text_config(self.model.config))
+        start, end = seq.prefilled, seq.prefilled + n
+        ids = torch.tensor([seq.prompt_ids[start:end]], dtype=torch.long, device=self.device)
+        pos = torch.arange(start, end, device=self.device).unsqueeze(0) + seq.rope_delta
+        # logits_to_keep=1: only the last position's logits are needed, and over a 150k vocabulary the
+        # full [prompt, vocab] matrix would cost more than the transformer layers on short prompts.
+        out = self.model(
+            input_ids=ids,
+            position_ids=self._positions(pos),
+            cache=seq.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        seq.prefilled = end
+        if seq.prefill_done:
+            self.choose([seq], out.logits[:, -1], on_error)
 
 
 class BatchedBackend(_Base):
-    """Rows of one DynamicCache. Row ``i`` holds ``pads[i]`` padding columns on the left, then its
-    tokens; every row ends at column ``width``. The cache object persists across steps and is only
-    rebuilt when a row joins or leaves."""
+    """Every row in one :class:`kvcache.BlockPool`; one forward pass per step."""
 
-    def __init__(self, model: Any, device: torch.device) -> None:
+    def __init__(
+        self, model: Any, device: torch.device, capacity_tokens: int, budget_tokens: int | None
+    ) -> None:
         super().__init__(model, device)
-        self.rows: list[Sequence] = []
-        self.pads: list[int] = []
-        self.width = 0
-        self.cache: DynamicCache | None = None
-
-    # -- membership ------------------------------------------------------------------------------------
-
-    def prefill(self, seq: Sequence, budget: int) -> None:
-        cache = self._prefill_chunk(seq, budget)
-        if cache is not None and not seq.finished:
-            self._join(seq, cache)
-
-    def _join(self, seq: Sequence, own: DynamicCache) -> None:
-        new = _layers(own)
-        length = new[0][0].shape[-2]
-        if self.cache is None:
-            self.rows, self.pads, self.width = [seq], [0], length
-            self.cache = own
-            return
-        width = max(self.width, length)
-        grow, pad_new = width - self.width, width - length
-        merged = []
-        for (k, v), (nk, nv) in zip(_layers(self.cache), new, strict=True):
-            merged.append(
-                (
-                    torch.cat([_left_pad(k, grow), _left_pad(nk, pad_new)]),
-                    torch.cat([_left_pad(v, grow), _left_pad(nv, pad_new)]),
-                )
-            )
-        self.cache = _cache_from(merged)
-        self.rows.append(seq)
-        self.pads = [p + grow for p in self.pads] + [pad_new]
-        self.width = width
+        self.pool = kvcache.BlockPool(capacity_tokens, budget_tokens)
+        self.rows: list[Sequence] = []  # sequences holding blocks
+        model.set_attn_implementation(kvcache.ATTENTION)
 
     def remove(self, seqs: list[Sequence]) -> None:
         gone = {id(s) for s in seqs}
-        keep = [i for i, row in enumerate(self.rows) if id(row) not in gone]
-        if len(keep) == len(self.rows):
-            return
-        if not keep or self.cache is None:
-            self._clear()
-            return
-        # Columns that are padding in every remaining row go too, so padding never accumulates.
-        trim = min(self.pads[i] for i in keep)
-        index = torch.tensor(keep, dtype=torch.long, device=self.device)
-        self.cache = _cache_from(
-            [
-                (k.index_select(0, index)[:, :, trim:], v.index_select(0, index)[:, :, trim:])
-                for k, v in _layers(self.cache)
-            ]
-        )
-        self.rows = [self.rows[i] for i in keep]
-        self.pads = [self.pads[i] - trim for i in keep]
-        self.width -= trim
+        for seq in seqs:
+            if seq.kv is not None:
+                self.pool.release(seq.kv)
+                seq.kv = None
+        self.rows = [r for r in self.rows if id(r) not in gone]
 
-    def _clear(self) -> None:
-        self.rows, self.pads, self.width, self.cache = [], [], 0, None
+    def kv_bytes(self) -> int:
+        """Bytes of the pool that hold (or held, at the peak) tokens: its resident size."""
+        return self.pool.peak_in_use * self.pool.bytes_per_block()
 
-    # -- decoding --------------------------------------------------------------------------------------
+    def tokens_held(self) -> int:
+        return sum(s.kv.length for s in self.rows if s.kv is not None)
 
-    def step(self, seqs: list[Sequence], on_error: OnError) -> None:
-        if self.cache is None or not self.rows:
+    def step(self, decoding: list[Sequence], prefill: PrefillWork, on_error: OnError) -> None:
+        parts: list[tuple[Sequence, int]] = []
+        for seq, n in [*((s, 1) for s in decoding if not (s.cancelled or s.finished)), *prefill]:
+            if seq.kv is None:
+                seq.kv = kvcache.RowKV()
+                self.rows.append(seq)
+            try:
+                self.pool.grow(seq.kv, n)
+            except kvcache.PoolExhausted:
+                log.warning("request %s: no KV-cache block free within the memory budget", seq.request_id)
+                on_error(seq, EngineOverloaded())
+                continue
+            parts.append((seq, n))
+        if not parts:
             return
-        rows = list(self.rows)
-        ids = torch.tensor([[s.last_token] for s in rows], dtype=torch.long, device=self.device)
-        pads = torch.tensor(self.pads, dtype=torch.long, device=self.device)
-        # Each row's new token sits at its own position (its true length), whatever its padding.
-        positions = (self.width - pads).unsqueeze(1)
-        columns = torch.arange(self.width + 1, device=self.device)
-        mask = (columns.unsqueeze(0) >= pads.unsqueeze(1)).long()
         try:
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=self.cache,
-                use_cache=True,
-            )
+            logits, needing = self._forward(parts)
         except Exception:
-            # One bad row must not sink the others: find it by stepping each row alone.
-            self._isolate(on_error)
+            if len(parts) == 1:
+                on_error(parts[0][0], _current_exception())
+                return
+            # One bad row must not sink the others: step each alone (rewriting the same slots).
+            for part in parts:
+                try:
+                    logits, needing = self._forward([part])
+                except Exception as exc:
+                    on_error(part[0], exc)
+                    continue
+                self._commit([part])
+                if needing:
+                    self.choose(needing, logits, on_error)
             return
-        self.width += 1
-        logits = out.logits[:, -1, :]
-        for i, seq in enumerate(rows):
-            try:
-                seq.accept(seq.choose(logits[i]))
-            except Exception as exc:
-                on_error(seq, exc)
+        self._commit(parts)
+        if needing:
+            self.choose(needing, logits, on_error)
 
-    def _isolate(self, on_error: OnError) -> None:
-        """Split the batch into per-row caches, step every row alone, and rebuild the batch from the
-        rows that survived."""
-        assert self.cache is not None
-        # The failed pass may have appended this step's column to some layers: cut back to ``width``.
-        layers = [(k[:, :, : self.width], v[:, :, : self.width]) for k, v in _layers(self.cache)]
-        rows, pads = self.rows, self.pads
-        self._clear()
-        for i, seq in enumerate(rows):
-            if seq.cancelled:
-                continue  # the scheduler drops it after this step; don't spend a forward on it
-            seq.cache = _cache_from(
-                [(k[i : i + 1, :, pads[i] :], v[i : i + 1, :, pads[i] :]) for k, v in layers]
-            )
-            try:
-                self._step_alone(seq)
-            except Exception as exc:
-                on_error(seq, exc)
-        for seq in rows:
-            own, seq.cache = seq.cache, None
-            if not seq.finished and own is not None:
-                self._join(seq, own)
+    def _forward(self, parts: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
+        """One forward pass; the logits of the rows that need a token now, and those rows."""
+        ids: list[int] = []
+        positions: list[int] = []
+        keep: list[int] = []
+        needing: list[Sequence] = []
+        for seq, n in parts:
+            kv = seq.kv
+            if seq.prefill_done:
+                ids.append(seq.last_token)
+            else:
+                ids.extend(seq.prompt_ids[seq.prefilled : seq.prefilled + n])
+            positions.extend(range(kv.length + seq.rope_delta, kv.length + n + seq.rope_delta))
+            if seq.prefill_done or seq.prefilled + n >= len(seq.prompt_ids):
+                keep.append(len(ids) - 1)
+                needing.append(seq)
+        cache = kvcache.PagedCache(self.pool, kvcache.plan_step([(s.kv, n) for s, n in parts]))
+        decode_only = len(ids) == len(parts)
+        shape = (len(ids), 1) if decode_only else (1, len(ids))
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device).view(shape)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device).view(shape)
+        kwargs: dict[str, Any] = {kvcache.PLAN_KWARG: cache}
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=self._positions(pos),
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1 if decode_only else torch.tensor(keep, dtype=torch.long, device=self.device),
+            **kwargs,
+        )
+        logits = out.logits[:, -1] if decode_only else out.logits[0]
+        return logits, needing
+
+    def _commit(self, parts: list[tuple[Sequence, int]]) -> None:
+        for seq, n in parts:
+            seq.kv.length += n
+            if not seq.prefill_done:
+                seq.prefilled += n
 
 
-def make_backend(kind: SchedulerKind, model: Any, device: torch.device) -> Backend:
+def make_backend(
+    kind: SchedulerKind,
+    model: Any,
+    device: torch.device,
+    *,
+    capacity_tokens: int = 0,
+    budget_tokens: int | None = None,
+) -> Backend:
     if kind == "batched":
-        return BatchedBackend(model, device)
+        return BatchedBackend(model, device, capacity_tokens, budget_tokens)
     return InterleavedBackend(model, device)
-
-
-def _layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    layers: list[Any] = list(cache.layers)
-    return [(layer.keys, layer.values) for layer in layers]
-
-
-def _cache_from(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    return DynamicCache(ddp_cache_data=layers)
-
-
-def _left_pad(t: torch.Tensor, columns: int) -> torch.Tensor:
-    if columns == 0:
-        return t
-    return torch.nn.functional.pad(t, (0, 0, columns, 0))

@@ -138,3 +138,30 @@ class StopTokenSequences:
     def flush(self) -> list[int]:
         held, self._held = self._held, []
         return held
+
+
+class TextStream:
+    """The consumer's side of a sequence: released ids in, answer text out, cut at a stop string."""
+
+    def __init__(self, tokenizer: Decoder, prompt_ids: Sequence[int], stop: Sequence[str]) -> None:
+        self._detok = IncrementalDetokenizer(tokenizer, prompt_ids)
+        self._stops = StopStrings(stop)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stops.stopped
+
+    def push(self, ids: Sequence[int]) -> str:
+        """Text now safe to release; check :attr:`stopped` afterwards."""
+        text = ""
+        for token_id in ids:
+            text += self._detok.push(token_id)
+        return self._stops.push(text) if text else ""
+
+    def flush(self) -> str:
+        """Everything still held back, at the end of the answer (held text could still hide a stop
+        string, which then cuts it)."""
+        text = self._stops.push(self._detok.flush())
+        if not self._stops.stopped:
+            text += self._stops.flush()
+        return text

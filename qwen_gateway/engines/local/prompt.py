@@ -7,7 +7,12 @@ import threading
 from typing import Any
 
 from qwen_gateway.engines.base import ChatMessage, GenerationRequest, ToolSpec
-from qwen_gateway.errors import InvalidParameter
+from qwen_gateway.errors import ContextLengthExceeded, InvalidParameter
+
+# Texts longer than this are counted piece by piece first, so a prompt that cannot fit is refused
+# after tokenizing about a context's worth of it, not all of it.
+PIECE_CHARS = 64 * 1024
+PIECES_PER_CALL = 4
 
 
 class PromptRenderer:
@@ -21,9 +26,46 @@ class PromptRenderer:
         self._template_text = template if isinstance(template, str) else json.dumps(template)
         self._uses_reasoning = "reasoning_content" in self._template_text
 
-    def render(self, request: GenerationRequest) -> list[int]:
-        """Prompt ids exactly as they will be fed to the model."""
-        return self.encode(self.render_text(request))
+    def render(self, request: GenerationRequest, max_context: int | None = None) -> list[int]:
+        """Prompt ids exactly as they will be fed to the model. With ``max_context``, a prompt of
+        ``max_context`` tokens or more raises ContextLengthExceeded, in time bounded by the context
+        rather than by the prompt's size."""
+        if max_context is not None:
+            # A message's own text is part of the prompt: one that alone cannot fit is refused
+            # before the template copies it around.
+            for message in request.messages:
+                content = message.text()
+                if len(content) > PIECE_CHARS:
+                    self._refuse_if_too_long(content, max_context)
+        text = self.render_text(request)
+        if max_context is not None and len(text) > PIECE_CHARS:
+            self._refuse_if_too_long(text, max_context)
+        ids = self.encode(text)
+        if max_context is not None and (not ids or len(ids) >= max_context):
+            raise _too_long(max_context)
+        return ids
+
+    def _refuse_if_too_long(self, text: str, max_context: int) -> None:
+        """Count tokens piece by piece, cutting before whitespace so the pieces tokenize (almost)
+        as the whole does, and stop once the count is clearly past the context (the margin covers
+        the few tokens a cut inside a word can add)."""
+        limit = max_context + max_context // 50 + 16
+        count, start = 0, 0
+        while start < len(text):
+            pieces: list[str] = []
+            while start < len(text) and len(pieces) < PIECES_PER_CALL:
+                end = min(len(text), start + PIECE_CHARS)
+                if end < len(text):
+                    cut = text.rfind(" ", start + PIECE_CHARS // 2, end)
+                    end = cut if cut > start else end
+                pieces.append(text[start:end])
+                start = end
+            # One batch call: the tokenizer's Rust side encodes the pieces in parallel.
+            with self._lock:
+                encoded = self._tokenizer(pieces, add_special_tokens=False)["input_ids"]
+            count += sum(len(ids) for ids in encoded)
+            if count >= limit:
+                raise _too_long(max_context)
 
     def render_text(self, request: GenerationRequest) -> str:
         messages = list(request.messages)
@@ -82,6 +124,10 @@ class PromptRenderer:
         if message.reasoning_content is not None and self._uses_reasoning:
             out["reasoning_content"] = message.reasoning_content
         return out
+
+
+def _too_long(max_context: int) -> ContextLengthExceeded:
+    return ContextLengthExceeded(f"Range of input length should be [1, {max_context - 1}]", param="messages")
 
 
 def tool_dict(tool: ToolSpec) -> dict[str, Any]:

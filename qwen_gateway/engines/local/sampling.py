@@ -1,7 +1,13 @@
-"""Per-request token choice: penalties, temperature, top-k, top-p, and a private random generator.
+"""Token choice for the whole batch at once: penalties, bitmask, temperature, top-k, top-p, draws.
 
-Every request owns a ``torch.Generator``, so a seeded request draws the same numbers whatever else
-runs beside it, and no request ever touches torch's global seed.
+One :class:`BatchSampler` call per step takes the ``[rows, vocab]`` logits and per-row settings (kept
+in each request's :class:`Sampler`) and returns one token per row. Rows with the same candidate width
+are processed as one tensor, so a row's arithmetic is the same whether it runs alone or beside
+others of its kind: a seeded request (which owns a ``torch.Generator`` and draws exactly one number
+per token from it) gives the same tokens alone and in a batch. Unseeded rows share the engine's
+generator; nobody touches torch's global seed.
+
+Penalties are applied sparsely, to the tokens a row has seen, instead of as vocabulary-wide passes.
 """
 
 from __future__ import annotations
@@ -83,112 +89,227 @@ class ResolvedSampling:
 
 
 class Sampler:
-    """Chooses one token from one row of logits; remembers what it chose for the penalties."""
+    """One request's sampling state: its settings, its generator when seeded, what it has seen."""
 
     def __init__(self, settings: ResolvedSampling, prompt_ids: Sequence[int]) -> None:
         self.settings = settings
-        self._prompt_ids = prompt_ids
-        self._generator: torch.Generator | None = None
-        # Vocabulary-sized state, built on the first step when the logits' size and device are known.
-        self._seen: torch.Tensor | None = None  # bool: in prompt or output (repetition penalty)
-        self._counts: torch.Tensor | None = None  # float: occurrences in output (OpenAI penalties)
-        self._ready = False
-        self._early: list[int] = []  # tokens observed before the first sample (forced tokens)
-
-    def _setup(self, logits: torch.Tensor) -> None:
-        self._ready = True
-        vocab, device = logits.shape[-1], logits.device
-        s = self.settings
-        if s.repetition_penalty != 1.0:
-            self._seen = torch.zeros(vocab, dtype=torch.bool, device=device)
-            ids = torch.tensor([i for i in self._prompt_ids if 0 <= i < vocab], dtype=torch.long)
-            self._seen[ids.to(device)] = True
-        if s.presence_penalty != 0.0 or s.frequency_penalty != 0.0:
-            self._counts = torch.zeros(vocab, dtype=torch.float32, device=device)
-        if not s.greedy:
-            self._generator = torch.Generator(device=device)
-            seed = s.seed if s.seed is not None else secrets.randbits(63)
-            self._generator.manual_seed(seed)
-        for token_id in self._early:
-            self.observe(token_id)
-        self._early.clear()
+        s = settings
+        self.generator: torch.Generator | None = None
+        if s.seed is not None and not s.greedy:
+            self.generator = torch.Generator().manual_seed(s.seed)
+        # Repetition penalty (Hugging Face semantics): every distinct id of the prompt and the output.
+        self._seen: _IdSet | None = _IdSet(prompt_ids) if s.repetition_penalty != 1.0 else None
+        # Presence/frequency penalties (OpenAI semantics): occurrences in the output only.
+        self._counts: _IdCounts | None = (
+            _IdCounts() if s.presence_penalty != 0.0 or s.frequency_penalty != 0.0 else None
+        )
 
     def observe(self, token_id: int) -> None:
-        """Record a token that became part of the output (sampled or forced)."""
-        if not self._ready:
-            self._early.append(token_id)
-            return
-        if self._seen is not None and token_id < self._seen.shape[0]:
-            self._seen[token_id] = True
-        if self._counts is not None and token_id < self._counts.shape[0]:
-            self._counts[token_id] += 1.0
-
-    def penalize(self, logits: torch.Tensor) -> torch.Tensor:
-        s = self.settings
+        """Record a token that became part of the output."""
         if self._seen is not None:
-            # Hugging Face semantics: shrink the magnitude of every seen token's logit.
-            penalized = torch.where(logits < 0, logits * s.repetition_penalty, logits / s.repetition_penalty)
-            logits = torch.where(self._seen, penalized, logits)
+            self._seen.add(token_id)
         if self._counts is not None:
-            # OpenAI semantics: subtract per occurrence (frequency) and once if present (presence).
-            logits = (
-                logits
-                - self._counts * s.frequency_penalty
-                - (self._counts > 0).to(logits.dtype) * s.presence_penalty
-            )
-        return logits
+            self._counts.add(token_id)
 
     def sample(self, logits: torch.Tensor) -> int:
-        """One token id from a 1-D row of logits."""
-        if not self._ready:
-            self._setup(logits)
-        logits = self.penalize(logits.float())
-        s = self.settings
-        if s.greedy:
-            return int(torch.argmax(logits).item())
-        logits = logits / s.temperature
-        threshold = s.top_p
-        if s.top_k > 0:
-            # top-k first: the nucleus is then cut from k candidates instead of sorting the vocabulary.
-            values, indices = torch.topk(logits, min(s.top_k, logits.shape[-1]))
-        elif s.top_p < 1.0:
-            values, indices, mass = _nucleus_candidates(logits, s.top_p)
-            # Candidates' probabilities are renormalised below; the nucleus is defined on the whole
-            # distribution, so the cut is scaled by the candidates' share of it.
-            threshold = s.top_p / mass
-        else:
-            return self._draw(torch.softmax(logits, dim=-1))
-        probs = torch.softmax(values, dim=-1)
-        if s.top_p < 1.0:
-            # Drop a candidate when the more likely ones already cover top_p; the best one always stays.
-            cumulative = torch.cumsum(probs, dim=-1)
-            probs = probs.masked_fill(cumulative - probs > threshold, 0.0)
-        return int(indices[self._draw(probs)].item())
+        """One token from a 1-D row of logits (a batch of one)."""
+        return BatchSampler().sample([self], logits.unsqueeze(0))[0]
 
-    def _draw(self, probs: torch.Tensor) -> int:
-        """Inverse-CDF draw of one index: one uniform number per token, where torch.multinomial
-        costs about a millisecond per call over a full vocabulary on CPU."""
+    def penalize(self, logits: torch.Tensor) -> torch.Tensor:
+        """The row with this request's penalties applied (a copy)."""
+        out = logits.float().clone().unsqueeze(0)
+        _penalize(out, [self])
+        return out[0]
+
+
+class _IdSet:
+    """Distinct token ids in insertion order, as a growing tensor (no rebuild per token)."""
+
+    def __init__(self, ids: Sequence[int]) -> None:
+        unique = list(dict.fromkeys(int(i) for i in ids))
+        self._known = set(unique)
+        self._buf = torch.tensor(unique + [0] * max(16, len(unique)), dtype=torch.long)
+        self.size = len(unique)
+
+    def add(self, token_id: int) -> None:
+        if token_id in self._known:
+            return
+        self._known.add(token_id)
+        if self.size == self._buf.numel():
+            self._buf = torch.cat([self._buf, torch.zeros_like(self._buf)])
+        self._buf[self.size] = token_id
+        self.size += 1
+
+    def ids(self) -> torch.Tensor:
+        return self._buf[: self.size]
+
+
+class _IdCounts:
+    def __init__(self) -> None:
+        self._pos: dict[int, int] = {}
+        self._ids = torch.zeros(16, dtype=torch.long)
+        self._counts = torch.zeros(16, dtype=torch.float32)
+
+    def add(self, token_id: int) -> None:
+        pos = self._pos.get(token_id)
+        if pos is None:
+            pos = self._pos[token_id] = len(self._pos)
+            if pos == self._ids.numel():
+                self._ids = torch.cat([self._ids, torch.zeros_like(self._ids)])
+                self._counts = torch.cat([self._counts, torch.zeros_like(self._counts)])
+            self._ids[pos] = token_id
+        self._counts[pos] += 1.0
+
+    def view(self) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(self._pos)
+        return self._ids[:n], self._counts[:n]
+
+
+def _penalize(logits: torch.Tensor, rows: Sequence[Sampler]) -> None:
+    """Apply every row's penalties to ``logits`` ([rows, vocab], float32) in place, touching only the
+    entries of tokens each row has seen."""
+    vocab = logits.shape[-1]
+    r_idx, c_idx, factor = [], [], []
+    for i, row in enumerate(rows):
+        if row._seen is not None and row._seen.size:
+            ids = row._seen.ids()
+            r_idx.append(torch.full_like(ids, i))
+            c_idx.append(ids)
+            factor.append(torch.full(ids.shape, row.settings.repetition_penalty))
+    if r_idx:
+        r, c, f = torch.cat(r_idx), torch.cat(c_idx), torch.cat(factor)
+        keep = c < vocab
+        r, c, f = r[keep], c[keep], f[keep]
+        vals = logits[r, c]
+        logits[r, c] = torch.where(vals < 0, vals * f, vals / f)
+    r_idx, c_idx, sub = [], [], []
+    for i, row in enumerate(rows):
+        if row._counts is not None:
+            ids, counts = row._counts.view()
+            if ids.numel():
+                s = row.settings
+                r_idx.append(torch.full_like(ids, i))
+                c_idx.append(ids)
+                sub.append(counts * s.frequency_penalty + s.presence_penalty)
+    if r_idx:
+        r, c, d = torch.cat(r_idx), torch.cat(c_idx), torch.cat(sub)
+        keep = c < vocab
+        logits[r[keep], c[keep]] -= d[keep]
+
+
+class BatchSampler:
+    """Chooses the next token of every row of a step in one pass over ``[rows, vocab]`` logits."""
+
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        # Shared by unseeded rows: their draws need not be reproducible, only independent.
+        self._generator = generator or torch.Generator().manual_seed(secrets.randbits(63))
+
+    def sample(
+        self,
+        rows: Sequence[Sampler],
+        logits: torch.Tensor,
+        allowed: torch.Tensor | None = None,
+        *,
+        owned: bool = False,
+    ) -> list[int]:
+        """One token per row. ``allowed`` ([rows, vocab] bool) masks out tokens (the bitmask of
+        forced tokens and constraints). ``owned``: the caller hands ``logits`` over, so penalties
+        and the mask may be written into it instead of into a copy."""
+        penalized = any(r._seen is not None or r._counts is not None for r in rows)
+        source = logits
+        logits = logits.float()
+        if (penalized or allowed is not None) and not owned and logits is source:
+            logits = logits.clone()  # never write into the caller's tensor
+        if penalized:
+            _penalize(logits, rows)
+        if allowed is not None:
+            logits.masked_fill_(~allowed, float("-inf"))
+        chosen = [0] * len(rows)
+        groups: dict[tuple[int, bool], list[int]] = {}
+        greedy: list[int] = []
+        vocab = logits.shape[-1]
+        for i, row in enumerate(rows):
+            s = row.settings
+            if s.greedy:
+                greedy.append(i)
+            else:
+                # Candidate width: top-k, else enough for the nucleus, else (0) the whole vocabulary.
+                width = s.top_k if s.top_k > 0 else NUCLEUS_CANDIDATES if s.top_p < 1.0 else 0
+                groups.setdefault((min(width, vocab), s.top_k > 0), []).append(i)
+        if greedy:
+            index = torch.tensor(greedy)
+            picks = torch.argmax(logits.index_select(0, index), dim=-1).tolist()
+            for i, token in zip(greedy, picks, strict=True):
+                chosen[i] = int(token)
+        for (width, top_k), members in groups.items():
+            tokens = self._sample_group(rows, logits, members, width, top_k)
+            for i, token in zip(members, tokens, strict=True):
+                chosen[i] = token
+        return chosen
+
+    def _sample_group(
+        self, rows: Sequence[Sampler], logits: torch.Tensor, members: list[int], width: int, top_k: bool
+    ) -> list[int]:
+        every = len(members) == logits.shape[0] and members == list(range(len(members)))
+        x = logits if every else logits.index_select(0, torch.tensor(members))
+        temps = torch.tensor([rows[i].settings.temperature for i in members], dtype=torch.float32).unsqueeze(
+            1
+        )
+        top_p = [rows[i].settings.top_p for i in members]
+        if width == 0:  # no top-k, no top-p: the whole vocabulary
+            return self._draw([rows[i] for i in members], torch.softmax(x / temps, dim=-1)).tolist()
+        thresholds = list(top_p)
+        fallback: list[int] = []
+        if top_k:
+            # A positive temperature keeps the order: take the candidates first, then scale only them.
+            values, indices = torch.topk(x, width)
+            values = values / temps
+        else:
+            x = x / temps
+            values, indices = torch.topk(x, width)
+            # Nucleus candidates: the top ``width`` tokens' share of the mass decides the cut; a row
+            # whose nucleus is wider than the candidates falls back to the exact full sort.
+            mass = torch.exp(torch.logsumexp(values, -1) - torch.logsumexp(x, -1)).tolist()
+            for j, (p, m) in enumerate(zip(top_p, mass, strict=True)):
+                if m >= p:
+                    thresholds[j] = p / m
+                else:
+                    fallback.append(j)
+        probs = torch.softmax(values, dim=-1)
+        cut = torch.tensor(thresholds, dtype=torch.float32).unsqueeze(1)
+        cumulative = torch.cumsum(probs, dim=-1)
+        # Drop a candidate when the more likely ones already cover top_p; the best one always stays.
+        probs = probs.masked_fill(cumulative - probs > cut, 0.0)
+        picked = indices.gather(1, self._draw([rows[i] for i in members], probs).unsqueeze(1)).squeeze(1)
+        out = [int(t) for t in picked.tolist()]
+        for j in fallback:  # only rows without top-k fall back, and for them ``x`` is scaled
+            out[j] = self._full_nucleus(rows[members[j]], x[j], top_p[j])
+        return out
+
+    def _full_nucleus(self, row: Sampler, x: torch.Tensor, top_p: float) -> int:
+        values, indices = torch.sort(x, descending=True)
+        probs = torch.softmax(values, dim=-1)
+        cumulative = torch.cumsum(probs, dim=-1)
+        probs = probs.masked_fill(cumulative - probs > top_p, 0.0)
+        return int(indices[self._draw([row], probs.unsqueeze(0))[0]].item())
+
+    def _draw(self, rows: Sequence[Sampler], probs: torch.Tensor) -> torch.Tensor:
+        """Inverse-CDF draw of one index per row: one uniform number per row (torch.multinomial
+        costs about a millisecond per call over a full vocabulary on CPU). A seeded row draws from
+        its own generator, the others from the shared one."""
         cdf = torch.cumsum(probs.double(), dim=-1)
-        u = torch.rand((), generator=self._generator, dtype=torch.float64, device=probs.device) * cdf[-1]
+        u = torch.empty(len(rows), dtype=torch.float64)
+        shared = [i for i, r in enumerate(rows) if r.generator is None]
+        if shared:
+            u[shared] = torch.rand(len(shared), generator=self._generator, dtype=torch.float64)
+        for i, r in enumerate(rows):
+            if r.generator is not None:
+                u[i] = torch.rand((), generator=r.generator, dtype=torch.float64)
+        target = (u * cdf[:, -1]).unsqueeze(1)
         # right=True: index i with cdf[i-1] <= u < cdf[i]; a zero-probability token has an empty interval.
-        index = torch.searchsorted(cdf, u.reshape(1), right=True)
-        return min(int(index.item()), probs.shape[-1] - 1)
+        index = torch.searchsorted(cdf, target, right=True).squeeze(1)
+        return index.clamp_(max=probs.shape[-1] - 1)
 
 
 # Most next-token distributions put top_p of their mass on far fewer tokens than this.
 NUCLEUS_CANDIDATES = 256
-
-
-def _nucleus_candidates(logits: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """The most likely tokens, in order, enough to hold the top_p nucleus, and their share of the
-    probability mass. A top-k of a few hundred replaces sorting the whole vocabulary (~150k entries
-    for Qwen), which is most of a decode step's sampling time on CPU; when the candidates don't
-    cover top_p, it falls back to the full sort, so the result is exact either way."""
-    size = logits.shape[-1]
-    if size > NUCLEUS_CANDIDATES:
-        values, indices = torch.topk(logits, NUCLEUS_CANDIDATES)
-        mass = float(torch.exp(torch.logsumexp(values, -1) - torch.logsumexp(logits, -1)))
-        if mass >= top_p:
-            return values, indices, mass
-    values, indices = torch.sort(logits, descending=True)
-    return values, indices, 1.0

@@ -1,10 +1,10 @@
 """The inference thread: the only thread that touches the model.
 
-Requests arrive through a thread-safe inbox; the thread admits them FIFO up to ``max_batch_size``,
-prefills a newcomer between decode steps (one chunk of ``prefill_chunk`` prompt tokens per step while
-others are decoding, so a long prompt never stalls their streams for its whole prefill), decodes one
-token per active sequence per step, and drops
-cancelled sequences at the next step. Events go back through each sequence's ``emit`` callback.
+Requests arrive through a thread-safe inbox; the thread admits them FIFO up to ``max_batch_size``.
+Each step decodes one token per active sequence and, in the same step, advances the prompts being
+prefilled by at most ``prefill_chunk`` tokens in total (so a long prompt never stalls the others'
+streams for more than one chunk's worth of work). Cancelled sequences are dropped at the next step.
+Events go back through each sequence's ``emit`` callback.
 
 Failure rules: an exception while serving one sequence fails that sequence only (EngineFailure, or
 EngineOverloaded for out-of-memory); the thread keeps serving the rest. If the loop itself breaks,
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from qwen_gateway.engines.local.backends import Backend, SchedulerKind, make_backend
+from qwen_gateway.engines.local.backends import Backend, PrefillWork, SchedulerKind, make_backend
 from qwen_gateway.engines.local.sequence import Sequence
 from qwen_gateway.errors import ApiError, EngineFailure, EngineOverloaded, EngineUnavailable
 
@@ -50,17 +50,20 @@ class Scheduler:
         max_batch_size: int,
         name: str,
         prefill_chunk: int = 512,
+        kv_capacity_tokens: int = 0,
+        kv_budget_tokens: int | None = None,
     ) -> None:
         self.kind = kind
         self._prefill_chunk = prefill_chunk
         self._model, self._device = model, device
-        self._backend: Backend = make_backend(kind, model, device)
+        self._kv = {"capacity_tokens": kv_capacity_tokens, "budget_tokens": kv_budget_tokens}
+        self._backend: Backend = make_backend(kind, model, device, **self._kv)  # type: ignore[arg-type]
         self._max_batch = max_batch_size
         # None is a wake-up nudge (a cancellation or a stop request), never a request.
         self._inbox: queue.SimpleQueue[Sequence | None] = queue.SimpleQueue()
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._active: list[Sequence] = []
-        self._prefilling: Sequence | None = None  # admitted, prompt partly in its cache
+        self._prefilling: list[Sequence] = []  # admitted, prompts not (fully) in the cache yet
         self._lock = threading.Lock()
         self._held = 0  # sequences submitted and not yet released by the thread
         self._closed = False
@@ -107,15 +110,16 @@ class Scheduler:
         try:
             with torch.inference_mode():
                 while not self._stopping.is_set():
-                    idle = not self._waiting and not self._active and self._prefilling is None
+                    idle = not self._waiting and not self._active and not self._prefilling
                     self._take_inbox(block=idle)
                     if self._stopping.is_set():
                         break
                     try:
                         self._drop_cancelled()
-                        self._admit()
-                        if self._active:
-                            self._backend.step(self._active, self._on_error)
+                        work = self._prefill_work()
+                        if self._active or work:
+                            self._backend.step(list(self._active), work, self._on_error)
+                            self._settle_prefills()
                             self._reap()
                     except Exception as exc:
                         self._recover(exc)
@@ -132,12 +136,9 @@ class Scheduler:
         log.error(
             "an inference step failed; failing the %d running request(s)", len(self._active), exc_info=exc
         )
-        casualties = list(self._active)
-        if self._prefilling is not None:
-            casualties.append(self._prefilling)
-            self._prefilling = None
-        self._active = []
-        self._backend = make_backend(self.kind, self._model, self._device)
+        casualties = [*self._active, *self._prefilling]
+        self._active, self._prefilling = [], []
+        self._backend = make_backend(self.kind, self._model, self._device, **self._kv)  # type: ignore[arg-type]
         for seq in casualties:
             self._on_error(seq, exc)
             self._release(seq)
@@ -162,33 +163,37 @@ class Scheduler:
             for seq in [s for s in self._waiting if s.cancelled]:
                 self._waiting.remove(seq)
                 self._release(seq)
+        self._settle_prefills()
         self._reap()
 
-    def _admit(self) -> None:
-        # With others decoding, one prefill chunk per step keeps their inter-token latency bounded; an
-        # idle thread prefills back to back and fills the whole batch at once.
-        decoding = bool(self._active)
-        while True:
-            if self._prefilling is None:
-                if not self._waiting or len(self._active) >= self._max_batch:
-                    return
-                self._prefilling = self._waiting.popleft()
-            seq = self._prefilling
-            if not seq.cancelled:
-                try:
-                    self._backend.prefill(seq, self._prefill_chunk)
-                except Exception as exc:
-                    self._on_error(seq, exc)
+    def _prefill_work(self) -> PrefillWork:
+        """This step's prompt chunks: the prefills under way first, then newcomers while the batch
+        has room, ``prefill_chunk`` prompt tokens in all."""
+        while self._waiting and len(self._active) + len(self._prefilling) < self._max_batch:
+            self._prefilling.append(self._waiting.popleft())
+        budget = self._prefill_chunk
+        work: PrefillWork = []
+        for seq in self._prefilling:
+            if budget <= 0:
+                break
+            n = min(len(seq.prompt_ids) - seq.prefilled, budget)
+            work.append((seq, n))
+            budget -= n
+        return work
+
+    def _settle_prefills(self) -> None:
+        """Prefills that ended (failed, cancelled, or finished on their first token) leave; completed
+        ones join the decoding set."""
+        still: list[Sequence] = []
+        for seq in self._prefilling:
             if seq.finished or seq.cancelled:
-                self._prefilling = None
-                # Cancelled during its last chunk, it may already have joined the batch.
                 self._backend.remove([seq])
                 self._release(seq)
             elif seq.prefill_done:
-                self._prefilling = None
                 self._active.append(seq)
-            if decoding:
-                return
+            else:
+                still.append(seq)
+        self._prefilling = still
 
     def _reap(self) -> None:
         done = [s for s in self._active if s.finished or s.cancelled]
@@ -221,10 +226,8 @@ class Scheduler:
     def _shutdown(self) -> None:
         with self._lock:
             self._closed = True
-        leftovers = [*self._active, *self._waiting]
-        if self._prefilling is not None:
-            leftovers.append(self._prefilling)
-            self._prefilling = None
+        leftovers = [*self._active, *self._waiting, *self._prefilling]
+        self._prefilling = []
         while True:
             item = self._get_nowait()
             if item is None and self._inbox.empty():

@@ -1,5 +1,6 @@
 """Helpers for the local engine's tests: the tiny checkpoints, a runner, request builders and
-logits-processor probes (the engine's internal per-request hook)."""
+token-mask probes (masks are how the engine compiles per-request rules into the batch bitmask; tests
+install their own by replacing ``LocalEngine._token_masks`` on one engine)."""
 
 from __future__ import annotations
 
@@ -79,28 +80,34 @@ async def answer(engine: Any, req: GenerationRequest) -> tuple[str, Finished]:
     return text_of(deltas), finished
 
 
+def install_masks(engine: Any, factory: Any) -> None:
+    """Give every request of ``engine`` the token masks ``factory(request)`` returns (test-only)."""
+    engine._token_masks = factory
+
+
+def remove_masks(engine: Any) -> None:
+    engine.__dict__.pop("_token_masks", None)
+
+
 class Recorder:
-    """A logits processor (the engine's internal hook) that keeps the request's live list of generated
-    ids, so after the answer it holds every generated id."""
+    """A token mask that restricts nothing and keeps the request's live list of generated ids, so
+    after the answer it holds every generated id."""
 
     def __init__(self) -> None:
         self.seen: list[int] = []
 
-    def __call__(self, generated: Any, logits: Any) -> Any:
+    def allowed(self, generated: Any) -> Any:
         self.seen = generated
-        return logits
+        return None
 
 
 class Forcer:
-    """A logits processor that makes the model emit ``ids`` in order (everything else masked)."""
+    """A token mask that makes the model emit ``ids`` in order (then keeps forcing the last one)."""
 
     def __init__(self, ids: list[int]) -> None:
         self.ids = ids
 
-    def __call__(self, generated: Any, logits: Any) -> Any:
+    def allowed(self, generated: Any) -> Any:
         import torch
 
-        target = self.ids[min(len(generated), len(self.ids) - 1)]
-        masked = torch.full_like(logits, float("-inf"))
-        masked[target] = 0.0
-        return masked
+        return torch.tensor([self.ids[min(len(generated), len(self.ids) - 1)]])

@@ -1,7 +1,7 @@
 """LocalEngine on the tiny Qwen checkpoints: prompts, limits, sampling, stops, streaming text.
 
 Random weights: greedy output tends to repeat one token, so tests that need varied tokens use seeded
-sampling, greedy decoding with penalties, or force tokens through the engine's logits-processor hook.
+sampling, greedy decoding with penalties, or force tokens with a token mask (the batch bitmask).
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from tests.unit.engines.local_helpers import (
     Recorder,
     answer,
     collect,
+    install_masks,
+    remove_masks,
     request,
     run,
     text_of,
@@ -55,13 +57,13 @@ def tokenizer(qwen25: Any) -> Any:
 
 @pytest.fixture
 def hook(qwen25: Any) -> Any:
-    """Install a logits-processor factory for one test."""
+    """Install token masks for every request of one test."""
 
-    def install(*processors: Any) -> None:
-        qwen25.processor_factory = lambda _req, _tok: list(processors)
+    def install(*masks: Any) -> None:
+        install_masks(qwen25, lambda _req: list(masks))
 
     yield install
-    qwen25.processor_factory = None
+    remove_masks(qwen25)
 
 
 def template_ids(tok: Any, messages: list[dict[str, Any]], **kw: Any) -> list[int]:

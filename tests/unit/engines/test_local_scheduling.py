@@ -18,7 +18,18 @@ from qwen_gateway.engines.base import EngineState, Finished, TextDelta
 from qwen_gateway.engines.local import LocalEngine
 from qwen_gateway.errors import EngineFailure, EngineOverloaded, EngineUnavailable
 from qwen_gateway.settings import ModelConfig, Settings
-from tests.unit.engines.local_helpers import QWEN3, QWEN25, Forcer, answer, collect, make_engine, request, run
+from tests.unit.engines.local_helpers import (
+    QWEN3,
+    QWEN25,
+    Forcer,
+    answer,
+    collect,
+    install_masks,
+    make_engine,
+    remove_masks,
+    request,
+    run,
+)
 
 SCHEDULERS = ["batched", "interleaved"]
 VARIED: dict[str, Any] = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
@@ -57,7 +68,7 @@ def spy(engine: Any) -> Iterator[ForwardSpy]:
     model.forward = spy
     yield spy
     del model.forward  # back to the class's forward
-    engine.processor_factory = None
+    remove_masks(engine)
 
 
 def test_scheduler_is_selected_by_config(tmp_path: Path) -> None:
@@ -234,7 +245,7 @@ def test_failing_decode_step_fails_only_that_request(engine: Any, spy: ForwardSp
     spy.fail_when = lambda ids: (
         RuntimeError("poisoned") if ids.shape[1] == 1 and bool((ids == poison).any()) else None
     )
-    engine.processor_factory = lambda req, _tok: [Forcer([poison])] if req.request_id == "bad" else []
+    install_masks(engine, lambda req: [Forcer([poison])] if req.request_id == "bad" else [])
 
     async def main() -> None:
         good = [
@@ -255,7 +266,7 @@ def test_failing_decode_step_fails_only_that_request(engine: Any, spy: ForwardSp
         assert 3 in spy.batch_sizes  # the poisoned pass was a batch of all three
     assert run(engine.health()).active_generations == 0
     # The survivors' text is unaffected by the detour through single-row steps.
-    engine.processor_factory = None
+    remove_masks(engine)
     spy.fail_when = lambda _ids: None
     again = [run(answer(engine, request(p, max_tokens=20, **GREEDY_VARIED)))[0] for p in PROMPTS[:2]]
     assert again == expected
@@ -353,15 +364,21 @@ def test_chunked_prefill_matches_one_shot_prefill(engine_factory: Callable[..., 
 
 
 def test_long_prompt_prefill_interleaves_with_decoding(engine_factory: Callable[..., Any]) -> None:
-    """A long prompt arriving while another request streams is prefilled one chunk per step: the
-    running stream keeps getting tokens between the chunks."""
+    """A long prompt arriving while another request streams is prefilled one chunk per step, and
+    each of those steps also decodes the running stream's next token (one flat forward pass)."""
     engine = engine_factory(QWEN25, scheduler="batched", prefill_chunk=16, id="interleave-prefill")
     model = engine._loaded.model
     spy = InputSpy(model)
 
     async def main() -> None:
-        running = asyncio.ensure_future(answer(engine, request("Hi", max_tokens=60, **VARIED, seed=1)))
-        await asyncio.sleep(0.05)
+        stream = engine.generate(request("Hi", max_tokens=60, **VARIED, seed=1))
+        await stream.__anext__()  # decoding has begun
+
+        async def rest() -> None:
+            async for _event in stream:
+                pass
+
+        running = asyncio.ensure_future(rest())
         model.forward = spy
         await answer(engine, request("lorem ipsum dolor " * 30, max_tokens=2, **VARIED, seed=2))
         await running
@@ -370,10 +387,10 @@ def test_long_prompt_prefill_interleaves_with_decoding(engine_factory: Callable[
         run(main())
     finally:
         del model.forward
-    chunks = [i for i, w in enumerate(spy.widths) if w == 16]
-    assert len(chunks) >= 4
-    # Between consecutive prefill chunks there is a decode step of the running request (width 1).
-    assert all(spy.widths[a + 1] == 1 for a in chunks[:-1])
+    chunk_steps = [w for w in spy.widths if w > 1]
+    # 16 prompt tokens plus the running request's token: it got a token with every chunk.
+    assert chunk_steps.count(16 + 1) >= 4
+    assert max(chunk_steps) == 16 + 1  # never more than one chunk of prompt per step
 
 
 def test_cancel_during_the_last_prefill_chunk_leaves_no_row_behind(
@@ -387,14 +404,15 @@ def test_cancel_during_the_last_prefill_chunk_leaves_no_row_behind(
         loop = asyncio.get_running_loop()
         victim: dict[str, asyncio.Future[Any]] = {}
 
-        def hang_up_while_choosing_first_token(generated: Any, logits: Any) -> Any:
-            if len(generated) == 0:  # on the inference thread, at the end of the victim's prefill
-                loop.call_soon_threadsafe(victim["task"].cancel)
-                time.sleep(0.3)
-            return logits
+        class HangUpWhileChoosingFirstToken:
+            def allowed(self, generated: Any) -> Any:
+                if len(generated) == 0:  # on the inference thread, at the end of the victim's prefill
+                    loop.call_soon_threadsafe(victim["task"].cancel)
+                    time.sleep(0.3)
+                return None
 
-        engine.processor_factory = lambda req, _tok: (
-            [hang_up_while_choosing_first_token] if req.request_id == "victim" else []
+        install_masks(
+            engine, lambda req: [HangUpWhileChoosingFirstToken()] if req.request_id == "victim" else []
         )
         other = asyncio.ensure_future(
             answer(engine, request("hello", request_id="other", max_tokens=120, temperature=0))
@@ -411,9 +429,13 @@ def test_cancel_during_the_last_prefill_chunk_leaves_no_row_behind(
     try:
         run(main())
     finally:
-        engine.processor_factory = None
+        remove_masks(engine)
     backend = engine._scheduler._backend
-    assert backend.rows == [] and backend.width == 0
+    # The answer reaches the consumer before the thread reaps the finished row: wait for the reap.
+    deadline = time.monotonic() + 10
+    while backend.rows and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert backend.rows == [] and backend.pool.in_use == 0
     assert run(engine.health()).active_generations == 0
 
 
