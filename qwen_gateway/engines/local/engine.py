@@ -243,7 +243,9 @@ class LocalEngine:
             request_id=request.request_id,
             prompt_ids=prompt_ids,
             max_new_tokens=max_new,
-            sampler=Sampler(ResolvedSampling.resolve(sampling, loaded.defaults), prompt_ids),
+            sampler=Sampler(
+                ResolvedSampling.resolve(sampling, loaded.defaults), prompt_ids, exempt=loaded.eos_ids
+            ),
             eos_ids=loaded.eos_ids,
             stop_token_ids=sampling.stop_token_ids,
             emit=emit,

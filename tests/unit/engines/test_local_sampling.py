@@ -48,6 +48,15 @@ def test_repetition_penalty_uses_hf_semantics_over_prompt_and_output() -> None:
     assert torch.allclose(out, torch.tensor([1.5, 1.0, -1.0]))
 
 
+def test_repetition_penalty_spares_the_end_of_turn_ids() -> None:
+    # Every chat prompt ends its turns with the EOS id (2 here): penalizing it would only make the
+    # answer less likely to end.
+    s = Sampler(resolve(temperature=0.0, repetition_penalty=2.0), prompt_ids=[0, 2], exempt=[2])
+    s.observe(2)
+    out = s.penalize(torch.tensor([3.0, 2.0, 4.0]))
+    assert torch.allclose(out, torch.tensor([1.5, 2.0, 4.0]))
+
+
 def test_presence_and_frequency_penalties_use_openai_semantics() -> None:
     s = Sampler(resolve(temperature=0.0, presence_penalty=0.5, frequency_penalty=0.25), prompt_ids=[2])
     s.sample(torch.zeros(3))
