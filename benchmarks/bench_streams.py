@@ -240,8 +240,10 @@ async def long_prompt_gap(engine: LocalEngine, probe: Probe, prompt_tokens: int,
     probe.step_rows.clear()
     probe.samples.clear()
     arrived = time.perf_counter()
-    # "lorem " is ~1 token per word with Qwen's and SmolLM2's BPE; 0.95 leaves room for the template.
-    text = "lorem " * int(prompt_tokens * 0.95)
+    tok: Any = engine._loaded.tokenizer  # type: ignore[union-attr]
+    per_word = len(tok("lorem " * 100, add_special_tokens=False)["input_ids"]) / 100
+    # 0.95 leaves room for the chat template's own tokens.
+    text = "lorem " * int(prompt_tokens * 0.95 / per_word)
     long_started = time.perf_counter()
     long_task = asyncio.ensure_future(stream(engine, req(text, 2, 4, "gap-long")))
     await long_task
@@ -270,12 +272,16 @@ async def bench(path: str, args: argparse.Namespace) -> None:
     probe = Probe()
     try:
         await stream(engine, req(PROMPT, 8, 1, "warm"))
-        await throughput(engine, args.streams, args.max_tokens, args.rounds)
+        if "throughput" in args.parts:
+            await throughput(engine, args.streams, args.max_tokens, args.rounds)
         probe.install(engine)
-        await sampling_share(engine, probe, args.max_tokens)
-        await kv_memory(engine, probe)
+        if "sampling" in args.parts:
+            await sampling_share(engine, probe, args.max_tokens)
+        if "kv" in args.parts:
+            await kv_memory(engine, probe)
         context = engine.capabilities.max_context
-        await long_prompt_gap(engine, probe, min(32_000, context - 200), config.prefill_chunk)
+        if "gap" in args.parts:
+            await long_prompt_gap(engine, probe, min(32_000, context - 200), config.prefill_chunk)
     finally:
         probe.undo()
         await engine.aclose()
@@ -334,6 +340,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--parts", nargs="+", default=["throughput", "sampling", "kv", "gap"])
     parser.add_argument("--server", action="store_true", help="also measure tokens/s through the server")
     args = parser.parse_args()
     paths = args.model_path or [str(TINY.resolve()), str(ensure_embedded_model(args.home))]
