@@ -1,7 +1,7 @@
 """Admission under overload: many more concurrent clients than the engine runs plus its queue.
 
-Starts the real server on tiny-qwen2.5 with ``max_batch_size`` 8 and ``max_queue`` 16, fires 64
-concurrent non-stream requests, and while they run samples ``/health``. Prints how fast surplus
+Starts the real server on tiny-qwen2.5 with ``max_batch_size`` 8 and ``max_queue`` 16, sends 24
+non-stream requests (what the engine runs plus its queue), and once the queue is full 40 more at once, and while they run samples ``/health``. Prints how fast surplus
 requests were refused (503), how fast /health answered, whether every admitted request completed, and
 whether the ledger holds exactly one row per admitted request (none for refused ones).
 
@@ -39,17 +39,18 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def run(
-    base: str, key: str, clients: int, max_tokens: int
-) -> tuple[list[tuple[int, float, str]], list[float]]:
+    base: str, key: str, clients: int, max_tokens: int, fill: int
+) -> tuple[list[tuple[int, float, str]], list[float], list[float]]:
     body = {
         "model": "qwen-plus",
         "messages": [{"role": "user", "content": "Tell me a story."}],
-        "max_tokens": max_tokens,
+        "max_tokens": max_tokens,  # long enough to still be running when the surplus arrives
         "temperature": 1.0,
         "seed": 3,
     }
     results: list[tuple[int, float, str]] = []
     health_ms: list[float] = []
+    single_ms: list[float] = []
     done = asyncio.Event()
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
@@ -69,10 +70,29 @@ async def run(
                 await asyncio.sleep(0.05)
 
         prober = asyncio.create_task(probe())
-        await asyncio.gather(*(one() for _ in range(clients)))
+        # First fill the engine and its queue, then send the surplus: each surplus request then meets
+        # a full server, which is what the refusal latency is about (not the client's connect burst).
+        capacity = [asyncio.create_task(one()) for _ in range(fill)]
+        while True:
+            model = (await client.get("/health")).json()["models"][0]
+            if model["queued"] >= model["queue_limit"] or all(t.done() for t in capacity):
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.gather(*(one() for _ in range(clients - fill)))
+        # Then one surplus request at a time (no burst on either side): the refusal itself.
+        for _ in range(20):
+            if all(t.done() for t in capacity):
+                break
+            start = time.perf_counter()
+            r = await client.post(
+                "/compatible-mode/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+            )
+            if r.status_code == 503:
+                single_ms.append((time.perf_counter() - start) * 1000)
+        await asyncio.gather(*capacity)
         done.set()
         await prober
-    return results, health_ms
+    return results, health_ms, single_ms
 
 
 def main() -> None:
@@ -90,8 +110,8 @@ def main() -> None:
         config.write_text(CONFIG.format(path=MODELS / "tiny-qwen2.5", batch=args.batch, queue=args.queue))
         server = start_server(home, "--config", str(config), "--log-level", "warning")
         try:
-            results, health_ms = asyncio.run(
-                run(server.base_url, server.api_key, args.clients, args.max_tokens)
+            results, health_ms, single_ms = asyncio.run(
+                run(server.base_url, server.api_key, args.clients, args.max_tokens, args.batch + args.queue)
             )
             refused = [ms for status, ms, _ in results if status == 503]
             ok = [(ms, rid) for status, ms, rid in results if status == 200]
@@ -107,6 +127,11 @@ def main() -> None:
         print(
             f"refused 503: {len(refused)}  latency ms p50 {statistics.median(refused):.1f} "
             f"p99 {pct(refused, 0.99):.1f} max {max(refused):.1f}"
+        )
+    if single_ms:
+        print(
+            f"refused one at a time while full: {len(single_ms)}  latency ms p50 {statistics.median(single_ms):.1f} "
+            f"max {max(single_ms):.1f}"
         )
     if ok:
         print(

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 # event, [DONE] and ledger row (lifecycle.STOP_AT_BOUNDARY_SECONDS of it to reach the boundary);
 # whatever still runs then is cancelled.
 WRAP_UP_SECONDS = 10.0
+SWITCH_INTERVAL_SECONDS = 0.001
 
 
 class GatewayServer(uvicorn.Server):
@@ -153,6 +154,10 @@ async def serve(settings: Settings, sockets: list[socket.socket] | None = None) 
         # stalls a busy server for tens of milliseconds now and then.
         gc.collect()
         gc.freeze()
+        # The event loop shares the GIL with the engines' inference threads: a shorter switch interval
+        # (CPython's default is 5 ms) lets it answer (a 503, /health) without waiting out a decode
+        # step's Python work.
+        sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
         await server.serve(sockets=sockets)
     finally:
         for sock in sockets:
