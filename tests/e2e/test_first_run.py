@@ -56,6 +56,7 @@ def test_embedded_default_answers_the_readme_question_ten_times(
         server.stop()
 
 
+@pytest.mark.slow
 def test_startup_output_off_a_terminal_is_a_few_plain_lines(tmp_path: Path) -> None:
     """The server's output goes to a file here (as under systemd, docker or CI): one plain line per
     loading step, no spinner or bar frames."""

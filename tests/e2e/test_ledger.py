@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.support import MODELS, Server, start_server
 
@@ -88,6 +89,7 @@ max_output = 4096
 """
 
 
+@pytest.mark.slow
 def test_sigint_with_requests_running_leaves_every_row_written(tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()

@@ -78,6 +78,7 @@ class StreamClient:
         return [json.loads(line[len("data: ") :]) for line in self.lines if line.startswith("data: {")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_during_streams_ends_each_in_band_with_its_usage_and_exits_0(
     tmp_path: Path, sig: signal.Signals
@@ -126,6 +127,7 @@ def test_signal_during_streams_ends_each_in_band_with_its_usage_and_exits_0(
     assert "qwen-gateway stopped" in log
 
 
+@pytest.mark.slow
 def test_sigterm_when_idle_exits_0(tmp_path: Path) -> None:
     server = serve(tmp_path)
     try:
@@ -136,6 +138,7 @@ def test_sigterm_when_idle_exits_0(tmp_path: Path) -> None:
     assert "Traceback" not in server.log()
 
 
+@pytest.mark.slow
 def test_a_non_stream_call_cut_by_shutdown_answers_503_and_keeps_its_row(tmp_path: Path) -> None:
     server = serve(tmp_path)
     result: dict[str, httpx.Response] = {}

