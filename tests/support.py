@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -158,3 +159,11 @@ def embedded_home(tmp_path_factory: Any, name: str = "home") -> Path:
     home = Path(tmp_path_factory.mktemp(name))
     (home / "models").symlink_to(shared / "models", target_is_directory=True)
     return home
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    """Poll until ``predicate`` holds; the bound is for a hung server, far above any expected time."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)

@@ -96,9 +96,7 @@ class ChatService:
             except Exception:
                 status = "error"
                 log.exception("generation of request %s failed", call.request_id)
-                yield StreamFailed(
-                    EngineFailure(), before_output=not emitted, usage=_total(usage) if emitted else None
-                )
+                yield StreamFailed(EngineFailure(), before_output=not emitted, usage=_spent(usage, emitted))
                 return
             status = "ok"
             yield UsageReport(_total(usage))

@@ -4,14 +4,13 @@ Retry-After past it, /health showing the queue, and a client that hangs up while
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.support import MODELS, Server, start_server
+from tests.support import MODELS, Server, start_server, wait_for
 
 # Two sequences run at once, two more may wait: the fifth concurrent request is refused.
 CONFIG = """
@@ -48,13 +47,6 @@ def health(server: Server) -> dict[str, Any]:
     body = httpx.get(f"{server.base_url}/health", timeout=30).json()
     (model,) = body["models"]
     return model  # type: ignore[no-any-return]
-
-
-def wait_for(predicate: Any, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_past_the_queue_requests_get_503_with_retry_after(small: Server) -> None:

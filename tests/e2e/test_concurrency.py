@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 
-from tests.support import Server
+from tests.support import Server, wait_for
 
 MSG = [{"role": "user", "content": "Write a long poem about mountains."}]
 
@@ -19,14 +18,6 @@ MSG = [{"role": "user", "content": "Write a long poem about mountains."}]
 def active(server: Server, model: str = "qwen-turbo") -> int:
     body = httpx.get(f"{server.base_url}/health", timeout=5).json()
     return next(m["active_generations"] for m in body["models"] if m["id"] == model)
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    """Poll until ``predicate`` holds; the bound is for a hung server, far above any expected time."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_two_concurrent_streams_both_progress(server: Server) -> None:

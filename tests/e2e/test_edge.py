@@ -14,13 +14,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support import MODELS, Server, free_port, start_server
+from tests.support import MODELS, Server, free_port, start_server, wait_for
 
 CONFIG = """
 [server]
@@ -65,15 +65,6 @@ def read_until_closed(sock: socket.socket) -> bytes:
         while chunk := sock.recv(65536):
             data += chunk
     return data
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def post_head(server: Server, length: int, *, key: str | None = None) -> bytes:
@@ -178,7 +169,7 @@ def test_connections_past_the_cap_are_refused_at_accept(tmp_path: Path) -> None:
         assert answer.startswith(b"HTTP/1.1 503 "), answer[:200]
         assert b"TooManyConnections" in answer
         held.pop().close()
-        assert wait_for(lambda: _health_ok(server), timeout=15)
+        wait_for(lambda: _health_ok(server), "the server to answer /health", timeout=15)
     finally:
         for sock in held:
             sock.close()
@@ -225,7 +216,7 @@ def test_hanging_up_mid_body_logs_one_line_and_no_traceback(edge: Server) -> Non
         sock = connect(edge)
         sock.sendall(post_head(edge, 100_000, key=edge.api_key) + b'{"model": "qwen-plus", "mess')
         sock.close()
-    assert wait_for(lambda: len(_disconnect_lines(edge)) >= before + 5)
+    wait_for(lambda: len(_disconnect_lines(edge)) >= before + 5, "five disconnect lines", timeout=15)
     lines = _disconnect_lines(edge)[before:]
     assert len(lines) == 5 and all(" INFO " in line and "before the response" in line for line in lines)
     log = edge.log()
@@ -247,10 +238,10 @@ def test_hanging_up_mid_stream_logs_one_line_and_no_traceback(edge: Server) -> N
         request_id = r.headers["x-request-id"]
         lines = r.iter_lines()
         assert next(line for line in lines if line.startswith("data: {"))
-    assert wait_for(lambda: len(_disconnect_lines(edge)) >= before + 1)
+    wait_for(lambda: len(_disconnect_lines(edge)) >= before + 1, "a disconnect line", timeout=15)
     (line,) = _disconnect_lines(edge)[before:]
     assert request_id in line and "mid-response" in line
-    assert wait_for(lambda: bool(edge.ledger(request_id)))
+    wait_for(lambda: bool(edge.ledger(request_id)), "the ledger row", timeout=15)
     assert "Traceback" not in edge.log()
 
 
