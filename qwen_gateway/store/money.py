@@ -18,7 +18,6 @@ through ``AsyncConnection.run_sync`` (any backend). Invariants, each kept inside
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -27,20 +26,21 @@ from typing import Literal
 from sqlalchemy import Connection, delete, func, insert, select, update
 
 from qwen_gateway.store.db import Database, transaction
-from qwen_gateway.store.tables import api_keys, gateway_instances, holds, rate_events, usage_ledger
+from qwen_gateway.store.tables import api_keys, gateway_instances, holds, rate_windows, usage_ledger
 from qwen_gateway.store.usage import NewUsage
 
-WINDOW_MS = 60_000
+WINDOW_SECONDS = 60
 
 
 @dataclass(frozen=True, slots=True)
 class Admitted:
     """The request may run. ``balance_micro``: the key's balance after its hold, ``held_micro`` the hold
-    (both None: the key is unmetered); ``rate_counted``: it went into the key's rate window."""
+    (both None: the key is unmetered); ``rate_second``: the bucket of the key's rate window it was
+    counted in (None: the key has no limits)."""
 
     balance_micro: int | None
     held_micro: int | None
-    rate_counted: bool
+    rate_second: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +66,7 @@ def admit(
     """Check the key's RPM/TPM window, then (if the key is metered) hold ``hold_micro``, in the caller's
     transaction. The key's limits and balance are read here, fresh, not from a cache. A refusal moves
     no money and adds nothing to the window."""
-    now_ms = int(now.timestamp() * 1000)
+    second = int(now.timestamp())
     # The first statement writes the key's row: it serialises admissions of this key across processes
     # (see the module docstring) and reads the key's limits and balance as of now.
     key = conn.execute(
@@ -79,25 +79,28 @@ def admit(
         return Refused("unknown", None)
     rpm_limit, tpm_limit, balance = key
     limited = rpm_limit is not None or tpm_limit is not None
+    window = (rate_windows.c.key_id == key_id) & (rate_windows.c.second > second - WINDOW_SECONDS)
     if limited:
         conn.execute(
-            delete(rate_events).where(
-                rate_events.c.key_id == key_id, rate_events.c.at_ms <= now_ms - WINDOW_MS
+            delete(rate_windows).where(
+                rate_windows.c.key_id == key_id, rate_windows.c.second <= second - WINDOW_SECONDS
             )
         )
         count, used, oldest = conn.execute(
             select(
-                func.count(),
-                func.coalesce(func.sum(rate_events.c.tokens), 0),
-                func.min(rate_events.c.at_ms),
-            ).where(rate_events.c.key_id == key_id)
+                func.coalesce(func.sum(rate_windows.c.requests), 0),
+                func.coalesce(func.sum(rate_windows.c.tokens), 0),
+                func.min(rate_windows.c.second),
+            ).where(window)
         ).one()
-        retry = 1 if oldest is None else max(1, math.ceil((oldest + WINDOW_MS - now_ms) / 1000))
+        count, used = int(count), int(used)
+        # When the oldest second of the window leaves it (at least 1 s).
+        retry = 1 if oldest is None else max(1, int(oldest) + WINDOW_SECONDS - second)
         if rpm_limit is not None and count >= rpm_limit:
             return Refused("rpm", balance, retry)
         # A lone request is let through whatever its estimate: a limit below one request's estimate
         # must not lock the key out for good.
-        if tpm_limit is not None and count > 0 and int(used) + tokens > tpm_limit:
+        if tpm_limit is not None and count > 0 and used + tokens > tpm_limit:
             return Refused("tpm", balance, retry)
     held: int | None = None
     if balance is not None:
@@ -121,11 +124,17 @@ def admit(
                 created_at=now,
             )
         )
-    if limited:
-        conn.execute(
-            insert(rate_events).values(request_id=request_id, key_id=key_id, at_ms=now_ms, tokens=tokens)
-        )
-    return Admitted(balance, held, limited)
+    if not limited:
+        return Admitted(balance, held, None)
+    bucket = (rate_windows.c.key_id == key_id) & (rate_windows.c.second == second)
+    counted = conn.execute(
+        update(rate_windows)
+        .where(bucket)
+        .values(requests=rate_windows.c.requests + 1, tokens=rate_windows.c.tokens + tokens)
+    ).rowcount
+    if counted == 0:
+        conn.execute(insert(rate_windows).values(key_id=key_id, second=second, requests=1, tokens=tokens))
+    return Admitted(balance, held, second)
 
 
 def settle(conn: Connection, *, rows: Sequence[NewUsage]) -> list[int | None]:
@@ -137,11 +146,14 @@ def settle(conn: Connection, *, rows: Sequence[NewUsage]) -> list[int | None]:
     conn.execute(usage_ledger.insert(), [row.values() for row in rows])
     out: list[int | None] = []
     for row in rows:
-        if row.rate_counted:
+        if row.rate_second is not None and row.key_id is not None:
+            # The estimate counted at admission becomes the real count (a bucket already out of the
+            # window is gone: nothing to correct).
+            real = row.prompt_tokens + row.completion_tokens
             conn.execute(
-                update(rate_events)
-                .where(rate_events.c.request_id == row.request_id)
-                .values(tokens=row.prompt_tokens + row.completion_tokens)
+                update(rate_windows)
+                .where(rate_windows.c.key_id == row.key_id, rate_windows.c.second == row.rate_second)
+                .values(tokens=rate_windows.c.tokens + (real - row.rate_tokens))
             )
         if row.held_micro is None or row.key_id is None:
             out.append(None)

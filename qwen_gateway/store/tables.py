@@ -132,18 +132,17 @@ holds = Table(
 
 Index(None, holds.c.owner)
 
-# One row per admitted request of a rate-limited key, kept for a minute: the sliding window the RPM and
-# TPM limits count. ``tokens`` is the hold estimate while the request runs and its real total after.
-rate_events = Table(
-    "rate_events",
+# The sliding minute the RPM and TPM limits count, in one-second buckets per rate-limited key (at most
+# 60 rows per key, whatever its rate): requests admitted in that second, and their tokens (at their hold
+# estimate while they run, corrected to their real count when they are settled).
+rate_windows = Table(
+    "rate_windows",
     metadata,
-    Column("request_id", String(64), primary_key=True),
-    Column("key_id", String(32), ForeignKey("api_keys.id"), nullable=False),
-    Column("at_ms", BigInteger(), nullable=False),  # epoch milliseconds
+    Column("key_id", String(32), ForeignKey("api_keys.id"), primary_key=True),
+    Column("second", BigInteger(), primary_key=True),  # epoch seconds
+    Column("requests", Integer(), nullable=False),
     Column("tokens", BigInteger(), nullable=False),
 )
-
-Index(None, rate_events.c.key_id, rate_events.c.at_ms)
 
 # Server processes using this database, for telling a running request's hold from a crashed one's.
 gateway_instances = Table(

@@ -44,8 +44,9 @@ class NewUsage:
     ``created_at`` defaults to now, i.e. when the request ended rather than when the row is written.
 
     Settlement (store/money.py) reads two more fields that are not columns: ``held_micro`` is the hold
-    the request took at admission (None: its key is unmetered, no money moves), and ``rate_counted``
-    says it has a rate-window entry whose estimate becomes its real token count. For a metered key the
+    the request took at admission (None: its key is unmetered, no money moves); ``rate_second`` is the
+    bucket of its key's rate window it was counted in, with ``rate_tokens`` (its estimate), which
+    settlement corrects to its real token count. For a metered key the
     row's ``cost_micro`` is then what it is charged (capped so the balance never goes below zero).
     """
 
@@ -63,7 +64,8 @@ class NewUsage:
     video_tokens: int = 0
     latency_ms: int | None = None
     held_micro: int | None = None
-    rate_counted: bool = False
+    rate_second: int | None = None
+    rate_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.status not in USAGE_STATUSES:

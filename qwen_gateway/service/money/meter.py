@@ -79,7 +79,8 @@ class Account:
     balance_micro: int | None = None
     admitted: bool = False
     held_micro: int | None = None
-    rate_counted: bool = False
+    rate_second: int | None = None
+    rate_tokens: int = 0
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -145,6 +146,7 @@ class Meter:
         cancellation goes on.
         """
         tokens, hold = self.hold_for(call)
+        account.rate_tokens = tokens
         key = account.key
         now = self._clock()
 
@@ -185,7 +187,7 @@ class Meter:
         if isinstance(outcome, money.Admitted):
             account.admitted = True
             account.held_micro = outcome.held_micro
-            account.rate_counted = outcome.rate_counted
+            account.rate_second = outcome.rate_second
 
     # -- settlement ----------------------------------------------------------------------------------
 
@@ -218,7 +220,8 @@ class Meter:
             cost_micro=cost,
             latency_ms=latency_ms,
             held_micro=account.held_micro if account is not None and account.admitted else None,
-            rate_counted=account is not None and account.rate_counted,
+            rate_second=account.rate_second if account is not None and account.admitted else None,
+            rate_tokens=account.rate_tokens if account is not None else 0,
         )
         balance = await self._writer.record(row)
         if account is not None and balance is not None:

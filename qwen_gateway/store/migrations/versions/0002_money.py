@@ -1,4 +1,4 @@
-"""Money: balances and costs in integer micro-units, rate limits, holds, the rate window, instances and
+"""Money: balances and costs in integer micro-units, rate limits, holds, the rate windows, instances and
 daily roll-ups; the ledger's request id becomes unique.
 
 Revision ID: 0002
@@ -66,15 +66,14 @@ def upgrade() -> None:
     )
     op.create_index("ix_holds_owner", "holds", ["owner"])
     op.create_table(
-        "rate_events",
-        sa.Column("request_id", sa.String(64), nullable=False),
+        "rate_windows",
         sa.Column("key_id", sa.String(32), nullable=False),
-        sa.Column("at_ms", sa.BigInteger(), nullable=False),
+        sa.Column("second", sa.BigInteger(), nullable=False),
+        sa.Column("requests", sa.Integer(), nullable=False),
         sa.Column("tokens", sa.BigInteger(), nullable=False),
-        sa.PrimaryKeyConstraint("request_id", name="pk_rate_events"),
-        sa.ForeignKeyConstraint(["key_id"], ["api_keys.id"], name="fk_rate_events_key_id_api_keys"),
+        sa.PrimaryKeyConstraint("key_id", "second", name="pk_rate_windows"),
+        sa.ForeignKeyConstraint(["key_id"], ["api_keys.id"], name="fk_rate_windows_key_id_api_keys"),
     )
-    op.create_index("ix_rate_events_key_id_at_ms", "rate_events", ["key_id", "at_ms"])
     op.create_table(
         "gateway_instances",
         sa.Column("id", sa.String(32), nullable=False),
@@ -105,8 +104,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("usage_daily")
     op.drop_table("gateway_instances")
-    op.drop_index("ix_rate_events_key_id_at_ms", table_name="rate_events")
-    op.drop_table("rate_events")
+    op.drop_table("rate_windows")
     op.drop_index("ix_holds_owner", table_name="holds")
     op.drop_table("holds")
     with op.batch_alter_table("usage_ledger") as batch:
