@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
-from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 
 from qwen_gateway.store.db import Database, transaction
 from qwen_gateway.store.tables import api_keys, gateway_instances, holds, rate_windows, usage_ledger
@@ -52,6 +52,65 @@ class Refused:
     retry_after: int | None = None
 
 
+# Statements are built once (bind parameters named apart from the columns) and executed with
+# parameters: building and cache-keying a Core statement per call cost more CPU than running it.
+_k = api_keys.c
+_w = rate_windows.c
+_FAST_HOLD = (
+    update(api_keys)
+    .where(
+        _k.id == bindparam("p_key"),
+        _k.balance_micro >= bindparam("p_hold"),
+        _k.rpm_limit.is_(None),
+        _k.tpm_limit.is_(None),
+    )
+    .values(balance_micro=_k.balance_micro - bindparam("p_hold"), last_used_at=bindparam("p_now"))
+    .returning(_k.balance_micro)
+)
+_TOUCH = (
+    update(api_keys)
+    .where(_k.id == bindparam("p_key"))
+    .values(last_used_at=bindparam("p_now"))
+    .returning(_k.rpm_limit, _k.tpm_limit, _k.balance_micro)
+)
+_HOLD = (
+    update(api_keys)
+    .where(_k.id == bindparam("p_key"), _k.balance_micro >= bindparam("p_hold"))
+    .values(balance_micro=_k.balance_micro - bindparam("p_hold"))
+    .returning(_k.balance_micro)
+)
+_INSERT_HOLD = insert(holds)
+_WINDOW_EXPIRE = delete(rate_windows).where(
+    _w.key_id == bindparam("p_key"), _w.second <= bindparam("p_oldest")
+)
+_WINDOW_READ = select(
+    func.coalesce(func.sum(_w.requests), 0), func.coalesce(func.sum(_w.tokens), 0), func.min(_w.second)
+).where(_w.key_id == bindparam("p_key"), _w.second > bindparam("p_oldest"))
+_WINDOW_COUNT = (
+    update(rate_windows)
+    .where(_w.key_id == bindparam("p_key"), _w.second == bindparam("p_second"))
+    .values(requests=_w.requests + 1, tokens=_w.tokens + bindparam("p_tokens"))
+)
+_WINDOW_INSERT = insert(rate_windows)
+_WINDOW_CORRECT = (
+    update(rate_windows)
+    .where(_w.key_id == bindparam("p_key"), _w.second == bindparam("p_second"))
+    .values(tokens=_w.tokens + bindparam("p_delta"))
+)
+_RELEASE = delete(holds).where(holds.c.request_id == bindparam("p_request")).returning(holds.c.amount_micro)
+_CHARGE = (
+    update(api_keys)
+    .where(_k.id == bindparam("p_key"), _k.balance_micro + bindparam("p_released") >= bindparam("p_cost"))
+    .values(balance_micro=_k.balance_micro + bindparam("p_released") - bindparam("p_cost"))
+    .returning(_k.balance_micro)
+)
+_BALANCE_FOR_UPDATE = select(_k.balance_micro).where(_k.id == bindparam("p_key")).with_for_update()
+_SET_BALANCE = (
+    update(api_keys).where(_k.id == bindparam("p_key")).values(balance_micro=bindparam("p_balance"))
+)
+_LEDGER_INSERT = usage_ledger.insert()
+
+
 def admit(
     conn: Connection,
     *,
@@ -66,33 +125,31 @@ def admit(
     """Check the key's RPM/TPM window, then (if the key is metered) hold ``hold_micro``, in the caller's
     transaction. The key's limits and balance are read here, fresh, not from a cache. A refusal moves
     no money and adds nothing to the window."""
+    hold_row = {
+        "request_id": request_id,
+        "key_id": key_id,
+        "amount_micro": hold_micro,
+        "model": model,
+        "owner": owner,
+        "created_at": now,
+    }
+    # The common case in one statement: a metered key without limits that can pay.
+    fast = conn.execute(_FAST_HOLD, {"p_key": key_id, "p_hold": hold_micro, "p_now": now}).first()
+    if fast is not None:
+        conn.execute(_INSERT_HOLD, hold_row)
+        return Admitted(int(fast[0]), hold_micro, None)
     second = int(now.timestamp())
     # The first statement writes the key's row: it serialises admissions of this key across processes
     # (see the module docstring) and reads the key's limits and balance as of now.
-    key = conn.execute(
-        update(api_keys)
-        .where(api_keys.c.id == key_id)
-        .values(last_used_at=now)
-        .returning(api_keys.c.rpm_limit, api_keys.c.tpm_limit, api_keys.c.balance_micro)
-    ).first()
+    key = conn.execute(_TOUCH, {"p_key": key_id, "p_now": now}).first()
     if key is None:
         return Refused("unknown", None)
     rpm_limit, tpm_limit, balance = key
     limited = rpm_limit is not None or tpm_limit is not None
-    window = (rate_windows.c.key_id == key_id) & (rate_windows.c.second > second - WINDOW_SECONDS)
     if limited:
-        conn.execute(
-            delete(rate_windows).where(
-                rate_windows.c.key_id == key_id, rate_windows.c.second <= second - WINDOW_SECONDS
-            )
-        )
-        count, used, oldest = conn.execute(
-            select(
-                func.coalesce(func.sum(rate_windows.c.requests), 0),
-                func.coalesce(func.sum(rate_windows.c.tokens), 0),
-                func.min(rate_windows.c.second),
-            ).where(window)
-        ).one()
+        window = {"p_key": key_id, "p_oldest": second - WINDOW_SECONDS}
+        conn.execute(_WINDOW_EXPIRE, window)
+        count, used, oldest = conn.execute(_WINDOW_READ, window).one()
         count, used = int(count), int(used)
         # When the oldest second of the window leaves it (at least 1 s).
         retry = 1 if oldest is None else max(1, int(oldest) + WINDOW_SECONDS - second)
@@ -104,36 +161,16 @@ def admit(
             return Refused("tpm", balance, retry)
     held: int | None = None
     if balance is not None:
-        column = api_keys.c.balance_micro
-        after = conn.execute(
-            update(api_keys)
-            .where(api_keys.c.id == key_id, column >= hold_micro)
-            .values(balance_micro=column - hold_micro)
-            .returning(column)
-        ).first()
+        after = conn.execute(_HOLD, {"p_key": key_id, "p_hold": hold_micro}).first()
         if after is None:
             return Refused("balance", int(balance))
         balance, held = int(after[0]), hold_micro
-        conn.execute(
-            insert(holds).values(
-                request_id=request_id,
-                key_id=key_id,
-                amount_micro=hold_micro,
-                model=model,
-                owner=owner,
-                created_at=now,
-            )
-        )
+        conn.execute(_INSERT_HOLD, hold_row)
     if not limited:
         return Admitted(balance, held, None)
-    bucket = (rate_windows.c.key_id == key_id) & (rate_windows.c.second == second)
-    counted = conn.execute(
-        update(rate_windows)
-        .where(bucket)
-        .values(requests=rate_windows.c.requests + 1, tokens=rate_windows.c.tokens + tokens)
-    ).rowcount
-    if counted == 0:
-        conn.execute(insert(rate_windows).values(key_id=key_id, second=second, requests=1, tokens=tokens))
+    bucket = {"p_key": key_id, "p_second": second, "p_tokens": tokens}
+    if conn.execute(_WINDOW_COUNT, bucket).rowcount == 0:
+        conn.execute(_WINDOW_INSERT, {"key_id": key_id, "second": second, "requests": 1, "tokens": tokens})
     return Admitted(balance, held, second)
 
 
@@ -143,7 +180,7 @@ def settle(conn: Connection, *, rows: Sequence[NewUsage]) -> list[int | None]:
     if not rows:
         return []
     # First, so that a request settled already (unique request id) fails before any money moves.
-    conn.execute(usage_ledger.insert(), [row.values() for row in rows])
+    conn.execute(_LEDGER_INSERT, [row.values() for row in rows])
     out: list[int | None] = []
     for row in rows:
         if row.rate_second is not None and row.key_id is not None:
@@ -151,37 +188,32 @@ def settle(conn: Connection, *, rows: Sequence[NewUsage]) -> list[int | None]:
             # window is gone: nothing to correct).
             real = row.prompt_tokens + row.completion_tokens
             conn.execute(
-                update(rate_windows)
-                .where(rate_windows.c.key_id == row.key_id, rate_windows.c.second == row.rate_second)
-                .values(tokens=rate_windows.c.tokens + (real - row.rate_tokens))
+                _WINDOW_CORRECT,
+                {"p_key": row.key_id, "p_second": row.rate_second, "p_delta": real - row.rate_tokens},
             )
         if row.held_micro is None or row.key_id is None:
             out.append(None)
             continue
-        released = conn.execute(
-            delete(holds).where(holds.c.request_id == row.request_id).returning(holds.c.amount_micro)
-        ).scalar()
         # No hold left: a release (its process looked dead, or the hold outlived the bound) gave it back
         # already; the cost is then charged from the balance alone.
-        released = int(released or 0)
-        balance = conn.execute(
-            select(api_keys.c.balance_micro).where(api_keys.c.id == row.key_id).with_for_update()
-        ).scalar()
-        available = int(balance or 0) + released
+        released = int(conn.execute(_RELEASE, {"p_request": row.request_id}).scalar() or 0)
         cost = row.cost_micro or 0
-        charged = min(cost, available)
+        charged = conn.execute(
+            _CHARGE, {"p_key": row.key_id, "p_released": released, "p_cost": cost}
+        ).scalar()
+        if charged is not None:
+            out.append(int(charged))
+            continue
+        # Rare: the cost is above what is held and left (a hold can't be too small with the byte bound,
+        # but settlement must not trust it). Charge what there is; the ledger row says so.
+        balance = int(conn.execute(_BALANCE_FOR_UPDATE, {"p_key": row.key_id}).scalar() or 0)
+        conn.execute(_SET_BALANCE, {"p_key": row.key_id, "p_balance": 0})
         conn.execute(
-            update(api_keys)
-            .where(api_keys.c.id == row.key_id)
-            .values(balance_micro=api_keys.c.balance_micro + released - charged)
+            update(usage_ledger)
+            .where(usage_ledger.c.request_id == row.request_id)
+            .values(cost_micro=balance + released)
         )
-        if charged != cost:
-            conn.execute(
-                update(usage_ledger)
-                .where(usage_ledger.c.request_id == row.request_id)
-                .values(cost_micro=charged)
-            )
-        out.append(available - charged)
+        out.append(0)
     return out
 
 
