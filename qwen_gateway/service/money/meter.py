@@ -161,6 +161,7 @@ class Meter:
                 now=now,
                 hold_micro=hold,
                 tokens=tokens,
+                limited_hint=key.limited,
             )
 
         work = asyncio.ensure_future(self._writer.run(run))
