@@ -86,7 +86,7 @@ class Downloader:
     def __init__(self, settings: MediaSettings) -> None:
         self._settings = settings
         self._allow = AllowList(settings.allow_hosts)
-        self._ssl = httpx.create_ssl_context()
+        self._ssl: ssl.SSLContext | None = None  # made at the first https download (loads the CA bundle)
 
     async def get(self, url: str, *, max_bytes: int) -> bytes:
         """The body at ``url`` (following redirects), at most ``max_bytes`` long."""
@@ -164,6 +164,8 @@ class Downloader:
         ]
         budget = self._settings.fetch_timeout
         extensions = {"timeout": {"connect": budget, "read": budget, "write": budget, "pool": budget}}
+        if target.scheme == "https" and self._ssl is None:
+            self._ssl = httpx.create_ssl_context()
         pool = httpcore.AsyncConnectionPool(
             ssl_context=self._ssl,
             network_backend=_PinnedBackend(target.host, str(address)),

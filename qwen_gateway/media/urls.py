@@ -139,7 +139,8 @@ def _parse_number(part: str) -> int:
     if not p:
         raise ValueError("empty part")
     if p.startswith("0x"):
-        return int(p[2:], 16) if p[2:] else 0
+        # A bare "0x" is 0 to WHATWG but garbage to inet_aton: parsers disagree, so it is refused.
+        return int(p[2:], 16)
     if len(p) > 1 and p.startswith("0"):
         return int(p, 8)  # raises for 8/9: refused, as browsers refuse them
     return int(p, 10)
@@ -204,7 +205,9 @@ class AllowList:
             try:
                 name = httpx.URL(f"http://{name}/").raw_host.decode("ascii")
             except (httpx.InvalidURL, UnicodeDecodeError):
-                raise ValueError(f"not an IP, CIDR or host name: {entry!r}") from None
+                name = ""
+            if not name or not all(_LABEL.match(label) for label in name.split(".")):
+                raise ValueError(f"not an IP, CIDR or host name: {entry!r}")
             names.add(name)
         self._nets = tuple(nets)
         self._names = frozenset(names)
