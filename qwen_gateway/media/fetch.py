@@ -83,10 +83,12 @@ class _PinnedBackend(httpcore.AsyncNetworkBackend):
 class Downloader:
     """Fetches ``http(s)`` URLs under the ``[media]`` caps; one per app (it holds the TLS context)."""
 
-    def __init__(self, settings: MediaSettings) -> None:
+    def __init__(self, settings: MediaSettings, *, ssl_context: ssl.SSLContext | None = None) -> None:
+        """``ssl_context``: the CAs to trust for https (default: the certifi bundle, loaded at the
+        first https download)."""
         self._settings = settings
         self._allow = AllowList(settings.allow_hosts)
-        self._ssl: ssl.SSLContext | None = None  # made at the first https download (loads the CA bundle)
+        self._ssl = ssl_context
 
     async def get(self, url: str, *, max_bytes: int) -> bytes:
         """The body at ``url`` (following redirects), at most ``max_bytes`` long."""

@@ -86,6 +86,17 @@ def _handler(server: MediaServer) -> type[http.server.BaseHTTPRequestHandler]:
                 self.wfile.write(png_bytes()[:16])
                 self.wfile.flush()
                 server.release.wait()
+            elif parts.path == "/trickle":
+                # A byte every 50 ms, forever: each read is quick, only the total deadline ends it.
+                self.send_response(200)
+                self.send_header("Content-Length", "100000")
+                self.end_headers()
+                with contextlib.suppress(OSError):
+                    for byte in png_bytes() * 100:
+                        if server.release.wait(0.05):
+                            break
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
             elif parts.path == "/endless":
                 # No Content-Length (HTTP/1.0, body until close): the fetcher must stop at its cap.
                 self.send_response(200)
@@ -142,10 +153,10 @@ def media_server() -> Iterator[MediaServer]:
 class CountingListener:
     """A raw listening socket nobody accepts on; :meth:`connections` counts what reached it."""
 
-    def __init__(self, host: str) -> None:
+    def __init__(self, host: str, port: int = 0) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.bind((host, 0))
+        self.sock.bind((host, port))
         self.sock.listen(64)
         self.sock.setblocking(False)
         self.host = host
@@ -172,8 +183,8 @@ def listener_factory() -> Iterator[type[CountingListener]]:
     made: list[CountingListener] = []
 
     class Tracked(CountingListener):
-        def __init__(self, host: str) -> None:
-            super().__init__(host)
+        def __init__(self, host: str, port: int = 0) -> None:
+            super().__init__(host, port)
             made.append(self)
 
     yield Tracked

@@ -147,6 +147,23 @@ def test_stalled_server_hits_the_total_deadline(media_server: MediaServer) -> No
     assert err.value.message == PREFIX + "Download multimodal file timed out"
 
 
+def test_trickling_server_hits_the_total_deadline(media_server: MediaServer) -> None:
+    # Every read gets a byte within 50 ms, so only a deadline over the whole download stops it.
+    with pytest.raises(MediaDownloadTimeout):
+        fetch_image(media_server.url("/trickle"), fetch_timeout=1.0, **LOOPBACK)
+
+
+def test_proxy_environment_is_ignored(
+    media_server: MediaServer, listener_factory: type[CountingListener], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A proxy would be a second party choosing the destination: the fetcher always dials the target.
+    proxy = listener_factory("127.0.0.1")
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{proxy.port}")
+    assert fetch_image(media_server.url("/img.png"), **LOOPBACK).width == 40
+    assert proxy.connections() == 0
+
+
 def test_failed_downloads_share_one_message(media_server: MediaServer) -> None:
     for path in ("/missing.png", "/gzip"):
         with pytest.raises(MediaDownloadFailed) as err:
