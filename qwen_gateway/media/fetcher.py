@@ -68,7 +68,10 @@ class MediaFetcher:
 
     async def _bytes(self, url: str, *, max_bytes: int, kind: str) -> bytes:
         if url[:5].lower() == "data:":
-            return decode_data_url(url, max_bytes=self.settings.max_data_uri_bytes, kind=kind)
+            # Off the loop too: base64 over megabytes would stall every other request for milliseconds.
+            return await self._run(
+                decode_data_url, url, max_bytes=self.settings.max_data_uri_bytes, kind=kind
+            )
         return await self._downloader.get(url, max_bytes=max_bytes)
 
     async def _run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:

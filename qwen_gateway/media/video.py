@@ -89,12 +89,16 @@ def decode_video(data: bytes, *, fps: float, settings: MediaSettings) -> Decoded
             width, height = stream.codec_context.width, stream.codec_context.height
             if width * height > settings.max_image_pixels:
                 raise ImageSizeInvalid.too_many_pixels(settings.max_image_pixels)
-            duration = _declared_duration(container, stream)
-            if duration is not None:
-                _check_duration(duration, settings)
-                if _sample_count(duration, fps) > settings.max_video_frames:
+            # The header's length, to refuse a long video before decoding it. Only a pre-check: some
+            # containers count their start offset in it (Matroska), so the sampling below measures
+            # the length from the decoded frames themselves.
+            declared = _declared_duration(container, stream)
+            if declared is not None:
+                _check_duration(declared, settings)
+                if _sample_count(declared, fps) > settings.max_video_frames:
                     raise VideoLimitExceeded.sampled_frames(settings.max_video_frames)
-            frames, times, end = _sample(container.decode(stream), fps, duration, settings)
+            rate = float(stream.average_rate) if stream.average_rate else None
+            frames, times, duration = _sample(container.decode(stream), fps, rate, settings)
     except MediaError:
         raise
     except Exception:
@@ -104,11 +108,7 @@ def decode_video(data: bytes, *, fps: float, settings: MediaSettings) -> Decoded
     if not frames:
         raise MediaFormatInvalid("video")
     return DecodedVideo(
-        frames=tuple(frames),
-        fps=fps,
-        timestamps=tuple(times),
-        duration=duration if duration is not None else end,
-        mime_type=mime,
+        frames=tuple(frames), fps=fps, timestamps=tuple(times), duration=duration, mime_type=mime
     )
 
 
@@ -116,12 +116,16 @@ def _declared_duration(container: Any, stream: Any) -> float | None:
     if stream.duration is not None and stream.time_base is not None:
         return float(stream.duration * stream.time_base)
     if container.duration is not None:
-        return float(container.duration) / 1_000_000  # AV_TIME_BASE
+        # In AV_TIME_BASE units. Where it includes the start offset, take that off: an underestimate
+        # here is safe (decoding checks every frame's time against the cap), an overestimate is not.
+        start = container.start_time if container.start_time and container.start_time > 0 else 0
+        length = container.duration - start
+        return float(length if length > 0 else container.duration) / 1_000_000
     return None
 
 
 def _check_duration(seconds: float, settings: MediaSettings) -> None:
-    if seconds > settings.max_video_seconds:
+    if seconds > settings.max_video_seconds + 1e-6:
         raise VideoLimitExceeded.duration(settings.max_video_seconds)
 
 
@@ -132,39 +136,50 @@ def _sample_count(duration: float, fps: float) -> int:
 
 
 def _sample(
-    decoded: Iterator[Any], fps: float, duration: float | None, settings: MediaSettings
+    decoded: Iterator[Any], fps: float, source_rate: float | None, settings: MediaSettings
 ) -> tuple[list[FetchedImage], list[float], float]:
-    """Pick the frame on screen at each sampling time ``k/fps``; returns frames, times and the end."""
-    wanted = _sample_count(duration, fps) if duration is not None else None
+    """The frame on screen at each sampling time ``k/fps`` (times from the first frame), with those
+    times and the video's measured length (last frame's time plus its display time)."""
     picked: list[FetchedImage] = []
     times: list[float] = []
     last: Any = None
-    last_time = 0.0
+    last_t = 0.0
+    step: float | None = None
+    origin: float | None = None
     budget = int(settings.max_video_seconds * _MAX_SOURCE_FPS) + 1
 
     def take(frame: Any) -> None:
         if len(picked) >= settings.max_video_frames:
             raise VideoLimitExceeded.sampled_frames(settings.max_video_frames)
+        if frame.width * frame.height > settings.max_image_pixels:  # a size change mid-stream
+            raise ImageSizeInvalid.too_many_pixels(settings.max_image_pixels)
         times.append(len(picked) / fps)
         picked.append(_encode(frame.to_image()))
 
     for count, frame in enumerate(decoded):
         if count >= budget:
             raise VideoLimitExceeded.duration(settings.max_video_seconds)
-        t = float(frame.time) if frame.time is not None else count / fps
+        # Times count from the first frame: containers may start their clock anywhere (edit lists,
+        # streams cut from a longer recording).
+        absolute = float(frame.time) if frame.time is not None else count / (source_rate or fps)
+        origin = absolute if origin is None else origin
+        t = absolute - origin
         _check_duration(t, settings)
         # Every sampling time before this frame's start shows the previous frame (or this one, if it
         # is the first).
-        while (wanted is None or len(picked) < wanted) and len(picked) / fps < t - 1e-6:
+        while len(picked) / fps < t - 1e-6:
             take(last if last is not None else frame)
-        if wanted is not None and len(picked) >= wanted:
-            break
-        last, last_time = frame, t
-    end = duration if duration is not None else (last_time + 1 / fps if last is not None else 0.0)
-    target = wanted if wanted is not None else _sample_count(end, fps)
-    while last is not None and len(picked) < target:
+        if last is not None and t > last_t:
+            step = t - last_t
+        last, last_t = frame, t
+    if last is None:
+        return [], [], 0.0
+    shown_for = step if step is not None else 1 / (source_rate or fps)
+    duration = last_t + shown_for
+    _check_duration(duration, settings)
+    while len(picked) < _sample_count(duration, fps):
         take(last)
-    return picked, times, end
+    return picked, times, duration
 
 
 def _encode(image: Image.Image) -> FetchedImage:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+from fractions import Fraction
 from typing import Any
 
 import av
@@ -34,17 +35,21 @@ def make_video(
     size: tuple[int, int] = (64, 48),
     fmt: str = "mp4",
     codec: str = "mpeg4",
+    start: int = 0,
 ) -> bytes:
     """A video whose frame ``i`` is a flat gray of level ``10 * i`` (so a sampled frame tells which
-    source frame it was)."""
+    source frame it was); its clock starts at ``start`` frames."""
     buf = io.BytesIO()
     with av.open(buf, "w", format=fmt) as container:
         stream: Any = container.add_stream(codec, rate=rate)
         stream.width, stream.height = size
         stream.pix_fmt = "yuv420p"
+        stream.codec_context.time_base = Fraction(1, rate)
         for i in range(frames):
             pixels = np.full((size[1], size[0], 3), 10 * i, dtype=np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            frame.pts, frame.time_base = start + i, Fraction(1, rate)
+            for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
@@ -72,6 +77,15 @@ def test_mp4_is_sampled_at_the_requested_fps(fps: float | None, count: int) -> N
     # Each sample is the source frame on screen at its time: frame index floor(t * 10).
     expected = [10 * int(k / rate * 10 + 1e-9) for k in range(count)]
     assert [level(f.data) for f in video.frames] == pytest.approx(expected, abs=4)
+
+
+@pytest.mark.parametrize("fmt", ["mp4", "matroska"])
+def test_sampling_counts_from_the_first_frame(fmt: str) -> None:
+    # The clock starts at 50 s (a clip cut from a long recording); it is still a 2 s video.
+    clip = make_video(fmt=fmt, start=500)
+    video = run(MediaSettings(max_video_seconds=10), lambda f: f.video_file(data_url(clip), 2.0))
+    assert video.duration == pytest.approx(2.0)
+    assert [level(f.data) for f in video.frames] == pytest.approx([0, 50, 100, 150], abs=4)
 
 
 def test_webm_and_mkv_decode_too() -> None:
