@@ -129,6 +129,9 @@ class MediaSettings(BaseModel):
     max_video_frames: int = Field(default=512, ge=1)
     # Longest video file accepted, in seconds (read from the container before decoding).
     max_video_seconds: float = Field(default=600.0, gt=0)
+    # Downloads in flight at once for the whole server (a 512-frame list must not open 512 connections;
+    # a download waiting for a slot has not started its fetch_timeout yet).
+    max_parallel_downloads: int = Field(default=32, ge=1, le=1024)
     # Threads that decode images and videos (off the event loop, bounded so media can't take every core).
     decode_threads: int = Field(default=2, ge=1, le=64)
 

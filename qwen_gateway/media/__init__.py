@@ -15,8 +15,9 @@ and is raised as is)::
     results = await gather(*(fetcher.image(u) for u in urls))
 
 ``url`` is ``http://``, ``https://`` or a base64 ``data:`` URL. ``fps`` None means DashScope's default
-(2); outside [0.1, 10] is a 400 naming ``fps``. Decoding runs in the fetcher's own small thread pool,
-never on the event loop, and nothing is written to disk.
+(2); outside [0.1, 10] is a 400 naming ``fps``. At most ``max_parallel_downloads`` downloads run at
+once (server-wide). Decoding (and base64) runs in the fetcher's own small thread pool, never on the
+event loop, and nothing is written to disk.
 
 Every refusal is a :class:`qwen_gateway.errors.MediaError` (400, ``invalid_parameter_error``, a fixed
 message per kind of problem, ``param`` None: callers that know the part's position may set

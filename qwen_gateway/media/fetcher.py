@@ -28,6 +28,7 @@ class MediaFetcher:
         # Decoding is CPU work in Pillow/FFmpeg (both release the GIL): a small pool of its own keeps it
         # off the event loop and keeps many concurrent media requests from taking every core.
         self._pool = ThreadPoolExecutor(max_workers=settings.decode_threads, thread_name_prefix="media")
+        self._slots = asyncio.Semaphore(settings.max_parallel_downloads)
 
     async def image(self, url: str) -> FetchedImage:
         """The image at ``url`` (``http(s)://`` or a base64 ``data:`` URL), checked: its bytes are one of
@@ -72,7 +73,8 @@ class MediaFetcher:
             return await self._run(
                 decode_data_url, url, max_bytes=self.settings.max_data_uri_bytes, kind=kind
             )
-        return await self._downloader.get(url, max_bytes=max_bytes)
+        async with self._slots:
+            return await self._downloader.get(url, max_bytes=max_bytes)
 
     async def _run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         loop = asyncio.get_running_loop()

@@ -52,6 +52,9 @@ class MediaServer:
     files: dict[str, tuple[str, bytes]]
     release: threading.Event
     hits: dict[str, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    active: int = 0
+    max_active: int = 0
 
     def url(self, path: str, host: str = "127.0.0.1") -> str:
         return f"http://{host}:{self.port}{path}"
@@ -86,6 +89,19 @@ def _handler(server: MediaServer) -> type[http.server.BaseHTTPRequestHandler]:
                 self.wfile.write(png_bytes()[:16])
                 self.wfile.flush()
                 server.release.wait()
+            elif parts.path == "/hold":
+                # Answered once the test sets ``release``; counts how many are held at once.
+                with server.lock:
+                    server.active += 1
+                    server.max_active = max(server.max_active, server.active)
+                server.release.wait()
+                with server.lock:
+                    server.active -= 1
+                body = png_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
             elif parts.path == "/trickle":
                 # A byte every 50 ms, forever: each read is quick, only the total deadline ends it.
                 self.send_response(200)

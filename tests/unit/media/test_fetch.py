@@ -188,6 +188,19 @@ def test_gather_cancels_the_rest_on_the_first_failure(media_server: MediaServer)
     assert [i.mime_type for i in got] == ["image/png", "image/jpeg", "image/png"]
 
 
+def test_downloads_in_flight_are_bounded(media_server: MediaServer) -> None:
+    async def five(f: MediaFetcher) -> list[FetchedImage]:
+        pending = asyncio.gather(*(f.image(media_server.url("/hold")) for _ in range(5)))
+        while media_server.active < 2:  # the server holds each request until released
+            await asyncio.sleep(0.01)
+        media_server.release.set()
+        return await pending
+
+    got = run(MediaSettings(max_parallel_downloads=2, fetch_timeout=600, **LOOPBACK), five)
+    assert len(got) == 5 and media_server.hits["/hold"] == 5
+    assert media_server.max_active == 2
+
+
 # --- data: URLs and image checks ----------------------------------------------------------------------
 
 
