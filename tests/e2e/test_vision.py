@@ -19,7 +19,6 @@ import threading
 from collections.abc import Iterator
 from fractions import Fraction
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -107,7 +106,7 @@ class MediaServer:
         owner = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            def do_GET(self) -> None:
                 owner.hits[self.path] = owner.hits.get(self.path, 0) + 1
                 body, mime = owner.files.get(self.path, (b"", ""))
                 self.send_response(200 if mime else 404)

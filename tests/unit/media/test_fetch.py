@@ -22,7 +22,7 @@ from qwen_gateway.errors import (
 )
 from qwen_gateway.media import FetchedImage, MediaFetcher, gather
 from qwen_gateway.settings import MediaSettings
-from tests.unit.media.conftest import CountingListener, MediaServer, bomb_png, jpeg_bytes, png_bytes
+from tests.media_support import CountingListener, MediaServer, bomb_png, jpeg_bytes, png_bytes
 
 T = TypeVar("T")
 PREFIX = "<400> InternalError.Algo.InvalidParameter: "

@@ -19,7 +19,7 @@ from qwen_gateway.media.fetch import Downloader
 from qwen_gateway.media.urls import parse_target
 from qwen_gateway.settings import MediaSettings
 from tests.fakes import ScriptedDNS
-from tests.unit.media.conftest import CountingListener, png_bytes
+from tests.media_support import CountingListener, png_bytes
 
 
 @dataclass

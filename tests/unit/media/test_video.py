@@ -22,7 +22,7 @@ from qwen_gateway.errors import (
 )
 from qwen_gateway.media import DecodedVideo, MediaFetcher
 from qwen_gateway.settings import MediaSettings
-from tests.unit.media.conftest import MediaServer, png_bytes
+from tests.media_support import MediaServer, png_bytes
 from tests.unit.media.test_fetch import LOOPBACK, data_url, run
 
 PREFIX = "<400> InternalError.Algo.InvalidParameter: "
