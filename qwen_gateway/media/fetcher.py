@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
 
-from qwen_gateway.errors import VideoLimitExceeded
+from qwen_gateway.errors import MediaTooLarge, VideoLimitExceeded
 from qwen_gateway.media.fetch import Downloader, decode_data_url
 from qwen_gateway.media.image import FetchedImage, check_image
 from qwen_gateway.media.video import DecodedVideo, check_fps, decode_video
@@ -34,18 +34,29 @@ class MediaFetcher:
         """The image at ``url`` (``http(s)://`` or a base64 ``data:`` URL), checked: its bytes are one of
         JPEG/PNG/WEBP/GIF/BMP/TIFF whatever the declared type, each side is over 10 px, the header
         declares at most ``max_image_pixels`` and it decodes whole."""
+        return await self._image(url, None)
+
+    async def _image(self, url: str, total: list[int] | None) -> FetchedImage:
         data = await self._bytes(url, max_bytes=self.settings.max_image_bytes, kind="image")
+        if total is not None:
+            # One frame list holds at most max_video_bytes in all, as one video file does (512 frames
+            # of 10 MB each would otherwise be 5 GB held for one request).
+            total[0] += len(data)
+            if total[0] > self.settings.max_video_bytes:
+                raise MediaTooLarge(self.settings.max_video_bytes, data_uri=False)
         return await self._run(check_image, data, max_pixels=self.settings.max_image_pixels)
 
     async def video_frames(self, urls: Sequence[str], fps: float | None = None) -> DecodedVideo:
         """A video given as a list of frame images (each checked as :meth:`image`), fetched
         concurrently; the count must be within ``[min_video_frames, max_video_frames]`` (checked before
-        anything is fetched). ``fps`` is the rate the frames were taken at (DashScope's default 2)."""
+        anything is fetched) and all frames together within ``max_video_bytes``. ``fps`` is the rate the
+        frames were taken at (DashScope's default 2)."""
         rate = check_fps(fps)
         low, high = self.settings.min_video_frames, self.settings.max_video_frames
         if not low <= len(urls) <= high:
             raise VideoLimitExceeded.frame_count(low, high)
-        frames = await gather(*(self.image(u) for u in urls))
+        total = [0]
+        frames = await gather(*(self._image(u, total) for u in urls))
         return DecodedVideo(
             frames=tuple(frames),
             fps=rate,

@@ -159,6 +159,15 @@ def test_frame_list_video(media_server: MediaServer) -> None:
         run(MediaSettings(**LOOPBACK), lambda f: f.video_frames([*urls, media_server.url("/text.png")]))
 
 
+def test_a_frame_list_has_the_video_byte_cap_in_all(media_server: MediaServer) -> None:
+    frame = len(media_server.files["/big.png"][1])  # a PNG padded to about 200 kB
+    urls = [media_server.url("/big.png")] * 5
+    settings = MediaSettings(max_video_bytes=4 * frame + 10, **LOOPBACK)
+    with pytest.raises(MediaTooLarge):
+        run(settings, lambda f: f.video_frames(urls))
+    assert len(run(settings, lambda f: f.video_frames(urls[:4])).frames) == 4
+
+
 def test_a_data_url_video_has_the_data_uri_cap() -> None:
     settings = MediaSettings(max_data_uri_bytes=2048)
     url = "data:video/mp4;base64," + base64.b64encode(make_video()).decode()
