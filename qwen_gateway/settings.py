@@ -114,7 +114,7 @@ class MediaSettings(BaseModel):
     # Targets opened although they are not public: IPs, CIDRs or host names (all ports), e.g.
     # ["127.0.0.1", "10.0.0.0/8", "images.internal"]. Everything else non-public is refused.
     allow_hosts: tuple[str, ...] = ()
-    # Bytes read from one image URL (DashScope: 10 MB) and from one video URL.
+    # Bytes read from one image URL (DashScope: 10 MB) and from one video URL (or all frames of a list).
     max_image_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
     max_video_bytes: int = Field(default=100 * 1024 * 1024, ge=1024)
     # Bytes of one decoded data: URL (DashScope: 10485760).

@@ -30,8 +30,8 @@ message per kind of problem, ``param`` None: callers that know the part's positi
   (``MediaURLRefused``);
 - downloads that fail, answer non-2xx, redirect more than ``max_redirects`` times
   (``MediaDownloadFailed``) or take longer than ``fetch_timeout`` in all (``MediaDownloadTimeout``);
-- bodies over ``max_image_bytes`` / ``max_video_bytes`` and ``data:`` URLs over ``max_data_uri_bytes``
-  (checked before base64 decoding) (``MediaTooLarge``);
+- bodies over ``max_image_bytes`` / ``max_video_bytes`` (a frame list's frames together too) and
+  ``data:`` URLs over ``max_data_uri_bytes`` (checked before base64 decoding) (``MediaTooLarge``);
 - bytes whose magic number is not a supported image / video container, whatever the declared type,
   or that do not decode (``MediaFormatInvalid``);
 - images with a side of 10 px or less, or whose header declares more than ``max_image_pixels``
