@@ -177,6 +177,14 @@ def test_whatwg_ipv4_parsing(host: str, expected: str | None) -> None:
     assert (str(parsed) if parsed is not None else None) == expected
 
 
+def test_hosts_are_normalized_once() -> None:
+    # IDN to its ASCII form, case and the trailing dot dropped, numeric hosts to their dotted quad.
+    assert parse_target("http://Bücher.Example./a.png").host == "xn--bcher-kva.example"
+    assert parse_target("HTTPS://0x7F.1:8443/a.png").url == "https://127.0.0.1:8443/a.png"
+    assert parse_target("http://[::FFFF:7F00:1]/").host == "::ffff:7f00:1"
+    assert parse_target("http://example.com/a%20b.png?x=1").url.raw_path == b"/a%20b.png?x=1"
+
+
 def test_classification_unwraps_embedded_ipv4() -> None:
     assert not is_public(ipaddress.ip_address("::ffff:192.168.0.1"))
     assert not is_public(ipaddress.ip_address("64:ff9b::a9fe:a9fe"))
