@@ -12,6 +12,7 @@ from rich.markup import escape
 
 from qwen_gateway.engines.base import Usage
 from qwen_gateway.errors import StartupError
+from qwen_gateway.media import MediaFetcher
 from qwen_gateway.service.chat import ChatService
 from qwen_gateway.service.keys import KeyService
 from qwen_gateway.service.ledger import LedgerWriter
@@ -34,6 +35,8 @@ class Gateway:
     chat: ChatService
     ledger: LedgerWriter
     started_at: int
+    # Fetches and checks the images and videos of requests (qwen_gateway/media).
+    media: MediaFetcher
 
     @classmethod
     async def open(cls, settings: Settings, *, console: Console | None = None) -> Gateway:
@@ -76,6 +79,7 @@ class Gateway:
             chat=ChatService(ledger),
             ledger=writer,
             started_at=int(time.time()),
+            media=MediaFetcher(settings.media),
         )
 
     async def aclose(self) -> None:
@@ -106,7 +110,10 @@ class Gateway:
             try:
                 await self.ledger.aclose()
             finally:
-                await self.store.aclose()
+                try:
+                    await self.store.aclose()
+                finally:
+                    await self.media.aclose()
 
 
 async def _embedded_models(settings: Settings, console: Console | None) -> tuple[ModelConfig, ...]:
