@@ -13,6 +13,7 @@ from rich.markup import escape
 from sqlalchemy import Connection
 
 from qwen_gateway.errors import StartupError
+from qwen_gateway.media import MediaFetcher
 from qwen_gateway.service.chat import ChatService
 from qwen_gateway.service.keys import KeyService
 from qwen_gateway.service.ledger import LedgerWriter
@@ -38,6 +39,8 @@ class Gateway:
     ledger: LedgerWriter
     meter: Meter
     started_at: int
+    # Fetches and checks the images and videos of requests (qwen_gateway/media).
+    media: MediaFetcher
 
     @classmethod
     async def open(cls, settings: Settings, *, console: Console | None = None) -> Gateway:
@@ -82,6 +85,7 @@ class Gateway:
             ledger=writer,
             meter=meter,
             started_at=int(time.time()),
+            media=MediaFetcher(settings.media),
         )
 
     async def aclose(self) -> None:
@@ -116,7 +120,10 @@ class Gateway:
                 try:
                     await self.meter.aclose()
                 finally:
-                    await self.store.aclose()
+                    try:
+                        await self.store.aclose()
+                    finally:
+                        await self.media.aclose()
 
 
 async def _embedded_models(settings: Settings, console: Console | None) -> tuple[ModelConfig, ...]:

@@ -215,9 +215,8 @@ class Meter:
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
             reasoning_tokens=usage.reasoning_tokens,
-            # Counted by the engines that see media (Usage gains these fields with vision).
-            image_tokens=int(getattr(usage, "image_tokens", 0) or 0),
-            video_tokens=int(getattr(usage, "video_tokens", 0) or 0),
+            image_tokens=usage.image_tokens,
+            video_tokens=usage.video_tokens,
             status=status,
             cost_micro=cost,
             latency_ms=latency_ms,
