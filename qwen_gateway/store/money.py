@@ -18,6 +18,7 @@ through ``AsyncConnection.run_sync`` (any backend). Invariants, each kept inside
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -28,6 +29,8 @@ from sqlalchemy import Connection, bindparam, delete, func, insert, select, upda
 from qwen_gateway.store.db import Database, transaction
 from qwen_gateway.store.tables import api_keys, gateway_instances, holds, rate_windows, usage_ledger
 from qwen_gateway.store.usage import NewUsage
+
+log = logging.getLogger(__name__)
 
 WINDOW_SECONDS = 60
 
@@ -212,6 +215,13 @@ def settle(conn: Connection, *, rows: Sequence[NewUsage]) -> list[int | None]:
         # Rare: the cost is above what is held and left (a hold can't be too small with the byte bound,
         # but settlement must not trust it). Charge what there is; the ledger row says so.
         balance = int(conn.execute(_BALANCE_FOR_UPDATE, {"p_key": row.key_id}).scalar() or 0)
+        log.warning(
+            "request %s cost %d µCNY, more than its hold and key %s's balance: charged %d",
+            row.request_id,
+            cost,
+            row.key_id,
+            balance + released,
+        )
         conn.execute(_SET_BALANCE, {"p_key": row.key_id, "p_balance": 0})
         conn.execute(
             update(usage_ledger)
