@@ -16,7 +16,7 @@ from typing import Any
 
 from qwen_gateway.engines.base import FinishReason
 from qwen_gateway.engines.local.detok import StopTokenSequences
-from qwen_gateway.engines.local.masks import TokenMask
+from qwen_gateway.engines.local.masks import ThinkingBudget, TokenMask
 from qwen_gateway.engines.local.sampling import Sampler
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,7 @@ class Tokens:
     ids: tuple[int, ...]
     completion_tokens: int
     finish: FinishReason | None = None
+    reasoning_tokens: int = 0
 
 
 # What the inference thread hands the consumer: progress, or an exception for it to raise.
@@ -52,6 +53,8 @@ class Sequence:
         emit: Emit,
         masks: SequenceABC[TokenMask] = (),
         rope_delta: int = 0,
+        thinking: ThinkingBudget | None = None,
+        max_total_tokens: int | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_ids = prompt_ids
@@ -60,6 +63,12 @@ class Sequence:
         self.eos_ids = eos_ids
         # Token masks (forced tokens, thinking budget, later constraints), applied as the batch bitmask.
         self.masks = list(masks)
+        # While thinking is on, max_new_tokens caps the answer alone; the reasoning block is bounded by
+        # its budget (a mask, in ``masks`` too) and everything by max_total_tokens (the context's room).
+        self.thinking = thinking
+        if thinking is not None and thinking not in self.masks:
+            self.masks.append(thinking)
+        self.max_total_tokens = max_total_tokens
         # M-RoPE models (Qwen-VL): a row's text positions are offset by what its images took.
         self.rope_delta = rope_delta
         self.generated: list[int] = []
@@ -105,16 +114,31 @@ class Sequence:
             return  # a finished row still in a batched step: its token is not part of the answer
         self.generated.append(token_id)
         self.sampler.observe(token_id)
+        if self.thinking is not None:
+            self.thinking.observe(self.generated)
         if token_id in self.eos_ids:
             self._finish("stop", self._stop_tokens.flush())
             return
         released = self._stop_tokens.push(token_id)
         if self._stop_tokens.stopped:
             self._finish("stop", released)
-        elif len(self.generated) >= self.max_new_tokens:
+        elif self._at_length_limit():
             self._finish("length", released + self._stop_tokens.flush())
         elif released:
-            self._send(Tokens(tuple(released), len(self.generated)))
+            self._send(Tokens(tuple(released), len(self.generated), reasoning_tokens=self.reasoning_tokens))
+
+    @property
+    def reasoning_tokens(self) -> int:
+        return 0 if self.thinking is None else self.thinking.reasoning_tokens(len(self.generated))
+
+    def _at_length_limit(self) -> bool:
+        n = len(self.generated)
+        if self.max_total_tokens is not None and n >= self.max_total_tokens:
+            return True
+        if self.thinking is None:
+            return n >= self.max_new_tokens
+        start = self.thinking.answer_start
+        return start is not None and n - start >= self.max_new_tokens
 
     def release(self) -> None:
         if not self._released:
@@ -134,7 +158,7 @@ class Sequence:
         self.finished = True
         self.cache = None
         self.release()
-        self._send(Tokens(tuple(ids), len(self.generated), reason))
+        self._send(Tokens(tuple(ids), len(self.generated), reason, self.reasoning_tokens))
 
     def _send(self, item: Outgoing) -> None:
         try:
