@@ -103,7 +103,10 @@ CASES = {
     "parallel": (
         call(WEATHER) + "\n" + call('{"name": "get_current_weather", "arguments": {"location": "上海市"}}'),
         "",
-        [("get_current_weather", '{"location": "杭州市"}'), ("get_current_weather", '{"location": "上海市"}')],
+        [
+            ("get_current_weather", '{"location": "杭州市"}'),
+            ("get_current_weather", '{"location": "上海市"}'),
+        ],
     ),
     "text before": (
         "I'll look that up for you.\n" + call(WEATHER),
@@ -132,8 +135,12 @@ CASES = {
         "Use this format:\n```\n" + call(WEATHER) + "\n```\nThat's all.",
         [],
     ),
-    "malformed": (call("{get_current_weather(location=杭州)}"), call("{get_current_weather(location=杭州)}"), []),
-    "never closed": ("<tool_call>\n{\"na", '<tool_call>\n{"na', []),
+    "malformed": (
+        call("{get_current_weather(location=杭州)}"),
+        call("{get_current_weather(location=杭州)}"),
+        [],
+    ),
+    "never closed": ('<tool_call>\n{"na', '<tool_call>\n{"na', []),
 }
 
 
