@@ -21,11 +21,13 @@ from qwen_gateway.engines.base import (
     GenerationEvent,
     GenerationRequest,
     TextDelta,
+    TokenLogprob,
     Usage,
 )
-from qwen_gateway.engines.local import loader
+from qwen_gateway.engines.local import constraints, loader
 from qwen_gateway.engines.local.backends import SchedulerKind, supports_batching
-from qwen_gateway.engines.local.detok import TextStream
+from qwen_gateway.engines.local.constraints import GrammarState
+from qwen_gateway.engines.local.detok import TextStream, TokenText
 from qwen_gateway.engines.local.masks import ThinkingBudget, TokenMask
 from qwen_gateway.engines.local.options import LocalModelConfig
 from qwen_gateway.engines.local.prompt import PromptRenderer
@@ -80,6 +82,8 @@ class LocalEngine:
         self._decode_lock = threading.Lock()
         self._capabilities = Capabilities(max_context=config.context_length or 0)
         self._think_close: tuple[int, list[int]] | None = None  # (</think> id, close ids)
+        self._grammars: constraints.Grammars | None = None
+        self._token_text: TokenText | None = None
 
     # -- Engine protocol -------------------------------------------------------------------------------
 
@@ -118,8 +122,16 @@ class LocalEngine:
             tools="tools" in template,
             reasoning=reasoning,
             thinking_budget=self._think_close is not None,
+            constraints=constraints.KINDS,
+            logprobs=True,
             max_concurrency=self._config.max_batch_size if kind == "batched" else 1,
         )
+        vocab = _vocab_size(loaded.model)
+        if constraints.KINDS:
+            self._grammars = constraints.Grammars(
+                copy.deepcopy(loaded.tokenizer), vocab, sorted(loaded.eos_ids)
+            )
+        self._token_text = TokenText(loaded.tokenizer, self._decode_lock)
         self._scheduler = Scheduler(
             loaded.model,
             device=loaded.device,
@@ -135,10 +147,15 @@ class LocalEngine:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         scheduler, loaded, renderer = self._ready()
+        grammar: GrammarState | None = None
         if request.constraint is not None:
-            # Capabilities.constraints is empty: the service refuses these before calling; say so
-            # here too instead of ignoring the constraint.
-            raise InvalidParameter("This model does not support constrained output.", param="response_format")
+            if self._grammars is None:  # the service checks Capabilities.constraints first
+                raise InvalidParameter(
+                    "This model does not support constrained output.", param="response_format"
+                )
+            # Compiling takes tens of milliseconds (cached after): a worker thread, never the loop
+            # or the inference thread.
+            grammar = await asyncio.to_thread(self._grammars.compile, request.constraint, request.tools)
         max_context = self._capabilities.max_context
         try:
             prompt_ids = await asyncio.to_thread(renderer.render, request, max_context)
@@ -147,7 +164,8 @@ class LocalEngine:
         except Exception:
             log.exception("rendering the prompt of request %s failed", request.request_id)
             raise EngineFailure("inference internal error.") from None
-        seq, outbox = self._sequence(request, prompt_ids, loaded)
+        seq, outbox = self._sequence(request, prompt_ids, loaded, grammar)
+        token_text = self._token_text
         text = TextStream(_Decoder(loaded.tokenizer, self._decode_lock), prompt_ids, request.sampling.stop)
         prompt_tokens = len(prompt_ids)
         scheduler.submit(seq)
@@ -159,12 +177,17 @@ class LocalEngine:
                     items.append(outbox.get_nowait())
                 delta, done = "", None
                 count = 0
+                logprobs: list[TokenLogprob] = []
                 for item in items:
                     if isinstance(item, BaseException):
                         if delta:
-                            yield TextDelta(delta, usage=Usage(prompt_tokens, count))
+                            yield TextDelta(
+                                delta, usage=Usage(prompt_tokens, count), logprobs=tuple(logprobs)
+                            )
                         raise item
                     count = item.completion_tokens
+                    if item.logprobs and token_text is not None:
+                        logprobs.extend(token_text.logprobs(item.ids, item.logprobs))
                     delta += text.push(item.ids)
                     if text.stopped:
                         done = Finished("stop", Usage(prompt_tokens, count))
@@ -174,8 +197,8 @@ class LocalEngine:
                         reason = "stop" if text.stopped else item.finish
                         done = Finished(reason, Usage(prompt_tokens, count))
                         break
-                if delta:
-                    yield TextDelta(delta, usage=Usage(prompt_tokens, count))
+                if delta or logprobs:
+                    yield TextDelta(delta, usage=Usage(prompt_tokens, count), logprobs=tuple(logprobs))
                 if done is not None:
                     yield done
                     return
@@ -227,7 +250,11 @@ class LocalEngine:
         return masks
 
     def _sequence(
-        self, request: GenerationRequest, prompt_ids: list[int], loaded: loader.LoadedModel
+        self,
+        request: GenerationRequest,
+        prompt_ids: list[int],
+        loaded: loader.LoadedModel,
+        grammar: GrammarState | None = None,
     ) -> tuple[Sequence, asyncio.Queue[Outgoing]]:
         max_context = self._capabilities.max_context
         sampling = request.sampling
@@ -250,6 +277,8 @@ class LocalEngine:
             stop_token_ids=sampling.stop_token_ids,
             emit=emit,
             masks=self._token_masks(request),
+            grammar=grammar,
+            logprobs=sampling.logprobs,
         )
         return seq, outbox
 
@@ -274,6 +303,16 @@ def _think_close_ids(tokenizer: Any) -> tuple[int, list[int]] | None:
         return None
     close = [int(i) for i in tokenizer(THINK_CLOSE, add_special_tokens=False)["input_ids"]]
     return (end, close) if end in close else None
+
+
+def _vocab_size(model: Any) -> int:
+    """Rows of the output layer: the logits' width (the tokenizer may count fewer tokens)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    width = getattr(head, "out_features", None)
+    if isinstance(width, int):
+        return width
+    config = getattr(model.config, "text_config", None) or model.config
+    return int(config.vocab_size)
 
 
 def _kv_budget_tokens(loaded: loader.LoadedModel) -> int | None:

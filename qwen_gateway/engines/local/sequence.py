@@ -8,18 +8,26 @@ off the inference thread's critical path.
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Callable
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qwen_gateway.engines.base import FinishReason
 from qwen_gateway.engines.local.detok import StopTokenSequences
 from qwen_gateway.engines.local.masks import TokenMask
 from qwen_gateway.engines.local.sampling import Sampler
 
+if TYPE_CHECKING:
+    from qwen_gateway.engines.local.constraints import GrammarState
+
 log = logging.getLogger(__name__)
+
+
+# (the sampled token's logprob, ((rival id, its logprob), ...)), as computed in the inference thread.
+RawLogprob = tuple[float, tuple[tuple[int, float], ...]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +38,8 @@ class Tokens:
     ids: tuple[int, ...]
     completion_tokens: int
     finish: FinishReason | None = None
+    # One entry per id of ``ids`` when the request asked for logprobs.
+    logprobs: tuple[RawLogprob, ...] = ()
 
 
 # What the inference thread hands the consumer: progress, or an exception for it to raise.
@@ -52,6 +62,8 @@ class Sequence:
         emit: Emit,
         masks: SequenceABC[TokenMask] = (),
         rope_delta: int = 0,
+        grammar: GrammarState | None = None,
+        logprobs: int | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_ids = prompt_ids
@@ -60,6 +72,11 @@ class Sequence:
         self.eos_ids = eos_ids
         # Token masks (forced tokens, thinking budget, later constraints), applied as the batch bitmask.
         self.masks = list(masks)
+        # An output constraint's matcher: fills this row of the step's packed bitmask.
+        self.grammar = grammar
+        # None: no logprobs; k: the sampled token's logprob and k rivals per token.
+        self.logprobs = logprobs
+        self._pending_logprobs: collections.deque[tuple[int, RawLogprob]] = collections.deque()
         # M-RoPE models (Qwen-VL): a row's text positions are offset by what its images took.
         self.rope_delta = rope_delta
         self.generated: list[int] = []
@@ -99,12 +116,16 @@ class Sequence:
         """Tokens in this sequence's KV cache once its last token has been fed."""
         return len(self.prompt_ids) + len(self.generated)
 
-    def accept(self, token_id: int) -> None:
+    def accept(self, token_id: int, logprob: RawLogprob | None = None) -> None:
         """Append a chosen token, release the ids it completes, and finish when a rule says so."""
         if self.finished:
             return  # a finished row still in a batched step: its token is not part of the answer
+        if self.grammar is not None and not self.grammar.accept(token_id):
+            raise RuntimeError(f"the output constraint refused token {token_id}")
         self.generated.append(token_id)
         self.sampler.observe(token_id)
+        if logprob is not None:
+            self._pending_logprobs.append((token_id, logprob))
         if token_id in self.eos_ids:
             self._finish("stop", self._stop_tokens.flush())
             return
@@ -114,7 +135,7 @@ class Sequence:
         elif len(self.generated) >= self.max_new_tokens:
             self._finish("length", released + self._stop_tokens.flush())
         elif released:
-            self._send(Tokens(tuple(released), len(self.generated)))
+            self._send(Tokens(tuple(released), len(self.generated), logprobs=self._logprobs_of(released)))
 
     def release(self) -> None:
         if not self._released:
@@ -134,7 +155,21 @@ class Sequence:
         self.finished = True
         self.cache = None
         self.release()
-        self._send(Tokens(tuple(ids), len(self.generated), reason))
+        self._send(Tokens(tuple(ids), len(self.generated), reason, self._logprobs_of(ids)))
+
+    def _logprobs_of(self, ids: SequenceABC[int]) -> tuple[RawLogprob, ...]:
+        """The pending entries of released ``ids``; entries of ids never released (EOS, a stop
+        sequence's own ids) are dropped on the way."""
+        pending = self._pending_logprobs
+        if not pending:
+            return ()
+        out: list[RawLogprob] = []
+        for token_id in ids:
+            while pending and pending[0][0] != token_id:
+                pending.popleft()
+            if pending:
+                out.append(pending.popleft()[1])
+        return tuple(out)
 
     def _send(self, item: Outgoing) -> None:
         try:
