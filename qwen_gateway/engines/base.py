@@ -93,6 +93,8 @@ class SamplingParams:
     repetition_penalty: float | None = None
     stop: tuple[str, ...] = ()  # the stop text is not returned
     stop_token_ids: tuple[tuple[int, ...], ...] = ()  # token-id sequences that end generation
+    # None: no log probabilities; k (0-5): each answer token's logprob and its k most likely rivals.
+    logprobs: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +181,28 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class TopLogprob:
+    """A token and its log probability; ``bytes`` are the token's own bytes (a token may hold part
+    of a UTF-8 character, which ``token`` then shows as U+FFFD)."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One answer token's log probability under the model's raw distribution (before penalties,
+    temperature, top-k/top-p and constraint masks, as vLLM reports by default), and the most likely
+    tokens at that position."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class TextDelta:
     """New answer text. Never ends inside a UTF-8 character or a possible stop string.
 
@@ -193,6 +217,8 @@ class TextDelta:
     # (an upstream that only returns text). Parsers use it to tell a real tag from the same characters
     # written as ordinary text.
     specials: tuple[tuple[int, int], ...] | None = None
+    # The tokens behind ``text`` when the request asked for logprobs (SamplingParams.logprobs).
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 FinishReason = Literal["stop", "length", "tool_calls"]
@@ -243,6 +269,8 @@ class Capabilities:
     thinking_budget: bool = False
     # Which OutputConstraint kinds the engine compiles (names from CONSTRAINT_KINDS).
     constraints: frozenset[str] = frozenset()
+    # Whether TextDelta.logprobs is filled when SamplingParams.logprobs asks for it.
+    logprobs: bool = False
     # Sequences the engine runs at once; admission control queues up to a bound beyond this.
     max_concurrency: int = 1
     # The tokenizer's special tokens by text (e.g. {"<tool_call>": 151657}): a tag listed here is real

@@ -10,8 +10,11 @@ Pure Python: nothing here imports torch, so these pieces are testable on their o
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
+
+from qwen_gateway.engines.base import TokenLogprob, TopLogprob
 
 # Prompt tokens kept as left context: SentencePiece-style tokenizers drop a leading space when a
 # window starts on a word-initial token, so every window starts a few tokens earlier.
@@ -195,3 +198,68 @@ class TextStream:
         self._marks = [(at, tid) for at, tid in self._marks if at >= end]
         self._released = end
         return text
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2 byte-level BPE's printable stand-in character -> the byte it stands for."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars = list(printable)
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+_BYTE_DECODER = _byte_decoder()
+
+
+class TokenText:
+    """Token id -> (its text, its own bytes) for logprobs, cached per id.
+
+    Byte-level BPE (Qwen) spells a token's bytes with stand-in characters: those map back to the exact
+    bytes, so a CJK character split over two tokens shows as two partial byte runs that join up, as
+    OpenAI's ``bytes`` field intends. Other vocabularies fall back to decoding the single token."""
+
+    def __init__(self, tokenizer: Any, lock: threading.Lock) -> None:
+        self._tokenizer = tokenizer
+        self._lock = lock
+        self._cache: dict[int, tuple[str, tuple[int, ...]]] = {}
+
+    def get(self, token_id: int) -> tuple[str, tuple[int, ...]]:
+        hit = self._cache.get(token_id)
+        if hit is not None:
+            return hit
+        with self._lock:
+            piece = self._tokenizer.convert_ids_to_tokens(token_id)
+            if not isinstance(piece, str) or any(c not in _BYTE_DECODER for c in piece):
+                raw = str(self._tokenizer.decode([token_id], skip_special_tokens=False)).encode()
+            else:
+                raw = bytes(_BYTE_DECODER[c] for c in piece)
+        entry = (raw.decode("utf-8", errors="replace"), tuple(raw))
+        if len(self._cache) < _TOKEN_TEXT_CACHE:
+            self._cache[token_id] = entry
+        return entry
+
+    def logprobs(
+        self, ids: Sequence[int], raw: Sequence[tuple[float, Sequence[tuple[int, float]]]]
+    ) -> list[TokenLogprob]:
+        out = []
+        for token_id, (logprob, top) in zip(ids, raw, strict=False):
+            text, data = self.get(token_id)
+            rivals = []
+            for rival, value in top:
+                rival_text, rival_data = self.get(rival)
+                rivals.append(TopLogprob(rival_text, value, rival_data))
+            out.append(TokenLogprob(text, logprob, data, tuple(rivals)))
+        return out
+
+
+# Bounded by the vocabulary anyway; the bound keeps a pathological tokenizer from growing it further.
+_TOKEN_TEXT_CACHE = 1 << 18

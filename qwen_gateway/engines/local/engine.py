@@ -21,11 +21,13 @@ from qwen_gateway.engines.base import (
     GenerationEvent,
     GenerationRequest,
     TextDelta,
+    TokenLogprob,
     Usage,
 )
-from qwen_gateway.engines.local import loader
+from qwen_gateway.engines.local import constraints, loader
 from qwen_gateway.engines.local.backends import SchedulerKind, supports_batching
-from qwen_gateway.engines.local.detok import TextStream
+from qwen_gateway.engines.local.constraints import GrammarState
+from qwen_gateway.engines.local.detok import TextStream, TokenText
 from qwen_gateway.engines.local.masks import ThinkingBudget, TokenMask
 from qwen_gateway.engines.local.options import LocalModelConfig
 from qwen_gateway.engines.local.prompt import PromptRenderer
@@ -80,6 +82,8 @@ class LocalEngine:
         self._capabilities = Capabilities(max_context=config.context_length or 0)
         self._think_close: tuple[list[int], list[int]] | None = None  # (</think> ids, close ids)
         self._specials: dict[int, str] = {}  # special token id -> its text
+        self._grammars: constraints.Grammars | None = None
+        self._token_text: TokenText | None = None
 
     # -- Engine protocol -------------------------------------------------------------------------------
 
@@ -122,11 +126,19 @@ class LocalEngine:
             tools="tools" in template,
             reasoning=reasoning,
             thinking_budget=True,
+            constraints=constraints.KINDS,
+            logprobs=True,
             max_concurrency=self._config.max_batch_size if kind == "batched" else 1,
             special_tokens=special_tokens,
             tool_format=_tool_format(template),
             reasoning_format="qwen3",
         )
+        vocab = _vocab_size(loaded.model)
+        if constraints.KINDS:
+            self._grammars = constraints.Grammars(
+                copy.deepcopy(loaded.tokenizer), vocab, sorted(loaded.eos_ids)
+            )
+        self._token_text = TokenText(loaded.tokenizer, self._decode_lock)
         self._scheduler = Scheduler(
             loaded.model,
             device=loaded.device,
@@ -142,10 +154,15 @@ class LocalEngine:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         scheduler, loaded, renderer = self._ready()
+        grammar: GrammarState | None = None
         if request.constraint is not None:
-            # Capabilities.constraints is empty: the service refuses these before calling; say so
-            # here too instead of ignoring the constraint.
-            raise InvalidParameter("This model does not support constrained output.", param="response_format")
+            if self._grammars is None:  # the service checks Capabilities.constraints first
+                raise InvalidParameter(
+                    "This model does not support constrained output.", param="response_format"
+                )
+            # Compiling takes tens of milliseconds (cached after): a worker thread, never the loop
+            # or the inference thread.
+            grammar = await asyncio.to_thread(self._grammars.compile, request.constraint, request.tools)
         max_context = self._capabilities.max_context
         try:
             prompt_ids = await asyncio.to_thread(renderer.render, request, max_context)
@@ -154,7 +171,8 @@ class LocalEngine:
         except Exception:
             log.exception("rendering the prompt of request %s failed", request.request_id)
             raise EngineFailure("inference internal error.") from None
-        seq, outbox = self._sequence(request, prompt_ids, loaded)
+        seq, outbox = self._sequence(request, prompt_ids, loaded, grammar)
+        token_text = self._token_text
         text = TextStream(
             _Decoder(loaded.tokenizer, self._decode_lock), prompt_ids, request.sampling.stop, self._specials
         )
@@ -169,12 +187,16 @@ class LocalEngine:
                 delta, done = "", None
                 specials: list[tuple[int, int]] = []
                 count = reasoning = 0
+                logprobs: list[TokenLogprob] = []
                 for item in items:
                     if isinstance(item, BaseException):
                         if delta:
-                            yield TextDelta(delta, Usage(prompt_tokens, count, reasoning), tuple(specials))
+                            usage = Usage(prompt_tokens, count, reasoning)
+                            yield TextDelta(delta, usage, tuple(specials), tuple(logprobs))
                         raise item
                     count, reasoning = item.completion_tokens, item.reasoning_tokens
+                    if item.logprobs and token_text is not None:
+                        logprobs.extend(token_text.logprobs(item.ids, item.logprobs))
                     delta += _marked(text, text.push(item.ids), specials, len(delta))
                     if text.stopped:
                         done = Finished("stop", Usage(prompt_tokens, count, reasoning))
@@ -184,8 +206,9 @@ class LocalEngine:
                         reason = "stop" if text.stopped else item.finish
                         done = Finished(reason, Usage(prompt_tokens, count, reasoning))
                         break
-                if delta:
-                    yield TextDelta(delta, Usage(prompt_tokens, count, reasoning), tuple(specials))
+                if delta or logprobs:
+                    usage = Usage(prompt_tokens, count, reasoning)
+                    yield TextDelta(delta, usage, tuple(specials), tuple(logprobs))
                 if done is not None:
                     yield done
                     return
@@ -238,7 +261,11 @@ class LocalEngine:
         return ThinkingBudget(budget, end_ids, close_ids)
 
     def _sequence(
-        self, request: GenerationRequest, prompt_ids: list[int], loaded: loader.LoadedModel
+        self,
+        request: GenerationRequest,
+        prompt_ids: list[int],
+        loaded: loader.LoadedModel,
+        grammar: GrammarState | None = None,
     ) -> tuple[Sequence, asyncio.Queue[Outgoing]]:
         max_context = self._capabilities.max_context
         sampling = request.sampling
@@ -264,6 +291,8 @@ class LocalEngine:
             masks=self._token_masks(request),
             thinking=self._thinking(request, room),
             max_total_tokens=room,
+            grammar=grammar,
+            logprobs=sampling.logprobs,
         )
         return seq, outbox
 
@@ -306,6 +335,16 @@ def _marked(text: TextStream, piece: str, specials: list[tuple[int, int]], offse
     """``piece`` (just returned by ``text``), its special tokens added to ``specials`` at ``offset``."""
     specials.extend((offset + at, tid) for at, tid in text.last_specials)
     return piece
+
+
+def _vocab_size(model: Any) -> int:
+    """Rows of the output layer: the logits' width (the tokenizer may count fewer tokens)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    width = getattr(head, "out_features", None)
+    if isinstance(width, int):
+        return width
+    config = getattr(model.config, "text_config", None) or model.config
+    return int(config.vocab_size)
 
 
 def _kv_budget_tokens(loaded: loader.LoadedModel) -> int | None:
