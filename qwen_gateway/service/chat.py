@@ -16,7 +16,14 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import assert_never
 
-from qwen_gateway.engines.base import Finished, GenerationEvent, GenerationRequest, TextDelta, Usage
+from qwen_gateway.engines.base import (
+    Finished,
+    GenerationEvent,
+    GenerationRequest,
+    TextDelta,
+    TokenLogprob,
+    Usage,
+)
 from qwen_gateway.errors import ApiError, EngineFailure, ShuttingDown
 from qwen_gateway.service.events import (
     ChatResult,
@@ -78,6 +85,8 @@ class ChatService:
                             if event.usage is not None:
                                 usage[index] = event.usage
                             out = parsers[index].feed(event.text)
+                            if event.logprobs:
+                                out = _with_logprobs(out, index, event.logprobs)
                         case Finished():
                             usage[index] = event.usage
                             finished += 1
@@ -109,7 +118,10 @@ class ChatService:
         self, call: ChatCall, *, key_id: str | None, stop: Callable[[], bool] | None = None
     ) -> ChatResult:
         """The whole answer at once (non-stream); a failure raises its :class:`ApiError`."""
-        choices = [ChoiceResult(i, [], [], []) for i in range(call.n)]
+        wants_logprobs = call.generation.sampling.logprobs is not None
+        choices = [
+            ChoiceResult(i, [], [], [], logprobs=[] if wants_logprobs else None) for i in range(call.n)
+        ]
         calls: dict[tuple[int, int], list[str]] = {}
         heads: dict[tuple[int, int], tuple[str, str]] = {}
         total = Usage(0, 0)
@@ -119,6 +131,8 @@ class ChatService:
                 match event:
                     case ContentDelta():
                         choices[event.index].content.append(event.text)
+                        if event.logprobs:
+                            choices[event.index].logprobs.extend(event.logprobs)  # type: ignore[union-attr]
                     case ReasoningDelta():
                         choices[event.index].reasoning.append(event.text)
                     case ToolCallDelta():
@@ -203,6 +217,18 @@ class ChatService:
             await self._usage_sink(call.request_id, key_id, call.model.id, status, usage)
         except Exception:  # the answer is already out; losing the row is logged, never raised
             log.exception("recording usage of request %s failed", call.request_id)
+
+
+def _with_logprobs(
+    out: list[ChoiceEvent], index: int, logprobs: tuple[TokenLogprob, ...]
+) -> list[ChoiceEvent]:
+    """Logprobs ride on the first content delta the engine delta produced; when the parser produced
+    none (text held back, or reasoning / tool-call text), on an empty content delta of their own, so
+    every answer token's entry is reported exactly once."""
+    for i, item in enumerate(out):
+        if isinstance(item, ContentDelta):
+            return [*out[:i], dataclasses.replace(item, logprobs=logprobs), *out[i + 1 :]]
+    return [*out, ContentDelta(index, "", logprobs)]
 
 
 def _spent(usage: list[Usage | None], emitted: bool) -> Usage | None:
