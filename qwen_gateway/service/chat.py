@@ -18,10 +18,12 @@ from typing import assert_never
 
 from qwen_gateway.engines.base import (
     Finished,
+    FinishReason,
     GenerationEvent,
     GenerationRequest,
     TextDelta,
     TokenLogprob,
+    ToolCallConstraint,
     Usage,
 )
 from qwen_gateway.errors import ApiError, EngineFailure, ShuttingDown
@@ -37,7 +39,7 @@ from qwen_gateway.service.events import (
     ToolCallResult,
     UsageReport,
 )
-from qwen_gateway.service.parsers import parser_for
+from qwen_gateway.service.parsers import OutputParser, ParserChoice, parser_for
 from qwen_gateway.service.validation import ChatCall
 
 log = logging.getLogger(__name__)
@@ -72,30 +74,42 @@ class ChatService:
             self._search_notice_logged = True
             log.info("enable_search: no search provider is configured; models answer without searching")
         usage: list[Usage | None] = [None] * call.n
-        parsers = [parser_for(i) for i in range(call.n)]
+        parsers = _parsers(call)
         status = "cancelled"
         emitted = False
         finished = 0
+        ended: set[int] = set()  # choices whose parser wanted no more output
         engine_events = self._engine_events(call)
         try:
             try:
                 async for index, event in engine_events:
+                    if index in ended:
+                        continue
                     match event:
                         case TextDelta():
                             if event.usage is not None:
                                 usage[index] = event.usage
-                            out = parsers[index].feed(event.text)
+                            out = parsers[index].feed(event.text, event.specials)
                             if event.logprobs:
                                 out = _with_logprobs(out, index, event.logprobs)
+                            if parsers[index].done:
+                                # A single tool call is complete (parallel_tool_calls false): the
+                                # choice ends here, and so does its generation once all have.
+                                ended.add(index)
+                                finished += 1
+                                out += [*parsers[index].finish(), ChoiceFinished(index, "tool_calls")]
                         case Finished():
                             usage[index] = event.usage
                             finished += 1
-                            out = [*parsers[index].finish(), ChoiceFinished(index, event.reason)]
+                            parser = parsers[index]
+                            out = [*parser.finish(), ChoiceFinished(index, _reason(event.reason, parser))]
                         case _:
                             assert_never(event)
                     for item in out:
                         emitted = True
                         yield item
+                    if len(ended) == call.n:
+                        break
                     if stop is not None and finished < call.n and stop():
                         raise ShuttingDown()
             except ApiError as exc:
@@ -229,6 +243,22 @@ def _with_logprobs(
         if isinstance(item, ContentDelta):
             return [*out[:i], dataclasses.replace(item, logprobs=logprobs), *out[i + 1 :]]
     return [*out, ContentDelta(index, "", logprobs)]
+
+
+def _parsers(call: ChatCall) -> list[OutputParser]:
+    choice = ParserChoice(
+        thinking=call.thinking,
+        tools=bool(call.generation.tools),
+        parallel_tool_calls=call.parallel_tool_calls,
+        forced_call=isinstance(call.generation.constraint, ToolCallConstraint),
+    )
+    capabilities = call.model.engine.capabilities
+    return [parser_for(i, capabilities, choice) for i in range(call.n)]
+
+
+def _reason(reason: FinishReason, parser: OutputParser) -> FinishReason:
+    """An answer that ended on its own after calling tools finished to have them called."""
+    return "tool_calls" if reason == "stop" and parser.tool_calls else reason
 
 
 def _spent(usage: list[Usage | None], emitted: bool) -> Usage | None:

@@ -29,6 +29,7 @@ from qwen_gateway.errors import InvalidParameter, InvalidRequest
 from qwen_gateway.protocol.compat import ChatCompletionRequest, MessageIn, ToolIn
 from qwen_gateway.service.constraints import logprobs_setting, output_constraint
 from qwen_gateway.service.models import ModelRegistry, ServedModel
+from qwen_gateway.service.parsers import tool_parsing
 
 SEED_MAX = 9223372036854775807
 STOP_TYPE_MESSAGE = (
@@ -38,6 +39,10 @@ ROLE_MESSAGE = "Role must be user or assistant and Content length must be greate
 STREAM_ONLY_MESSAGE = (
     "This model only support stream mode, please enable the stream parameter to access the model. "
 )
+# What DashScope answers a non-stream call to QVQ (reference §3.4).
+QVQ_STREAM_ONLY_MESSAGE = "current user api does not support http call"
+TOOL_ORDER_MESSAGE = 'messages with role "tool" must be a response to a preceeding message with "tool_calls"'
+
 # The OpenAI SDK's newer "developer" role means what "system" means to a Qwen chat template.
 ROLE_ALIASES = {"developer": "system"}
 ROLES = frozenset({"system", "user", "assistant", "tool"})
@@ -57,6 +62,8 @@ class ChatCall:
     include_usage: bool
     # Asked for web search (answered without searching while no search provider is configured).
     enable_search: bool = False
+    # More than one tool call per answer (DashScope's default: one).
+    parallel_tool_calls: bool = False
 
     @property
     def thinking(self) -> bool:
@@ -221,6 +228,8 @@ def _messages(wire: list[MessageIn]) -> tuple[ChatMessage, ...]:
         if empty and role == "user":
             raise InvalidParameter(ROLE_MESSAGE, param=f"messages.{i}.content")
         partial = bool(m.partial) and role == "assistant" and i == len(wire) - 1
+        if role == "tool" and not (out and (out[-1].tool_calls or out[-1].role == "tool")):
+            raise InvalidParameter(TOOL_ORDER_MESSAGE, param=f"messages.{i}.role")
         out.append(
             ChatMessage(
                 role=role,  # type: ignore[arg-type]
@@ -228,7 +237,9 @@ def _messages(wire: list[MessageIn]) -> tuple[ChatMessage, ...]:
                 name=m.name,
                 tool_calls=tool_calls,
                 tool_call_id=m.tool_call_id,
-                reasoning_content=m.reasoning_content,
+                # Past turns' reasoning is not fed back to the model (DashScope's default; its
+                # preserve_thinking is refused until implemented).
+                reasoning_content=None,
                 partial=partial,
             )
         )
@@ -357,7 +368,7 @@ def _thinking(req: ChatCompletionRequest, served: ServedModel) -> Thinking | Non
         raise InvalidParameter(
             "The value of the enable_thinking parameter is restricted to True.", param="enable_thinking"
         )
-    limit = spec.max_output or spec.context_length
+    limit = spec.max_reasoning
     if req.thinking_budget is not None and not 0 < req.thinking_budget <= limit:
         raise InvalidParameter(
             f"The thinking_budget parameter must be a positive integer and not greater than {limit}",
@@ -370,7 +381,9 @@ def _thinking(req: ChatCompletionRequest, served: ServedModel) -> Thinking | Non
         raise InvalidParameter(
             "thinking_budget is not supported by this model's engine yet.", param="thinking_budget"
         )
-    return Thinking(enabled=enabled, budget=budget)
+    # Unset, the budget is the model's maximum reasoning length: max_tokens caps only the answer, so
+    # this is what bounds the reasoning.
+    return Thinking(enabled=enabled, budget=budget if budget is not None else limit if enabled else None)
 
 
 def build_call(body: dict[str, Any], models: ModelRegistry, *, request_id: str) -> ChatCall:
@@ -394,6 +407,9 @@ def build_call(body: dict[str, Any], models: ModelRegistry, *, request_id: str) 
     _check_tool_choice(req.tool_choice, tools)
     if n > 1 and tools:
         raise InvalidParameter("The n parameter must be 1 when tools are provided.", param="n")
+    if tools and req.tool_choice != "none" and not tool_parsing(served.engine.capabilities):
+        # Offered, the model could call them, but its calls could not be read: refuse, not ignore.
+        raise InvalidParameter("This model does not support tools.", param="tools")
     _refuse_unsupported(req)
     if req.enable_search and not spec.supports_search:
         raise InvalidParameter("This model does not support enable_search.", param="enable_search")
@@ -402,7 +418,7 @@ def build_call(body: dict[str, Any], models: ModelRegistry, *, request_id: str) 
     thinking = _thinking(req, served)
     constraint = output_constraint(req, served, messages, thinking=bool(thinking and thinking.enabled))
     if not stream and spec.stream_only:
-        raise InvalidParameter(STREAM_ONLY_MESSAGE)
+        raise InvalidParameter(QVQ_STREAM_ONLY_MESSAGE if spec.family == "qvq" else STREAM_ONLY_MESSAGE)
     if not stream and spec.requires_stream(thinking=bool(thinking and thinking.enabled)):
         raise InvalidParameter(
             "parameter.enable_thinking must be set to false for non-streaming calls",
@@ -450,4 +466,5 @@ def build_call(body: dict[str, Any], models: ModelRegistry, *, request_id: str) 
         stream=stream,
         include_usage=include_usage,
         enable_search=bool(req.enable_search),
+        parallel_tool_calls=bool(req.parallel_tool_calls),
     )

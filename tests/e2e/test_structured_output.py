@@ -223,17 +223,41 @@ def test_json_object_is_constrained_to_an_object(client: OpenAI) -> None:
             assert finish == "length"
 
 
-def tool_call_of(text: str) -> dict[str, Any]:
-    """The Hermes-style call in raw text, as the chat template writes it."""
-    assert text.startswith("<tool_call>\n") and text.endswith("\n</tool_call>"), text
-    body: dict[str, Any] = json.loads(text[len("<tool_call>\n") : -len("\n</tool_call>")])
-    return body
+def ask_tool(
+    client: OpenAI, *, stream: bool, model: str = "qwen-flash", **kwargs: Any
+) -> tuple[str, Any, str | None]:
+    """(content, the one wire tool call as {name, arguments}, finish_reason), streamed or not; the
+    streamed call is reassembled from its deltas by ``index``."""
+    kwargs.setdefault("messages", MSG)
+    kwargs.setdefault("temperature", 1.0)
+    kwargs.setdefault("max_tokens", 500)
+    if not stream:
+        r = client.chat.completions.create(model=model, **kwargs)
+        message = r.choices[0].message
+        calls = message.tool_calls or []
+        assert len(calls) == 1, message
+        assert calls[0].id.startswith("call_") and calls[0].type == "function"
+        call = {"name": calls[0].function.name, "arguments": json.loads(calls[0].function.arguments)}
+        return message.content or "", call, r.choices[0].finish_reason
+    text, finish = "", None
+    parts: dict[int, dict[str, str]] = {}
+    for chunk in client.chat.completions.create(model=model, stream=True, **kwargs):
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            finish = choice.finish_reason or finish
+            for tc in choice.delta.tool_calls or []:
+                part = parts.setdefault(tc.index, {"name": "", "arguments": ""})
+                if tc.function is not None:
+                    part["name"] += tc.function.name or ""
+                    part["arguments"] += tc.function.arguments or ""
+    assert list(parts) == [0], parts
+    return text, {"name": parts[0]["name"], "arguments": json.loads(parts[0]["arguments"])}, finish
 
 
 @pytest.mark.parametrize("model", ["qwen-flash", "qwen3-32b"])
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 def test_named_tool_choice_yields_a_valid_call(client: OpenAI, model: str, stream: bool) -> None:
-    text, finish = ask(
+    text, call, finish = ask_tool(
         client,
         stream=stream,
         model=model,
@@ -243,8 +267,7 @@ def test_named_tool_choice_yields_a_valid_call(client: OpenAI, model: str, strea
         tool_choice={"type": "function", "function": {"name": "get_current_weather"}},
         extra_body={"enable_thinking": False},
     )
-    assert finish in ("stop", "tool_calls"), text
-    call = tool_call_of(text)
+    assert finish == "tool_calls" and text == "", (finish, text)
     assert call["name"] == "get_current_weather"
     jsonschema.validate(call["arguments"], WEATHER["function"]["parameters"])
 
@@ -256,7 +279,7 @@ def test_named_tool_choice_batch_of_four_with_different_schemas(client: OpenAI) 
     with ThreadPoolExecutor(len(tools)) as pool:
         futures = [
             pool.submit(
-                ask,
+                ask_tool,
                 client,
                 stream=i % 2 == 0,
                 seed=20 + i,
@@ -266,21 +289,22 @@ def test_named_tool_choice_batch_of_four_with_different_schemas(client: OpenAI) 
             for i, tool in enumerate(tools)
         ]
         results = [f.result(timeout=600) for f in futures]
-    for tool, (text, _) in zip(tools, results, strict=True):
-        call = tool_call_of(text)
+    for tool, (_, call, finish) in zip(tools, results, strict=True):
+        assert finish == "tool_calls"
         assert call["name"] == tool["function"]["name"]
         jsonschema.validate(call["arguments"], tool["function"]["parameters"])
 
 
 def test_tool_without_parameters_gets_empty_arguments(client: OpenAI) -> None:
-    text, _ = ask(
-        client,
-        stream=False,
-        seed=7,
-        tools=[TIME],
-        tool_choice={"type": "function", "function": {"name": "get_current_time"}},
-    )
-    assert tool_call_of(text) == {"name": "get_current_time", "arguments": {}}
+    for stream in (False, True):
+        _, call, _ = ask_tool(
+            client,
+            stream=stream,
+            seed=7,
+            tools=[TIME],
+            tool_choice={"type": "function", "function": {"name": "get_current_time"}},
+        )
+        assert call == {"name": "get_current_time", "arguments": {}}
 
 
 def post(server: Server, body: dict[str, Any]) -> httpx.Response:

@@ -94,7 +94,7 @@ def model_list_body(models: list[dict[str, Any]]) -> dict[str, Any]:
 
 def completion_body(call: ChatCall, result: ChatResult) -> dict[str, Any]:
     return {
-        "choices": [_choice(c) for c in result.choices],
+        "choices": [_choice(c, call.thinking) for c in result.choices],
         "object": "chat.completion",
         "usage": usage_body(result.usage),
         "created": call.created,
@@ -103,11 +103,11 @@ def completion_body(call: ChatCall, result: ChatResult) -> dict[str, Any]:
     }
 
 
-def _choice(choice: ChoiceResult) -> dict[str, Any]:
+def _choice(choice: ChoiceResult, thinking: bool) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": choice.text, "refusal": None}
     reasoning = choice.reasoning_text
-    if reasoning is not None:
-        message["reasoning_content"] = reasoning
+    if reasoning is not None or thinking:
+        message["reasoning_content"] = reasoning or ""
     if choice.tool_calls:
         message["tool_calls"] = [
             {
@@ -189,18 +189,19 @@ class StreamRenderer:
                 delta = {"content": None, "reasoning_content": event.text}
                 return [self._chunk([self._delta(event.index, delta)])]
             case ToolCallDelta():
+                # DashScope's shape: later pieces of a call carry "id": "" and the type, never a name.
                 function: dict[str, Any] = {"arguments": event.arguments}
-                call: dict[str, Any] = {"index": event.call_index, "function": function}
-                if event.id is not None:
-                    call["id"] = event.id
-                    call["type"] = "function"
+                call: dict[str, Any] = {"index": event.call_index, "id": event.id or "", "type": "function"}
+                call["function"] = function
                 if event.name is not None:
                     function["name"] = event.name
                 tool_delta: dict[str, Any] = {"content": None, "tool_calls": [call]}
                 return [self._chunk([self._delta(event.index, tool_delta)])]
             case ChoiceFinished():
                 finish: dict[str, Any] = {"content": ""}
-                if self._call.thinking:
+                if event.reason == "tool_calls":
+                    finish = {}  # DashScope ends a tool-call stream with an empty delta
+                elif self._call.thinking:
                     finish["reasoning_content"] = None
                 return [self._chunk([self._delta(event.index, finish, event.reason)])]
             case UsageReport():

@@ -11,7 +11,7 @@ Pure Python: nothing here imports torch, so these pieces are testable on their o
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from qwen_gateway.engines.base import TokenLogprob, TopLogprob
@@ -144,11 +144,27 @@ class StopTokenSequences:
 
 
 class TextStream:
-    """The consumer's side of a sequence: released ids in, answer text out, cut at a stop string."""
+    """The consumer's side of a sequence: released ids in, answer text out, cut at a stop string.
 
-    def __init__(self, tokenizer: Decoder, prompt_ids: Sequence[int], stop: Sequence[str]) -> None:
+    ``specials`` (id -> text) are the tokenizer's special tokens: after each :meth:`push` /
+    :meth:`flush`, :attr:`last_specials` says where in the returned text each one generated lies, as
+    (offset, id). A special token decodes to its whole text at once, so its place is exact; stop strings
+    only ever cut the text, so offsets in the detokenized text are offsets in the released text."""
+
+    def __init__(
+        self,
+        tokenizer: Decoder,
+        prompt_ids: Sequence[int],
+        stop: Sequence[str],
+        specials: Mapping[int, str] | None = None,
+    ) -> None:
         self._detok = IncrementalDetokenizer(tokenizer, prompt_ids)
         self._stops = StopStrings(stop)
+        self._specials = specials or {}
+        self._decoded = 0  # characters the detokenizer produced so far
+        self._released = 0  # characters released (a prefix of those)
+        self._marks: list[tuple[int, int]] = []  # (absolute offset, id) not released yet
+        self.last_specials: tuple[tuple[int, int], ...] = ()
 
     @property
     def stopped(self) -> bool:
@@ -158,15 +174,29 @@ class TextStream:
         """Text now safe to release; check :attr:`stopped` afterwards."""
         text = ""
         for token_id in ids:
-            text += self._detok.push(token_id)
-        return self._stops.push(text) if text else ""
+            piece = self._detok.push(token_id)
+            special = self._specials.get(token_id)
+            if special and piece.endswith(special):
+                self._marks.append((self._decoded + len(text) + len(piece) - len(special), token_id))
+            text += piece
+        self._decoded += len(text)
+        return self._release(self._stops.push(text) if text else "")
 
     def flush(self) -> str:
         """Everything still held back, at the end of the answer (held text could still hide a stop
         string, which then cuts it)."""
-        text = self._stops.push(self._detok.flush())
+        tail = self._detok.flush()
+        self._decoded += len(tail)
+        text = self._stops.push(tail)
         if not self._stops.stopped:
             text += self._stops.flush()
+        return self._release(text)
+
+    def _release(self, text: str) -> str:
+        start, end = self._released, self._released + len(text)
+        self.last_specials = tuple((at - start, tid) for at, tid in self._marks if start <= at < end)
+        self._marks = [(at, tid) for at, tid in self._marks if at >= end]
+        self._released = end
         return text
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from qwen_gateway.engines.base import FinishReason
 from qwen_gateway.engines.local.detok import StopTokenSequences
-from qwen_gateway.engines.local.masks import TokenMask
+from qwen_gateway.engines.local.masks import ThinkingBudget, TokenMask
 from qwen_gateway.engines.local.sampling import Sampler
 
 if TYPE_CHECKING:
@@ -38,6 +38,7 @@ class Tokens:
     ids: tuple[int, ...]
     completion_tokens: int
     finish: FinishReason | None = None
+    reasoning_tokens: int = 0
     # One entry per id of ``ids`` when the request asked for logprobs.
     logprobs: tuple[RawLogprob, ...] = ()
 
@@ -62,6 +63,8 @@ class Sequence:
         emit: Emit,
         masks: SequenceABC[TokenMask] = (),
         rope_delta: int = 0,
+        thinking: ThinkingBudget | None = None,
+        max_total_tokens: int | None = None,
         grammar: GrammarState | None = None,
         logprobs: int | None = None,
     ) -> None:
@@ -72,6 +75,12 @@ class Sequence:
         self.eos_ids = eos_ids
         # Token masks (forced tokens, thinking budget, later constraints), applied as the batch bitmask.
         self.masks = list(masks)
+        # While thinking is on, max_new_tokens caps the answer alone; the reasoning block is bounded by
+        # its budget (a mask, in ``masks`` too) and everything by max_total_tokens (the context's room).
+        self.thinking = thinking
+        if thinking is not None and thinking not in self.masks:
+            self.masks.append(thinking)
+        self.max_total_tokens = max_total_tokens
         # An output constraint's matcher: fills this row of the step's packed bitmask.
         self.grammar = grammar
         # None: no logprobs; k: the sampled token's logprob and k rivals per token.
@@ -124,6 +133,8 @@ class Sequence:
             raise RuntimeError(f"the output constraint refused token {token_id}")
         self.generated.append(token_id)
         self.sampler.observe(token_id)
+        if self.thinking is not None:
+            self.thinking.observe(self.generated)
         if logprob is not None:
             self._pending_logprobs.append((token_id, logprob))
         if token_id in self.eos_ids:
@@ -132,10 +143,30 @@ class Sequence:
         released = self._stop_tokens.push(token_id)
         if self._stop_tokens.stopped:
             self._finish("stop", released)
-        elif len(self.generated) >= self.max_new_tokens:
+        elif self._at_length_limit():
             self._finish("length", released + self._stop_tokens.flush())
         elif released:
-            self._send(Tokens(tuple(released), len(self.generated), logprobs=self._logprobs_of(released)))
+            self._send(
+                Tokens(
+                    tuple(released),
+                    len(self.generated),
+                    reasoning_tokens=self.reasoning_tokens,
+                    logprobs=self._logprobs_of(released),
+                )
+            )
+
+    @property
+    def reasoning_tokens(self) -> int:
+        return 0 if self.thinking is None else self.thinking.reasoning_tokens(len(self.generated))
+
+    def _at_length_limit(self) -> bool:
+        n = len(self.generated)
+        if self.max_total_tokens is not None and n >= self.max_total_tokens:
+            return True
+        if self.thinking is None:
+            return n >= self.max_new_tokens
+        start = self.thinking.answer_start
+        return start is not None and n - start >= self.max_new_tokens
 
     def release(self) -> None:
         if not self._released:
@@ -155,7 +186,9 @@ class Sequence:
         self.finished = True
         self.cache = None
         self.release()
-        self._send(Tokens(tuple(ids), len(self.generated), reason, self._logprobs_of(ids)))
+        self._send(
+            Tokens(tuple(ids), len(self.generated), reason, self.reasoning_tokens, self._logprobs_of(ids))
+        )
 
     def _logprobs_of(self, ids: SequenceABC[int]) -> tuple[RawLogprob, ...]:
         """The pending entries of released ``ids``; entries of ids never released (EOS, a stop
