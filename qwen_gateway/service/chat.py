@@ -22,6 +22,7 @@ from qwen_gateway.engines.base import (
     GenerationEvent,
     GenerationRequest,
     TextDelta,
+    TokenLogprob,
     ToolCallConstraint,
     Usage,
 )
@@ -89,6 +90,8 @@ class ChatService:
                             if event.usage is not None:
                                 usage[index] = event.usage
                             out = parsers[index].feed(event.text, event.specials)
+                            if event.logprobs:
+                                out = _with_logprobs(out, index, event.logprobs)
                             if parsers[index].done:
                                 # A single tool call is complete (parallel_tool_calls false): the
                                 # choice ends here, and so does its generation once all have.
@@ -129,7 +132,10 @@ class ChatService:
         self, call: ChatCall, *, key_id: str | None, stop: Callable[[], bool] | None = None
     ) -> ChatResult:
         """The whole answer at once (non-stream); a failure raises its :class:`ApiError`."""
-        choices = [ChoiceResult(i, [], [], []) for i in range(call.n)]
+        wants_logprobs = call.generation.sampling.logprobs is not None
+        choices = [
+            ChoiceResult(i, [], [], [], logprobs=[] if wants_logprobs else None) for i in range(call.n)
+        ]
         calls: dict[tuple[int, int], list[str]] = {}
         heads: dict[tuple[int, int], tuple[str, str]] = {}
         total = Usage(0, 0)
@@ -139,6 +145,8 @@ class ChatService:
                 match event:
                     case ContentDelta():
                         choices[event.index].content.append(event.text)
+                        if event.logprobs:
+                            choices[event.index].logprobs.extend(event.logprobs)  # type: ignore[union-attr]
                     case ReasoningDelta():
                         choices[event.index].reasoning.append(event.text)
                     case ToolCallDelta():
@@ -223,6 +231,18 @@ class ChatService:
             await self._usage_sink(call.request_id, key_id, call.model.id, status, usage)
         except Exception:  # the answer is already out; losing the row is logged, never raised
             log.exception("recording usage of request %s failed", call.request_id)
+
+
+def _with_logprobs(
+    out: list[ChoiceEvent], index: int, logprobs: tuple[TokenLogprob, ...]
+) -> list[ChoiceEvent]:
+    """Logprobs ride on the first content delta the engine delta produced; when the parser produced
+    none (text held back, or reasoning / tool-call text), on an empty content delta of their own, so
+    every answer token's entry is reported exactly once."""
+    for i, item in enumerate(out):
+        if isinstance(item, ContentDelta):
+            return [*out[:i], dataclasses.replace(item, logprobs=logprobs), *out[i + 1 :]]
+    return [*out, ContentDelta(index, "", logprobs)]
 
 
 def _parsers(call: ChatCall) -> list[OutputParser]:

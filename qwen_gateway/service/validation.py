@@ -17,20 +17,17 @@ import orjson
 from pydantic import ValidationError
 
 from qwen_gateway.engines.base import (
-    CONSTRAINT_KINDS,
     ChatMessage,
     GenerationRequest,
-    JsonConstraint,
-    OutputConstraint,
     SamplingParams,
     TextPart,
     Thinking,
     ToolCall,
-    ToolCallConstraint,
     ToolSpec,
 )
 from qwen_gateway.errors import InvalidParameter, InvalidRequest
 from qwen_gateway.protocol.compat import ChatCompletionRequest, MessageIn, ToolIn
+from qwen_gateway.service.constraints import logprobs_setting, output_constraint
 from qwen_gateway.service.models import ModelRegistry, ServedModel
 from qwen_gateway.service.parsers import tool_parsing
 
@@ -321,8 +318,6 @@ def _check_tool_choice(choice: str | dict[str, Any] | None, tools: tuple[ToolSpe
 # vl_high_resolution_images, which qwen-code sends on every call and which only changes how images are
 # sized: images are refused on their own until vision lands.)
 _NOT_YET: dict[str, Callable[[Any], bool]] = {
-    "logprobs": bool,
-    "top_logprobs": lambda v: v not in (None, 0),
     "logit_bias": bool,
     "translation_options": lambda v: v is not None,
     "ocr_options": lambda v: v is not None,
@@ -347,45 +342,6 @@ def _refuse_unsupported(req: ChatCompletionRequest) -> None:
             "search_options.forced_search is not supported: no search provider is configured.",
             param="search_options.forced_search",
         )
-
-
-def _constraint(req: ChatCompletionRequest, served: ServedModel) -> OutputConstraint | None:
-    """What the answer must match (response_format, a named tool_choice), if the engine can enforce it;
-    otherwise a 400 naming the parameter."""
-    supported = served.engine.capabilities.constraints
-    constraint: OutputConstraint | None = None
-    param = ""
-    fmt = req.response_format
-    if fmt is not None:
-        kind = fmt.get("type", "text")
-        if kind == "json_object":
-            constraint, param = JsonConstraint(), "response_format"
-        elif kind == "json_schema":
-            spec = fmt.get("json_schema")
-            schema = spec.get("schema") if isinstance(spec, dict) else None
-            if not isinstance(schema, dict):
-                raise InvalidParameter(
-                    "response_format.json_schema.schema must be a JSON schema object.",
-                    param="response_format.json_schema",
-                )
-            constraint, param = JsonConstraint(schema), "response_format"
-        elif kind != "text":
-            raise InvalidParameter(
-                "Unknown format of response_format, response_format should be a dict that includes "
-                "'type' and the value of type should be in ['text', 'json_object', 'json_schema'].",
-                param="response_format",
-            )
-    if isinstance(req.tool_choice, dict):
-        if constraint is not None:
-            raise InvalidParameter(
-                "response_format and a named tool_choice cannot be combined.", param="tool_choice"
-            )
-        name = req.tool_choice["function"]["name"]  # shape checked by _check_tool_choice
-        constraint, param = ToolCallConstraint(name), "tool_choice"
-    if constraint is not None and CONSTRAINT_KINDS[type(constraint)] not in supported:
-        what = "json output" if param == "response_format" else "forcing a named tool call"
-        raise InvalidParameter(f"{param}: {what} is not supported by this server yet.", param=param)
-    return constraint
 
 
 def _max_tokens(req: ChatCompletionRequest, limit: int) -> int:
@@ -455,12 +411,12 @@ def build_call(body: dict[str, Any], models: ModelRegistry, *, request_id: str) 
         # Offered, the model could call them, but its calls could not be read: refuse, not ignore.
         raise InvalidParameter("This model does not support tools.", param="tools")
     _refuse_unsupported(req)
-    constraint = _constraint(req, served)
     if req.enable_search and not spec.supports_search:
         raise InvalidParameter("This model does not support enable_search.", param="enable_search")
 
     stream = bool(req.stream)
     thinking = _thinking(req, served)
+    constraint = output_constraint(req, served, messages, thinking=bool(thinking and thinking.enabled))
     if not stream and spec.stream_only:
         raise InvalidParameter(QVQ_STREAM_ONLY_MESSAGE if spec.family == "qvq" else STREAM_ONLY_MESSAGE)
     if not stream and spec.requires_stream(thinking=bool(thinking and thinking.enabled)):
@@ -486,6 +442,7 @@ def build_call(body: dict[str, Any], models: ModelRegistry, *, request_id: str) 
         ),
         stop=stop,
         stop_token_ids=stop_ids,
+        logprobs=logprobs_setting(req, served),
     )
     if stop_ids and not served.engine.capabilities.stop_token_ids:
         raise InvalidParameter("This model does not accept stop as token ids.", param="stop")

@@ -27,23 +27,7 @@ def post(server: Server, body: dict[str, Any]) -> httpx.Response:
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
-        (
-            {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
-            "tool_choice",
-        ),
         ({"enable_search": True, "search_options": {"forced_search": True}}, "search_options.forced_search"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-        (
-            {
-                "response_format": {
-                    "type": "json_schema",
-                    "json_schema": {"name": "x", "schema": {"type": "object"}},
-                }
-            },
-            "response_format",
-        ),
-        ({"logprobs": True}, "logprobs"),
-        ({"top_logprobs": 2}, "top_logprobs"),
         ({"logit_bias": {"9707": 5}}, "logit_bias"),
         ({"translation_options": {"source_lang": "auto", "target_lang": "English"}}, "translation_options"),
         ({"modalities": ["text", "audio"]}, "modalities"),

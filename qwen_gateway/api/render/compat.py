@@ -15,12 +15,12 @@ out is one in-band error object, then ``data: [DONE]``.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any, assert_never
 
 import orjson
 
-from qwen_gateway.engines.base import FinishReason, Usage
+from qwen_gateway.engines.base import FinishReason, TokenLogprob, Usage
 from qwen_gateway.errors import ApiError, EngineFailure
 from qwen_gateway.service.events import (
     ChatResult,
@@ -122,7 +122,25 @@ def _choice(choice: ChoiceResult, thinking: bool) -> dict[str, Any]:
         "message": message,
         "finish_reason": choice.finish_reason or "stop",
         "index": choice.index,
-        "logprobs": None,
+        "logprobs": logprobs_body(choice.logprobs) if choice.logprobs is not None else None,
+    }
+
+
+def logprobs_body(entries: Sequence[TokenLogprob]) -> dict[str, Any]:
+    """OpenAI's ``choices[].logprobs``: one entry per answer token with its top alternatives."""
+    return {
+        "content": [
+            {
+                "token": e.token,
+                "logprob": e.logprob,
+                "bytes": list(e.bytes),
+                "top_logprobs": [
+                    {"token": t.token, "logprob": t.logprob, "bytes": list(t.bytes)} for t in e.top
+                ],
+            }
+            for e in entries
+        ],
+        "refusal": None,
     }
 
 
@@ -163,7 +181,10 @@ class StreamRenderer:
     def render(self, event: ChoiceEvent) -> list[dict[str, Any]]:
         match event:
             case ContentDelta():
-                return [self._chunk([self._delta(event.index, {"content": event.text})])]
+                choice = self._delta(event.index, {"content": event.text})
+                if event.logprobs:
+                    choice["logprobs"] = logprobs_body(event.logprobs)
+                return [self._chunk([choice])]
             case ReasoningDelta():
                 delta = {"content": None, "reasoning_content": event.text}
                 return [self._chunk([self._delta(event.index, delta)])]
