@@ -30,6 +30,13 @@ path = "{models}/tiny-qwen3"
 max_output = 64
 max_reasoning = 48
 
+# A thinking-by-default id that answers non-stream calls too (DashScope's qwen3.5-plus).
+[[models]]
+id = "qwen3.5-plus"
+path = "{models}/tiny-qwen3"
+max_output = 16
+max_reasoning = 24
+
 # An always-thinking, stream-only id on a checkpoint without thinking markup of its own: the engine
 # opens <think> in the prompt and forces the close (as plain tokens: this vocabulary has no <think>).
 [[models]]
@@ -327,6 +334,21 @@ def test_reasoning_streams_first_in_dashscopes_shape(srv: Server) -> None:
     assert usage["completion_tokens_details"]["reasoning_tokens"] == 6
     if finish["finish_reason"] == "length":
         assert usage["completion_tokens"] == 6 + 2 + 5
+
+
+def test_non_stream_reasoning_equals_the_streamed_one(srv: Server) -> None:
+    body = {"model": "qwen3.5-plus", "messages": MSG, "thinking_budget": 5, "max_tokens": 6, **VARIED}
+    r = post(srv, body)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert_schema(data, "CreateChatCompletionResponse")
+    message = data["choices"][0]["message"]
+    assert data["usage"]["completion_tokens_details"]["reasoning_tokens"] == 5
+    chunks = chunks_of(srv, {**body, "stream_options": {"include_usage": True}})
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    assert message["reasoning_content"] == "".join(d.get("reasoning_content") or "" for d in deltas) != ""
+    assert message["content"] == "".join(d.get("content") or "" for d in deltas)
+    assert chunks[-1]["usage"] == data["usage"]
 
 
 def test_thinking_off_answers_without_reasoning(srv: Server) -> None:

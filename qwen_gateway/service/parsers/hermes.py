@@ -113,7 +113,8 @@ class HermesToolParser:
             if at < 0:
                 self._content(out, self._buf.take(safe)[0])
                 return False
-            if _fences(self._buf.text[:at]) % 2 == (1 if self._in_fence else 0):
+            # The tail of released content counts too: a fence may be split across pieces.
+            if _fences(self._fence_tail + self._buf.text[:at]) % 2 == (1 if self._in_fence else 0):
                 break
             start = at + len(CALL_START)  # inside a code block: that tag is text
         self._content(out, self._buf.take(at)[0], before_call=True)
