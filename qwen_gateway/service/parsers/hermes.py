@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Mapping
+from typing import Any
 
 from qwen_gateway.service.events import ChoiceEvent, ContentDelta, ToolCallDelta
 from qwen_gateway.service.parsers.base import Buffer, Specials, Tag
@@ -52,7 +53,11 @@ class HermesToolParser:
         *,
         parallel: bool = False,
         text_tags: bool = False,
+        parameters: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
+        # ``parameters`` (the tools' schemas) is part of every tool parser's signature; Hermes calls
+        # are JSON and carry their own types, so it needs none.
+        del parameters
         self._index = index
         tokens = {} if text_tags else special_tokens
         self._start = Tag.of(CALL_START, tokens)
