@@ -66,6 +66,12 @@ max_output = 16
 id = "qwen-plus"
 path = "{qwen25}"
 max_output = 16
+
+# QVQ is Qwen2.5-VL based: a VL checkpoint served under the stream-only reasoning id.
+[[models]]
+id = "qvq-max"
+path = "{qwen25vl}"
+max_output = 16
 """
 # Sampling set explicitly: the VL checkpoints' generation_config is near-greedy (top_k=1, top_p=0.001).
 SAMPLING: dict[str, Any] = {"temperature": 1.0, "top_p": 1.0, "seed": 7, "extra_body": {"top_k": 0}}
@@ -626,3 +632,45 @@ def test_four_vl_streams_decode_together(vl_server: Server, media: MediaServer) 
         t.join(timeout=600)
     assert not errors, errors
     assert after == [3, 3, 3, 3]
+
+
+# -- QVQ: a VL checkpoint under a stream-only reasoning id --------------------------------------------------
+
+
+def test_qvq_streams_reasoning_before_the_answer(vl_server: Server, media: MediaServer) -> None:
+    content = [
+        {"type": "image_url", "image_url": {"url": media.url("/dog_and_girl.jpeg")}},
+        {"type": "text", "text": "How many dogs?"},
+    ]
+    messages = [{"role": "user", "content": content}]
+    refused = httpx.post(
+        f"{vl_server.compat_url}/chat/completions",
+        headers={"Authorization": f"Bearer {vl_server.api_key}"},
+        json={"model": "qvq-max", "messages": messages},
+        timeout=60,
+    )
+    assert refused.status_code == 400  # QVQ is stream-only (DashScope's message for it)
+    assert refused.json()["error"]["message"] == "current user api does not support http call"
+    stream = client(vl_server).chat.completions.create(
+        model="qvq-max",
+        messages=messages,  # type: ignore[arg-type]
+        stream=True,
+        stream_options={"include_usage": True},
+        max_tokens=4,
+        **{**SAMPLING, "extra_body": {"top_k": 0, "thinking_budget": 5}},
+    )
+    order: list[str] = []
+    usage: Any = None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            delta = choice.delta.model_dump()
+            if delta.get("reasoning_content"):
+                order.append("reasoning")
+            if delta.get("content"):
+                order.append("content")
+    assert order and order[0] == "reasoning" and "content" in order
+    assert order.index("content") > max(i for i, k in enumerate(order) if k == "reasoning")
+    assert usage.completion_tokens_details.reasoning_tokens == 5
+    assert usage.prompt_tokens_details.image_tokens == image_tokens(640, 480, 28)  # type: ignore[attr-defined]
