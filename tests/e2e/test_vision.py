@@ -19,7 +19,6 @@ import threading
 from collections.abc import Iterator
 from fractions import Fraction
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -113,7 +112,7 @@ class MediaServer:
         owner = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            def do_GET(self) -> None:
                 owner.hits[self.path] = owner.hits.get(self.path, 0) + 1
                 body, mime = owner.files.get(self.path, (b"", ""))
                 self.send_response(200 if mime else 404)
@@ -485,6 +484,54 @@ def test_media_refusal_is_a_400_naming_the_part(vl_server: Server) -> None:
     assert r.status_code == 400
     assert r.json()["error"]["param"] == "messages.0.content.1"
     assert vl_server.ledger(r.json()["request_id"]) == []
+
+
+@pytest.mark.parametrize(
+    ("part", "param"),
+    [
+        (
+            {"type": "image_url", "image_url": {"url": "http://x/a.png", "detail": "high"}},
+            "messages.0.content.0.image_url.detail",
+        ),
+        (
+            {"type": "image_url", "image_url": {"url": "http://x/a.png", "min_pixels": 0}},
+            "messages.0.content.0.image_url.min_pixels",
+        ),
+        (
+            {
+                "type": "image_url",
+                "image_url": {"url": "http://x/a.png", "min_pixels": 9000, "max_pixels": 4000},
+            },
+            "messages.0.content.0.image_url.min_pixels",
+        ),
+        ({"type": "image_url", "image_url": {"url": "http://x/a.png"}, "fps": 2}, "messages.0.content.0.fps"),
+        ({"type": "video", "video": ["http://x/a.png"] * 4, "fps": 50}, "messages.0.content.0.fps"),
+        ({"type": "audio", "audio": "http://x/a.wav"}, "messages.0.content"),
+    ],
+)
+def test_bad_media_parts_are_400_naming_them(vl_server: Server, part: dict[str, Any], param: str) -> None:
+    r = httpx.post(
+        f"{vl_server.compat_url}/chat/completions",
+        headers={"Authorization": f"Bearer {vl_server.api_key}"},
+        json={"model": "qwen3-vl-plus", "messages": [{"role": "user", "content": [part]}]},
+        timeout=60,
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_media_outside_user_turns_is_refused(vl_server: Server, media: MediaServer) -> None:
+    image = {"type": "image_url", "image_url": {"url": media.url("/tiger.png")}}
+    r = httpx.post(
+        f"{vl_server.compat_url}/chat/completions",
+        headers={"Authorization": f"Bearer {vl_server.api_key}"},
+        json={
+            "model": "qwen3-vl-plus",
+            "messages": [{"role": "system", "content": [image]}, {"role": "user", "content": "hi"}],
+        },
+        timeout=60,
+    )
+    assert r.status_code == 400 and "Unexpected item type" in r.json()["error"]["message"]
 
 
 # -- OCR -------------------------------------------------------------------------------------------------
