@@ -52,6 +52,7 @@ class ModelConfig(BaseModel):
     family: str | None = None
     context_length: int | None = Field(default=None, ge=1)
     max_output: int | None = Field(default=None, ge=1)
+    max_reasoning: int | None = Field(default=None, ge=1)  # longest reasoning (thinking_budget's cap)
     thinking_default: bool | None = None
     supports_thinking: bool | None = None
     stream_only: bool | None = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
 # ---------------------------------------------------------------------------------------------------
@@ -93,12 +93,18 @@ class SamplingParams:
     repetition_penalty: float | None = None
     stop: tuple[str, ...] = ()  # the stop text is not returned
     stop_token_ids: tuple[tuple[int, ...], ...] = ()  # token-id sequences that end generation
+    # None: no log probabilities; k (0-5): each answer token's logprob and its k most likely rivals.
+    logprobs: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Thinking:
     """Whether a model with a thinking switch (Qwen3 hybrid, QwQ, QVQ) reasons before answering, and
-    at most how many reasoning tokens it may spend (None: up to its output limit)."""
+    at most how many reasoning tokens it may spend (None: up to its context).
+
+    While thinking is on, ``SamplingParams.max_tokens`` caps the answer only (DashScope: it "limits the
+    answer, not the reasoning"); the budget is what bounds the reasoning, so the service always sets
+    one (the request's ``thinking_budget`` or the model's maximum reasoning length)."""
 
     enabled: bool
     budget: int | None = None
@@ -189,6 +195,28 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class TopLogprob:
+    """A token and its log probability; ``bytes`` are the token's own bytes (a token may hold part
+    of a UTF-8 character, which ``token`` then shows as U+FFFD)."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One answer token's log probability under the model's raw distribution (before penalties,
+    temperature, top-k/top-p and constraint masks, as vLLM reports by default), and the most likely
+    tokens at that position."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class TextDelta:
     """New answer text. Never ends inside a UTF-8 character or a possible stop string.
 
@@ -198,6 +226,13 @@ class TextDelta:
 
     text: str
     usage: Usage | None = None
+    # The tokenizer's special tokens (``<tool_call>``, ``<think>`` ...) the model generated in this
+    # delta, as (offset of the token's text in ``text``, token id); None when the engine can't tell
+    # (an upstream that only returns text). Parsers use it to tell a real tag from the same characters
+    # written as ordinary text.
+    specials: tuple[tuple[int, int], ...] | None = None
+    # The tokens behind ``text`` when the request asked for logprobs (SamplingParams.logprobs).
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 FinishReason = Literal["stop", "length", "tool_calls"]
@@ -248,8 +283,17 @@ class Capabilities:
     thinking_budget: bool = False
     # Which OutputConstraint kinds the engine compiles (names from CONSTRAINT_KINDS).
     constraints: frozenset[str] = frozenset()
+    # Whether TextDelta.logprobs is filled when SamplingParams.logprobs asks for it.
+    logprobs: bool = False
     # Sequences the engine runs at once; admission control queues up to a bound beyond this.
     max_concurrency: int = 1
+    # The tokenizer's special tokens by text (e.g. {"<tool_call>": 151657}): a tag listed here is real
+    # only where TextDelta.specials marks it; tags not listed are matched as plain text.
+    special_tokens: Mapping[str, int] = field(default_factory=dict)
+    # Output markup of the checkpoint's chat template (parser names, service/parsers): the tool-call
+    # format ("hermes", "qwen3_coder") and whether it marks reasoning ("qwen3"); None: none / unknown.
+    tool_format: str | None = None
+    reasoning_format: str | None = None
 
 
 @runtime_checkable

@@ -66,6 +66,8 @@ class ModelSpec:
     thinking_stream_only: bool = False
     # Qwen-OCR: takes ocr_options and sizes images with OCR's own default pixel bounds.
     ocr: bool = False
+    # Longest reasoning ("max chain-of-thought length"): thinking_budget's upper bound and its default.
+    max_reasoning: int = 0
 
     def thinking_enabled(self, requested: bool | None) -> bool:
         """Whether a call thinks, given the request's ``enable_thinking`` (None: not sent)."""
@@ -99,6 +101,7 @@ def _m(
     search: bool = False,
     tools: bool = True,
     n: bool = False,
+    reasoning: int | None = None,
 ) -> ModelSpec:
     return ModelSpec(
         id=model_id,
@@ -117,7 +120,25 @@ def _m(
         supports_n=n,
         input_price=input_price,
         output_price=input_price if output_price is None else output_price,
+        max_reasoning=_max_reasoning(family, thinking, reasoning),
     )
+
+
+# Model Studio's maximum chain-of-thought lengths as we last knew them (approximate; a [[models]]
+# entry can set max_reasoning): Qwen3 open-source 38,912; QwQ 32,768; QVQ 16,384; the commercial and
+# 2507/VL thinking models 81,920.
+_COT_QWEN3_OSS = 38_912
+_COT_QWQ = 32_768
+_COT_QVQ = 16_384
+_COT_COMMERCIAL = 81_920
+
+
+def _max_reasoning(family: str, thinking: Thinking, given: int | None) -> int:
+    if given is not None:
+        return given
+    if thinking == "none":
+        return 0
+    return {"qwq": _COT_QWQ, "qvq": _COT_QVQ}.get(family, _COT_COMMERCIAL)
 
 
 _K128 = (131_072, 129_024, 8_192)
@@ -155,14 +176,22 @@ _ENTRIES: tuple[ModelSpec, ...] = (
     _m("qwen3.6-plus", "qwen3.6", *_Q35, 0.0008, 0.0048, modalities=VISION, thinking="on", search=True),
     _m("qwen-long", "qwen-long", 10_000_000, 10_000_000, 8_192, 0.0029, tools=False),
     # Qwen3 open source: hybrid, thinking ON by default, non-streaming only with enable_thinking=false.
-    _m("qwen3-235b-a22b", "qwen3", *_Q3_OSS, 0.002, 0.008, thinking="on", stream="thinking", n=True),
-    _m("qwen3-32b", "qwen3", *_Q3_OSS, 0.002, 0.008, thinking="on", stream="thinking", n=True),
-    _m("qwen3-30b-a3b", "qwen3", *_Q3_OSS, 0.00075, 0.003, thinking="on", stream="thinking", n=True),
-    _m("qwen3-14b", "qwen3", *_Q3_OSS, 0.001, 0.004, thinking="on", stream="thinking", n=True),
-    _m("qwen3-8b", "qwen3", *_Q3_OSS, 0.0005, 0.002, thinking="on", stream="thinking", n=True),
-    _m("qwen3-4b", "qwen3", *_K32, 0.0003, 0.0012, thinking="on", stream="thinking", n=True),
-    _m("qwen3-1.7b", "qwen3", *_K32, 0.0003, 0.0012, thinking="on", stream="thinking", n=True),
-    _m("qwen3-0.6b", "qwen3", *_K32, 0.0003, 0.0012, thinking="on", stream="thinking", n=True),
+    _m("qwen3-235b-a22b", "qwen3", *_Q3_OSS, 0.002, 0.008, thinking="on", stream="thinking", n=True,
+       reasoning=_COT_QWEN3_OSS),
+    _m("qwen3-32b", "qwen3", *_Q3_OSS, 0.002, 0.008, thinking="on", stream="thinking", n=True,
+       reasoning=_COT_QWEN3_OSS),
+    _m("qwen3-30b-a3b", "qwen3", *_Q3_OSS, 0.00075, 0.003, thinking="on", stream="thinking", n=True,
+       reasoning=_COT_QWEN3_OSS),
+    _m("qwen3-14b", "qwen3", *_Q3_OSS, 0.001, 0.004, thinking="on", stream="thinking", n=True,
+       reasoning=_COT_QWEN3_OSS),
+    _m("qwen3-8b", "qwen3", *_Q3_OSS, 0.0005, 0.002, thinking="on", stream="thinking", n=True,
+       reasoning=_COT_QWEN3_OSS),
+    _m("qwen3-4b", "qwen3", *_K32, 0.0003, 0.0012, thinking="on", stream="thinking", n=True,
+       reasoning=_COT_QWEN3_OSS),
+    _m("qwen3-1.7b", "qwen3", *_K32, 0.0003, 0.0012, thinking="on", stream="thinking", n=True,
+       reasoning=_COT_QWEN3_OSS),
+    _m("qwen3-0.6b", "qwen3", *_K32, 0.0003, 0.0012, thinking="on", stream="thinking", n=True,
+       reasoning=_COT_QWEN3_OSS),
     # Qwen3 2507 and Next: fixed modes. Thinking variants always think, so they are effectively stream-only.
     _m("qwen3-235b-a22b-instruct-2507", "qwen3", *_Q3_2507_INSTRUCT, 0.002, 0.008, n=True),
     _m("qwen3-235b-a22b-thinking-2507", "qwen3", *_Q3_2507_THINKING, 0.002, 0.02, thinking="always",
@@ -319,6 +348,8 @@ def resolve_spec(config: ModelConfig, capabilities: Capabilities | None) -> Mode
     spec = _apply_overrides(spec, config)
     if capabilities is not None:
         spec = _clamp(spec, capabilities.max_context, capabilities.max_output)
+    if spec.max_reasoning > spec.context_length:  # reasoning fits the context with the prompt
+        spec = replace(spec, max_reasoning=spec.context_length)
     return spec
 
 
@@ -348,6 +379,7 @@ def _derived_spec(model_id: str, capabilities: Capabilities | None) -> ModelSpec
         max_output=min(context, capabilities.max_output or context),
         # Thinking is offered if the engine can, but stays off unless the request (or config) asks.
         supports_thinking=capabilities.reasoning,
+        max_reasoning=context,
         supports_tools=capabilities.tools,
         supports_n=True,
         owned_by=LOCAL_OWNER,
@@ -361,6 +393,8 @@ def _apply_overrides(spec: ModelSpec, config: ModelConfig) -> ModelSpec:
         spec = replace(spec, max_output=min(config.max_output, spec.context_length))
     if config.family is not None:
         spec = replace(spec, family=config.family)
+    if config.max_reasoning is not None:
+        spec = replace(spec, max_reasoning=config.max_reasoning)
     if config.input_price is not None:
         spec = replace(spec, input_price=config.input_price)
     if config.output_price is not None:
@@ -371,6 +405,8 @@ def _apply_overrides(spec: ModelSpec, config: ModelConfig) -> ModelSpec:
         # "Accepts non-streaming calls", in any thinking mode.
         spec = replace(spec, stream_only=False, thinking_stream_only=False)
     spec = _apply_thinking(spec, config.supports_thinking, config.thinking_default)
+    if spec.supports_thinking and not spec.max_reasoning:
+        spec = replace(spec, max_reasoning=spec.context_length)  # thinking switched on by config
     return spec
 
 

@@ -17,7 +17,16 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Protocol, assert_never
 
-from qwen_gateway.engines.base import Finished, GenerationEvent, GenerationRequest, TextDelta, Usage
+from qwen_gateway.engines.base import (
+    Finished,
+    FinishReason,
+    GenerationEvent,
+    GenerationRequest,
+    TextDelta,
+    TokenLogprob,
+    ToolCallConstraint,
+    Usage,
+)
 from qwen_gateway.errors import ApiError, EngineFailure, ShuttingDown
 from qwen_gateway.service.events import (
     ChatResult,
@@ -32,7 +41,7 @@ from qwen_gateway.service.events import (
     UsageReport,
 )
 from qwen_gateway.service.money.meter import Account
-from qwen_gateway.service.parsers import parser_for
+from qwen_gateway.service.parsers import OutputParser, ParserChoice, parser_for
 from qwen_gateway.service.validation import ChatCall
 
 log = logging.getLogger(__name__)
@@ -98,10 +107,11 @@ class ChatService:
             self._search_notice_logged = True
             log.info("enable_search: no search provider is configured; models answer without searching")
         usage: list[Usage | None] = [None] * call.n
-        parsers = [parser_for(i) for i in range(call.n)]
+        parsers = _parsers(call)
         status = "cancelled"
         emitted = False
         finished = 0
+        ended: set[int] = set()  # choices whose parser wanted no more output
         engine_events = self._engine_events(call)
         settle = True
         try:
@@ -116,20 +126,33 @@ class ChatService:
                     settle = account.admitted
             try:
                 async for index, event in engine_events:
+                    if index in ended:
+                        continue
                     match event:
                         case TextDelta():
                             if event.usage is not None:
                                 usage[index] = event.usage
-                            out = parsers[index].feed(event.text)
+                            out = parsers[index].feed(event.text, event.specials)
+                            if event.logprobs:
+                                out = _with_logprobs(out, index, event.logprobs)
+                            if parsers[index].done:
+                                # A single tool call is complete (parallel_tool_calls false): the
+                                # choice ends here, and so does its generation once all have.
+                                ended.add(index)
+                                finished += 1
+                                out += [*parsers[index].finish(), ChoiceFinished(index, "tool_calls")]
                         case Finished():
                             usage[index] = event.usage
                             finished += 1
-                            out = [*parsers[index].finish(), ChoiceFinished(index, event.reason)]
+                            parser = parsers[index]
+                            out = [*parser.finish(), ChoiceFinished(index, _reason(event.reason, parser))]
                         case _:
                             assert_never(event)
                     for item in out:
                         emitted = True
                         yield item
+                    if len(ended) == call.n:
+                        break
                     if stop is not None and finished < call.n and stop():
                         raise ShuttingDown()
             except ApiError as exc:
@@ -162,7 +185,10 @@ class ChatService:
         account: Account | None = None,
     ) -> ChatResult:
         """The whole answer at once (non-stream); a failure raises its :class:`ApiError`."""
-        choices = [ChoiceResult(i, [], [], []) for i in range(call.n)]
+        wants_logprobs = call.generation.sampling.logprobs is not None
+        choices = [
+            ChoiceResult(i, [], [], [], logprobs=[] if wants_logprobs else None) for i in range(call.n)
+        ]
         calls: dict[tuple[int, int], list[str]] = {}
         heads: dict[tuple[int, int], tuple[str, str]] = {}
         total = Usage(0, 0)
@@ -172,6 +198,8 @@ class ChatService:
                 match event:
                     case ContentDelta():
                         choices[event.index].content.append(event.text)
+                        if event.logprobs:
+                            choices[event.index].logprobs.extend(event.logprobs)  # type: ignore[union-attr]
                     case ReasoningDelta():
                         choices[event.index].reasoning.append(event.text)
                     case ToolCallDelta():
@@ -266,6 +294,35 @@ class ChatService:
             )
         except Exception:  # the answer is already out; losing the row is logged, never raised
             log.exception("recording usage of request %s failed", call.request_id)
+
+
+def _with_logprobs(
+    out: list[ChoiceEvent], index: int, logprobs: tuple[TokenLogprob, ...]
+) -> list[ChoiceEvent]:
+    """Logprobs ride on the first content delta the engine delta produced; when the parser produced
+    none (text held back, or reasoning / tool-call text), on an empty content delta of their own, so
+    every answer token's entry is reported exactly once."""
+    for i, item in enumerate(out):
+        if isinstance(item, ContentDelta):
+            return [*out[:i], dataclasses.replace(item, logprobs=logprobs), *out[i + 1 :]]
+    return [*out, ContentDelta(index, "", logprobs)]
+
+
+def _parsers(call: ChatCall) -> list[OutputParser]:
+    choice = ParserChoice(
+        thinking=call.thinking,
+        tools=bool(call.generation.tools),
+        parallel_tool_calls=call.parallel_tool_calls,
+        forced_call=isinstance(call.generation.constraint, ToolCallConstraint),
+        tool_parameters={t.name: t.parameters for t in call.generation.tools},
+    )
+    capabilities = call.model.engine.capabilities
+    return [parser_for(i, capabilities, choice) for i in range(call.n)]
+
+
+def _reason(reason: FinishReason, parser: OutputParser) -> FinishReason:
+    """An answer that ended on its own after calling tools finished to have them called."""
+    return "tool_calls" if reason == "stop" and parser.tool_calls else reason
 
 
 def _spent(usage: list[Usage | None], emitted: bool) -> Usage | None:

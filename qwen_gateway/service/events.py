@@ -14,16 +14,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qwen_gateway.engines.base import FinishReason, Usage
+from qwen_gateway.engines.base import FinishReason, TokenLogprob, Usage
 from qwen_gateway.errors import ApiError
 
 
 @dataclass(frozen=True, slots=True)
 class ContentDelta:
-    """New answer text of choice ``index``."""
+    """New answer text of choice ``index``; ``logprobs``: the tokens behind it, when asked for."""
 
     index: int
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +90,8 @@ class ChoiceResult:
     reasoning: list[str]
     tool_calls: list[ToolCallResult]
     finish_reason: FinishReason | None = None
+    # None: logprobs were not asked for; else every answer token's entry, in order.
+    logprobs: list[TokenLogprob] | None = None
 
     @property
     def text(self) -> str:

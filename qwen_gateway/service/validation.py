@@ -18,25 +18,23 @@ import orjson
 from pydantic import ValidationError
 
 from qwen_gateway.engines.base import (
-    CONSTRAINT_KINDS,
     ChatMessage,
     ContentPart,
     GenerationRequest,
-    JsonConstraint,
     MediaOptions,
-    OutputConstraint,
     SamplingParams,
     TextPart,
     Thinking,
     ToolCall,
-    ToolCallConstraint,
     ToolSpec,
 )
 from qwen_gateway.errors import InvalidParameter, InvalidRequest
 from qwen_gateway.protocol.compat import ChatCompletionRequest, ContentPartIn, MessageIn, ToolIn
+from qwen_gateway.service.constraints import logprobs_setting, output_constraint
 from qwen_gateway.service.media import EMPTY_SLOT, ImageRef, MediaRef, MediaSlot, VideoFileRef, VideoFramesRef
 from qwen_gateway.service.models import ModelRegistry, ServedModel
 from qwen_gateway.service.ocr import task_prompt
+from qwen_gateway.service.parsers import tool_parsing
 
 SEED_MAX = 9223372036854775807
 STOP_TYPE_MESSAGE = (
@@ -46,6 +44,10 @@ ROLE_MESSAGE = "Role must be user or assistant and Content length must be greate
 STREAM_ONLY_MESSAGE = (
     "This model only support stream mode, please enable the stream parameter to access the model. "
 )
+# What DashScope answers a non-stream call to QVQ (reference §3.4).
+QVQ_STREAM_ONLY_MESSAGE = "current user api does not support http call"
+TOOL_ORDER_MESSAGE = 'messages with role "tool" must be a response to a preceeding message with "tool_calls"'
+
 # The OpenAI SDK's newer "developer" role means what "system" means to a Qwen chat template.
 ROLE_ALIASES = {"developer": "system"}
 ROLES = frozenset({"system", "user", "assistant", "tool"})
@@ -67,6 +69,8 @@ class ChatCall:
     enable_search: bool = False
     # Image/video parts still to fetch (service/media.py ``resolve`` puts them into ``generation``).
     media: tuple[MediaSlot, ...] = ()
+    # More than one tool call per answer (DashScope's default: one).
+    parallel_tool_calls: bool = False
 
     @property
     def thinking(self) -> bool:
@@ -281,6 +285,8 @@ def _messages(wire: list[MessageIn]) -> tuple[tuple[ChatMessage, ...], tuple[Med
         if text == "" and not slots and role == "user":
             raise InvalidParameter(ROLE_MESSAGE, param=f"messages.{i}.content")
         partial = bool(m.partial) and role == "assistant" and i == len(wire) - 1
+        if role == "tool" and not (out and (out[-1].tool_calls or out[-1].role == "tool")):
+            raise InvalidParameter(TOOL_ORDER_MESSAGE, param=f"messages.{i}.role")
         out.append(
             ChatMessage(
                 role=role,  # type: ignore[arg-type]
@@ -288,7 +294,9 @@ def _messages(wire: list[MessageIn]) -> tuple[tuple[ChatMessage, ...], tuple[Med
                 name=m.name,
                 tool_calls=tool_calls,
                 tool_call_id=m.tool_call_id,
-                reasoning_content=m.reasoning_content,
+                # Past turns' reasoning is not fed back to the model (DashScope's default; its
+                # preserve_thinking is refused until implemented).
+                reasoning_content=None,
                 partial=partial,
             )
         )
@@ -394,8 +402,6 @@ def _check_tool_choice(choice: str | dict[str, Any] | None, tools: tuple[ToolSpe
 # DashScope parameters this server knows but cannot honour yet: set to anything but their "off" value,
 # they are refused with a 400 naming them instead of being accepted and ignored.
 _NOT_YET: dict[str, Callable[[Any], bool]] = {
-    "logprobs": bool,
-    "top_logprobs": lambda v: v not in (None, 0),
     "logit_bias": bool,
     "translation_options": lambda v: v is not None,
     "enable_code_interpreter": bool,
@@ -419,45 +425,6 @@ def _refuse_unsupported(req: ChatCompletionRequest) -> None:
             "search_options.forced_search is not supported: no search provider is configured.",
             param="search_options.forced_search",
         )
-
-
-def _constraint(req: ChatCompletionRequest, served: ServedModel) -> OutputConstraint | None:
-    """What the answer must match (response_format, a named tool_choice), if the engine can enforce it;
-    otherwise a 400 naming the parameter."""
-    supported = served.engine.capabilities.constraints
-    constraint: OutputConstraint | None = None
-    param = ""
-    fmt = req.response_format
-    if fmt is not None:
-        kind = fmt.get("type", "text")
-        if kind == "json_object":
-            constraint, param = JsonConstraint(), "response_format"
-        elif kind == "json_schema":
-            spec = fmt.get("json_schema")
-            schema = spec.get("schema") if isinstance(spec, dict) else None
-            if not isinstance(schema, dict):
-                raise InvalidParameter(
-                    "response_format.json_schema.schema must be a JSON schema object.",
-                    param="response_format.json_schema",
-                )
-            constraint, param = JsonConstraint(schema), "response_format"
-        elif kind != "text":
-            raise InvalidParameter(
-                "Unknown format of response_format, response_format should be a dict that includes "
-                "'type' and the value of type should be in ['text', 'json_object', 'json_schema'].",
-                param="response_format",
-            )
-    if isinstance(req.tool_choice, dict):
-        if constraint is not None:
-            raise InvalidParameter(
-                "response_format and a named tool_choice cannot be combined.", param="tool_choice"
-            )
-        name = req.tool_choice["function"]["name"]  # shape checked by _check_tool_choice
-        constraint, param = ToolCallConstraint(name), "tool_choice"
-    if constraint is not None and CONSTRAINT_KINDS[type(constraint)] not in supported:
-        what = "json output" if param == "response_format" else "forcing a named tool call"
-        raise InvalidParameter(f"{param}: {what} is not supported by this server yet.", param=param)
-    return constraint
 
 
 def _max_tokens(req: ChatCompletionRequest, limit: int) -> int:
@@ -484,7 +451,7 @@ def _thinking(req: ChatCompletionRequest, served: ServedModel) -> Thinking | Non
         raise InvalidParameter(
             "The value of the enable_thinking parameter is restricted to True.", param="enable_thinking"
         )
-    limit = spec.max_output or spec.context_length
+    limit = spec.max_reasoning
     if req.thinking_budget is not None and not 0 < req.thinking_budget <= limit:
         raise InvalidParameter(
             f"The thinking_budget parameter must be a positive integer and not greater than {limit}",
@@ -497,7 +464,9 @@ def _thinking(req: ChatCompletionRequest, served: ServedModel) -> Thinking | Non
         raise InvalidParameter(
             "thinking_budget is not supported by this model's engine yet.", param="thinking_budget"
         )
-    return Thinking(enabled=enabled, budget=budget)
+    # Unset, the budget is the model's maximum reasoning length: max_tokens caps only the answer, so
+    # this is what bounds the reasoning.
+    return Thinking(enabled=enabled, budget=budget if budget is not None else limit if enabled else None)
 
 
 def build_call(body: dict[str, Any], models: ModelRegistry, *, request_id: str) -> ChatCall:
@@ -528,15 +497,18 @@ def build_call(body: dict[str, Any], models: ModelRegistry, *, request_id: str) 
     _check_tool_choice(req.tool_choice, tools)
     if n > 1 and tools:
         raise InvalidParameter("The n parameter must be 1 when tools are provided.", param="n")
+    if tools and req.tool_choice != "none" and not tool_parsing(served.engine.capabilities):
+        # Offered, the model could call them, but its calls could not be read: refuse, not ignore.
+        raise InvalidParameter("This model does not support tools.", param="tools")
     _refuse_unsupported(req)
-    constraint = _constraint(req, served)
     if req.enable_search and not spec.supports_search:
         raise InvalidParameter("This model does not support enable_search.", param="enable_search")
 
     stream = bool(req.stream)
     thinking = _thinking(req, served)
+    constraint = output_constraint(req, served, messages, thinking=bool(thinking and thinking.enabled))
     if not stream and spec.stream_only:
-        raise InvalidParameter(STREAM_ONLY_MESSAGE)
+        raise InvalidParameter(QVQ_STREAM_ONLY_MESSAGE if spec.family == "qvq" else STREAM_ONLY_MESSAGE)
     if not stream and spec.requires_stream(thinking=bool(thinking and thinking.enabled)):
         raise InvalidParameter(
             "parameter.enable_thinking must be set to false for non-streaming calls",
@@ -560,6 +532,7 @@ def build_call(body: dict[str, Any], models: ModelRegistry, *, request_id: str) 
         ),
         stop=stop,
         stop_token_ids=stop_ids,
+        logprobs=logprobs_setting(req, served),
     )
     if stop_ids and not served.engine.capabilities.stop_token_ids:
         raise InvalidParameter("This model does not accept stop as token ids.", param="stop")
@@ -585,4 +558,5 @@ def build_call(body: dict[str, Any], models: ModelRegistry, *, request_id: str) 
         include_usage=include_usage,
         enable_search=bool(req.enable_search),
         media=media,
+        parallel_tool_calls=bool(req.parallel_tool_calls),
     )

@@ -65,6 +65,23 @@ max_output = 16
 id = "qwen-plus"
 path = "{qwen25}"
 max_output = 16
+
+# Seed 002's ids.
+[[models]]
+id = "qwen-vl-plus"
+path = "{qwen25vl}"
+max_output = 16
+
+[[models]]
+id = "qwen-vl-max-latest"
+path = "{qwen25vl}"
+max_output = 16
+
+# QVQ is Qwen2.5-VL based: a VL checkpoint served under the stream-only reasoning id.
+[[models]]
+id = "qvq-max"
+path = "{qwen25vl}"
+max_output = 16
 """
 # Sampling set explicitly: the VL checkpoints' generation_config is near-greedy (top_k=1, top_p=0.001).
 SAMPLING: dict[str, Any] = {"temperature": 1.0, "top_p": 1.0, "seed": 7, "extra_body": {"top_k": 0}}
@@ -157,13 +174,14 @@ def vl_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             qwen25=MODELS / "tiny-qwen2.5",
         )
     )
-    srv = start_server(home, "--config", str(config))
+    # Eight models start in this server: on a busy 2-core machine that can take minutes.
+    srv = start_server(home, "--config", str(config), timeout=900)
     yield srv
     srv.stop()
 
 
 def client(server: Server) -> OpenAI:
-    return OpenAI(api_key=server.api_key, base_url=server.compat_url)
+    return OpenAI(api_key=server.api_key, base_url=server.compat_url, timeout=600)
 
 
 # -- DashScope's formula, and the text the template renders -------------------------------------------
@@ -330,7 +348,7 @@ def test_high_resolution_and_pixel_bounds(vl_server: Server, media: MediaServer)
                 "max_tokens": 1,
                 **extra,
             },
-            timeout=120,
+            timeout=600,
         )
         assert r.status_code == 200, r.text
         return int(r.json()["usage"]["prompt_tokens_details"]["image_tokens"])
@@ -399,7 +417,7 @@ def test_mp4_video_url_sampled_at_fps_with_qwen3_timestamps(vl_server: Server, m
                 "stream": True,
                 "stream_options": {"include_usage": True},
             },
-            timeout=120,
+            timeout=600,
         )
         assert r.status_code == 200, r.text
         lines = [json.loads(x[6:]) for x in r.text.splitlines() if x.startswith("data: {")]
@@ -431,7 +449,7 @@ def test_text_model_refuses_an_image_with_dashscopes_error(vl_server: Server, me
                 }
             ],
         },
-        timeout=60,
+        timeout=600,
     )
     assert r.status_code == 400
     error = r.json()["error"]
@@ -452,7 +470,7 @@ def test_image_only_model_refuses_video(vl_server: Server, media: MediaServer) -
                 {"role": "user", "content": [{"type": "video", "video": [media.url("/tiger.png")] * 4}]}
             ],
         },
-        timeout=60,
+        timeout=600,
     )
     assert r.status_code == 400 and "Unexpected item type" in r.json()["error"]["message"]
 
@@ -473,11 +491,59 @@ def test_media_refusal_is_a_400_naming_the_part(vl_server: Server) -> None:
                 }
             ],
         },
-        timeout=60,
+        timeout=600,
     )
     assert r.status_code == 400
     assert r.json()["error"]["param"] == "messages.0.content.1"
     assert vl_server.ledger(r.json()["request_id"]) == []
+
+
+@pytest.mark.parametrize(
+    ("part", "param"),
+    [
+        (
+            {"type": "image_url", "image_url": {"url": "http://x/a.png", "detail": "high"}},
+            "messages.0.content.0.image_url.detail",
+        ),
+        (
+            {"type": "image_url", "image_url": {"url": "http://x/a.png", "min_pixels": 0}},
+            "messages.0.content.0.image_url.min_pixels",
+        ),
+        (
+            {
+                "type": "image_url",
+                "image_url": {"url": "http://x/a.png", "min_pixels": 9000, "max_pixels": 4000},
+            },
+            "messages.0.content.0.image_url.min_pixels",
+        ),
+        ({"type": "image_url", "image_url": {"url": "http://x/a.png"}, "fps": 2}, "messages.0.content.0.fps"),
+        ({"type": "video", "video": ["http://x/a.png"] * 4, "fps": 50}, "messages.0.content.0.fps"),
+        ({"type": "audio", "audio": "http://x/a.wav"}, "messages.0.content"),
+    ],
+)
+def test_bad_media_parts_are_400_naming_them(vl_server: Server, part: dict[str, Any], param: str) -> None:
+    r = httpx.post(
+        f"{vl_server.compat_url}/chat/completions",
+        headers={"Authorization": f"Bearer {vl_server.api_key}"},
+        json={"model": "qwen3-vl-plus", "messages": [{"role": "user", "content": [part]}]},
+        timeout=600,
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_media_outside_user_turns_is_refused(vl_server: Server, media: MediaServer) -> None:
+    image = {"type": "image_url", "image_url": {"url": media.url("/tiger.png")}}
+    r = httpx.post(
+        f"{vl_server.compat_url}/chat/completions",
+        headers={"Authorization": f"Bearer {vl_server.api_key}"},
+        json={
+            "model": "qwen3-vl-plus",
+            "messages": [{"role": "system", "content": [image]}, {"role": "user", "content": "hi"}],
+        },
+        timeout=600,
+    )
+    assert r.status_code == 400 and "Unexpected item type" in r.json()["error"]["message"]
 
 
 # -- OCR -------------------------------------------------------------------------------------------------
@@ -508,7 +574,7 @@ def ocr(server: Server, image_url: str, **extra: Any) -> httpx.Response:
             "max_tokens": 2,
             **extra,
         },
-        timeout=120,
+        timeout=600,
     )
 
 
@@ -625,3 +691,152 @@ def test_four_vl_streams_decode_together(vl_server: Server, media: MediaServer) 
         t.join(timeout=600)
     assert not errors, errors
     assert after == [3, 3, 3, 3]
+
+
+# -- QVQ: a VL checkpoint under a stream-only reasoning id --------------------------------------------------
+
+
+def test_qvq_streams_reasoning_before_the_answer(vl_server: Server, media: MediaServer) -> None:
+    content = [
+        {"type": "image_url", "image_url": {"url": media.url("/dog_and_girl.jpeg")}},
+        {"type": "text", "text": "How many dogs?"},
+    ]
+    messages = [{"role": "user", "content": content}]
+    refused = httpx.post(
+        f"{vl_server.compat_url}/chat/completions",
+        headers={"Authorization": f"Bearer {vl_server.api_key}"},
+        json={"model": "qvq-max", "messages": messages},
+        timeout=600,
+    )
+    assert refused.status_code == 400  # QVQ is stream-only (DashScope's message for it)
+    assert refused.json()["error"]["message"] == "current user api does not support http call"
+    stream = client(vl_server).chat.completions.create(
+        model="qvq-max",
+        messages=messages,  # type: ignore[arg-type]
+        stream=True,
+        stream_options={"include_usage": True},
+        max_tokens=4,
+        **{**SAMPLING, "extra_body": {"top_k": 0, "thinking_budget": 5}},
+    )
+    order: list[str] = []
+    usage: Any = None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            delta = choice.delta.model_dump()
+            if delta.get("reasoning_content"):
+                order.append("reasoning")
+            if delta.get("content"):
+                order.append("content")
+    assert order and order[0] == "reasoning" and "content" in order
+    assert order.index("content") > max(i for i, k in enumerate(order) if k == "reasoning")
+    assert usage.completion_tokens_details.reasoning_tokens == 5
+    assert usage.prompt_tokens_details.image_tokens == image_tokens(640, 480, 28)  # type: ignore[attr-defined]
+
+
+# -- the seeds' vision requests, byte for byte but for the image URLs --------------------------------------
+
+COMPLETION_KEYS = {"choices", "object", "usage", "created", "model", "id"}
+
+
+def raw(server: Server, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(
+        f"{server.compat_url}/chat/completions",
+        headers={"Authorization": f"Bearer {server.api_key}", "Content-Type": "application/json"},
+        content=json.dumps(body),
+        timeout=600,
+    )
+
+
+def test_seed_000_curl_two_images_non_stream(vl_server: Server, media: MediaServer) -> None:
+    body = {
+        "model": "qwen3-vl-plus",
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What are these"},
+                    {"type": "image_url", "image_url": {"url": media.url("/dog_and_girl.jpeg")}},
+                    {"type": "image_url", "image_url": {"url": media.url("/tiger.png")}},
+                ],
+            }
+        ],
+    }
+    r = raw(vl_server, body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert (
+        set(out) == COMPLETION_KEYS and out["object"] == "chat.completion" and out["model"] == "qwen3-vl-plus"
+    )
+    choice = out["choices"][0]
+    assert set(choice) == {"message", "finish_reason", "index", "logprobs"}
+    assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
+    usage = out["usage"]
+    assert usage["prompt_tokens_details"]["image_tokens"] == image_tokens(640, 480, 32) + image_tokens(
+        1024, 768, 32
+    )
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert_schema(out, "CreateChatCompletionResponse")
+
+
+def test_seed_000_curl_stream_with_usage(vl_server: Server, media: MediaServer) -> None:
+    body = {
+        "model": "qwen3-vl-plus",
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is this"},
+                    {"type": "image_url", "image_url": {"url": media.url("/dog_and_girl.jpeg")}},
+                ],
+            }
+        ],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": 8,
+    }
+    r = raw(vl_server, body)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    lines = [x for x in r.text.split("\n") if x]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(x[len("data: ") :]) for x in lines[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"content": "", "role": "assistant"}
+    assert all(set(c) == COMPLETION_KEYS for c in chunks)
+    assert chunks[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["prompt_tokens_details"]["image_tokens"] == 302
+    for chunk in chunks:
+        assert_schema(chunk, "CreateChatCompletionStreamResponse")
+
+
+def test_seed_002_image_and_video_requests(vl_server: Server, media: MediaServer) -> None:
+    image = client(vl_server).chat.completions.create(
+        model="qwen-vl-plus",
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "这是什么"},
+                    {"type": "image_url", "image_url": {"url": media.url("/dog_and_girl.jpeg")}},
+                ],
+            }
+        ],
+    )
+    dumped = json.loads(image.model_dump_json())
+    assert dumped["model"] == "qwen-vl-plus" and dumped["choices"][0]["message"]["role"] == "assistant"
+    assert dumped["usage"]["prompt_tokens_details"]["image_tokens"] == image_tokens(640, 480, 28)
+    video = client(vl_server).chat.completions.create(
+        model="qwen-vl-max-latest",
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "video", "video": [media.url(f"/football{i}.jpg") for i in range(1, 5)]},  # type: ignore[list-item, misc]
+                    {"type": "text", "text": "描述这个视频的具体过程"},
+                ],
+            }
+        ],
+    )
+    dumped = json.loads(video.model_dump_json())
+    assert dumped["object"] == "chat.completion" and dumped["model"] == "qwen-vl-max-latest"
+    assert dumped["usage"]["prompt_tokens_details"]["video_tokens"] == 2 * 14 * 8 + 2

@@ -15,12 +15,12 @@ out is one in-band error object, then ``data: [DONE]``.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any, assert_never
 
 import orjson
 
-from qwen_gateway.engines.base import FinishReason, Usage
+from qwen_gateway.engines.base import FinishReason, TokenLogprob, Usage
 from qwen_gateway.errors import ApiError, EngineFailure
 from qwen_gateway.service.events import (
     ChatResult,
@@ -104,7 +104,7 @@ def model_list_body(models: list[dict[str, Any]]) -> dict[str, Any]:
 
 def completion_body(call: ChatCall, result: ChatResult) -> dict[str, Any]:
     return {
-        "choices": [_choice(c) for c in result.choices],
+        "choices": [_choice(c, call.thinking) for c in result.choices],
         "object": "chat.completion",
         "usage": usage_body(result.usage),
         "created": call.created,
@@ -113,11 +113,11 @@ def completion_body(call: ChatCall, result: ChatResult) -> dict[str, Any]:
     }
 
 
-def _choice(choice: ChoiceResult) -> dict[str, Any]:
+def _choice(choice: ChoiceResult, thinking: bool) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": choice.text, "refusal": None}
     reasoning = choice.reasoning_text
-    if reasoning is not None:
-        message["reasoning_content"] = reasoning
+    if reasoning is not None or thinking:
+        message["reasoning_content"] = reasoning or ""
     if choice.tool_calls:
         message["tool_calls"] = [
             {
@@ -132,7 +132,25 @@ def _choice(choice: ChoiceResult) -> dict[str, Any]:
         "message": message,
         "finish_reason": choice.finish_reason or "stop",
         "index": choice.index,
-        "logprobs": None,
+        "logprobs": logprobs_body(choice.logprobs) if choice.logprobs is not None else None,
+    }
+
+
+def logprobs_body(entries: Sequence[TokenLogprob]) -> dict[str, Any]:
+    """OpenAI's ``choices[].logprobs``: one entry per answer token with its top alternatives."""
+    return {
+        "content": [
+            {
+                "token": e.token,
+                "logprob": e.logprob,
+                "bytes": list(e.bytes),
+                "top_logprobs": [
+                    {"token": t.token, "logprob": t.logprob, "bytes": list(t.bytes)} for t in e.top
+                ],
+            }
+            for e in entries
+        ],
+        "refusal": None,
     }
 
 
@@ -173,23 +191,27 @@ class StreamRenderer:
     def render(self, event: ChoiceEvent) -> list[dict[str, Any]]:
         match event:
             case ContentDelta():
-                return [self._chunk([self._delta(event.index, {"content": event.text})])]
+                choice = self._delta(event.index, {"content": event.text})
+                if event.logprobs:
+                    choice["logprobs"] = logprobs_body(event.logprobs)
+                return [self._chunk([choice])]
             case ReasoningDelta():
                 delta = {"content": None, "reasoning_content": event.text}
                 return [self._chunk([self._delta(event.index, delta)])]
             case ToolCallDelta():
+                # DashScope's shape: later pieces of a call carry "id": "" and the type, never a name.
                 function: dict[str, Any] = {"arguments": event.arguments}
-                call: dict[str, Any] = {"index": event.call_index, "function": function}
-                if event.id is not None:
-                    call["id"] = event.id
-                    call["type"] = "function"
+                call: dict[str, Any] = {"index": event.call_index, "id": event.id or "", "type": "function"}
+                call["function"] = function
                 if event.name is not None:
                     function["name"] = event.name
                 tool_delta: dict[str, Any] = {"content": None, "tool_calls": [call]}
                 return [self._chunk([self._delta(event.index, tool_delta)])]
             case ChoiceFinished():
                 finish: dict[str, Any] = {"content": ""}
-                if self._call.thinking:
+                if event.reason == "tool_calls":
+                    finish = {}  # DashScope ends a tool-call stream with an empty delta
+                elif self._call.thinking:
                     finish["reasoning_content"] = None
                 return [self._chunk([self._delta(event.index, finish, event.reason)])]
             case UsageReport():

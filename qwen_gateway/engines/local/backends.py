@@ -24,9 +24,10 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from qwen_gateway.engines.local import kvcache
+from qwen_gateway.engines.local.constraints import grammar_bitmask
 from qwen_gateway.engines.local.masks import batch_bitmask
 from qwen_gateway.engines.local.sampling import BatchSampler
-from qwen_gateway.engines.local.sequence import Sequence
+from qwen_gateway.engines.local.sequence import RawLogprob, Sequence
 from qwen_gateway.errors import EngineOverloaded
 
 log = logging.getLogger(__name__)
@@ -161,10 +162,18 @@ class _Base:
     def choose(self, seqs: list[Sequence], logits: torch.Tensor, on_error: OnError) -> None:
         """Pick and accept one token per row of ``logits`` ([rows, vocab])."""
         try:
+            # Raw-model logprobs are read before the sampler writes penalties and masks into logits.
+            wanted = [i for i, s in enumerate(seqs) if s.logprobs is not None]
+            logprobs = torch.log_softmax(logits[wanted].float(), dim=-1) if wanted else None
             # The step's logits are ours alone: penalties and the bitmask go straight into them.
             tokens = self.sampler.sample(
-                [s.sampler for s in seqs], logits, batch_bitmask(seqs, logits.shape[-1]), owned=True
+                [s.sampler for s in seqs],
+                logits,
+                batch_bitmask(seqs, logits.shape[-1]),
+                owned=True,
+                packed=grammar_bitmask(seqs, logits.shape[-1]),
             )
+            picked = _picked_logprobs(seqs, wanted, logprobs, tokens) if logprobs is not None else {}
         except Exception:
             if len(seqs) == 1:
                 on_error(seqs[0], _current_exception())
@@ -172,11 +181,30 @@ class _Base:
             for i, seq in enumerate(seqs):  # find the row at fault
                 self.choose([seq], logits[i : i + 1], on_error)
             return
-        for seq, token in zip(seqs, tokens, strict=True):
+        for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
             try:
-                seq.accept(token)
+                seq.accept(token, picked.get(i))
             except Exception as exc:
                 on_error(seq, exc)
+
+
+def _picked_logprobs(
+    seqs: list[Sequence], wanted: list[int], logprobs: torch.Tensor, tokens: list[int]
+) -> dict[int, RawLogprob]:
+    """Row -> (its sampled token's logprob, its top alternatives), in one gather and one top-k."""
+    index = torch.tensor([tokens[i] for i in wanted], dtype=torch.long).unsqueeze(1)
+    chosen = logprobs.gather(1, index).squeeze(1).tolist()
+    k = max(seqs[i].logprobs or 0 for i in wanted)
+    top_vals: list[list[float]] = [[] for _ in wanted]
+    top_ids: list[list[int]] = [[] for _ in wanted]
+    if k > 0:
+        values, ids = torch.topk(logprobs, k, dim=-1)
+        top_vals, top_ids = values.tolist(), ids.tolist()
+    out: dict[int, RawLogprob] = {}
+    for j, i in enumerate(wanted):
+        n = seqs[i].logprobs or 0
+        out[i] = (float(chosen[j]), tuple(zip(top_ids[j][:n], top_vals[j][:n], strict=True)))
+    return out
 
 
 def _current_exception() -> BaseException:

@@ -10,8 +10,11 @@ Pure Python: nothing here imports torch, so these pieces are testable on their o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from qwen_gateway.engines.base import TokenLogprob, TopLogprob
 
 # Prompt tokens kept as left context: SentencePiece-style tokenizers drop a leading space when a
 # window starts on a word-initial token, so every window starts a few tokens earlier.
@@ -141,11 +144,27 @@ class StopTokenSequences:
 
 
 class TextStream:
-    """The consumer's side of a sequence: released ids in, answer text out, cut at a stop string."""
+    """The consumer's side of a sequence: released ids in, answer text out, cut at a stop string.
 
-    def __init__(self, tokenizer: Decoder, prompt_ids: Sequence[int], stop: Sequence[str]) -> None:
+    ``specials`` (id -> text) are the tokenizer's special tokens: after each :meth:`push` /
+    :meth:`flush`, :attr:`last_specials` says where in the returned text each one generated lies, as
+    (offset, id). A special token decodes to its whole text at once, so its place is exact; stop strings
+    only ever cut the text, so offsets in the detokenized text are offsets in the released text."""
+
+    def __init__(
+        self,
+        tokenizer: Decoder,
+        prompt_ids: Sequence[int],
+        stop: Sequence[str],
+        specials: Mapping[int, str] | None = None,
+    ) -> None:
         self._detok = IncrementalDetokenizer(tokenizer, prompt_ids)
         self._stops = StopStrings(stop)
+        self._specials = specials or {}
+        self._decoded = 0  # characters the detokenizer produced so far
+        self._released = 0  # characters released (a prefix of those)
+        self._marks: list[tuple[int, int]] = []  # (absolute offset, id) not released yet
+        self.last_specials: tuple[tuple[int, int], ...] = ()
 
     @property
     def stopped(self) -> bool:
@@ -155,13 +174,92 @@ class TextStream:
         """Text now safe to release; check :attr:`stopped` afterwards."""
         text = ""
         for token_id in ids:
-            text += self._detok.push(token_id)
-        return self._stops.push(text) if text else ""
+            piece = self._detok.push(token_id)
+            special = self._specials.get(token_id)
+            if special and piece.endswith(special):
+                self._marks.append((self._decoded + len(text) + len(piece) - len(special), token_id))
+            text += piece
+        self._decoded += len(text)
+        return self._release(self._stops.push(text) if text else "")
 
     def flush(self) -> str:
         """Everything still held back, at the end of the answer (held text could still hide a stop
         string, which then cuts it)."""
-        text = self._stops.push(self._detok.flush())
+        tail = self._detok.flush()
+        self._decoded += len(tail)
+        text = self._stops.push(tail)
         if not self._stops.stopped:
             text += self._stops.flush()
+        return self._release(text)
+
+    def _release(self, text: str) -> str:
+        start, end = self._released, self._released + len(text)
+        self.last_specials = tuple((at - start, tid) for at, tid in self._marks if start <= at < end)
+        self._marks = [(at, tid) for at, tid in self._marks if at >= end]
+        self._released = end
         return text
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2 byte-level BPE's printable stand-in character -> the byte it stands for."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars = list(printable)
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+_BYTE_DECODER = _byte_decoder()
+
+
+class TokenText:
+    """Token id -> (its text, its own bytes) for logprobs, cached per id.
+
+    Byte-level BPE (Qwen) spells a token's bytes with stand-in characters: those map back to the exact
+    bytes, so a CJK character split over two tokens shows as two partial byte runs that join up, as
+    OpenAI's ``bytes`` field intends. Other vocabularies fall back to decoding the single token."""
+
+    def __init__(self, tokenizer: Any, lock: threading.Lock) -> None:
+        self._tokenizer = tokenizer
+        self._lock = lock
+        self._cache: dict[int, tuple[str, tuple[int, ...]]] = {}
+
+    def get(self, token_id: int) -> tuple[str, tuple[int, ...]]:
+        hit = self._cache.get(token_id)
+        if hit is not None:
+            return hit
+        with self._lock:
+            piece = self._tokenizer.convert_ids_to_tokens(token_id)
+            if not isinstance(piece, str) or any(c not in _BYTE_DECODER for c in piece):
+                raw = str(self._tokenizer.decode([token_id], skip_special_tokens=False)).encode()
+            else:
+                raw = bytes(_BYTE_DECODER[c] for c in piece)
+        entry = (raw.decode("utf-8", errors="replace"), tuple(raw))
+        if len(self._cache) < _TOKEN_TEXT_CACHE:
+            self._cache[token_id] = entry
+        return entry
+
+    def logprobs(
+        self, ids: Sequence[int], raw: Sequence[tuple[float, Sequence[tuple[int, float]]]]
+    ) -> list[TokenLogprob]:
+        out = []
+        for token_id, (logprob, top) in zip(ids, raw, strict=False):
+            text, data = self.get(token_id)
+            rivals = []
+            for rival, value in top:
+                rival_text, rival_data = self.get(rival)
+                rivals.append(TopLogprob(rival_text, value, rival_data))
+            out.append(TokenLogprob(text, logprob, data, tuple(rivals)))
+        return out
+
+
+# Bounded by the vocabulary anyway; the bound keeps a pathological tokenizer from growing it further.
+_TOKEN_TEXT_CACHE = 1 << 18

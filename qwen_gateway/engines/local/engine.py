@@ -21,11 +21,13 @@ from qwen_gateway.engines.base import (
     GenerationEvent,
     GenerationRequest,
     TextDelta,
+    TokenLogprob,
     Usage,
 )
-from qwen_gateway.engines.local import loader
+from qwen_gateway.engines.local import constraints, loader
 from qwen_gateway.engines.local.backends import SchedulerKind, supports_batching
-from qwen_gateway.engines.local.detok import TextStream
+from qwen_gateway.engines.local.constraints import GrammarState
+from qwen_gateway.engines.local.detok import TextStream, TokenText
 from qwen_gateway.engines.local.masks import ThinkingBudget, TokenMask
 from qwen_gateway.engines.local.options import LocalModelConfig
 from qwen_gateway.engines.local.prompt import PromptRenderer
@@ -48,7 +50,6 @@ log = logging.getLogger(__name__)
 # Qwen3's own way to end a reasoning block early: the closing tag on a line of its own, then a blank
 # line before the answer.
 THINK_END = "</think>"
-THINK_CLOSE = "\n</think>\n\n"
 # Share of the memory available at start the KV pool may fill before requests are refused.
 KV_MEMORY_SHARE = 0.7
 
@@ -81,7 +82,10 @@ class LocalEngine:
         self._tokenizer_lock = threading.Lock()  # prompt rendering's tokenizer
         self._decode_lock = threading.Lock()
         self._capabilities = Capabilities(max_context=config.context_length or 0)
-        self._think_close: tuple[int, list[int]] | None = None  # (</think> id, close ids)
+        self._think_close: tuple[list[int], list[int]] | None = None  # (</think> ids, close ids)
+        self._specials: dict[int, str] = {}  # special token id -> its text
+        self._grammars: constraints.Grammars | None = None
+        self._token_text: TokenText | None = None
         self._vision: VisionBuilder | None = None  # for checkpoints that take images
 
     # -- Engine protocol -------------------------------------------------------------------------------
@@ -114,7 +118,11 @@ class LocalEngine:
         # A configured context_length may only shrink the checkpoint's (e.g. to bound KV-cache memory).
         max_context = min(loaded.max_context, self._config.context_length or loaded.max_context)
         reasoning = "enable_thinking" in template or "<think>" in template
-        self._think_close = _think_close_ids(loaded.tokenizer) if reasoning else None
+        # Any checkpoint can think: one without markup of its own gets "<think>" opened in its
+        # generation prompt (PromptRenderer), and the close is forced at the budget either way.
+        self._think_close = _think_close_ids(loaded.tokenizer)
+        special_tokens = {str(k): int(v) for k, v in loaded.tokenizer.get_added_vocab().items()}
+        self._specials = {i: t for t, i in special_tokens.items()}
         if loaded.vision is not None:
             self._vision = VisionBuilder(
                 loaded.vision, self._renderer.encode, loaded.model.model.get_rope_index
@@ -126,9 +134,20 @@ class LocalEngine:
             video=loaded.vision is not None and loaded.vision.video is not None,
             tools="tools" in template,
             reasoning=reasoning,
-            thinking_budget=self._think_close is not None,
+            thinking_budget=True,
+            constraints=constraints.KINDS,
+            logprobs=True,
             max_concurrency=self._config.max_batch_size if kind == "batched" else 1,
+            special_tokens=special_tokens,
+            tool_format=_tool_format(template),
+            reasoning_format="qwen3",
         )
+        vocab = _vocab_size(loaded.model)
+        if constraints.KINDS:
+            self._grammars = constraints.Grammars(
+                copy.deepcopy(loaded.tokenizer), vocab, sorted(loaded.eos_ids)
+            )
+        self._token_text = TokenText(loaded.tokenizer, self._decode_lock)
         self._scheduler = Scheduler(
             loaded.model,
             device=loaded.device,
@@ -144,10 +163,15 @@ class LocalEngine:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         scheduler, loaded, renderer = self._ready()
+        grammar: GrammarState | None = None
         if request.constraint is not None:
-            # Capabilities.constraints is empty: the service refuses these before calling; say so
-            # here too instead of ignoring the constraint.
-            raise InvalidParameter("This model does not support constrained output.", param="response_format")
+            if self._grammars is None:  # the service checks Capabilities.constraints first
+                raise InvalidParameter(
+                    "This model does not support constrained output.", param="response_format"
+                )
+            # Compiling takes tens of milliseconds (cached after): a worker thread, never the loop
+            # or the inference thread.
+            grammar = await asyncio.to_thread(self._grammars.compile, request.constraint, request.tools)
         max_context = self._capabilities.max_context
         vision: VisionPrompt | None = None
         try:
@@ -161,14 +185,17 @@ class LocalEngine:
         except Exception:
             log.exception("rendering the prompt of request %s failed", request.request_id)
             raise EngineFailure("inference internal error.") from None
-        seq, outbox = self._sequence(request, prompt_ids, loaded, vision)
-        text = TextStream(_Decoder(loaded.tokenizer, self._decode_lock), prompt_ids, request.sampling.stop)
+        seq, outbox = self._sequence(request, prompt_ids, loaded, grammar, vision)
+        token_text = self._token_text
+        text = TextStream(
+            _Decoder(loaded.tokenizer, self._decode_lock), prompt_ids, request.sampling.stop, self._specials
+        )
         prompt_tokens = len(prompt_ids)
         # What the media took of the prompt (the same layouts built the prompt: see media/tokens.py).
         media = {"image_tokens": vision.image_tokens, "video_tokens": vision.video_tokens} if vision else {}
 
-        def usage(completion: int) -> Usage:
-            return Usage(prompt_tokens, completion, **media)
+        def usage_of(completion: int, reasoning: int) -> Usage:
+            return Usage(prompt_tokens, completion, reasoning, **media)
 
         scheduler.submit(seq)
         try:
@@ -178,24 +205,30 @@ class LocalEngine:
                 while not outbox.empty():
                     items.append(outbox.get_nowait())
                 delta, done = "", None
-                count = 0
+                specials: list[tuple[int, int]] = []
+                count = reasoning = 0
+                logprobs: list[TokenLogprob] = []
                 for item in items:
                     if isinstance(item, BaseException):
                         if delta:
-                            yield TextDelta(delta, usage=usage(count))
+                            usage = usage_of(count, reasoning)
+                            yield TextDelta(delta, usage, tuple(specials), tuple(logprobs))
                         raise item
-                    count = item.completion_tokens
-                    delta += text.push(item.ids)
+                    count, reasoning = item.completion_tokens, item.reasoning_tokens
+                    if item.logprobs and token_text is not None:
+                        logprobs.extend(token_text.logprobs(item.ids, item.logprobs))
+                    delta += _marked(text, text.push(item.ids), specials, len(delta))
                     if text.stopped:
-                        done = Finished("stop", usage(count))
+                        done = Finished("stop", usage_of(count, reasoning))
                         break
                     if item.finish is not None:
-                        delta += text.flush()
+                        delta += _marked(text, text.flush(), specials, len(delta))
                         reason = "stop" if text.stopped else item.finish
-                        done = Finished(reason, usage(count))
+                        done = Finished(reason, usage_of(count, reasoning))
                         break
-                if delta:
-                    yield TextDelta(delta, usage=usage(count))
+                if delta or logprobs:
+                    usage = usage_of(count, reasoning)
+                    yield TextDelta(delta, usage, tuple(specials), tuple(logprobs))
                 if done is not None:
                     yield done
                     return
@@ -234,17 +267,18 @@ class LocalEngine:
         return self._scheduler, self._loaded, self._renderer
 
     def _token_masks(self, request: GenerationRequest) -> list[TokenMask]:
-        """The request's typed fields compiled into token masks for the batch bitmask."""
-        masks: list[TokenMask] = []
+        """The request's typed fields compiled into token masks for the batch bitmask (the thinking
+        budget is the sequence's own, see :meth:`_thinking`)."""
+        return []
+
+    def _thinking(self, request: GenerationRequest, room: int) -> ThinkingBudget | None:
+        """The reasoning block of a thinking request, bounded by its budget (or the context's room)."""
         thinking = request.thinking
-        if thinking is not None and thinking.enabled and thinking.budget is not None:
-            if self._think_close is None:
-                raise InvalidParameter(
-                    "This model does not support thinking_budget.", param="thinking_budget"
-                )
-            end_id, close_ids = self._think_close
-            masks.append(ThinkingBudget(thinking.budget, end_id, close_ids))
-        return masks
+        if thinking is None or not thinking.enabled or self._think_close is None:
+            return None
+        end_ids, close_ids = self._think_close
+        budget = min(thinking.budget or room, room)
+        return ThinkingBudget(budget, end_ids, close_ids)
 
     def _render_vision(
         self, request: GenerationRequest, renderer: PromptRenderer, max_context: int
@@ -264,12 +298,14 @@ class LocalEngine:
         request: GenerationRequest,
         prompt_ids: list[int],
         loaded: loader.LoadedModel,
+        grammar: GrammarState | None = None,
         vision: VisionPrompt | None = None,
     ) -> tuple[Sequence, asyncio.Queue[Outgoing]]:
         max_context = self._capabilities.max_context
         sampling = request.sampling
         # Never run past the model's context: the answer is cut with "length" instead.
-        max_new = max(1, min(sampling.max_tokens, max_context - len(prompt_ids)))
+        room = max(1, max_context - len(prompt_ids))
+        max_new = min(sampling.max_tokens, room)
         loop = asyncio.get_running_loop()
         outbox: asyncio.Queue[Outgoing] = asyncio.Queue()
 
@@ -287,6 +323,10 @@ class LocalEngine:
             stop_token_ids=sampling.stop_token_ids,
             emit=emit,
             masks=self._token_masks(request),
+            thinking=self._thinking(request, room),
+            max_total_tokens=room,
+            grammar=grammar,
+            logprobs=sampling.logprobs,
             rope_delta=vision.row.rope_delta if vision is not None else 0,
             vision=vision.row if vision is not None else None,
         )
@@ -306,13 +346,41 @@ class _Decoder:
             return str(self._tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens))
 
 
-def _think_close_ids(tokenizer: Any) -> tuple[int, list[int]] | None:
-    """(id of ``</think>``, ids of the forced close) when ``</think>`` is one token of the vocabulary."""
-    end = tokenizer.convert_tokens_to_ids(THINK_END)
-    if not isinstance(end, int) or end == tokenizer.unk_token_id:
-        return None
-    close = [int(i) for i in tokenizer(THINK_CLOSE, add_special_tokens=False)["input_ids"]]
-    return (end, close) if end in close else None
+def _think_close_ids(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """(ids of ``</think>``, ids of the forced close ``"\\n</think>\\n\\n"``). The close is built from
+    the pieces' own tokenizations, so the end ids always occur in it, also in a vocabulary where
+    ``</think>`` is plain text (several tokens that would merge with the newlines around them)."""
+
+    def ids(text: str) -> list[int]:
+        return [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+    end = ids(THINK_END)
+    return end, [*ids("\n"), *end, *ids("\n\n")]
+
+
+def _tool_format(template: str) -> str | None:
+    """The tool-call markup a chat template teaches (a parser name of service/parsers)."""
+    if "<function=" in template:
+        return "qwen3_coder"
+    if "<tool_call>" in template:
+        return "hermes"
+    return None
+
+
+def _marked(text: TextStream, piece: str, specials: list[tuple[int, int]], offset: int) -> str:
+    """``piece`` (just returned by ``text``), its special tokens added to ``specials`` at ``offset``."""
+    specials.extend((offset + at, tid) for at, tid in text.last_specials)
+    return piece
+
+
+def _vocab_size(model: Any) -> int:
+    """Rows of the output layer: the logits' width (the tokenizer may count fewer tokens)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    width = getattr(head, "out_features", None)
+    if isinstance(width, int):
+        return width
+    config = getattr(model.config, "text_config", None) or model.config
+    return int(config.vocab_size)
 
 
 def _kv_budget_tokens(loaded: loader.LoadedModel) -> int | None:

@@ -38,34 +38,50 @@ class ForcedTokens:
 
 
 class ThinkingBudget:
-    """Qwen3-style budget for a reasoning block: once ``budget`` tokens were generated without the
-    closing ``</think>``, the next tokens are forced to ``close_ids`` (e.g. ``"\\n</think>\\n\\n"``)
-    and the model then answers freely."""
+    """A reasoning block and its budget: once ``budget`` tokens were generated without the closing
+    ``end_ids`` (``</think>``: one special token in Qwen3's vocabulary, several plain ones in a
+    vocabulary without it), the next tokens are forced to ``close_ids`` (``"\\n</think>\\n\\n"``) and
+    the model then answers freely.
 
-    def __init__(self, budget: int, think_end_id: int, close_ids: SequenceABC[int]) -> None:
+    It also tells where the block ended (:attr:`answer_start`) and how many tokens it spent
+    (:meth:`reasoning_tokens`): the sequence caps the answer alone with ``max_tokens``. The sequence
+    calls :meth:`observe` after every accepted token; the bitmask asks :meth:`allowed` before each.
+    """
+
+    def __init__(self, budget: int, end_ids: SequenceABC[int], close_ids: SequenceABC[int]) -> None:
         self.budget = budget
-        self.think_end_id = think_end_id
+        self.end_ids = tuple(end_ids)
         self.close_ids = list(close_ids)
-        self._scanned = 0
-        self._closed = False
+        self.answer_start: int | None = None  # index of the first answer token, once closed
+        self._reasoning: int | None = None
         self._forcing: ForcedTokens | None = None
+        self._forced_at: int | None = None
+
+    def observe(self, generated: SequenceABC[int]) -> None:
+        if self.answer_start is not None:
+            return
+        n = len(self.end_ids)
+        if n and len(generated) >= n and tuple(generated[-n:]) == self.end_ids:
+            self.answer_start = len(generated)
+            # A forced close counts from where the forcing began: its newline is not reasoning.
+            self._reasoning = self._forced_at if self._forced_at is not None else len(generated) - n
+
+    def reasoning_tokens(self, generated: int) -> int:
+        """Tokens spent reasoning once ``generated`` tokens exist."""
+        return self._reasoning if self._reasoning is not None else generated
 
     def allowed(self, generated: SequenceABC[int]) -> torch.Tensor | None:
-        if self._closed:
+        if self._forcing is not None:
+            ids = self._forcing.allowed(generated)
+            if ids is not None:
+                return ids
+        if self.answer_start is not None or self._forcing is not None:
             return None
-        if self._forcing is None:
-            # Only the tokens added since the last call can close the block.
-            if any(t == self.think_end_id for t in generated[self._scanned :]):
-                self._closed = True
-                return None
-            self._scanned = len(generated)
-            if len(generated) < self.budget:
-                return None
-            self._forcing = ForcedTokens(self.close_ids, start=len(generated))
-        ids = self._forcing.allowed(generated)
-        if ids is None:
-            self._closed = True
-        return ids
+        if len(generated) < self.budget:
+            return None
+        self._forced_at = len(generated)
+        self._forcing = ForcedTokens(self.close_ids, start=len(generated))
+        return self._forcing.allowed(generated)
 
 
 def batch_bitmask(seqs: SequenceABC[Sequence], vocab: int) -> torch.Tensor | None:

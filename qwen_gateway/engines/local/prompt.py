@@ -13,6 +13,7 @@ from qwen_gateway.errors import ContextLengthExceeded, InvalidParameter
 # after tokenizing about a context's worth of it, not all of it.
 PIECE_CHARS = 64 * 1024
 PIECES_PER_CALL = 4
+THINK_OPEN = "<think>\n"
 
 
 class PromptRenderer:
@@ -25,6 +26,7 @@ class PromptRenderer:
         template = tokenizer.chat_template
         self._template_text = template if isinstance(template, str) else json.dumps(template)
         self._uses_reasoning = "reasoning_content" in self._template_text
+        self._has_think_markup = "<think>" in self._template_text
 
     def render(self, request: GenerationRequest, max_context: int | None = None) -> list[int]:
         """Prompt ids exactly as they will be fed to the model. With ``max_context``, a prompt of
@@ -99,6 +101,10 @@ class PromptRenderer:
             raise
         if not isinstance(text, str):  # some tokenizers hand back a list for a batch of one
             text = text[0]
+        if request.thinking is not None and request.thinking.enabled and not self._has_think_markup:
+            # A checkpoint without thinking markup of its own (QwQ/QVQ-style serving of a plain chat
+            # model): the reasoning block is opened here, and closed by the model or the budget.
+            text = str(text) + THINK_OPEN
         return str(text) + continuation
 
     def encode(self, text: str) -> list[int]:

@@ -13,7 +13,7 @@ Penalties are applied sparsely, to the tokens a row has seen, instead of as voca
 from __future__ import annotations
 
 import secrets
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,8 @@ import torch
 from qwen_gateway.engines.base import SamplingParams
 
 MIN_SAMPLING_TEMPERATURE = 1e-5
+# A packed constraint mask: (function that masks the listed rows of float32 logits in place, rows).
+PackedMask = tuple[Callable[[torch.Tensor, list[int]], None], list[int]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,19 +221,26 @@ class BatchSampler:
         allowed: torch.Tensor | None = None,
         *,
         owned: bool = False,
+        packed: PackedMask | None = None,
     ) -> list[int]:
         """One token per row. ``allowed`` ([rows, vocab] bool) masks out tokens (the bitmask of
-        forced tokens and constraints). ``owned``: the caller hands ``logits`` over, so penalties
-        and the mask may be written into it instead of into a copy."""
+        forced tokens). ``packed``: the grammar constraints' bitmask (``(apply, rows)``: ``apply``
+        writes -inf into the listed rows of float32 logits). ``owned``: the caller hands ``logits``
+        over, so penalties and masks may be written into it instead of into a copy."""
         penalized = any(r._seen is not None or r._counts is not None for r in rows)
         source = logits
         logits = logits.float()
-        if (penalized or allowed is not None) and not owned and logits is source:
+        writes = penalized or allowed is not None or packed is not None
+        if writes and not owned and logits is source:
             logits = logits.clone()  # never write into the caller's tensor
+        if not logits.is_contiguous():
+            logits = logits.contiguous()
         if penalized:
             _penalize(logits, rows)
         if allowed is not None:
             logits.masked_fill_(~allowed, float("-inf"))
+        if packed is not None:
+            packed[0](logits, packed[1])
         chosen = [0] * len(rows)
         groups: dict[tuple[int, bool], list[int]] = {}
         greedy: list[int] = []

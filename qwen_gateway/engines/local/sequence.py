@@ -8,18 +8,26 @@ off the inference thread's critical path.
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Callable
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qwen_gateway.engines.base import FinishReason
 from qwen_gateway.engines.local.detok import StopTokenSequences
-from qwen_gateway.engines.local.masks import TokenMask
+from qwen_gateway.engines.local.masks import ThinkingBudget, TokenMask
 from qwen_gateway.engines.local.sampling import Sampler
 
+if TYPE_CHECKING:
+    from qwen_gateway.engines.local.constraints import GrammarState
+
 log = logging.getLogger(__name__)
+
+
+# (the sampled token's logprob, ((rival id, its logprob), ...)), as computed in the inference thread.
+RawLogprob = tuple[float, tuple[tuple[int, float], ...]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +38,9 @@ class Tokens:
     ids: tuple[int, ...]
     completion_tokens: int
     finish: FinishReason | None = None
+    reasoning_tokens: int = 0
+    # One entry per id of ``ids`` when the request asked for logprobs.
+    logprobs: tuple[RawLogprob, ...] = ()
 
 
 # What the inference thread hands the consumer: progress, or an exception for it to raise.
@@ -52,6 +63,10 @@ class Sequence:
         emit: Emit,
         masks: SequenceABC[TokenMask] = (),
         rope_delta: int = 0,
+        thinking: ThinkingBudget | None = None,
+        max_total_tokens: int | None = None,
+        grammar: GrammarState | None = None,
+        logprobs: int | None = None,
         vision: Any = None,
     ) -> None:
         self.request_id = request_id
@@ -61,6 +76,17 @@ class Sequence:
         self.eos_ids = eos_ids
         # Token masks (forced tokens, thinking budget, later constraints), applied as the batch bitmask.
         self.masks = list(masks)
+        # While thinking is on, max_new_tokens caps the answer alone; the reasoning block is bounded by
+        # its budget (a mask, in ``masks`` too) and everything by max_total_tokens (the context's room).
+        self.thinking = thinking
+        if thinking is not None and thinking not in self.masks:
+            self.masks.append(thinking)
+        self.max_total_tokens = max_total_tokens
+        # An output constraint's matcher: fills this row of the step's packed bitmask.
+        self.grammar = grammar
+        # None: no logprobs; k: the sampled token's logprob and k rivals per token.
+        self.logprobs = logprobs
+        self._pending_logprobs: collections.deque[tuple[int, RawLogprob]] = collections.deque()
         # M-RoPE models (Qwen-VL): a row's text positions are offset by what its images took.
         self.rope_delta = rope_delta
         # A VL prompt's media and 3-D positions (engines.local.vision.VisionRow), None for text.
@@ -102,22 +128,48 @@ class Sequence:
         """Tokens in this sequence's KV cache once its last token has been fed."""
         return len(self.prompt_ids) + len(self.generated)
 
-    def accept(self, token_id: int) -> None:
+    def accept(self, token_id: int, logprob: RawLogprob | None = None) -> None:
         """Append a chosen token, release the ids it completes, and finish when a rule says so."""
         if self.finished:
             return  # a finished row still in a batched step: its token is not part of the answer
+        if self.grammar is not None and not self.grammar.accept(token_id):
+            raise RuntimeError(f"the output constraint refused token {token_id}")
         self.generated.append(token_id)
         self.sampler.observe(token_id)
+        if self.thinking is not None:
+            self.thinking.observe(self.generated)
+        if logprob is not None:
+            self._pending_logprobs.append((token_id, logprob))
         if token_id in self.eos_ids:
             self._finish("stop", self._stop_tokens.flush())
             return
         released = self._stop_tokens.push(token_id)
         if self._stop_tokens.stopped:
             self._finish("stop", released)
-        elif len(self.generated) >= self.max_new_tokens:
+        elif self._at_length_limit():
             self._finish("length", released + self._stop_tokens.flush())
         elif released:
-            self._send(Tokens(tuple(released), len(self.generated)))
+            self._send(
+                Tokens(
+                    tuple(released),
+                    len(self.generated),
+                    reasoning_tokens=self.reasoning_tokens,
+                    logprobs=self._logprobs_of(released),
+                )
+            )
+
+    @property
+    def reasoning_tokens(self) -> int:
+        return 0 if self.thinking is None else self.thinking.reasoning_tokens(len(self.generated))
+
+    def _at_length_limit(self) -> bool:
+        n = len(self.generated)
+        if self.max_total_tokens is not None and n >= self.max_total_tokens:
+            return True
+        if self.thinking is None:
+            return n >= self.max_new_tokens
+        start = self.thinking.answer_start
+        return start is not None and n - start >= self.max_new_tokens
 
     def release(self) -> None:
         if not self._released:
@@ -137,7 +189,23 @@ class Sequence:
         self.finished = True
         self.cache = None
         self.release()
-        self._send(Tokens(tuple(ids), len(self.generated), reason))
+        self._send(
+            Tokens(tuple(ids), len(self.generated), reason, self.reasoning_tokens, self._logprobs_of(ids))
+        )
+
+    def _logprobs_of(self, ids: SequenceABC[int]) -> tuple[RawLogprob, ...]:
+        """The pending entries of released ``ids``; entries of ids never released (EOS, a stop
+        sequence's own ids) are dropped on the way."""
+        pending = self._pending_logprobs
+        if not pending:
+            return ()
+        out: list[RawLogprob] = []
+        for token_id in ids:
+            while pending and pending[0][0] != token_id:
+                pending.popleft()
+            if pending:
+                out.append(pending.popleft()[1])
+        return tuple(out)
 
     def _send(self, item: Outgoing) -> None:
         try:

@@ -108,7 +108,7 @@ def test_qwen3_thinking_switch_reaches_the_template(qwen3: Any) -> None:
     tok = qwen3._loaded.tokenizer
     msgs = [{"role": "user", "content": "Why is the sky blue?"}]
     for thinking in (True, False):
-        req = request(msgs[0]["content"], max_tokens=2, thinking=Thinking(enabled=thinking))
+        req = request(msgs[0]["content"], max_tokens=2, thinking=Thinking(enabled=thinking, budget=4))
         _, finished = run(answer(qwen3, req))
         assert finished.usage.prompt_tokens == len(template_ids(tok, msgs, enable_thinking=thinking))
     text = qwen3._renderer.render_text(request(msgs[0]["content"], thinking=Thinking(enabled=False)))

@@ -51,9 +51,30 @@ def test_unknown_model_type_and_missing_weights(tmp_path: Path) -> None:
     assert "could not load the checkpoint" in start_error(weightless, tmp_path)
 
 
-def test_vision_checkpoint_is_unsupported_architecture(tmp_path: Path) -> None:
-    message = start_error(MODELS / "tiny-qwen2-vl", tmp_path)
-    assert "Qwen2VLForConditionalGeneration is not supported" in message
+def test_architecture_without_a_generation_head_is_unsupported(tmp_path: Path) -> None:
+    encoder = tmp_path / "t5"
+    shutil.copytree(QWEN25, encoder)
+    (encoder / "config.json").write_text('{"model_type": "t5", "architectures": ["T5EncoderModel"]}')
+    message = start_error(encoder, tmp_path)
+    assert "T5EncoderModel is not supported" in message
+
+
+def test_vision_checkpoints_load_and_declare_what_they_take(tmp_path: Path) -> None:
+    for name in ("tiny-qwen2-vl", "tiny-qwen3-vl"):
+        engine = make_engine(MODELS / name, tmp_path / name, id=name)
+        run(engine.start())
+        try:
+            caps = engine.capabilities
+            assert caps.vision and caps.video
+            assert type(engine._loaded.model).__name__.endswith("ForConditionalGeneration")
+        finally:
+            run(engine.aclose())
+    text = make_engine(QWEN25, tmp_path / "text", id="text")
+    run(text.start())
+    try:
+        assert not text.capabilities.vision and not text.capabilities.video
+    finally:
+        run(text.aclose())
 
 
 def test_file_that_is_not_gguf(tmp_path: Path) -> None:

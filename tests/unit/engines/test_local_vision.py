@@ -13,6 +13,7 @@ When the full processor can be imported here, the same comparison also runs live
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from functools import cache
 from typing import Any
@@ -213,3 +214,89 @@ def test_qwen3_vl_video_tokens_include_timestamps() -> None:
     )
     assert layout.timestamps == ("<0.5 seconds>", "<2.5 seconds>")
     assert layout.tokens == layout.pads + 2 + 2 * 2 + 2 * len("<0.5 seconds>")
+
+
+# -- the engine: chunked, batched prefill of VL rows decodes as transformers' own generate ------------
+
+
+def _hf_logits(name: str, prompt: VisionPrompt, new_tokens: int) -> list[torch.Tensor]:
+    """transformers' own generate() on the same inputs (the processor's, by the tests above): the raw
+    logits of every step, greedy."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(str(MODELS / name), dtype=torch.float32).eval()
+    spec = _loaded(name)[0]
+    ids = torch.tensor([prompt.ids])
+    types = torch.zeros_like(ids, dtype=torch.int32)
+    types[ids == spec.image_token_id] = 1
+    if spec.video_token_id is not None:
+        types[ids == spec.video_token_id] = 2
+    row = prompt.row
+    kwargs: dict[str, Any] = {"mm_token_type_ids": types}
+    if row.pixel_values is not None:
+        kwargs.update(pixel_values=row.pixel_values, image_grid_thw=row.image_grid_thw)
+    if row.pixel_values_videos is not None:
+        kwargs.update(pixel_values_videos=row.pixel_values_videos, video_grid_thw=row.video_grid_thw)
+    with torch.inference_mode():
+        out = model.generate(
+            ids,
+            **kwargs,
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    return [step[0] for step in out.logits]
+
+
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_engine_chunked_batched_vl_rows_match_transformers_generate(name: str, engine_factory: Any) -> None:
+    """Three VL requests (one image, two images, a video) and a text-only row at once, prompts
+    prefilled 16 tokens per step alongside decoding rows: every step's logits of each row equal
+    transformers' generate() on that row alone (M-RoPE positions, vision features split across
+    chunks, per-row rope deltas while decoding)."""
+    import asyncio
+
+    from qwen_gateway.engines.local.backends import BatchedBackend
+    from tests.unit.engines.local_helpers import collect, run
+
+    engine = engine_factory(MODELS / name, id=f"chunked-{name}", prefill_chunk=16)
+    backend = engine._scheduler._backend
+    assert isinstance(backend, BatchedBackend)
+    seen: dict[str, list[torch.Tensor]] = {}
+    original = backend.choose
+
+    def recording(seqs: list[Any], logits: torch.Tensor, on_error: Any) -> None:
+        for i, seq in enumerate(seqs):
+            seen.setdefault(seq.request_id, []).append(logits[i].clone())
+        original(seqs, logits, on_error)
+
+    backend.choose = recording  # type: ignore[method-assign]
+    chosen = [c for c in cases() if c.name in ("one-image", "two-images-high-res", "video-frames")]
+    greedy = SamplingParams(max_tokens=4, temperature=0.0)
+    requests = [
+        dataclasses.replace(_request(case, _loaded(name)[0]), request_id=case.name, sampling=greedy)
+        for case in chosen
+    ]
+    text_only = GenerationRequest("text", "m", (ChatMessage("user", "Only words here."),), greedy)
+
+    async def all_at_once() -> list[Any]:
+        return list(await asyncio.gather(*(collect(engine.generate(r)) for r in [*requests, text_only])))
+
+    try:
+        results = run(all_at_once())
+    finally:
+        backend.choose = original  # type: ignore[method-assign]
+    for case, (_, finished) in zip(chosen, results, strict=False):
+        prompt, _ = _build(name, case)
+        assert finished.usage.prompt_tokens == len(prompt.ids)
+        assert (finished.usage.image_tokens, finished.usage.video_tokens) == (
+            prompt.image_tokens,
+            prompt.video_tokens,
+        )
+        theirs = _hf_logits(name, prompt, 4)
+        ours = seen[case.name]
+        assert len(ours) == len(theirs) == 4
+        for step, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+            assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (case.name, step, float((a - b).abs().max()))
