@@ -242,10 +242,21 @@ def _schema_text(schema: Mapping[str, Any], param: str) -> str:
     return text
 
 
+# xgrammar 0.2.9 writes a string with minLength/maxLength as repetitions of this character class, which
+# lets raw control characters (a tab, U+0000...) into the string: invalid JSON that json.loads refuses.
+# Its unbounded strings exclude them; the bounded class is narrowed the same way.
+_BOUNDED_CHAR = r"[^\"\\\r\n]"
+_JSON_CHAR = r"[^\0-\x1f\"\\\r\n]"
+
+
 def _json_grammar(schema_text: str) -> Any:
-    return xgr.Grammar.from_json_schema(
+    grammar = xgr.Grammar.from_json_schema(
         schema_text, any_whitespace=False, separators=SEPARATORS, strict_mode=True
     )
+    ebnf = str(grammar)
+    if _BOUNDED_CHAR not in ebnf:
+        return grammar
+    return xgr.Grammar.from_ebnf(ebnf.replace(_BOUNDED_CHAR, _JSON_CHAR))
 
 
 def _literal(text: str) -> Any:
