@@ -178,3 +178,27 @@ def test_bounded_strings_exclude_raw_control_characters(engine: Any) -> None:
         assert not int(bitmask[0, word]) >> bit & 1, repr(char)
     letter = tokenizer("a", add_special_tokens=False)["input_ids"][0]
     assert int(bitmask[0, letter // 32]) >> (letter % 32) & 1
+
+
+@pytest.mark.parametrize("allowed_share", [0.0001, 0.01, 0.5, 0.99, 0.9999])
+def test_cached_mask_plans_mask_exactly_like_the_kernel(allowed_share: float) -> None:
+    import torch
+    import xgrammar as xgr
+
+    vocab = 151936
+    gen = torch.Generator().manual_seed(int(allowed_share * 1e4))
+    allowed = torch.rand(vocab, generator=gen) < allowed_share
+    allowed[0] = True  # at least one token
+    padded = torch.zeros((vocab + 31) // 32 * 32, dtype=torch.bool)
+    padded[:vocab] = allowed
+    weights = (1 << torch.arange(32, dtype=torch.int64)).view(1, 32)
+    words = (padded.view(-1, 32).long() * weights).sum(1)
+    bitmask = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).view(1, -1)
+    plans = constraints.MaskPlans(vocab)
+    for _ in range(2):  # the miss that plans, then the hit that replays
+        logits = torch.randn(1, vocab, generator=gen)
+        expected = logits.clone()
+        xgr.apply_token_bitmask_inplace(expected, bitmask)
+        if not plans.apply(logits, bitmask, 0):
+            xgr.apply_token_bitmask_inplace(logits, bitmask, indices=[0])
+        assert torch.equal(logits, expected)
