@@ -345,6 +345,8 @@ def resolve_spec(config: ModelConfig, capabilities: Capabilities | None) -> Mode
     spec = _apply_overrides(spec, config)
     if capabilities is not None:
         spec = _clamp(spec, capabilities.max_context, capabilities.max_output)
+    if spec.max_reasoning > spec.context_length:  # reasoning fits the context with the prompt
+        spec = replace(spec, max_reasoning=spec.context_length)
     return spec
 
 
@@ -431,6 +433,4 @@ def _clamp(spec: ModelSpec, max_context: int, max_output: int | None) -> ModelSp
         spec = _with_context(spec, max_context)
     if max_output is not None and max_output < spec.max_output:
         spec = replace(spec, max_output=max_output)
-    if spec.max_reasoning > spec.context_length:
-        spec = replace(spec, max_reasoning=spec.context_length)
     return spec

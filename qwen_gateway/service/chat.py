@@ -251,6 +251,7 @@ def _parsers(call: ChatCall) -> list[OutputParser]:
         tools=bool(call.generation.tools),
         parallel_tool_calls=call.parallel_tool_calls,
         forced_call=isinstance(call.generation.constraint, ToolCallConstraint),
+        tool_parameters={t.name: t.parameters for t in call.generation.tools},
     )
     capabilities = call.model.engine.capabilities
     return [parser_for(i, capabilities, choice) for i in range(call.n)]

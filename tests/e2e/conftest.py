@@ -37,6 +37,7 @@ id = "qwen3-8b"
 engine = "local"
 path = "{qwen3}"
 max_output = 48
+max_reasoning = 64   # thinking_budget's cap and default (random weights never close the block)
 """
 
 

@@ -43,39 +43,41 @@ def test_unhonoured_parameter_is_refused_by_name(server: Server, extra: dict[str
     assert param.split(".")[-1] in error["message"]
 
 
-def streamed_text(server: Server, body: dict[str, Any]) -> str:
+def stream_chunks(server: Server, body: dict[str, Any]) -> list[dict[str, Any]]:
     with httpx.stream(
         "POST",
         f"{server.compat_url}/chat/completions",
         headers={"Authorization": f"Bearer {server.api_key}"},
         json=body,
-        timeout=60,
+        timeout=120,
     ) as r:
         assert r.status_code == 200, r.read()
-        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
-    return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+        return [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
 
 
 def test_thinking_budget_closes_the_reasoning_block(server: Server) -> None:
     """Honoured, not ignored: once the budget is spent the engine forces ``</think>`` and the model
-    answers. (Reasoning is not split into reasoning_content yet, so the block shows in the text.)"""
+    answers; the reasoning streams as reasoning_content, the answer as content."""
     body = {
         "model": "qwen3-8b",
         "messages": MSG,
         "stream": True,
+        "stream_options": {"include_usage": True},
         "enable_thinking": True,
-        "max_tokens": 40,
+        "max_tokens": 6,
         "temperature": 1.0,
         "seed": 11,
     }
-    # Random weights practically never close the block on their own...
-    assert "</think>" not in streamed_text(server, body)
-    # ... with a budget of 5 it is closed after 5 tokens, and the answer follows.
-    text = streamed_text(server, {**body, "thinking_budget": 5})
-    before, sep, after = text.partition("</think>")
-    assert sep and after.strip()
-    # The same 5 reasoning tokens as a 5-token answer, then the forced "\n</think>\n\n".
-    assert before == streamed_text(server, {**body, "max_tokens": 5}) + "\n"
+    for budget, expected in ((5, 5), (None, 64)):  # unset: the model's max_reasoning (config: 64)
+        extra = {} if budget is None else {"thinking_budget": budget}
+        chunks = stream_chunks(server, {**body, **extra})
+        deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+        reasoning = "".join(d.get("reasoning_content") or "" for d in deltas)
+        content = "".join(d.get("content") or "" for d in deltas)
+        usage = chunks[-1]["usage"]
+        assert usage["completion_tokens_details"]["reasoning_tokens"] == expected
+        assert reasoning and "</think>" not in reasoning + content
+        assert chunks[-2]["choices"][0]["finish_reason"] in ("length", "stop")
 
 
 def test_thinking_budget_with_thinking_off_has_nothing_to_bound(server: Server) -> None:

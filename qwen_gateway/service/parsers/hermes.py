@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Mapping
+from typing import Any
 
 from qwen_gateway.service.events import ChoiceEvent, ContentDelta, ToolCallDelta
 from qwen_gateway.service.parsers.base import Buffer, Specials, Tag
@@ -52,7 +53,11 @@ class HermesToolParser:
         *,
         parallel: bool = False,
         text_tags: bool = False,
+        parameters: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
+        # ``parameters`` (the tools' schemas) is part of every tool parser's signature; Hermes calls
+        # are JSON and carry their own types, so it needs none.
+        del parameters
         self._index = index
         tokens = {} if text_tags else special_tokens
         self._start = Tag.of(CALL_START, tokens)
@@ -113,7 +118,8 @@ class HermesToolParser:
             if at < 0:
                 self._content(out, self._buf.take(safe)[0])
                 return False
-            if _fences(self._buf.text[:at]) % 2 == (1 if self._in_fence else 0):
+            # The tail of released content counts too: a fence may be split across pieces.
+            if _fences(self._fence_tail + self._buf.text[:at]) % 2 == (1 if self._in_fence else 0):
                 break
             start = at + len(CALL_START)  # inside a code block: that tag is text
         self._content(out, self._buf.take(at)[0], before_call=True)

@@ -113,6 +113,21 @@ def test_qwq_and_qvq_always_think_and_only_stream() -> None:
     assert "video" in _spec("qvq-max").modalities
 
 
+def test_max_reasoning_is_the_models_chain_of_thought_length() -> None:
+    assert _spec("qwen3-8b").max_reasoning == 38_912
+    assert _spec("qwq-plus").max_reasoning == 32_768
+    assert _spec("qvq-max").max_reasoning == 16_384
+    assert _spec("qwen-plus").max_reasoning == 81_920
+    assert _spec("qwen-max").max_reasoning == 0  # no thinking, nothing to bound
+    assert resolve_spec(ModelConfig(id="qwen3-8b", path="/m", max_reasoning=64), None).max_reasoning == 64
+    # Never more than the context; a model switched to thinking by config gets its context.
+    assert (
+        resolve_spec(ModelConfig(id="qwq-plus", path="/m", context_length=4096), None).max_reasoning == 4096
+    )
+    switched = resolve_spec(ModelConfig(id="qwen-max", path="/m", supports_thinking=True), None)
+    assert switched.max_reasoning == switched.context_length
+
+
 def test_commercial_models() -> None:
     plus = _spec("qwen-plus")
     assert plus.supports_thinking and not plus.thinking_default

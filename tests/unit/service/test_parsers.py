@@ -130,6 +130,13 @@ CASES = {
         "",
         [("get_current_weather", '{"location": "Paris"}')],
     ),
+    # vLLM's hermes parser lost the final brace when the arguments ended with a non-string value and
+    # the closing tokens arrived together (multi-token steps: see the step sizes below).
+    "non-string last values": (
+        call('{"name": "get", "arguments": {"id": 42, "ok": true, "tags": null, "deep": {"x": [1, {}]}}}'),
+        "",
+        [("get", '{"id": 42, "ok": true, "tags": null, "deep": {"x": [1, {}]}}')],
+    ),
     "code block": (
         "Use this format:\n```\n" + call(WEATHER) + "\n```\nThat's all.",
         "Use this format:\n```\n" + call(WEATHER) + "\n```\nThat's all.",
@@ -153,6 +160,9 @@ def test_hermes_on_real_qwen_output(case: str, marks: bool) -> None:
     whole = summary(run(hermes(), ids, step=len(ids), marks=marks))
     assert streamed["content"] == whole["content"] == content
     assert calls_without_ids(streamed) == calls_without_ids(whole) == expected
+    for step in (2, 3, 5):  # several tokens per delta (a slow consumer gets what piled up)
+        batched = summary(run(hermes(), ids, step=step, marks=marks))
+        assert (batched["content"], calls_without_ids(batched)) == (content, expected)
     for c in streamed["calls"]:
         assert c["id"].startswith("call_") and len(c["id"]) == 5 + 22
         json.loads(c["arguments"])  # the arguments always parse
@@ -245,3 +255,72 @@ def test_tag_split_across_text_pieces_without_marks() -> None:
     got = summary(events + parser.finish())
     assert got["content"] == "ok "
     assert calls_without_ids(got) == [("get_current_time", "{}")]
+
+
+# -- Qwen3-Coder's XML calls -----------------------------------------------------------------------
+
+
+def coder_call(name: str, params: dict[str, str]) -> str:
+    inner = "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in params.items())
+    return f"<tool_call>\n<function={name}>\n{inner}</function>\n</tool_call>"
+
+
+CODER_SCHEMAS = {
+    "get_current_weather": {
+        "type": "object",
+        "properties": {
+            "location": {"type": "string"},
+            "days": {"type": "integer"},
+            "zip": {"type": "string"},
+        },
+    },
+    "get_current_time": {},
+}
+
+
+@pytest.mark.parametrize("step", [1, 3, 1000])
+@pytest.mark.parametrize("marks", [True, False], ids=["token-marks", "text-only"])
+def test_qwen3_coder_calls(step: int, marks: bool) -> None:
+    from qwen_gateway.service.parsers.qwen3_coder import Qwen3CoderToolParser
+
+    text = (
+        "Checking.\n"
+        + coder_call("get_current_weather", {"location": "杭州市", "days": "3", "zip": "0571"})
+        + "\n"
+        + coder_call("get_current_time", {})
+    )
+    parser = Qwen3CoderToolParser(0, special_tokens(), parallel=True, parameters=CODER_SCHEMAS)
+    got = summary(run(parser, ids_of(text), step=step, marks=marks))
+    assert got["content"] == "Checking.\n"
+    # A string parameter stays text ("0571" is not the number 571); others are read as JSON.
+    assert calls_without_ids(got) == [
+        ("get_current_weather", '{"location": "杭州市", "days": 3, "zip": "0571"}'),
+        ("get_current_time", "{}"),
+    ]
+    assert json.loads(got["calls"][0]["arguments"]) == {"location": "杭州市", "days": 3, "zip": "0571"}
+
+
+def test_qwen3_coder_text_that_is_no_call_is_content() -> None:
+    from qwen_gateway.service.parsers.qwen3_coder import Qwen3CoderToolParser
+
+    text = "<tool_call>\nnot a function\n</tool_call> done"
+    got = summary(run(Qwen3CoderToolParser(0, special_tokens()), ids_of(text)))
+    assert got == {"content": text, "reasoning": "", "calls": []}
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "expected"),
+    [
+        ("tiny-qwen2.5", "hermes"),
+        ("tiny-qwen3", "hermes"),
+        ("tiny-qwen3-vl", "hermes"),
+        ("tiny-qwen2-vl", None),
+    ],
+)
+def test_the_engine_reads_the_tool_markup_from_the_template(checkpoint: str, expected: str | None) -> None:
+    from transformers import AutoTokenizer
+
+    from qwen_gateway.engines.local.engine import _tool_format
+
+    template = AutoTokenizer.from_pretrained(str(MODELS / checkpoint)).chat_template
+    assert _tool_format(template if isinstance(template, str) else json.dumps(template)) == expected

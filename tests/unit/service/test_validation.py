@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from qwen_gateway.engines.base import Thinking
 from qwen_gateway.errors import InvalidParameter
 from qwen_gateway.service.models import ModelRegistry, ServedModel
 from qwen_gateway.service.validation import ChatCall, build_call
@@ -95,3 +96,32 @@ def test_user_content_of_empty_text_parts_is_empty() -> None:
     with pytest.raises(InvalidParameter) as info:
         call(messages=[{"role": "user", "content": [{"type": "text", "text": ""}]}])
     assert info.value.param == "messages.0.content"
+
+
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+def test_tools_an_engine_cannot_read_calls_from_are_refused_not_ignored() -> None:
+    # The fake's capabilities name no tool-call markup: the model's calls could not be parsed.
+    with pytest.raises(InvalidParameter) as info:
+        call(tools=[TOOL])
+    assert info.value.param == "tools"
+    assert call(tools=[TOOL], tool_choice="none").generation.tools == ()
+
+
+def test_past_reasoning_is_dropped_and_tool_turns_must_follow_calls() -> None:
+    history = [*MSG, {"role": "assistant", "content": "ok", "reasoning_content": "thought"}, *MSG]
+    assert all(m.reasoning_content is None for m in call(messages=history).generation.messages)
+    with pytest.raises(InvalidParameter) as info:
+        call(messages=[*MSG, {"role": "tool", "content": "18", "tool_call_id": "call_1"}])
+    assert info.value.param == "messages.1.role"
+
+
+def test_thinking_budget_defaults_to_the_models_reasoning_length() -> None:
+    models = registry(supports_thinking=True, max_reasoning=100)
+    assert call(models, enable_thinking=True, stream=True).generation.thinking == Thinking(True, 100)
+    assert call(models, enable_thinking=False).generation.thinking == Thinking(False, None)
+    # A budget the request sets on an engine that can't enforce one is refused by name.
+    with pytest.raises(InvalidParameter) as info:
+        call(models, enable_thinking=True, stream=True, thinking_budget=7)
+    assert info.value.param == "thinking_budget"
