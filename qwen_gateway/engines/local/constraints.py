@@ -23,6 +23,7 @@ is accepted must guarantee that the output validates.
 from __future__ import annotations
 
 import collections
+import copy
 import json
 import logging
 import re
@@ -141,6 +142,7 @@ class Grammars:
         self._lock = threading.Lock()
         self._cache: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self._bytes = 0
+        self.masks = MaskPlans(vocab_size)
         self._tag_ids = [
             i for i in (tokenizer.convert_tokens_to_ids(t) for t in TOOL_TAGS)
             if isinstance(i, int) and i != tokenizer.unk_token_id
@@ -151,8 +153,10 @@ class Grammars:
         # request pays it, once.
         with self._setup_lock:
             if self._compiler is None:
+                # A copy of its own: the setup walks the vocabulary on a worker thread while the
+                # engine's tokenizer keeps decoding answers.
                 self._info = xgr.TokenizerInfo.from_huggingface(
-                    self._tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.stop_ids
+                    copy.deepcopy(self._tokenizer), vocab_size=self.vocab_size, stop_token_ids=self.stop_ids
                 )
                 # xgrammar's own cache off: ours below is bounded by count and bytes and keyed by request.
                 self._compiler = xgr.GrammarCompiler(self._info, max_threads=2, cache_enabled=False)
@@ -181,7 +185,8 @@ class Grammars:
                 ) from None
             self._store(key, compiled)
         prefer = self._tag_ids if isinstance(constraint, ToolCallConstraint) else []
-        return GrammarState(xgr.GrammarMatcher(compiled, override_stop_tokens=self.stop_ids), prefer)
+        matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=self.stop_ids)
+        return GrammarState(matcher, self.masks, prefer)
 
     def _plan(self, constraint: OutputConstraint, tools: Sequence[ToolSpec], param: str) -> tuple[str, Any]:
         if isinstance(constraint, JsonConstraint):
@@ -242,10 +247,21 @@ def _schema_text(schema: Mapping[str, Any], param: str) -> str:
     return text
 
 
+# xgrammar 0.2.9 writes a string with minLength/maxLength as repetitions of this character class, which
+# lets raw control characters (a tab, U+0000...) into the string: invalid JSON that json.loads refuses.
+# Its unbounded strings exclude them; the bounded class is narrowed the same way.
+_BOUNDED_CHAR = r"[^\"\\\r\n]"
+_JSON_CHAR = r"[^\0-\x1f\"\\\r\n]"
+
+
 def _json_grammar(schema_text: str) -> Any:
-    return xgr.Grammar.from_json_schema(
+    grammar = xgr.Grammar.from_json_schema(
         schema_text, any_whitespace=False, separators=SEPARATORS, strict_mode=True
     )
+    ebnf = str(grammar)
+    if _BOUNDED_CHAR not in ebnf:
+        return grammar
+    return xgr.Grammar.from_ebnf(ebnf.replace(_BOUNDED_CHAR, _JSON_CHAR))
 
 
 def _literal(text: str) -> Any:
@@ -255,10 +271,11 @@ def _literal(text: str) -> Any:
 class GrammarState:
     """One sequence's matcher, driven by the inference thread only."""
 
-    __slots__ = ("failed", "matcher", "prefer")
+    __slots__ = ("failed", "masks", "matcher", "prefer")
 
-    def __init__(self, matcher: Any, prefer: Sequence[int] = ()) -> None:
+    def __init__(self, matcher: Any, masks: MaskPlans, prefer: Sequence[int] = ()) -> None:
         self.matcher = matcher
+        self.masks = masks  # the engine's, shared by its sequences
         self.prefer = list(prefer)
         self.failed = False
 
@@ -292,12 +309,79 @@ def grammar_bitmask(seqs: Sequence[SequenceState], vocab: int) -> PackedMask | N
     if not rows:
         return None
     bitmask = xgr.allocate_token_bitmask(len(seqs), vocab)
+    states: list[GrammarState] = []
     for i in rows:
         grammar = seqs[i].grammar
         assert grammar is not None
         grammar.fill(bitmask, i)
+        states.append(grammar)
 
     def apply(logits: torch.Tensor, rows: list[int]) -> None:
-        xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
+        kernel: list[int] = []
+        for row, state in zip(rows, states, strict=True):
+            if not state.masks.apply(logits, bitmask, row):
+                kernel.append(row)
+        if kernel:
+            xgr.apply_token_bitmask_inplace(logits, bitmask, indices=kernel)
 
     return apply, rows
+
+
+_SHIFTS = torch.arange(32, dtype=torch.int32)
+
+
+class MaskPlans:
+    """How to apply a bitmask row seen before, without a masking pass over the whole vocabulary.
+
+    Masking a 151k-token row costs ~0.5-0.8 ms on this CPU whatever the method (xgrammar's kernel or a
+    torch ``masked_fill_``), more than a tiny model's whole decode step. But a JSON grammar visits few
+    distinct masks (measured: 50 in 1000 steps of an array-of-strings schema, a 95 % hit rate), so a
+    row seen before is applied from a cached id list instead: the allowed ids when they are the
+    smaller side (keep them, clear the row) or the banned ones (set them to -inf), 0.14-0.22 ms per
+    row against the kernel's 0.63-0.84 (measured on this machine with one torch thread, replaying
+    a grammar walk). Rows whose smaller side is still huge go to the kernel. Keyed by the row's exact
+    bytes, LRU-bounded; used by the inference thread only.
+    """
+
+    # At most ENTRIES plans of MAX_IDS int64 ids (+ a 19 KB key) each: under 36 MB per engine.
+    ENTRIES = 64
+    MAX_IDS = 1 << 16  # the smaller side of any 151k-token mask fits; longer lists save nothing
+
+    def __init__(self, vocab: int) -> None:
+        self.vocab = vocab
+        self._plans: collections.OrderedDict[bytes, tuple[bool, torch.Tensor] | None] = (
+            collections.OrderedDict()
+        )
+
+    def apply(self, logits: torch.Tensor, bitmask: torch.Tensor, row: int) -> bool:
+        """Mask ``logits[row]`` from a cached plan; False: the caller uses the kernel for this row."""
+        words = bitmask[row]
+        key = words.numpy().tobytes()
+        if key in self._plans:
+            self._plans.move_to_end(key)
+            plan = self._plans[key]
+        else:
+            plan = self._plan(words)
+            self._plans[key] = plan
+            if len(self._plans) > self.ENTRIES:
+                self._plans.popitem(last=False)
+        if plan is None:
+            return False
+        keep, ids = plan
+        target = logits[row]
+        if keep:
+            values = target.index_select(0, ids)
+            target.fill_(float("-inf"))
+            target.index_copy_(0, ids, values)
+        else:
+            target.index_fill_(0, ids, float("-inf"))
+        return True
+
+    def _plan(self, words: torch.Tensor) -> tuple[bool, torch.Tensor] | None:
+        bits = ((words.unsqueeze(-1) >> _SHIFTS) & 1).view(-1)[: self.vocab].bool()
+        allowed = int(bits.sum())
+        if min(allowed, self.vocab - allowed) > self.MAX_IDS:
+            return None
+        if allowed <= self.vocab - allowed:
+            return True, bits.nonzero().squeeze(1)
+        return False, (~bits).nonzero().squeeze(1)

@@ -144,9 +144,7 @@ class LocalEngine:
         )
         vocab = _vocab_size(loaded.model)
         if constraints.KINDS:
-            self._grammars = constraints.Grammars(
-                copy.deepcopy(loaded.tokenizer), vocab, sorted(loaded.eos_ids)
-            )
+            self._grammars = constraints.Grammars(loaded.tokenizer, vocab, sorted(loaded.eos_ids))
         self._token_text = TokenText(loaded.tokenizer, self._decode_lock)
         self._scheduler = Scheduler(
             loaded.model,
