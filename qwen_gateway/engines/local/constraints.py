@@ -1,10 +1,12 @@
 """Output constraints for the local engine: a JSON schema or a named tool call compiled by xgrammar.
 
-Why xgrammar (measured on this 2-core CPU with the 151k-token Qwen tokenizer, see
-``benchmarks/bench_grammar_engines.py``): its token masks cost ~0.07 ms per row and its CPU kernel
-applies a packed bitmask in ~0.4 ms per row, with schemas compiled in 40-75 ms; llguidance compiles
-lazily (~1 ms) but took 16 s to set up the tokenizer and ~0.5 ms per row per mask here; outlines-core
-took 4-15 s to compile one schema, which alone rules it out for schemas that arrive per request.
+Why xgrammar (measured on this shared 2-core CPU with the 151k-token Qwen tokenizer, one torch thread;
+``benchmarks/bench_grammar_engines.py``): computing a row's token mask costs 0.03-0.04 ms against
+llguidance's 0.23-0.26 ms, which matters once the mask is applied from a cache (:class:`MaskPlans`);
+its tokenizer setup takes ~2 s against llguidance's 12-16 s; a schema compiles in 25-37 ms of CPU
+(llguidance compiles lazily, ~1-2 ms, then pays on its first masks); outlines-core took 1.7-6.6 s of
+CPU to compile one schema, which rules it out for schemas that arrive per request. xgrammar also
+composes grammars (the tool-call wrapper around a parameters schema) and ships a CPU bitmask kernel.
 
 The pieces:
 - :class:`Grammars` (one per engine) compiles an :data:`OutputConstraint` into an xgrammar
