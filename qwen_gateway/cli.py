@@ -42,7 +42,7 @@ def _fail(message: str) -> NoReturn:
 
 
 def _location_options(func: F) -> F:
-    """``--home`` and ``--config``, shared by every command."""
+    """``--home``, ``--config`` and ``--database-url``, shared by every command."""
     func = click.option(
         "--config",
         "config_file",
@@ -52,6 +52,17 @@ def _location_options(func: F) -> F:
     )(func)
     # No click envvar/default here: Settings reads QWEN_GATEWAY_HOME itself, so a config file's `home`
     # still beats the environment and only an explicit flag beats both.
+    # Not a parameter of every command function: stored on the context and read by _load_settings,
+    # so each command gets it without repeating it in its signature.
+    func = click.option(
+        "--database-url",
+        metavar="URL",
+        default=None,
+        expose_value=False,
+        callback=_remember_database_url,
+        help="Database, e.g. postgresql://user:password@host/dbname or sqlite:////path/gateway.db. "
+        "Env: QWEN_GATEWAY_DATABASE_URL. [default: SQLite file gateway.db in --home]",
+    )(func)
     func = click.option(
         "--home",
         type=click.Path(file_okay=False, path_type=Path),
@@ -62,11 +73,19 @@ def _location_options(func: F) -> F:
     return func
 
 
+def _remember_database_url(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        ctx.meta["qwen_gateway.database_url"] = value
+
+
 def _load_settings(
     config_file: Path | None,
     overrides: dict[str, Any],
     extra_models: tuple[ModelConfig, ...] = (),
 ) -> Settings:
+    context = click.get_current_context(silent=True)
+    if context is not None and "database_url" not in overrides:
+        overrides = {**overrides, "database_url": context.meta.get("qwen_gateway.database_url")}
     return Settings.load(config_file=config_file, overrides=overrides, extra_models=extra_models)
 
 
