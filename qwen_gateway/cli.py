@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import sys
 from collections.abc import Callable, Coroutine
 from datetime import datetime
@@ -22,6 +23,7 @@ from rich.table import Table
 
 from qwen_gateway import __version__
 from qwen_gateway.errors import GatewayError
+from qwen_gateway.service.money.prices import format_exact, format_money
 from qwen_gateway.settings import ModelConfig, Settings
 
 if TYPE_CHECKING:
@@ -191,20 +193,182 @@ def keys() -> None:
 
 @keys.command("create")
 @click.option("--name", required=True, help="A unique name for the key, e.g. who or what uses it.")
+@click.option(
+    "--balance",
+    default=None,
+    metavar="CNY",
+    help="Meter the key: requests are charged against this balance (CNY, up to 6 decimals). "
+    "Without it the key is unmetered.",
+)
+@click.option("--rpm", type=int, default=None, help="Requests per minute allowed (default: no limit).")
+@click.option("--tpm", type=int, default=None, help="Tokens per minute allowed (default: no limit).")
 @_location_options
 @_guarded
-def keys_create(name: str, home: Path | None, config_file: Path | None) -> None:
-    """Create an API key and print it. The key is shown only this once."""
+def keys_create(
+    name: str,
+    balance: str | None,
+    rpm: int | None,
+    tpm: int | None,
+    home: Path | None,
+    config_file: Path | None,
+) -> None:
+    """Create an API key and print it (last line). The key is shown only this once."""
     settings = _load_settings(config_file, {"home": home})
+    balance_micro = None if balance is None else _amount(balance, zero_ok=True)
 
     async def create() -> tuple[KeyRow, str]:
         async with await _open_store(settings) as store:
-            return await _keys(store).create(name)
+            return await _keys(store).create(name, balance_micro=balance_micro, rpm_limit=rpm, tpm_limit=tpm)
 
     row, raw_key = _run(create())
-    click.echo(f"Created key {row.name!r} (id {row.id})")
+    extra = ""
+    if row.metered or row.limited:
+        extra = f": balance {_balance_text(row)}, {_limits_text(row)}"
+    click.echo(f"Created key {row.name!r} (id {row.id}){extra}")
     click.echo(raw_key)
     click.echo("Store it now: it will not be shown again.", err=True)
+
+
+@keys.command("topup")
+@click.argument("key")
+@click.argument("amount")
+@_location_options
+@_guarded
+def keys_topup(key: str, amount: str, home: Path | None, config_file: Path | None) -> None:
+    """Add AMOUNT (CNY) to the balance of the key whose name or id is KEY.
+
+    An unmetered key becomes metered, starting from zero. Running servers see it at once.
+    """
+    settings = _load_settings(config_file, {"home": home})
+    amount_micro = _amount(amount)
+
+    async def topup() -> KeyRow | None:
+        async with await _open_store(settings) as store:
+            return await _keys(store).top_up(key, amount_micro)
+
+    row = _run(topup())
+    if row is None:
+        _fail(f"no API key with name or id {key!r} (see: qwen-gateway keys list)")
+    click.echo(
+        f"Key {row.name!r} (id {row.id}): balance {_balance_text(row)} (+{format_money(amount_micro)})"
+    )
+
+
+def _limit(value: str | None, flag: str) -> int | None:
+    if value is None or value.lower() == "none":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        _fail(f"{flag} expects a whole number >= 1 or 'none', got {value!r}")
+    return int(value)
+
+
+@keys.command("limits")
+@click.argument("key")
+@click.option("--rpm", default=None, metavar="N|none", help="Requests per minute ('none': no limit).")
+@click.option("--tpm", default=None, metavar="N|none", help="Tokens per minute ('none': no limit).")
+@_location_options
+@_guarded
+def keys_limits(
+    key: str, rpm: str | None, tpm: str | None, home: Path | None, config_file: Path | None
+) -> None:
+    """Set or clear the rate limits of the key whose name or id is KEY (running servers: within a
+    few seconds)."""
+    settings = _load_settings(config_file, {"home": home})
+    limits: dict[str, int | None] = {}
+    if rpm is not None:
+        limits["rpm_limit"] = _limit(rpm, "--rpm")
+    if tpm is not None:
+        limits["tpm_limit"] = _limit(tpm, "--tpm")
+
+    async def change() -> KeyRow | None:
+        async with await _open_store(settings) as store:
+            return await _keys(store).set_limits(key, **limits)
+
+    row = _run(change())
+    if row is None:
+        _fail(f"no API key with name or id {key!r} (see: qwen-gateway keys list)")
+    click.echo(f"Key {row.name!r} (id {row.id}): {_limits_text(row)}")
+
+
+@keys.command("show")
+@click.argument("key")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (amounts in micro-CNY and as text).")
+@_location_options
+@_guarded
+def keys_show(key: str, as_json: bool, home: Path | None, config_file: Path | None) -> None:
+    """Show the key whose name or id is KEY: balance, open holds, limits and what it has spent."""
+    settings = _load_settings(config_file, {"home": home})
+
+    async def fetch() -> tuple[KeyRow | None, list[tuple[str, str, int]], list[Any]]:
+        from qwen_gateway.store.money import open_holds
+        from qwen_gateway.store.rollup import usage_report
+
+        async with await _open_store(settings) as store:
+            row = await _keys(store).get(key)
+            if row is None:
+                return None, [], []
+            key_id = row.id
+            async with store.connect() as conn:
+                held = await conn.run_sync(lambda c: open_holds(c, key_id=key_id))
+                totals = await conn.run_sync(lambda c: usage_report(c, group_by=(), key_id=key_id))
+            return row, held, totals
+
+    row, held, totals = _run(fetch())
+    if row is None:
+        _fail(f"no API key with name or id {key!r} (see: qwen-gateway keys list)")
+    spent = totals[0].sums["cost_micro"] if totals else 0
+    requests = totals[0].requests if totals else 0
+    held_micro = sum(amount for _, _, amount in held)
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "id": row.id,
+                    "name": row.name,
+                    "prefix": row.prefix,
+                    "created_at": row.created_at.isoformat(),
+                    "revoked_at": row.revoked_at.isoformat() if row.revoked_at else None,
+                    "metered": row.metered,
+                    "balance_micro": row.balance_micro,
+                    "balance": None if row.balance_micro is None else format_money(row.balance_micro),
+                    "held_micro": held_micro,
+                    "open_holds": len(held),
+                    "rpm_limit": row.rpm_limit,
+                    "tpm_limit": row.tpm_limit,
+                    "requests": requests,
+                    "spent_micro": spent,
+                    "spent": format_money(spent),
+                }
+            )
+        )
+        return
+    status = "active" if row.revoked_at is None else f"revoked {_when(row.revoked_at)}"
+    click.echo(f"Key {row.name!r} (id {row.id}, prefix {row.prefix}, {status})")
+    click.echo(f"  created   {_when(row.created_at)} UTC")
+    click.echo(f"  balance   {_balance_text(row)}")
+    if held:
+        click.echo(f"  held      {format_money(held_micro)} by {len(held)} running request(s)")
+    click.echo(f"  limits    {_limits_text(row)}")
+    click.echo(f"  spent     {format_money(spent)} CNY over {requests} request(s)")
+
+
+def _amount(text: str, *, zero_ok: bool = False) -> int:
+    from qwen_gateway.service.money.prices import InvalidAmount, parse_amount, to_micro
+
+    try:
+        return to_micro(text) if zero_ok and to_micro(text) == 0 else parse_amount(text)
+    except InvalidAmount as exc:
+        _fail(f"invalid amount: {exc}")
+
+
+def _balance_text(row: KeyRow) -> str:
+    return "unmetered" if row.balance_micro is None else f"{format_money(row.balance_micro)} CNY"
+
+
+def _limits_text(row: KeyRow) -> str:
+    rpm = "no RPM limit" if row.rpm_limit is None else f"{row.rpm_limit} requests/min"
+    tpm = "no TPM limit" if row.tpm_limit is None else f"{row.tpm_limit} tokens/min"
+    return f"{rpm}, {tpm}"
 
 
 @keys.command("list")
@@ -232,9 +396,15 @@ def keys_list(home: Path | None, config_file: Path | None) -> None:
     table.add_column("PREFIX", no_wrap=True)
     table.add_column("CREATED (UTC)", no_wrap=True)
     table.add_column("STATUS", no_wrap=True)
+    table.add_column("BALANCE", no_wrap=True, justify="right")
+    table.add_column("RPM", no_wrap=True, justify="right")
+    table.add_column("TPM", no_wrap=True, justify="right")
     for row in rows:
         status = "active" if row.revoked_at is None else f"revoked {_when(row.revoked_at)}"
-        table.add_row(row.id, escape(row.name), row.prefix, _when(row.created_at), status)
+        balance = "-" if row.balance_micro is None else format_money(row.balance_micro)
+        rpm = "-" if row.rpm_limit is None else str(row.rpm_limit)
+        tpm = "-" if row.tpm_limit is None else str(row.tpm_limit)
+        table.add_row(row.id, escape(row.name), row.prefix, _when(row.created_at), status, balance, rpm, tpm)
     console.print(table)
 
 
@@ -262,6 +432,102 @@ def keys_revoke(key: str, home: Path | None, config_file: Path | None) -> None:
         click.echo(f"Key {after.name!r} (id {after.id}) was already revoked on {_when(before.revoked_at)}.")
     else:
         click.echo(f"Revoked key {after.name!r} (id {after.id}).")
+
+
+@cli.command()
+@click.option(
+    "--by",
+    default="day,key,model",
+    show_default=True,
+    help="Group by any of day, key, model (comma-separated; empty: one total).",
+)
+@click.option("--key", "key", default=None, help="Only this key (name or id).")
+@click.option("--since", type=click.DateTime(["%Y-%m-%d"]), default=None, help="First UTC day (YYYY-MM-DD).")
+@click.option("--until", type=click.DateTime(["%Y-%m-%d"]), default=None, help="Last UTC day (YYYY-MM-DD).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (amounts in micro-CNY and as text).")
+@_location_options
+@_guarded
+def usage(
+    by: str,
+    key: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    as_json: bool,
+    home: Path | None,
+    config_file: Path | None,
+) -> None:
+    """Usage and cost from the ledger (and its daily roll-ups), by key, model and UTC day."""
+    from qwen_gateway.store.rollup import GROUPS, usage_report
+
+    groups = tuple(g.strip() for g in by.split(",") if g.strip())
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown:
+        _fail(f"--by takes day, key and model, not {', '.join(unknown)}")
+    settings = _load_settings(config_file, {"home": home})
+
+    async def fetch() -> tuple[list[Any], dict[str, str]]:
+        async with await _open_store(settings) as store:
+            key_id = None
+            if key is not None:
+                row = await _keys(store).get(key)
+                if row is None:
+                    _fail(f"no API key with name or id {key!r} (see: qwen-gateway keys list)")
+                key_id = row.id
+            names = {r.id: r.name for r in await _keys(store).list()}
+            async with store.connect() as conn:
+                totals = await conn.run_sync(
+                    lambda c: usage_report(
+                        c,
+                        group_by=groups,
+                        key_id=key_id,
+                        since=since.date() if since else None,
+                        until=until.date() if until else None,
+                    )
+                )
+            return totals, names
+
+    totals, names = _run(fetch())
+    if as_json:
+        out = []
+        for t in totals:
+            item: dict[str, Any] = {g: getattr(t, "key_id" if g == "key" else g) for g in groups}
+            if "key" in groups:
+                item["key_name"] = names.get(t.key_id or "")
+            item.update(requests=t.requests, **t.sums, cost=format_exact(t.sums["cost_micro"]))
+            out.append(item)
+        click.echo(json.dumps(out))
+        return
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=1_000)
+    if not totals:
+        console.print("No usage recorded.")
+        return
+    table = Table(box=None, pad_edge=False)
+    headers = {"day": "DAY (UTC)", "key": "KEY", "model": "MODEL"}
+    for g in groups:
+        table.add_column(headers[g], no_wrap=True)
+    for title in ("REQUESTS", "PROMPT", "COMPLETION", "REASONING", "IMAGE", "VIDEO", "COST (CNY)"):
+        table.add_column(title, justify="right", no_wrap=True)
+    for t in totals:
+        cells = []
+        for g in groups:
+            if g == "key":
+                cells.append(escape(names.get(t.key_id or "", t.key_id or "(no key)")))
+            else:
+                cells.append(escape(str(getattr(t, g))))
+        s = t.sums
+        cells += [
+            str(t.requests),
+            str(s["prompt_tokens"]),
+            str(s["completion_tokens"]),
+            str(s["reasoning_tokens"]),
+            str(s["image_tokens"]),
+            str(s["video_tokens"]),
+            format_money(s["cost_micro"]),
+        ]
+        table.add_row(*cells)
+    console.print(table)
 
 
 def _when(moment: datetime) -> str:

@@ -10,9 +10,11 @@ protocol that is answering. Nothing else decides an HTTP status.
         │   └── ContextLengthExceeded 400 the prompt (plus max_tokens) does not fit the model
         ├── InvalidRequest            400 malformed body / unsupported request (``invalid_request_error``)
         ├── PayloadTooLarge           400 the body is over the server's limit (DashScope: 400 TooLarge)
+        ├── Arrearage                 400 the key's balance can't cover the request's hold
         ├── AuthenticationError       401 invalid_api_key
         ├── ModelNotFound             404 model_not_found
-        ├── RateLimited               429 limit_requests
+        ├── RateLimited               429 limit_requests (the key's requests per minute)
+        ├── QuotaExceeded             429 insufficient_quota (the key's tokens per minute)
         ├── EngineOverloaded          503 the engine can't take more work now
         ├── EngineUnavailable         503 the model is not loaded / failed
         ├── ShuttingDown              503 the server stopped before the request finished
@@ -116,12 +118,42 @@ class ModelNotFound(ApiError):
         )
 
 
+class Arrearage(ApiError):
+    """DashScope's overdue-payment refusal (reference §5.1: HTTP 400, code and type ``Arrearage``)."""
+
+    status = 400
+    code = "Arrearage"
+    type = "Arrearage"
+    native_code = "Arrearage"
+    default_message = (
+        "Access denied, please make sure your account is in good standing. "
+        "For details, see: https://help.aliyun.com/zh/model-studio/error-code#overdue-payment"
+    )
+
+
 class RateLimited(ApiError):
     status = 429
     code = "limit_requests"
     type = "limit_requests"
     native_code = "Throttling.RateQuota"
-    default_message = "You have exceeded your current request limit."
+    # reference §5.1, the compatible-mode text with its link.
+    default_message = (
+        "You have exceeded your current request limit. "
+        "For details, see: https://help.aliyun.com/zh/model-studio/error-code#rate-limit"
+    )
+
+
+class QuotaExceeded(ApiError):
+    """DashScope's TPM throttle (``Throttling.AllocationQuota`` dressed as ``insufficient_quota``)."""
+
+    status = 429
+    code = "insufficient_quota"
+    type = "insufficient_quota"
+    native_code = "Throttling.AllocationQuota"
+    default_message = (
+        "You exceeded your current quota, please check your plan and billing details. "
+        "For details, see: https://help.aliyun.com/zh/model-studio/error-code#token-limit"
+    )
 
 
 class EngineOverloaded(ApiError):

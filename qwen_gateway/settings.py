@@ -144,6 +144,11 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)
     # Serve the OpenAPI schema at /openapi.json (off: it lists every route to anyone, without a key).
     openapi: bool = False
+    # Money (service/money): usage-ledger rows older than this many days are rolled up into daily totals.
+    usage_retention_days: int = Field(default=90, ge=1)
+    # Seconds after which a hold is given back whoever owns it: the backstop behind "a crashed process's
+    # holds are given back as soon as it is seen dead" (same host: its pid is gone; else no heartbeat).
+    hold_max_seconds: float = Field(default=86_400.0, gt=0)
 
     @field_validator("home", mode="after")
     @classmethod

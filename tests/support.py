@@ -61,18 +61,30 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def cli(*args: str, home: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, home: Path, check: bool = True, database_url: str | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "qwen_gateway", *args, "--home", str(home)],
         capture_output=True,
         text=True,
         check=check,
         timeout=120,
+        env=_env(database_url),
     )
 
 
-def create_key(home: Path, name: str) -> str:
-    out = cli("keys", "create", "--name", name, home=home).stdout
+def _env(database_url: str | None) -> dict[str, str]:
+    """The environment of a CLI or server subprocess; ``database_url`` (None: the SQLite file in its
+    home) lets a test run the same scenario on another database."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if database_url is not None:
+        env["QWEN_GATEWAY_DATABASE_URL"] = database_url
+    return env
+
+
+def create_key(home: Path, name: str, *options: str, database_url: str | None = None) -> str:
+    out = cli("keys", "create", "--name", name, *options, home=home, database_url=database_url).stdout
     match = re.search(r"\bsk-[A-Za-z0-9_-]{16,}", out)
     assert match, out
     return match.group(0)
@@ -110,13 +122,21 @@ class Server:
                 self.proc.wait()
 
 
-def start_server(home: Path, *args: str, timeout: float = 180.0) -> Server:
-    """Start ``qwen-gateway serve`` in a subprocess on a free loopback port and wait until healthy."""
+def start_server(
+    home: Path,
+    *args: str,
+    timeout: float = 180.0,
+    database_url: str | None = None,
+    log_name: str = "server.log",
+) -> Server:
+    """Start ``qwen-gateway serve`` in a subprocess on a free loopback port and wait until healthy.
+
+    Several servers may share one ``home`` (and so one database) if each has its own ``log_name``."""
     home.mkdir(parents=True, exist_ok=True)
-    api_key = create_key(home, f"test-{time.monotonic_ns()}")
+    api_key = create_key(home, f"test-{time.monotonic_ns()}", database_url=database_url)
     port = free_port()
-    log_path = home / "server.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log_path = home / log_name
+    env = _env(database_url)
     proc = subprocess.Popen(
         [sys.executable, "-m", "qwen_gateway", "serve", "--home", str(home), "--port", str(port), *args],
         stdout=log_path.open("wb"),
@@ -136,6 +156,27 @@ def start_server(home: Path, *args: str, timeout: float = 180.0) -> Server:
         time.sleep(0.2)
     server.stop()
     raise RuntimeError(f"server did not become healthy:\n{server.log()}")
+
+
+def start_servers(
+    home: Path, count: int, *args: str, database_url: str | None = None, timeout: float = 180.0
+) -> list[Server]:
+    """``count`` server processes sharing ``home``'s database (each with its own port and log), as
+    several workers behind one load balancer would. Started one after another (each migrates and
+    loads its models); on a failure the ones already up are stopped."""
+    servers: list[Server] = []
+    try:
+        for i in range(count):
+            servers.append(
+                start_server(
+                    home, *args, timeout=timeout, database_url=database_url, log_name=f"server-{i}.log"
+                )
+            )
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+    return servers
 
 
 def embedded_home(tmp_path_factory: Any, name: str = "home") -> Path:

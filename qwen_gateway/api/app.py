@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qwen_gateway import __version__
 from qwen_gateway.api import errors
+from qwen_gateway.api.balance import BalanceHeader
 from qwen_gateway.api.deps import require_key
 from qwen_gateway.api.lifecycle import Shutdown
 from qwen_gateway.api.middleware import RequestIdMiddleware
@@ -45,6 +46,7 @@ def create_app(gateway: Gateway) -> FastAPI:
             app.include_router(router, prefix=prefix, dependencies=[Depends(require_key)])
     app.include_router(health.router)
     errors.install(app)
+    app.add_middleware(BalanceHeader)
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(HeadAsGet)
     return app

@@ -9,6 +9,7 @@ from fastapi import Request
 from qwen_gateway.errors import AuthenticationError
 
 if TYPE_CHECKING:
+    from qwen_gateway.service.money.meter import Account
     from qwen_gateway.service.runtime import Gateway
     from qwen_gateway.store.keys import KeyRow
 
@@ -24,9 +25,18 @@ async def require_key(request: Request) -> KeyRow:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise AuthenticationError()
-    key: KeyRow = await get_gateway(request).keys.authenticate(token.strip())
+    gateway = get_gateway(request)
+    key: KeyRow = await gateway.keys.authenticate(token.strip())
     request.state.key = key
+    # A metered or limited key's money for this request (None: a plain key, nothing to do);
+    # BalanceHeader shows its balance on the answer.
+    request.state.account = gateway.meter.account_for(key)
     return key
+
+
+def account_of(request: Request) -> Account | None:
+    account: Account | None = getattr(request.state, "account", None)
+    return account
 
 
 def key_id_of(request: Request) -> str | None:

@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from typing import assert_never
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Protocol, assert_never
 
 from qwen_gateway.engines.base import Finished, GenerationEvent, GenerationRequest, TextDelta, Usage
 from qwen_gateway.errors import ApiError, EngineFailure, ShuttingDown
@@ -30,24 +31,51 @@ from qwen_gateway.service.events import (
     ToolCallResult,
     UsageReport,
 )
+from qwen_gateway.service.money.meter import Account
 from qwen_gateway.service.parsers import parser_for
 from qwen_gateway.service.validation import ChatCall
 
 log = logging.getLogger(__name__)
 
-# (request_id, key_id, model, status, usage) -> None; provided by the runtime (writes the ledger).
-UsageSink = Callable[[str, str | None, str, str, Usage], Awaitable[None]]
+
+class UsageSink(Protocol):
+    """Settles a request: writes its ledger row (and, for an admitted account, releases its hold and
+    charges it). Provided by the runtime (``Meter.settle``)."""
+
+    async def __call__(
+        self,
+        call: ChatCall,
+        *,
+        key_id: str | None,
+        status: str,
+        usage: Usage,
+        account: Account | None,
+        latency_ms: int,
+    ) -> None: ...
+
+
+class Admit(Protocol):
+    """Checks an account's limits and takes its hold before generating (``Meter.admit``); raises the
+    refusal's :class:`ApiError`."""
+
+    async def __call__(self, call: ChatCall, account: Account) -> None: ...
 
 
 class ChatService:
-    def __init__(self, usage_sink: UsageSink) -> None:
+    def __init__(self, usage_sink: UsageSink, admit: Admit | None = None) -> None:
         self._usage_sink = usage_sink
+        self._admit = admit
         self._search_notice_logged = False
 
     # -- the event stream ------------------------------------------------------------------------------
 
     async def events(
-        self, call: ChatCall, *, key_id: str | None, stop: Callable[[], bool] | None = None
+        self,
+        call: ChatCall,
+        *,
+        key_id: str | None,
+        stop: Callable[[], bool] | None = None,
+        account: Account | None = None,
     ) -> AsyncGenerator[ChoiceEvent, None]:
         """The request's choice events, ending with :class:`UsageReport` or :class:`StreamFailed`.
 
@@ -55,7 +83,12 @@ class ChatService:
         learns its consumer is gone and how the admission slots are given back. ``stop`` is asked
         between tokens (the server's shutdown): once it says so, the request ends there with a
         :class:`StreamFailed` (:class:`ShuttingDown`) that carries the tokens really used.
+
+        ``account`` (a metered or limited key) is admitted first (limits, balance hold: a refusal is a
+        :class:`StreamFailed` before output, nothing charged, no ledger row) and settled at the end with
+        what the request spent: prompt + generated tokens, nothing for a failure before output.
         """
+        started = time.monotonic()
         try:
             ticket = call.model.admission.acquire(call.n)
         except ApiError as exc:  # refused before any generation: no charge, no ledger row
@@ -70,7 +103,18 @@ class ChatService:
         emitted = False
         finished = 0
         engine_events = self._engine_events(call)
+        settle = True
         try:
+            if account is not None and self._admit is not None:
+                try:
+                    await self._admit(call, account)
+                except ApiError as exc:
+                    settle = account.admitted
+                    yield StreamFailed(exc, before_output=True)
+                    return
+                finally:
+                    # Cancelled while admitting: settled below only if the hold was taken.
+                    settle = account.admitted
             try:
                 async for index, event in engine_events:
                     match event:
@@ -103,17 +147,27 @@ class ChatService:
         finally:
             await engine_events.aclose()
             ticket.release()
-            await self._settle(call, key_id, status, _total(usage))
+            if settle:
+                # A failure is charged what it reported spending (nothing before output); a client that
+                # went away, everything generated until then.
+                spent = _total(usage) if status != "error" else (_spent(usage, emitted) or Usage(0, 0))
+                latency_ms = int((time.monotonic() - started) * 1000)
+                await self._settle(call, key_id, status, spent, account, latency_ms)
 
     async def complete(
-        self, call: ChatCall, *, key_id: str | None, stop: Callable[[], bool] | None = None
+        self,
+        call: ChatCall,
+        *,
+        key_id: str | None,
+        stop: Callable[[], bool] | None = None,
+        account: Account | None = None,
     ) -> ChatResult:
         """The whole answer at once (non-stream); a failure raises its :class:`ApiError`."""
         choices = [ChoiceResult(i, [], [], []) for i in range(call.n)]
         calls: dict[tuple[int, int], list[str]] = {}
         heads: dict[tuple[int, int], tuple[str, str]] = {}
         total = Usage(0, 0)
-        events = self.events(call, key_id=key_id, stop=stop)
+        events = self.events(call, key_id=key_id, stop=stop, account=account)
         try:
             async for event in events:
                 match event:
@@ -198,9 +252,19 @@ class ChatService:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _settle(self, call: ChatCall, key_id: str | None, status: str, usage: Usage) -> None:
+    async def _settle(
+        self,
+        call: ChatCall,
+        key_id: str | None,
+        status: str,
+        usage: Usage,
+        account: Account | None,
+        latency_ms: int,
+    ) -> None:
         try:
-            await self._usage_sink(call.request_id, key_id, call.model.id, status, usage)
+            await self._usage_sink(
+                call, key_id=key_id, status=status, usage=usage, account=account, latency_ms=latency_ms
+            )
         except Exception:  # the answer is already out; losing the row is logged, never raised
             log.exception("recording usage of request %s failed", call.request_id)
 

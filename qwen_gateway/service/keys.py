@@ -28,6 +28,8 @@ from qwen_gateway.store.keys import (
     insert_key,
     list_keys,
     revoke_key,
+    set_limits,
+    top_up,
 )
 
 KEY_PREFIX = "sk-"
@@ -48,6 +50,10 @@ class KeyNameTaken(GatewayError):
 
 class InvalidKeyName(GatewayError):
     """The name can't be used for a key."""
+
+
+class InvalidKeySetting(GatewayError):
+    """A balance, top-up or limit that can't be set."""
 
 
 def hash_key(raw_key: str) -> str:
@@ -85,13 +91,34 @@ class KeyService:
         # key hash -> (row, monotonic expiry); insertion order doubles as LRU order.
         self._cache: OrderedDict[str, tuple[KeyRow, float]] = OrderedDict()
 
-    async def create(self, name: str) -> tuple[KeyRow, str]:
-        """Create a key named ``name``; returns its row and the key itself, which is not stored."""
+    async def create(
+        self,
+        name: str,
+        *,
+        balance_micro: int | None = None,
+        rpm_limit: int | None = None,
+        tpm_limit: int | None = None,
+    ) -> tuple[KeyRow, str]:
+        """Create a key named ``name``; returns its row and the key itself, which is not stored.
+
+        With ``balance_micro`` the key is metered (requests are held and charged against it); limits
+        are requests / tokens per minute (None: none)."""
         name = _check_name(name)
+        if balance_micro is not None and balance_micro < 0:
+            raise InvalidKeySetting("a balance can't be negative")
+        for what, limit in (("rpm", rpm_limit), ("tpm", tpm_limit)):
+            if limit is not None and limit < 1:
+                raise InvalidKeySetting(f"--{what} must be at least 1")
         raw_key = generate_key()
         try:
             row = await insert_key(
-                store=self._store, name=name, prefix=raw_key[:PREFIX_SHOWN], key_hash=hash_key(raw_key)
+                store=self._store,
+                name=name,
+                prefix=raw_key[:PREFIX_SHOWN],
+                key_hash=hash_key(raw_key),
+                balance_micro=balance_micro,
+                rpm_limit=rpm_limit,
+                tpm_limit=tpm_limit,
             )
         except DuplicateKeyName:
             raise KeyNameTaken(name) from None
@@ -128,6 +155,31 @@ class KeyService:
         if row is not None:
             self._cache.pop(row.key_hash, None)
         return row
+
+    async def top_up(self, name_or_id: str, amount_micro: int) -> KeyRow | None:
+        """Add to the key's balance (an unmetered key becomes metered); None if there is no such key."""
+        if amount_micro <= 0:
+            raise InvalidKeySetting("a top-up must be positive")
+        row = await get_key(store=self._store, name_or_id=name_or_id)
+        if row is None:
+            return None
+        changed = await top_up(store=self._store, key_id=row.id, amount_micro=amount_micro)
+        if changed is not None:
+            self._cache.pop(changed.key_hash, None)
+        return changed
+
+    async def set_limits(self, name_or_id: str, **limits: int | None) -> KeyRow | None:
+        """Set (int >= 1) or clear (None) ``rpm_limit``/``tpm_limit``; None if there is no such key."""
+        for what, limit in limits.items():
+            if limit is not None and limit < 1:
+                raise InvalidKeySetting(f"{what} must be at least 1")
+        row = await get_key(store=self._store, name_or_id=name_or_id)
+        if row is None:
+            return None
+        changed = await set_limits(store=self._store, key_id=row.id, **limits)
+        if changed is not None:
+            self._cache.pop(changed.key_hash, None)
+        return changed
 
     def _cached(self, digest: str) -> KeyRow | None:
         entry = self._cache.get(digest)

@@ -22,11 +22,13 @@ Guarantees:
 - Back-pressure: at most ``max_pending`` rows wait; past that :meth:`record` waits for room instead of
   growing memory without bound while the database is stalled.
 
-Money (settlement) plugs into the same path: ``write`` is the function that writes one batch in one
-transaction. A settling writer passes one that, in that same transaction, applies each row's balance
-change (hold released, cost charged) and inserts the row, whose unique request id makes settling twice
-impossible. Settlement thus costs no commit of its own, and the caller that awaited :meth:`record` knows
-its charge is committed (so it can report the balance after it).
+Money (settlement) goes the same path: the gateway's writer is given ``store/money.py``'s ``settle``,
+which in the batch's one transaction inserts the rows and, for each metered one, releases its hold and
+charges its cost (the unique request id makes settling twice impossible). Settlement thus costs no
+commit of its own, and :meth:`record` returns what the write function returned for the row (the key's
+balance after its charge), once that is committed. :meth:`run` runs other short transactions (the
+admission hold) on the same connection and thread, so one process's money transactions never wait for
+each other's SQLite lock.
 """
 
 from __future__ import annotations
@@ -35,26 +37,30 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection
 
-from qwen_gateway.store.db import Database, Store
+from qwen_gateway.store.db import Database, Store, transaction
 from qwen_gateway.store.threaded import ThreadedConnection
 from qwen_gateway.store.usage import NewUsage, insert_usage, insert_usage_sync
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 # Writes one batch in one transaction, all or nothing: ``write(store=..., rows=...)`` on the async
 # store, or ``write_sync(conn=..., rows=...)`` on a synchronous connection in the store's worker thread.
-BatchWrite = Callable[..., Awaitable[None]]
-SyncBatchWrite = Callable[..., None]
+# Either may return one result per row (handed to that row's :meth:`LedgerWriter.record`), or None.
+BatchWrite = Callable[..., Awaitable[Sequence[Any] | None]]
+SyncBatchWrite = Callable[..., Sequence[Any] | None]
 
 
 @dataclass(slots=True)
 class _Pending:
     row: NewUsage
     # Resolved when the row's batch is committed; None when nobody waits for it.
-    committed: asyncio.Future[None] | None = None
+    committed: asyncio.Future[Any] | None = None
 
 
 class LedgerWriter:
@@ -91,8 +97,9 @@ class LedgerWriter:
 
     # -- handing rows over -------------------------------------------------------------------------
 
-    async def record(self, row: NewUsage) -> None:
-        """Hand ``row`` over and return once its batch is committed; raises if it could not be written.
+    async def record(self, row: NewUsage) -> Any:
+        """Hand ``row`` over and return once its batch is committed (with the write function's result for
+        it, None if it returns none); raises if it could not be written.
 
         The commit is shared with every row that queued up meanwhile. Waits for room first while
         ``max_pending`` rows are queued (back-pressure). A caller cancelled while waiting does not take
@@ -108,7 +115,25 @@ class LedgerWriter:
             except asyncio.QueueFull:
                 await self._queue.put(item)
         assert item.committed is not None
-        await item.committed
+        return await item.committed
+
+    async def run(self, fn: Callable[[Connection], T]) -> T:
+        """``fn(conn)`` in a transaction of its own on the writer's connection (SQLite: in its worker
+        thread, between batches), or on the async store. The transaction is committed even if the
+        caller is cancelled meanwhile (it is shielded): a caller that gives up must still learn what
+        happened, so it should await :func:`asyncio.shield` of this and handle the result."""
+        if not self._closing:
+            self._ensure_started()
+        threaded = self._threaded
+
+        def in_transaction(conn: Connection) -> T:
+            with conn.begin():
+                return fn(conn)
+
+        if threaded is not None:
+            return await threaded.run(in_transaction)
+        async with transaction(self._store) as conn:
+            return await conn.run_sync(fn)
 
     async def flush(self) -> None:
         """Wait until every row handed over so far is written (or logged as lost)."""
@@ -171,20 +196,19 @@ class LedgerWriter:
             if stop:
                 return
 
-    async def _write(self, rows: list[NewUsage]) -> None:
+    async def _write(self, rows: list[NewUsage]) -> Sequence[Any] | None:
         threaded, write_sync = self._threaded, self._write_sync
         if threaded is None or write_sync is None:
-            await self._write_async(store=self._store, rows=rows)
-            return
+            return await self._write_async(store=self._store, rows=rows)
 
-        def write(conn: Connection) -> None:
-            write_sync(conn=conn, rows=rows)
+        def write(conn: Connection) -> Sequence[Any] | None:
+            return write_sync(conn=conn, rows=rows)
 
-        await threaded.run(write)
+        return await threaded.run(write)
 
     async def _write_batch(self, batch: Sequence[_Pending]) -> None:
         try:
-            await self._write([p.row for p in batch])
+            results = await self._write([p.row for p in batch])
         except Exception as exc:
             if len(batch) == 1:
                 self._fail(batch[0], exc)
@@ -198,20 +222,20 @@ class LedgerWriter:
             return
         self.batches += 1
         self.written += len(batch)
-        for item in batch:
+        for i, item in enumerate(batch):
             if item.committed is not None and not item.committed.done():
-                item.committed.set_result(None)
+                item.committed.set_result(None if results is None else results[i])
 
     async def _write_now(self, item: _Pending) -> None:
         try:
-            await self._write([item.row])
+            results = await self._write([item.row])
         except Exception as exc:
             self._fail(item, exc)
             return
         self.batches += 1
         self.written += 1
         if item.committed is not None and not item.committed.done():
-            item.committed.set_result(None)
+            item.committed.set_result(None if results is None else results[0])
 
     def _fail(self, item: _Pending, exc: Exception) -> None:
         self.lost += 1

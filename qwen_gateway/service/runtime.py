@@ -10,15 +10,15 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.markup import escape
 
-from qwen_gateway.engines.base import Usage
 from qwen_gateway.errors import StartupError
 from qwen_gateway.service.chat import ChatService
 from qwen_gateway.service.keys import KeyService
 from qwen_gateway.service.ledger import LedgerWriter
 from qwen_gateway.service.models import ModelRegistry
+from qwen_gateway.service.money.meter import Meter
 from qwen_gateway.settings import ModelConfig, Settings
 from qwen_gateway.store.db import Store
-from qwen_gateway.store.usage import NewUsage
+from qwen_gateway.store.money import settle_async, settle_sync
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ class Gateway:
     models: ModelRegistry
     chat: ChatService
     ledger: LedgerWriter
+    meter: Meter
     started_at: int
 
     @classmethod
@@ -45,36 +46,36 @@ class Gateway:
         except BaseException:
             await store.aclose()
             raise
-
-        return cls.assemble(settings, store, models)
+        try:
+            gateway = cls.assemble(settings, store, models)
+            await gateway.meter.start()
+        except BaseException:
+            await models.aclose()
+            await store.aclose()
+            raise
+        return gateway
 
     @classmethod
     def assemble(cls, settings: Settings, store: Store, models: ModelRegistry) -> Gateway:
         """Wire the services over an opened store and started models."""
-        writer = LedgerWriter(store)
-
-        # The chat service's UsageSink: the row joins the writer's next batch; the answer waits for that
-        # shared commit (no disk flush, no lock wait; see service/ledger.py), not for one of its own.
-        async def ledger(request_id: str, key_id: str | None, model: str, status: str, usage: Usage) -> None:
-            await writer.record(
-                NewUsage(
-                    request_id=request_id,
-                    key_id=key_id,
-                    model=model,
-                    endpoint="chat.completions",
-                    prompt_tokens=usage.prompt_tokens,
-                    completion_tokens=usage.completion_tokens,
-                    status=status,
-                )
-            )
-
+        # Every ledger row goes through one group-committing writer; its batch transaction also settles
+        # the metered rows in it (hold released, cost charged: store/money.settle), so the answer waits
+        # for one shared commit (no disk flush, no lock wait; see service/ledger.py), not one of its own.
+        writer = LedgerWriter(store, write=settle_async, write_sync=settle_sync)
+        meter = Meter(
+            writer,
+            Meter.prices_of(models),
+            retention_days=settings.usage_retention_days,
+            hold_max_seconds=settings.hold_max_seconds,
+        )
         return cls(
             settings=settings,
             store=store,
             keys=KeyService(store),
             models=models,
-            chat=ChatService(ledger),
+            chat=ChatService(meter.settle, meter.admit),
             ledger=writer,
+            meter=meter,
             started_at=int(time.time()),
         )
 
@@ -99,14 +100,18 @@ class Gateway:
 
     async def _close(self) -> None:
         # Engines first: closing them ends their generations, whose requests then hand over their last
-        # usage rows; the writer then flushes every row before the store goes.
+        # usage rows (each settling its hold); the writer then flushes every row, the meter unregisters
+        # this process (no hold of it is left), and the store goes.
         try:
             await self.models.aclose()
         finally:
             try:
                 await self.ledger.aclose()
             finally:
-                await self.store.aclose()
+                try:
+                    await self.meter.aclose()
+                finally:
+                    await self.store.aclose()
 
 
 async def _embedded_models(settings: Settings, console: Console | None) -> tuple[ModelConfig, ...]:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Row, select, update
+from sqlalchemy import Row, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from qwen_gateway.store.db import Database, reading, transaction
@@ -24,7 +23,17 @@ class KeyRow:
     key_hash: str = field(repr=False)
     created_at: datetime
     revoked_at: datetime | None
-    balance: Decimal | None  # None: unmetered
+    balance_micro: int | None  # None: unmetered; else micro-CNY, holds of running requests taken out
+    rpm_limit: int | None = None
+    tpm_limit: int | None = None
+
+    @property
+    def metered(self) -> bool:
+        return self.balance_micro is not None
+
+    @property
+    def limited(self) -> bool:
+        return self.rpm_limit is not None or self.tpm_limit is not None
 
     @property
     def active(self) -> bool:
@@ -51,7 +60,9 @@ async def insert_key(
     key_hash: str,
     key_id: str | None = None,
     created_at: datetime | None = None,
-    balance: Decimal | None = None,
+    balance_micro: int | None = None,
+    rpm_limit: int | None = None,
+    tpm_limit: int | None = None,
 ) -> KeyRow:
     """Insert a key row. Raises :class:`DuplicateKeyName` if ``name`` is taken."""
     row = KeyRow(
@@ -61,7 +72,9 @@ async def insert_key(
         key_hash=key_hash,
         created_at=created_at or datetime.now(UTC),
         revoked_at=None,
-        balance=balance,
+        balance_micro=balance_micro,
+        rpm_limit=rpm_limit,
+        tpm_limit=tpm_limit,
     )
     values = {
         "id": row.id,
@@ -70,7 +83,9 @@ async def insert_key(
         "key_hash": row.key_hash,
         "created_at": row.created_at,
         "revoked_at": None,
-        "balance": row.balance,
+        "balance_micro": row.balance_micro,
+        "rpm_limit": row.rpm_limit,
+        "tpm_limit": row.tpm_limit,
     }
     try:
         async with transaction(store) as conn:
@@ -140,6 +155,42 @@ async def revoke_key(*, store: Database, name_or_id: str, now: datetime | None =
         return None
 
 
+async def top_up(*, store: Database, key_id: str, amount_micro: int) -> KeyRow | None:
+    """Add ``amount_micro`` to the key's balance in one UPDATE (an unmetered key becomes metered, starting
+    from zero). Returns the row as it is now, or None if there is no such key."""
+    balance = api_keys.c.balance_micro
+    statement = (
+        update(api_keys)
+        .where(api_keys.c.id == key_id)
+        .values(balance_micro=func.coalesce(balance, 0) + amount_micro)
+        .returning(*api_keys.c)
+    )
+    async with transaction(store) as conn:
+        changed = (await conn.execute(statement)).first()
+    return None if changed is None else _row(changed)
+
+
+_UNSET: Any = object()
+
+
+async def set_limits(
+    *, store: Database, key_id: str, rpm_limit: int | None = _UNSET, tpm_limit: int | None = _UNSET
+) -> KeyRow | None:
+    """Set (an int) or clear (None) the key's RPM/TPM limits; a limit not passed is left as it is."""
+    values: dict[str, Any] = {}
+    if rpm_limit is not _UNSET:
+        values["rpm_limit"] = rpm_limit
+    if tpm_limit is not _UNSET:
+        values["tpm_limit"] = tpm_limit
+    statement = update(api_keys).where(api_keys.c.id == key_id).values(**values).returning(*api_keys.c)
+    async with transaction(store) as conn:
+        if not values:
+            found = (await conn.execute(select(api_keys).where(api_keys.c.id == key_id))).first()
+            return None if found is None else _row(found)
+        changed = (await conn.execute(statement)).first()
+    return None if changed is None else _row(changed)
+
+
 def _row(row: Row[Any]) -> KeyRow:
     m = row._mapping
     return KeyRow(
@@ -149,5 +200,7 @@ def _row(row: Row[Any]) -> KeyRow:
         key_hash=m["key_hash"],
         created_at=m["created_at"],
         revoked_at=m["revoked_at"],
-        balance=m["balance"],
+        balance_micro=m["balance_micro"],
+        rpm_limit=m["rpm_limit"],
+        tpm_limit=m["tpm_limit"],
     )

@@ -19,7 +19,6 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
-    Numeric,
     String,
     Table,
     TypeDecorator,
@@ -36,9 +35,9 @@ NAMING_CONVENTION: dict[str, str] = {
     "pk": "pk_%(table_name)s",
 }
 
-# Money: 20 digits, 8 after the point (prices per 1K tokens go down to 1e-5 CNY). PostgreSQL stores it
-# exactly; SQLite stores NUMERIC as REAL, which SQLAlchemy rounds back to 8 places on read.
-MONEY = Numeric(20, 8)
+# Money is integer micro-units of CNY (1 CNY = 1_000_000) wherever it is stored or summed: exact on every
+# backend (SQLite has no exact decimal type: it keeps NUMERIC as a REAL) and summed without rounding.
+MICRO = BigInteger()
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -77,8 +76,15 @@ api_keys = Table(
     Column("key_hash", String(64), nullable=False, unique=True),  # hex SHA-256 of the whole key
     Column("created_at", UtcDateTime(), nullable=False),
     Column("revoked_at", UtcDateTime(), nullable=True),
-    # NULL: unmetered. A later issue debits it.
-    Column("balance", MONEY, nullable=True),
+    # NULL: unmetered. Otherwise what the key may still spend, holds of running requests already taken
+    # out (service/money).
+    Column("balance_micro", MICRO, nullable=True),
+    # Requests / tokens per minute; NULL: no limit.
+    Column("rpm_limit", Integer(), nullable=True),
+    Column("tpm_limit", BigInteger(), nullable=True),
+    # Written first by every admission of a limited key: it takes the write lock (SQLite) or the key's
+    # row lock (PostgreSQL) before the window is read, so two processes can't both pass one check.
+    Column("last_used_at", UtcDateTime(), nullable=True),
 )
 
 usage_ledger = Table(
@@ -86,7 +92,8 @@ usage_ledger = Table(
     metadata,
     # BIGINT on PostgreSQL; SQLite only auto-increments a column declared exactly "INTEGER PRIMARY KEY".
     Column("id", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True),
-    Column("request_id", String(64), nullable=False),
+    # Unique: a request is settled once; a second settlement of it fails as a whole (no double charge).
+    Column("request_id", String(64), nullable=False, unique=True),
     # NULL when the request was served without an API key.
     Column("key_id", String(32), ForeignKey("api_keys.id"), nullable=True),
     Column("model", String(200), nullable=False),
@@ -94,10 +101,76 @@ usage_ledger = Table(
     Column("prompt_tokens", Integer(), nullable=False),
     Column("completion_tokens", Integer(), nullable=False),
     Column("total_tokens", Integer(), nullable=False),
-    Column("cost", MONEY, nullable=True),  # NULL: not priced
-    Column("status", String(16), nullable=False),  # "ok" | "error" | "cancelled"
+    # Of completion_tokens / prompt_tokens: the split reported by the engine.
+    Column("reasoning_tokens", Integer(), nullable=False, server_default="0"),
+    Column("image_tokens", Integer(), nullable=False, server_default="0"),
+    Column("video_tokens", Integer(), nullable=False, server_default="0"),
+    # What the key was charged; NULL: unmetered (not charged).
+    Column("cost_micro", MICRO, nullable=True),
+    Column("status", String(16), nullable=False),  # "ok" | "error" | "cancelled" | "expired"
+    Column("latency_ms", Integer(), nullable=True),
     Column("created_at", UtcDateTime(), nullable=False),
 )
 
 Index(None, usage_ledger.c.key_id, usage_ledger.c.created_at)
-Index(None, usage_ledger.c.request_id)
+Index(None, usage_ledger.c.created_at)
+
+# The money a running request of a metered key has taken out of its balance until it is settled. The
+# row goes in the admission's transaction and out in the settlement's (with the ledger row), so at any
+# moment: balance + open holds + ledger costs = what was put in. ``owner`` is the server process that
+# runs the request: a dead owner's holds are released (service/money/meter.py).
+holds = Table(
+    "holds",
+    metadata,
+    Column("request_id", String(64), primary_key=True),
+    Column("key_id", String(32), ForeignKey("api_keys.id"), nullable=False),
+    Column("amount_micro", MICRO, nullable=False),
+    Column("model", String(200), nullable=False),
+    Column("owner", String(32), nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
+)
+
+Index(None, holds.c.owner)
+
+# The sliding minute the RPM and TPM limits count, in one-second buckets per rate-limited key (at most
+# 60 rows per key, whatever its rate): requests admitted in that second, and their tokens (at their hold
+# estimate while they run, corrected to their real count when they are settled).
+rate_windows = Table(
+    "rate_windows",
+    metadata,
+    Column("key_id", String(32), ForeignKey("api_keys.id"), primary_key=True),
+    Column("second", BigInteger(), primary_key=True),  # epoch seconds
+    Column("requests", Integer(), nullable=False),
+    Column("tokens", BigInteger(), nullable=False),
+)
+
+# Server processes using this database, for telling a running request's hold from a crashed one's.
+gateway_instances = Table(
+    "gateway_instances",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("hostname", String(255), nullable=False),
+    Column("pid", Integer(), nullable=False),
+    Column("started_at", UtcDateTime(), nullable=False),
+    Column("heartbeat_at", UtcDateTime(), nullable=False),
+)
+
+# Ledger rows older than the retention, rolled up: sums per UTC day, key, model and status (exact: every
+# column is an integer sum). ``key_id`` is "" for requests served without a key (a primary key column
+# can't be NULL on PostgreSQL); no foreign key, so a roll-up outlives nothing it refers to.
+usage_daily = Table(
+    "usage_daily",
+    metadata,
+    Column("day", String(10), primary_key=True),  # "YYYY-MM-DD" (UTC)
+    Column("key_id", String(32), primary_key=True),
+    Column("model", String(200), primary_key=True),
+    Column("status", String(16), primary_key=True),
+    Column("requests", BigInteger(), nullable=False),
+    Column("prompt_tokens", BigInteger(), nullable=False),
+    Column("completion_tokens", BigInteger(), nullable=False),
+    Column("reasoning_tokens", BigInteger(), nullable=False),
+    Column("image_tokens", BigInteger(), nullable=False),
+    Column("video_tokens", BigInteger(), nullable=False),
+    Column("cost_micro", MICRO, nullable=False),
+    Column("latency_ms", BigInteger(), nullable=False),  # summed
+)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import Connection, Row, select
@@ -13,7 +12,9 @@ from sqlalchemy import Connection, Row, select
 from qwen_gateway.store.db import Database, reading, transaction
 from qwen_gateway.store.tables import usage_ledger
 
-USAGE_STATUSES = frozenset({"ok", "error", "cancelled"})
+# "expired": the request's server process died before settling it (its hold was released, see
+# store/money.py); its tokens are unknown and it is charged nothing.
+USAGE_STATUSES = frozenset({"ok", "error", "cancelled", "expired"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,9 +27,13 @@ class UsageRow:
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
-    cost: Decimal | None
+    cost_micro: int | None
     status: str
     created_at: datetime
+    reasoning_tokens: int = 0
+    image_tokens: int = 0
+    video_tokens: int = 0
+    latency_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +42,12 @@ class NewUsage:
 
     ``status`` is one of :data:`USAGE_STATUSES`; ``key_id`` is None for unauthenticated requests;
     ``created_at`` defaults to now, i.e. when the request ended rather than when the row is written.
+
+    Settlement (store/money.py) reads two more fields that are not columns: ``held_micro`` is the hold
+    the request took at admission (None: its key is unmetered, no money moves); ``rate_second`` is the
+    bucket of its key's rate window it was counted in, with ``rate_tokens`` (its estimate), which
+    settlement corrects to its real token count. For a metered key the
+    row's ``cost_micro`` is then what it is charged (capped so the balance never goes below zero).
     """
 
     request_id: str
@@ -46,13 +57,22 @@ class NewUsage:
     prompt_tokens: int
     completion_tokens: int
     status: str
-    cost: Decimal | None = None
+    cost_micro: int | None = None
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    reasoning_tokens: int = 0
+    image_tokens: int = 0
+    video_tokens: int = 0
+    latency_ms: int | None = None
+    held_micro: int | None = None
+    rate_second: int | None = None
+    rate_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.status not in USAGE_STATUSES:
             raise ValueError(f"usage status must be one of {sorted(USAGE_STATUSES)}, got {self.status!r}")
         if self.prompt_tokens < 0 or self.completion_tokens < 0:
+            raise ValueError("token counts can't be negative")
+        if min(self.reasoning_tokens, self.image_tokens, self.video_tokens) < 0:
             raise ValueError("token counts can't be negative")
 
     def values(self) -> dict[str, Any]:
@@ -64,8 +84,12 @@ class NewUsage:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "cost": self.cost,
+            "reasoning_tokens": self.reasoning_tokens,
+            "image_tokens": self.image_tokens,
+            "video_tokens": self.video_tokens,
+            "cost_micro": self.cost_micro,
             "status": self.status,
+            "latency_ms": self.latency_ms,
             "created_at": self.created_at,
         }
 
@@ -100,7 +124,7 @@ async def record_usage(
     prompt_tokens: int,
     completion_tokens: int,
     status: str,
-    cost: Decimal | float | None = None,
+    cost_micro: int | None = None,
     created_at: datetime | None = None,
 ) -> UsageRow:
     """Append one ledger row in one transaction (or in the caller's, when given a connection), and
@@ -113,8 +137,7 @@ async def record_usage(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         status=status,
-        # A float goes through its decimal text: 0.1 stays 0.1, not its binary value.
-        cost=Decimal(repr(cost)) if isinstance(cost, float) else cost,
+        cost_micro=cost_micro,
         created_at=created_at or datetime.now(UTC),
     )
     values = new.values()
@@ -156,7 +179,11 @@ def _row(row: Row[Any]) -> UsageRow:
         prompt_tokens=m["prompt_tokens"],
         completion_tokens=m["completion_tokens"],
         total_tokens=m["total_tokens"],
-        cost=m["cost"],
+        cost_micro=m["cost_micro"],
         status=m["status"],
         created_at=m["created_at"],
+        reasoning_tokens=m["reasoning_tokens"],
+        image_tokens=m["image_tokens"],
+        video_tokens=m["video_tokens"],
+        latency_ms=m["latency_ms"],
     )

@@ -9,7 +9,7 @@ import logging
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from qwen_gateway.api.deps import get_gateway, key_id_of
+from qwen_gateway.api.deps import account_of, get_gateway, key_id_of
 from qwen_gateway.api.errors import request_id_of
 from qwen_gateway.api.lifecycle import resume_until_shutdown
 from qwen_gateway.api.render import compat
@@ -53,9 +53,10 @@ async def chat_completions(request: Request) -> Response:
     body = parse_body(await read_body(request, gateway.settings.max_request_bytes))
     call = build_call(body, gateway.models, request_id=request_id_of(request))
     key_id = key_id_of(request)
+    account = account_of(request)
     if call.stream:
         shutdown = request.app.state.shutdown
-        events = gateway.chat.events(call, key_id=key_id, stop=lambda: shutdown.expired)
+        events = gateway.chat.events(call, key_id=key_id, stop=lambda: shutdown.expired, account=account)
         # Wait a little for the first event before any header goes out: errors found before generating
         # (a prompt longer than the context, a full queue) then get their own HTTP status. A long
         # prefill doesn't hold the headers back longer than that: the stream starts, keep-alives flow,
@@ -76,7 +77,9 @@ async def chat_completions(request: Request) -> Response:
     # shutdown grace period (the ledger row keeps the tokens used; the client gets a 503): the service
     # stops at a token boundary, or the shutdown interrupts a request that reaches none in time.
     shutdown = request.app.state.shutdown
-    work = asyncio.ensure_future(gateway.chat.complete(call, key_id=key_id, stop=lambda: shutdown.expired))
+    work = asyncio.ensure_future(
+        gateway.chat.complete(call, key_id=key_id, stop=lambda: shutdown.expired, account=account)
+    )
     watcher = asyncio.ensure_future(_until_disconnect(request))
     me = shutdown.register()
     interrupted = False

@@ -51,7 +51,7 @@ def test_create_makes_a_high_entropy_key_and_stores_only_its_hash(run: Any, db_u
     assert re.fullmatch(r"key_[0-9a-f]{12}", row.id)
     assert row.prefix == raw[:8]
     assert row.key_hash == hashlib.sha256(raw.encode()).hexdigest() == hash_key(raw)
-    assert row.revoked_at is None and row.balance is None
+    assert row.revoked_at is None and row.balance_micro is None
     # The key itself is in no column, and (SQLite) nowhere in the database files.
     assert raw not in stored and raw[8:] not in stored
     if db_url.startswith("sqlite"):

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -34,7 +33,7 @@ def test_new_ids_look_like_key_ids() -> None:
 
 def test_insert_then_find_by_hash(with_store: StoreRunner) -> None:
     async def body(store: Store) -> tuple[KeyRow, KeyRow | None, KeyRow | None]:
-        row = await _add(store, "alice", balance=Decimal("12.5"))
+        row = await _add(store, "alice", balance_micro=12_500_000)
         return (
             row,
             await find_active_key_by_hash(store=store, key_hash=row.key_hash),
@@ -44,7 +43,7 @@ def test_insert_then_find_by_hash(with_store: StoreRunner) -> None:
     row, found, missing = with_store(body)
     assert found == row
     assert missing is None
-    assert found.balance == Decimal("12.5")
+    assert found.balance_micro == 12_500_000
     assert found.created_at.tzinfo is UTC
     assert found.active
 

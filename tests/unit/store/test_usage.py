@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -31,7 +30,7 @@ async def _record(store: Store, key_id: str | None, request_id: str = "req-1", *
 def test_record_and_list(with_store: StoreRunner) -> None:
     async def body(store: Store) -> tuple[UsageRow, list[UsageRow]]:
         key = await _key(store)
-        row = await _record(store, key.id, cost=Decimal("0.00007"))
+        row = await _record(store, key.id, cost_micro=70)
         return row, await list_usage(store=store, key_id=key.id)
 
     row, listed = with_store(body)
@@ -47,18 +46,20 @@ def test_record_and_list(with_store: StoreRunner) -> None:
         "ok",
     )
     assert (stored.prompt_tokens, stored.completion_tokens, stored.total_tokens) == (20, 8, 28)
-    assert stored.cost == Decimal("0.00007")
+    assert stored.cost_micro == 70
     assert stored.created_at == row.created_at
 
 
-def test_float_costs_keep_their_decimal_value(with_store: StoreRunner) -> None:
+def test_costs_are_exact_integer_micro_units(with_store: StoreRunner) -> None:
+    big = 9_007_199_254_740_993  # 2**53 + 1: a float (SQLite REAL) could not keep it
+
     async def body(store: Store) -> tuple[UsageRow, list[UsageRow]]:
-        row = await _record(store, None, cost=0.1)
+        row = await _record(store, None, cost_micro=big)
         return row, await list_usage(store=store)
 
     row, listed = with_store(body)
-    assert row.cost == Decimal("0.1")
-    assert listed[0].cost == Decimal("0.1")
+    assert row.cost_micro == big
+    assert listed[0].cost_micro == big
 
 
 def test_unauthenticated_usage_has_no_key_and_no_cost(with_store: StoreRunner) -> None:
@@ -68,7 +69,7 @@ def test_unauthenticated_usage_has_no_key_and_no_cost(with_store: StoreRunner) -
 
     (row,) = with_store(body)
     assert row.key_id is None
-    assert row.cost is None
+    assert row.cost_micro is None
     assert row.status == "cancelled"
 
 

@@ -1,0 +1,156 @@
+"""What metering adds per request: a metered key (hold at admission, settlement with the ledger row)
+and a metered + rate-limited key against a plain key, on one real server in front of
+``zero_cost_engine.py``'s engine (a benchmark fake that costs nothing), so the difference is the money
+path alone.
+
+Same harness as ``bench_overhead.py`` (server pinned to one core, load generator to another, raw
+keep-alive HTTP/1.1). For 1 and 16 concurrent clients, non-streaming and streaming, the key kinds run
+in turn (``--repeat`` rounds, interleaved so drifting machine load hits all kinds alike), and it prints
+each run's latency p50/p99 and server CPU per request, then per case the median over rounds of the
+p50 and CPU/request added by metering. At the end it checks the money: every metered key's balance
+change equals the sum of its ledger costs and no hold is left.
+
+    python benchmarks/bench_metering.py [--requests 2000] [--single-requests 500] [--repeat 3]
+
+The machine may be shared: CPU ms per request is the figure to trust; latencies move with whatever
+else runs on the cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_overhead import BENCH, REPO, Server, _pct, drive, start_server
+
+KINDS = ("plain", "metered", "metered+limited")
+
+
+def create_key(home: Path, name: str, *options: str) -> str:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(BENCH)])}
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qwen_gateway",
+            "keys",
+            "create",
+            "--name",
+            name,
+            *options,
+            "--home",
+            str(home),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+        timeout=120,
+    ).stdout
+    match = re.search(r"\bsk-[0-9a-f]{32}\b", out)
+    assert match, out
+    return match.group(0)
+
+
+def measure(server: Server, key: str, clients: int, total: int, stream: bool) -> tuple[float, float, float]:
+    """(p50 ms, p99 ms, server CPU ms per request) of ``total`` requests with ``key``."""
+    asyncio.run(drive(server.port, key, clients, max(50, total // 10), stream))  # warm-up
+    cpu0 = server.cpu_seconds()
+    latencies, _ = asyncio.run(drive(server.port, key, clients, total, stream))
+    cpu = server.cpu_seconds() - cpu0
+    latencies.sort()
+    return _pct(latencies, 0.5) * 1e3, _pct(latencies, 0.99) * 1e3, cpu / total * 1e3
+
+
+def check_money(home: Path, names: list[str]) -> str:
+    with sqlite3.connect(home / "gateway.db") as db:
+        lines = []
+        for name in names:
+            key_id, balance = db.execute(
+                "SELECT id, balance_micro FROM api_keys WHERE name = ?", (name,)
+            ).fetchone()
+            spent, rows = db.execute(
+                "SELECT coalesce(sum(cost_micro), 0), count(*) FROM usage_ledger WHERE key_id = ?", (key_id,)
+            ).fetchone()
+            held = db.execute("SELECT count(*) FROM holds WHERE key_id = ?", (key_id,)).fetchone()[0]
+            start = 10**6 * 10**6
+            ok = start - balance == spent and held == 0
+            lines.append(
+                f"{name}: {rows} rows, spent {spent} µCNY, balance change {start - balance} µCNY, "
+                f"open holds {held}: {'OK' if ok else 'MISMATCH'}"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=2000, help="requests per 16-client run")
+    parser.add_argument("--single-requests", type=int, default=500, help="requests per 1-client run")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of every case and key kind")
+    cores = sorted(os.sched_getaffinity(0))
+    parser.add_argument("--server-core", type=int, default=cores[0])
+    parser.add_argument("--client-core", type=int, default=cores[-1])
+    parser.add_argument("--only", choices=["stream", "non-stream"], help="run only these cases")
+    args = parser.parse_args()
+    home = Path(tempfile.mkdtemp(prefix="qwgw-metering-"))
+    server = start_server(home, args.server_core, "warning")
+    keys = {
+        "plain": server.key,
+        # One million CNY: never refused during the run.
+        "metered": create_key(home, "bench-metered", "--balance", "1000000"),
+        "metered+limited": create_key(
+            home, "bench-limited", "--balance", "1000000", "--rpm", "10000000", "--tpm", "1000000000000"
+        ),
+    }
+    os.sched_setaffinity(0, {args.client_core})
+    print(
+        f"server pid {server.proc.pid} on core {args.server_core}, client on core {args.client_core}, "
+        f"zero-cost engine, SQLite, load {os.getloadavg()[0]:.2f} (shared machine: trust CPU/request)"
+    )
+    streams = [False, True] if args.only is None else [args.only == "stream"]
+    results: dict[tuple[bool, int, str], list[tuple[float, float, float]]] = {}
+    try:
+        for _ in range(args.repeat):
+            for stream in streams:
+                for clients in (1, 16):
+                    total = args.requests if clients > 1 else args.single_requests
+                    for kind in KINDS:
+                        p50, p99, cpu = measure(server, keys[kind], clients, total, stream)
+                        results.setdefault((stream, clients, kind), []).append((p50, p99, cpu))
+                        print(
+                            f"{'stream' if stream else 'non-stream':10s} clients={clients:<3d} n={total:<5d} "
+                            f"{kind:16s} p50={p50:7.2f} ms  p99={p99:7.2f} ms  cpu/req={cpu:5.2f} ms",
+                            flush=True,
+                        )
+    finally:
+        code = server.stop()
+        print(f"server exit status {code}; log {home / 'server.log'}")
+    print("\nadded by metering (median over rounds, vs the plain key):")
+    for stream in streams:
+        for clients in (1, 16):
+            base = results[(stream, clients, "plain")]
+            for kind in KINDS[1:]:
+                runs = results[(stream, clients, kind)]
+                dp50 = statistics.median(r[0] - b[0] for r, b in zip(runs, base, strict=True))
+                dcpu = statistics.median(r[2] - b[2] for r, b in zip(runs, base, strict=True))
+                print(
+                    f"  {'stream' if stream else 'non-stream':10s} clients={clients:<3d} {kind:16s} "
+                    f"p50 {dp50:+6.2f} ms  cpu/req {dcpu:+5.2f} ms"
+                )
+    print(check_money(home, ["bench-metered", "bench-limited"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""An upper bound of a request's tokens, known before it runs (what the admission hold is made of).
+
+The service does not tokenize (the engine does, once, when it renders the prompt), so the hold uses a
+bound instead of the exact count: Qwen's tokenizers are byte-level BPE, where every ordinary token
+stands for at least one UTF-8 byte, so a text has at most as many tokens as bytes. The chat template
+adds special tokens and its own text around each message (role headers, a default system prompt, the
+tool-calling instructions): :data:`PER_MESSAGE` and :data:`TEMPLATE` bound those. The bound is loose
+for English (about 4 bytes per token) — a hold is an upper bound by design, and settlement charges the
+exact count — and is what a key's TPM counts while the request runs.
+
+Media: an image costs at most its ``max_pixels`` in 28x28 patches plus 2 (reference §4.4; 28x28 is the
+smaller patch, so the larger count), or :data:`IMAGE_DEFAULT_MAX` tokens when no cap is given; a video
+that much per frame.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+from qwen_gateway.engines.base import GenerationRequest, ImagePart, TextPart, VideoPart
+
+# Template tokens around one message: <|im_start|>, the role, newlines, <|im_end|> (Qwen's ChatML is 5).
+PER_MESSAGE = 8
+# Template text of a whole prompt: the default system prompt ("You are Qwen, created by Alibaba
+# Cloud. You are a helpful assistant.", 68 bytes), the assistant header, an empty <think></think>.
+TEMPLATE = 128
+# The tool-calling instructions Qwen's templates add when tools are offered (about 700 bytes).
+TOOLS = 1024
+PATCH = 28 * 28
+# Tokens of an image without a max_pixels cap: DashScope's high-resolution cap (16384) plus start/end.
+IMAGE_DEFAULT_MAX = 16_384 + 2
+
+
+def prompt_tokens_bound(request: GenerationRequest) -> int:
+    """At most how many tokens ``request``'s rendered prompt has."""
+    total = TEMPLATE + (TOOLS if request.tools else 0)
+    for message in request.messages:
+        total += PER_MESSAGE + len(message.role)
+        content = message.content
+        if isinstance(content, str):
+            total += len(content.encode("utf-8"))
+        else:
+            for part in content:
+                total += _part_bound(part)
+        for text in (message.name, message.tool_call_id, message.reasoning_content):
+            if text:
+                total += len(text.encode("utf-8"))
+        for call in message.tool_calls:
+            total += PER_MESSAGE + len(call.id) + len(call.name.encode()) + len(call.arguments.encode())
+    for tool in request.tools:
+        total += len(orjson.dumps({"n": tool.name, "d": tool.description, "p": dict(tool.parameters)}))
+    return total
+
+
+def _part_bound(part: TextPart | ImagePart | VideoPart) -> int:
+    if isinstance(part, TextPart):
+        return len(part.text.encode("utf-8"))
+    if isinstance(part, ImagePart):
+        return _image_bound(part.max_pixels)
+    return len(part.frames) * _image_bound(None)
+
+
+def _image_bound(max_pixels: int | None) -> int:
+    if max_pixels is None:
+        return IMAGE_DEFAULT_MAX
+    return max_pixels // PATCH + 2

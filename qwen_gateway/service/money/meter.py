@@ -1,0 +1,324 @@
+"""The meter: admission (rate limits and the balance hold) before a request runs, settlement after.
+
+Per request of a metered or rate-limited key:
+
+1. **Admission**, one transaction (``store/money.admit``) before the engine sees the request: the key's
+   row is written first (that serialises admissions of one key across processes), its RPM/TPM window
+   is checked, then ``UPDATE api_keys SET balance = balance - hold WHERE balance >= hold`` takes the
+   hold (the bound of the prompt's tokens, ``estimate.py``, plus ``n * max_tokens``, at the model's
+   prices) and a ``holds`` row records it. Refused: 400 ``Arrearage`` or 429, nothing moved.
+2. **Settlement**, when the request ends however it ends: its ledger row goes to the ledger writer's
+   next batch, whose transaction also deletes the hold, gives back the hold and charges the exact
+   cost (prompt + generated tokens; nothing for a failure before the first token). The answer (or the
+   stream's end) waits for that commit, so the balance after the charge is known for
+   ``X-Account-Balance``.
+
+Keys that are neither metered nor limited cost nothing here: no transaction at admission, and their
+ledger rows keep the writer's plain group commit.
+
+Crashes: every server process registers itself (``gateway_instances``) and writes a heartbeat every
+:data:`HEARTBEAT_SECONDS`. At startup and then every :data:`SWEEP_SECONDS`, holds of dead processes
+(same host and pid gone, or no heartbeat for :data:`STALE_SECONDS`) are given back and their requests
+written to the ledger as "expired" (charged nothing: what they generated died with them); holds older
+than ``hold_max_seconds`` are given back whoever owns them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection
+
+from qwen_gateway.engines.base import Usage
+from qwen_gateway.errors import (
+    Arrearage,
+    AuthenticationError,
+    QuotaExceeded,
+    RateLimited,
+    StartupError,
+)
+from qwen_gateway.service.ledger import LedgerWriter
+from qwen_gateway.service.money.estimate import prompt_tokens_bound
+from qwen_gateway.service.money.prices import InvalidAmount, Price, cost_micro, price_per_1k
+from qwen_gateway.service.validation import ChatCall
+from qwen_gateway.store import money
+from qwen_gateway.store.keys import KeyRow
+from qwen_gateway.store.rollup import roll_up
+from qwen_gateway.store.usage import NewUsage
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+HEARTBEAT_SECONDS = 10.0
+STALE_SECONDS = 60.0
+SWEEP_SECONDS = 30.0
+ROLLUP_SECONDS = 3600.0
+
+
+@dataclass(slots=True)
+class Account:
+    """The key a request is made with, when it is metered or limited, and where its money stands.
+
+    ``balance_micro`` is what ``X-Account-Balance`` shows: after the hold while the request runs, after
+    the charge once it is settled (None: not known yet, the header is then read from the database).
+    """
+
+    key: KeyRow
+    balance_micro: int | None = None
+    admitted: bool = False
+    held_micro: int | None = None
+    rate_second: int | None = None
+    rate_tokens: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def metered(self) -> bool:
+        return self.key.metered
+
+
+class Meter:
+    """Prices, admission and settlement over the ledger writer's connection (see the module docstring)."""
+
+    def __init__(
+        self,
+        writer: LedgerWriter,
+        prices: dict[str, Price],
+        *,
+        retention_days: int = 90,
+        hold_max_seconds: float = 86_400.0,
+        clock: Callable[[], Any] = money.utcnow,
+    ) -> None:
+        self._writer = writer
+        self._prices = prices
+        self._retention_days = retention_days
+        self._hold_max = timedelta(seconds=hold_max_seconds)
+        self._clock = clock
+        self.instance_id = "gw_" + secrets.token_hex(8)
+        self._hostname = socket.gethostname()
+        self._task: asyncio.Task[None] | None = None
+
+    @staticmethod
+    def prices_of(models: Any) -> dict[str, Price]:
+        """Each served model's price; a price that is not a whole number of micro-CNY stops startup."""
+        out: dict[str, Price] = {}
+        for served in models:
+            spec = served.spec
+            try:
+                out[served.id] = price_per_1k(spec.input_price, spec.output_price)
+            except InvalidAmount as exc:
+                raise StartupError(f"model {served.id!r}: invalid price: {exc}") from None
+        return out
+
+    def price(self, model_id: str) -> Price:
+        return self._prices.get(model_id, Price(0, 0))
+
+    # -- admission -----------------------------------------------------------------------------------
+
+    def account_for(self, key: KeyRow) -> Account | None:
+        """An :class:`Account` for a metered or limited key; None for a plain one (nothing to do)."""
+        if key.metered or key.limited:
+            return Account(key)
+        return None
+
+    def hold_for(self, call: ChatCall) -> tuple[int, int]:
+        """(tokens, micro-CNY) the call holds: its prompt's bound plus every choice's ``max_tokens``."""
+        prompt = prompt_tokens_bound(call.generation)
+        completion = call.n * call.generation.sampling.max_tokens
+        return prompt + completion, cost_micro(self.price(call.model.id), prompt, completion)
+
+    async def admit(self, call: ChatCall, account: Account) -> None:
+        """Check the key's limits and take its hold, or raise Arrearage / RateLimited / QuotaExceeded.
+
+        The transaction is shielded: if the caller is cancelled meanwhile, the outcome is still
+        recorded on ``account`` (so the caller's settlement gives back a hold taken), then the
+        cancellation goes on.
+        """
+        tokens, hold = self.hold_for(call)
+        account.rate_tokens = tokens
+        key = account.key
+        now = self._clock()
+
+        def run(conn: Connection) -> money.Admitted | money.Refused:
+            return money.admit(
+                conn,
+                key_id=key.id,
+                request_id=call.request_id,
+                model=call.model.id,
+                owner=self.instance_id,
+                now=now,
+                hold_micro=hold,
+                tokens=tokens,
+            )
+
+        work = asyncio.ensure_future(self._writer.run(run))
+        try:
+            outcome = await asyncio.shield(work)
+        except asyncio.CancelledError:
+            try:
+                self._record(account, await work)
+            except Exception:
+                log.exception("admission of request %s failed while cancelled", call.request_id)
+            raise
+        self._record(account, outcome)
+        if isinstance(outcome, money.Refused):
+            if outcome.reason == "balance":
+                raise Arrearage()
+            if outcome.reason == "unknown":  # the key was deleted since it was authenticated
+                raise AuthenticationError()
+            if outcome.reason == "rpm":
+                raise RateLimited(retry_after=outcome.retry_after)
+            raise QuotaExceeded(retry_after=outcome.retry_after)
+
+    @staticmethod
+    def _record(account: Account, outcome: money.Admitted | money.Refused) -> None:
+        account.balance_micro = outcome.balance_micro
+        if isinstance(outcome, money.Admitted):
+            account.admitted = True
+            account.held_micro = outcome.held_micro
+            account.rate_second = outcome.rate_second
+
+    # -- settlement ----------------------------------------------------------------------------------
+
+    async def settle(
+        self,
+        call: ChatCall,
+        *,
+        key_id: str | None,
+        status: str,
+        usage: Usage,
+        account: Account | None,
+        latency_ms: int,
+    ) -> None:
+        """Write the request's ledger row; for an admitted account also release its hold and charge it,
+        in the same transaction (the ledger writer's batch). Updates ``account.balance_micro``."""
+        model = call.model.id
+        cost = cost_micro(self.price(model), usage.prompt_tokens, usage.completion_tokens)
+        row = NewUsage(
+            request_id=call.request_id,
+            key_id=key_id,
+            model=model,
+            endpoint="chat.completions",
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            reasoning_tokens=usage.reasoning_tokens,
+            # Counted by the engines that see media (Usage gains these fields with vision).
+            image_tokens=int(getattr(usage, "image_tokens", 0) or 0),
+            video_tokens=int(getattr(usage, "video_tokens", 0) or 0),
+            status=status,
+            cost_micro=cost,
+            latency_ms=latency_ms,
+            held_micro=account.held_micro if account is not None and account.admitted else None,
+            rate_second=account.rate_second if account is not None and account.admitted else None,
+            rate_tokens=account.rate_tokens if account is not None else 0,
+        )
+        balance = await self._writer.record(row)
+        if account is not None and balance is not None:
+            account.balance_micro = balance
+
+    async def balance(self, key_id: str) -> int | None:
+        """The key's balance now (holds taken out), from the database."""
+        return await self._writer.run(lambda conn: money.key_balance(conn, key_id=key_id))
+
+    # -- process lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Register this process, give back dead processes' holds, roll up old ledger rows, and keep
+        doing the first two (and the heartbeat) in the background."""
+        now = self._clock()
+        await self._writer.run(
+            lambda conn: money.register_instance(
+                conn, instance_id=self.instance_id, hostname=self._hostname, pid=os.getpid(), now=now
+            )
+        )
+        await self.sweep()
+        await self.roll_up()
+        self._task = asyncio.get_running_loop().create_task(self._background(), name="money-heartbeat")
+
+    async def sweep(self) -> list[money.Released]:
+        """Give back the holds no live process will settle (see store/money.release_stale_holds)."""
+        now = self._clock()
+        released = await self._writer.run(
+            lambda conn: money.release_stale_holds(
+                conn,
+                me=self.instance_id,
+                hostname=self._hostname,
+                pid_alive=_pid_alive,
+                now=now,
+                stale_after=timedelta(seconds=STALE_SECONDS),
+                max_age=self._hold_max,
+            )
+        )
+        for r in released:
+            why = "its server process died" if r.dead_owner else "it outlived hold_max_seconds"
+            log.warning("released the hold of request %s (key %s): %s", r.request_id, r.key_id, why)
+        return released
+
+    async def roll_up(self) -> int:
+        """Roll ledger rows older than the retention into daily totals; returns how many rows went."""
+        cutoff = self._clock() - timedelta(days=self._retention_days)
+        total = 0
+        while True:
+            moved = await self._writer.run(lambda conn: roll_up(conn, before=cutoff))
+            total += moved
+            if moved == 0:
+                break
+        if total:
+            log.info(
+                "usage: rolled %d ledger rows older than %d days into daily totals",
+                total,
+                self._retention_days,
+            )
+        return total
+
+    async def _background(self) -> None:
+        last_sweep = last_rollup = time.monotonic()
+        while True:
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+            try:
+                await self._writer.run(functools.partial(self._heartbeat, now=self._clock()))
+                if time.monotonic() - last_sweep >= SWEEP_SECONDS:
+                    last_sweep = time.monotonic()
+                    await self.sweep()
+                if time.monotonic() - last_rollup >= ROLLUP_SECONDS:
+                    last_rollup = time.monotonic()
+                    await self.roll_up()
+            except Exception:  # a busy or briefly unreachable database must not end the heartbeat
+                log.exception("money heartbeat failed")
+
+    def _heartbeat(self, conn: Connection, *, now: Any) -> None:
+        money.heartbeat(conn, instance_id=self.instance_id, now=now)
+
+    async def aclose(self) -> None:
+        """Stop the heartbeat and unregister (after every request is settled: call after the ledger's
+        flush)."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        try:
+            await self._writer.run(lambda conn: money.unregister_instance(conn, instance_id=self.instance_id))
+        except Exception:
+            log.exception("unregistering server process %s failed", self.instance_id)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
