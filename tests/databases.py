@@ -11,6 +11,7 @@ Use the ``db_url`` fixture (parametrized over both backends by :func:`backends`)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from collections.abc import Iterator
@@ -96,6 +97,20 @@ def drop_postgres_database(url: str) -> None:
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     """A fresh PostgreSQL database for this test (skipped without a server, failed under CI)."""
+    url = create_postgres_database()
+    try:
+        yield url
+    finally:
+        drop_postgres_database(url)
+
+
+@contextlib.contextmanager
+def database_for(backend: str) -> Iterator[str | None]:
+    """For servers and the CLI: None on SQLite (the home's own file), else a fresh PostgreSQL database's
+    URL (``postgresql://...``), dropped on exit."""
+    if backend == "sqlite":
+        yield None
+        return
     url = create_postgres_database()
     try:
         yield url

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from qwen_gateway.errors import StartupError
+from qwen_gateway.service.admin import AdminService
 from qwen_gateway.service.chat import ChatService
 from qwen_gateway.service.keys import KeyService
 from qwen_gateway.service.ledger import LedgerWriter
@@ -35,6 +36,7 @@ class Gateway:
     ledger: LedgerWriter
     meter: Meter
     started_at: int
+    admin: AdminService
 
     @classmethod
     async def open(cls, settings: Settings, *, console: Console | None = None) -> Gateway:
@@ -68,15 +70,17 @@ class Gateway:
             retention_days=settings.usage_retention_days,
             hold_max_seconds=settings.hold_max_seconds,
         )
+        keys = KeyService(store)
         return cls(
             settings=settings,
             store=store,
-            keys=KeyService(store),
+            keys=keys,
             models=models,
             chat=ChatService(meter.settle, meter.admit),
             ledger=writer,
             meter=meter,
             started_at=int(time.time()),
+            admin=AdminService(store, keys, meter),
         )
 
     async def aclose(self) -> None:
