@@ -255,7 +255,9 @@ def test_admin_key_create_list_revoke(home: Path) -> None:
 def test_database_url_flag_picks_the_database(tmp_path: Path, home: Path) -> None:
     other = tmp_path / "elsewhere" / "g.db"
     url = f"sqlite:///{other}"
-    assert invoke("keys", "create", "--name", "far", "--home", str(home), "--database-url", url).exit_code == 0
+    assert (
+        invoke("keys", "create", "--name", "far", "--home", str(home), "--database-url", url).exit_code == 0
+    )
     assert other.is_file() and not (home / "gateway.db").exists()
     assert "far" in invoke("keys", "list", "--database-url", url).output
     assert "far" not in invoke("keys", "list", "--home", str(home)).output
