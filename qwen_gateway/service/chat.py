@@ -109,11 +109,10 @@ class ChatService:
                 try:
                     await self._admit(call, account)
                 except ApiError as exc:
-                    settle = account.admitted
                     yield StreamFailed(exc, before_output=True)
                     return
                 finally:
-                    # Cancelled while admitting: settled below only if the hold was taken.
+                    # Refused, or cancelled while admitting: settled below only if the hold was taken.
                     settle = account.admitted
             try:
                 async for index, event in engine_events:

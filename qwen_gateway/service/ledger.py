@@ -34,14 +34,16 @@ each other's SQLite lock.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from qwen_gateway.store.db import Database, Store, transaction
+from qwen_gateway.store.db import Database, Store, reading, transaction
 from qwen_gateway.store.threaded import ThreadedConnection
 from qwen_gateway.store.usage import NewUsage, insert_usage, insert_usage_sync
 
@@ -58,9 +60,11 @@ SyncBatchWrite = Callable[..., Sequence[Any] | None]
 
 @dataclass(slots=True)
 class _Pending:
-    row: NewUsage
+    row: NewUsage | None
     # Resolved when the row's batch is committed; None when nobody waits for it.
     committed: asyncio.Future[Any] | None = None
+    # A short transaction's work (the admission hold) run in the batch's transaction instead of a row.
+    job: Callable[[Connection], Any] | None = None
 
 
 class LedgerWriter:
@@ -70,6 +74,11 @@ class LedgerWriter:
     batches go through ``write_sync`` on a connection of the writer's own, in a worker thread (one
     thread hop per batch instead of one per statement, see store/threaded.py); elsewhere through
     ``write`` on the async store.
+
+    With ``in_transaction`` (``fn(conn, rows) -> results``, run inside a transaction the writer
+    opens), batches are written by it instead, and the jobs handed to :meth:`run` join the batch: one
+    transaction, one commit and (SQLite) one thread hop for every admission and settlement that queued
+    up together.
     """
 
     def __init__(
@@ -80,6 +89,7 @@ class LedgerWriter:
         max_pending: int = 10_000,
         write: BatchWrite = insert_usage,
         write_sync: SyncBatchWrite | None = insert_usage_sync,
+        in_transaction: Callable[[Connection, Sequence[NewUsage]], Sequence[Any]] | None = None,
     ) -> None:
         if max_batch < 1 or max_pending < 1:
             raise ValueError("max_batch and max_pending must be positive")
@@ -87,6 +97,7 @@ class LedgerWriter:
         self._max_batch = max_batch
         self._write_async = write
         self._write_sync = write_sync
+        self._in_tx = in_transaction
         self._threaded: ThreadedConnection | None = None
         self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue(maxsize=max_pending)
         self._task: asyncio.Task[None] | None = None
@@ -118,10 +129,20 @@ class LedgerWriter:
         return await item.committed
 
     async def run(self, fn: Callable[[Connection], T]) -> T:
-        """``fn(conn)`` in a transaction of its own on the writer's connection (SQLite: in its worker
-        thread, between batches), or on the async store. The transaction is committed even if the
-        caller is cancelled meanwhile (it is shielded): a caller that gives up must still learn what
-        happened, so it should await :func:`asyncio.shield` of this and handle the result."""
+        """``fn(conn)`` in a transaction on the writer's connection (SQLite: in its worker thread): the
+        next batch's, when the writer was given ``in_transaction``, else one of its own. Once the
+        transaction is handed over it is committed even if the caller is cancelled meanwhile: a caller
+        that must know the outcome awaits :func:`asyncio.shield` of this."""
+        if self._in_tx is not None and not self._closing:
+            item = _Pending(None, asyncio.get_running_loop().create_future(), job=fn)
+            self._ensure_started()
+            try:
+                self._queue.put_nowait(item)
+            except asyncio.QueueFull:
+                await self._queue.put(item)
+            assert item.committed is not None
+            result: T = await item.committed
+            return result
         if not self._closing:
             self._ensure_started()
         threaded = self._threaded
@@ -134,6 +155,10 @@ class LedgerWriter:
             return await threaded.run(in_transaction)
         async with transaction(self._store) as conn:
             return await conn.run_sync(fn)
+
+    def store_connection(self) -> contextlib.AbstractAsyncContextManager[AsyncConnection]:
+        """A connection of the writer's store for reads (rolled back on exit)."""
+        return reading(self._store)
 
     async def flush(self) -> None:
         """Wait until every row handed over so far is written (or logged as lost)."""
@@ -196,19 +221,45 @@ class LedgerWriter:
             if stop:
                 return
 
-    async def _write(self, rows: list[NewUsage]) -> Sequence[Any] | None:
+    async def _write(self, items: Sequence[_Pending]) -> Sequence[Any] | None:
+        """Write a batch in one transaction; returns one result per item (or None: no results)."""
+        in_tx = self._in_tx
+        if in_tx is not None:
+            jobs = [(i, p.job) for i, p in enumerate(items) if p.job is not None]
+            rows = [(i, p.row) for i, p in enumerate(items) if p.row is not None]
+
+            def work(conn: Connection) -> list[Any]:
+                out: list[Any] = [None] * len(items)
+                for i, job in jobs:
+                    out[i] = job(conn)
+                if rows:
+                    for (i, _), result in zip(rows, in_tx(conn, [r for _, r in rows]), strict=True):
+                        out[i] = result
+                return out
+
+            threaded = self._threaded
+            if threaded is not None:
+
+                def in_transaction(conn: Connection) -> list[Any]:
+                    with conn.begin():
+                        return work(conn)
+
+                return await threaded.run(in_transaction)
+            async with transaction(self._store) as conn:
+                return await conn.run_sync(work)
+        plain = [p.row for p in items if p.row is not None]
         threaded, write_sync = self._threaded, self._write_sync
         if threaded is None or write_sync is None:
-            return await self._write_async(store=self._store, rows=rows)
+            return await self._write_async(store=self._store, rows=plain)
 
         def write(conn: Connection) -> Sequence[Any] | None:
-            return write_sync(conn=conn, rows=rows)
+            return write_sync(conn=conn, rows=plain)
 
         return await threaded.run(write)
 
     async def _write_batch(self, batch: Sequence[_Pending]) -> None:
         try:
-            results = await self._write([p.row for p in batch])
+            results = await self._write(batch)
         except Exception as exc:
             if len(batch) == 1:
                 self._fail(batch[0], exc)
@@ -221,23 +272,27 @@ class LedgerWriter:
                 await self._write_now(item)
             return
         self.batches += 1
-        self.written += len(batch)
+        self.written += sum(1 for p in batch if p.row is not None)
         for i, item in enumerate(batch):
             if item.committed is not None and not item.committed.done():
                 item.committed.set_result(None if results is None else results[i])
 
     async def _write_now(self, item: _Pending) -> None:
         try:
-            results = await self._write([item.row])
+            results = await self._write([item])
         except Exception as exc:
             self._fail(item, exc)
             return
         self.batches += 1
-        self.written += 1
+        self.written += 1 if item.row is not None else 0
         if item.committed is not None and not item.committed.done():
             item.committed.set_result(None if results is None else results[0])
 
     def _fail(self, item: _Pending, exc: Exception) -> None:
+        if item.row is None:  # a job: its caller gets the exception
+            if item.committed is not None and not item.committed.done():
+                item.committed.set_exception(exc)
+            return
         self.lost += 1
         log.error(
             "usage row of request %s (model %s, %d+%d tokens, %s) could not be written: %s",

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from rich.console import Console
 from rich.markup import escape
+from sqlalchemy import Connection
 
 from qwen_gateway.errors import StartupError
 from qwen_gateway.service.admin import AdminService
@@ -19,7 +21,8 @@ from qwen_gateway.service.models import ModelRegistry
 from qwen_gateway.service.money.meter import Meter
 from qwen_gateway.settings import ModelConfig, Settings
 from qwen_gateway.store.db import Store
-from qwen_gateway.store.money import settle_async, settle_sync
+from qwen_gateway.store.money import settle, settle_async, settle_sync
+from qwen_gateway.store.usage import NewUsage
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +66,9 @@ class Gateway:
         # Every ledger row goes through one group-committing writer; its batch transaction also settles
         # the metered rows in it (hold released, cost charged: store/money.settle), so the answer waits
         # for one shared commit (no disk flush, no lock wait; see service/ledger.py), not one of its own.
-        writer = LedgerWriter(store, write=settle_async, write_sync=settle_sync)
+        # Admissions (Meter.admit through writer.run) join the same batches: one transaction and one
+        # commit for whatever queued up together.
+        writer = LedgerWriter(store, write=settle_async, write_sync=settle_sync, in_transaction=_settle_rows)
         meter = Meter(
             writer,
             Meter.prices_of(models),
@@ -145,3 +150,7 @@ async def _embedded_models(settings: Settings, console: Console | None) -> tuple
             max_output=1024,
         ),
     )
+
+
+def _settle_rows(conn: Connection, rows: Sequence[NewUsage]) -> list[int | None]:
+    return settle(conn, rows=rows)

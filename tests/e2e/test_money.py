@@ -435,3 +435,54 @@ def _sigkill_mid_stream(home: Path) -> None:
         assert "released the hold of request" in restarted.log()
     finally:
         restarted.stop()
+
+
+@pytest.mark.slow
+def test_sigterm_settles_every_running_request(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    config = home / "config.toml"
+    config.write_text("[server]\nshutdown_grace_seconds = 1\n" + CONFIG.format(path=MODELS / "tiny-qwen2.5"))
+    db = Db(home, DATABASE_URL)
+    server = start_server(home, "--config", str(config), database_url=DATABASE_URL)
+    name, key = new_key(home, "--balance", "100")
+    key_id = db.key_id(name)
+    start = db.balance(key_id)
+    n_streams = 3
+    started = asyncio.Event()
+    count = 0
+
+    async def long_stream(seed: int) -> int:
+        nonlocal count
+        body = {"model": "qwen-turbo", "messages": PROMPT, "max_tokens": 4000, "stream": True, "seed": seed}
+        chunks = 0
+        try:
+            async with client(server, key) as c, c.stream("POST", "/chat/completions", json=body) as r:
+                async for line in r.aiter_lines():
+                    if '"content":"' in line and '"content":""' not in line:
+                        chunks += 1
+                        if chunks == 1:
+                            count += 1
+                            if count == n_streams:
+                                started.set()
+        except httpx.HTTPError:
+            pass
+        return chunks
+
+    async def scenario() -> list[int]:
+        tasks = [asyncio.create_task(long_stream(seed)) for seed in range(n_streams)]
+        await asyncio.wait_for(started.wait(), timeout=300)
+        assert db.holds(key_id) == n_streams
+        server.proc.send_signal(signal.SIGTERM)
+        return await asyncio.gather(*tasks)
+
+    try:
+        delivered = asyncio.run(scenario())
+        assert server.proc.wait(timeout=120) == 0, server.log()
+    finally:
+        server.stop()
+    rows = db.ledger(key_id)
+    assert len(rows) == n_streams and db.holds(key_id) == 0
+    assert all(row["completion_tokens"] >= 1 for row in rows) and min(delivered) >= 1
+    assert start - db.balance(key_id) == sum(row["cost_micro"] for row in rows) > 0
+    assert db.scalar("SELECT count(*) FROM gateway_instances") == 0

@@ -228,8 +228,11 @@ class Meter:
             account.balance_micro = balance
 
     async def balance(self, key_id: str) -> int | None:
-        """The key's balance now (holds taken out), from the database."""
-        return await self._writer.run(lambda conn: money.key_balance(conn, key_id=key_id))
+        """The key's balance now (holds taken out), from the database. A plain read on a connection of
+        its own: a read-only job in a write batch would make SQLite upgrade a read transaction, which
+        fails at once (no busy wait) when another process wrote in between."""
+        async with self._writer.store_connection() as conn:
+            return await conn.run_sync(lambda sync: money.key_balance(sync, key_id=key_id))
 
     # -- process lifecycle ---------------------------------------------------------------------------
 
@@ -249,8 +252,12 @@ class Meter:
     async def sweep(self) -> list[money.Released]:
         """Give back the holds no live process will settle (see store/money.release_stale_holds)."""
         now = self._clock()
-        released = await self._writer.run(
-            lambda conn: money.release_stale_holds(
+
+        def release(conn: Connection) -> list[money.Released]:
+            # Written first (the heartbeat): on SQLite a transaction that reads before its first write
+            # fails at once, instead of waiting, when another process writes in between.
+            money.heartbeat(conn, instance_id=self.instance_id, now=now)
+            return money.release_stale_holds(
                 conn,
                 me=self.instance_id,
                 hostname=self._hostname,
@@ -259,7 +266,8 @@ class Meter:
                 stale_after=timedelta(seconds=STALE_SECONDS),
                 max_age=self._hold_max,
             )
-        )
+
+        released = await self._writer.run(release)
         for r in released:
             why = "its server process died" if r.dead_owner else "it outlived hold_max_seconds"
             log.warning("released the hold of request %s (key %s): %s", r.request_id, r.key_id, why)
@@ -267,10 +275,16 @@ class Meter:
 
     async def roll_up(self) -> int:
         """Roll ledger rows older than the retention into daily totals; returns how many rows went."""
-        cutoff = self._clock() - timedelta(days=self._retention_days)
+        now = self._clock()
+        cutoff = now - timedelta(days=self._retention_days)
+
+        def move(conn: Connection) -> int:
+            money.heartbeat(conn, instance_id=self.instance_id, now=now)  # a write first (see sweep)
+            return roll_up(conn, before=cutoff)
+
         total = 0
         while True:
-            moved = await self._writer.run(lambda conn: roll_up(conn, before=cutoff))
+            moved = await self._writer.run(move)
             total += moved
             if moved == 0:
                 break

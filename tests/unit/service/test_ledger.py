@@ -186,3 +186,35 @@ def test_the_async_path_batches_and_contains_failures_too(run: Callable[[Body], 
     assert isinstance(results[1], IntegrityError)
     assert ids(stored) == [f"a{i}" for i in range(5)]
     assert lost == 1
+
+
+def test_jobs_join_the_batch_transaction_and_get_their_results(run: Callable[[Body], Any]) -> None:
+    from sqlalchemy import Connection, text
+
+    from qwen_gateway.store.money import settle
+
+    def job(value: int) -> Callable[[Connection], int]:
+        return lambda conn: int(conn.execute(text("SELECT :v + 1"), {"v": value}).scalar_one())
+
+    async def body(store: Store) -> tuple[list[Any], int, list[Any]]:
+        writer = LedgerWriter(store, in_transaction=lambda conn, rows: settle(conn, rows=rows))
+        results = await asyncio.gather(
+            *(writer.run(job(i)) for i in range(5)), *(writer.record(row(f"r{i}")) for i in range(5))
+        )
+        batches = writer.batches
+        # One failing job costs only itself: the rest of its batch is written one by one.
+        failing = asyncio.gather(
+            writer.run(lambda conn: conn.execute(text("SELECT * FROM no_such_table"))),
+            writer.record(row("after")),
+            return_exceptions=True,
+        )
+        outcome = await failing
+        await writer.aclose()
+        return [*results, *outcome], batches, await list_usage(store=store)
+
+    results, batches, rows = run(body)
+    assert results[:5] == [1, 2, 3, 4, 5]
+    assert results[5:10] == [None] * 5  # unmetered rows: no balance
+    assert batches == 1
+    assert isinstance(results[10], Exception) and results[11] is None
+    assert ids(rows) == sorted(["after", *(f"r{i}" for i in range(5))])
