@@ -438,13 +438,19 @@ def _sigkill_mid_stream(home: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sigterm_settles_every_running_request(tmp_path: Path) -> None:
+def test_sigterm_settles_every_running_request(tmp_path: Path, backend: str) -> None:
     home = tmp_path / "home"
     home.mkdir()
     config = home / "config.toml"
     config.write_text("[server]\nshutdown_grace_seconds = 1\n" + CONFIG.format(path=MODELS / "tiny-qwen2.5"))
-    db = Db(home, DATABASE_URL)
-    server = start_server(home, "--config", str(config), database_url=DATABASE_URL)
+    with database_for(backend) as url:
+        _URLS[home] = url
+        _sigterm_settles(home, config)
+
+
+def _sigterm_settles(home: Path, config: Path) -> None:
+    db = Db(home, url_of(home))
+    server = start_server(home, "--config", str(config), database_url=url_of(home))
     name, key = new_key(home, "--balance", "100")
     key_id = db.key_id(name)
     start = db.balance(key_id)
