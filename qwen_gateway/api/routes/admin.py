@@ -233,7 +233,7 @@ async def usage(request: Request) -> Response:
         raise InvalidParameter(f"Range of days should be [1, {MAX_USAGE_DAYS}].", param="days")
     admin = get_gateway(request).admin
     totals = await admin.usage(days=int(raw_days))
-    names = {v.key.id: v.key.name for v in await admin.overview()}
+    names = {k.id: k.name for k in await get_gateway(request).keys.list()}
     rows = [
         {
             "day": t.day,
