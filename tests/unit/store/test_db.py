@@ -194,3 +194,18 @@ def test_a_password_never_reaches_the_error_message() -> None:
         asyncio.run(Store.open("postgresql+nosuchdriver://user:hunter2@db.example/gateway"))
     assert "hunter2" not in str(info.value)
     assert "db.example" in str(info.value)
+
+
+def test_the_writers_thread_connection_works_on_both_databases(db_url: str) -> None:
+    """SQLite files and PostgreSQL (psycopg, sync) get the one-thread-hop-per-batch connection."""
+
+    async def main() -> int:
+        async with await Store.open(db_url) as store:
+            threaded = store.threaded()
+            assert threaded is not None
+            try:
+                return int(await threaded.run(lambda conn: conn.execute(text("SELECT 41 + 1")).scalar_one()))
+            finally:
+                await threaded.aclose()
+
+    assert asyncio.run(main()) == 42
