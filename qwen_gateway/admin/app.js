@@ -17,7 +17,8 @@ function adminKey() {
 }
 
 async function call(method, path, body) {
-  const init = { method, headers: { Authorization: "Bearer " + adminKey() } };
+  const used = adminKey();
+  const init = { method, headers: { Authorization: "Bearer " + used } };
   if (body !== undefined) {
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);
@@ -25,7 +26,9 @@ async function call(method, path, body) {
   const response = await fetch(API + path, init);
   const data = await response.json().catch(() => ({}));
   if (!response.ok) {
-    if (response.status === 401 || response.status === 403) {
+    // Log out only if the refused key is still the one in use: a late answer to an earlier (wrong)
+    // key must not end the session of the key typed after it.
+    if ((response.status === 401 || response.status === 403) && adminKey() === used) {
       logout();
     }
     const message = (data.error && data.error.message) || response.statusText;
@@ -238,11 +241,16 @@ function renderUsage() {
 // -- loading and actions ---------------------------------------------------------------------------
 
 async function refresh() {
-  const [keyList, models, usage] = await Promise.all([
+  // allSettled, not all: every request has finished when this returns or throws, so none of them
+  // answers later into a page that has moved on.
+  const settled = await Promise.allSettled([
     call("GET", "/keys"),
     call("GET", "/models"),
     call("GET", "/usage?days=" + encodeURIComponent($("usage-days").value)),
   ]);
+  const failed = settled.find((r) => r.status === "rejected");
+  if (failed) throw failed.reason;
+  const [keyList, models, usage] = settled.map((r) => r.value);
   keys = keyList.data;
   usageRows = usage.data;
   renderKeys();

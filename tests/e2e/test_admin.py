@@ -339,6 +339,13 @@ def test_the_console_shows_a_keys_balance_dropping_after_requests(site: Site) ->
             row.locator("button.revoke").click()
             expect(row.locator("td.status")).to_have_text("revoked")
             assert site.chat(raw, max_tokens=1).status_code == 401
+        except Exception:
+            # What the page showed when it went wrong, for the failure report.
+            failed = ARTIFACTS / f"admin-console-{site.backend}-failure.png"
+            page.screenshot(path=str(failed), full_page=True)
+            print(f"failure screenshot: {failed}; error box: {page.locator('#error').inner_text()!r}")
+            print(f"browser console errors: {problems}")
+            raise
         finally:
             browser.close()
     print(f"console screenshot: {shot}")
