@@ -8,6 +8,7 @@ median seconds per answer and how many answers contain the expected word (where 
 
     python benchmarks/bench_embedded_answers.py [--runs 10] [--concurrency 4] [--home DIR]
         [--repetition-penalty 1.1] [--temperature 0.2] [--top-p 0.9] [--max-tokens 512] [--show 1]
+        [--presence-penalty 0.5] [--frequency-penalty 0.5] [--only REGEX]
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ async def bench(base_url: str, key: str, args: argparse.Namespace) -> None:
             ("temperature", args.temperature),
             ("top_p", args.top_p),
             ("max_tokens", args.max_tokens),
+            ("presence_penalty", args.presence_penalty),
+            ("frequency_penalty", args.frequency_penalty),
         )
         if value is not None
     }
@@ -87,18 +90,19 @@ async def bench(base_url: str, key: str, args: argparse.Namespace) -> None:
         f"{args.concurrency} at a time"
     )
     gate = asyncio.Semaphore(args.concurrency)
+    questions = [q for q in QUESTIONS if args.only is None or re.search(args.only, q)]
     # No client-side timeout: a looping answer is exactly what this measures (the cap bounds it).
     async with httpx.AsyncClient(
         base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=None
     ) as client:
         # Interleave the questions so each one sees the same mix of neighbours in the batch.
-        jobs = [ask(client, q, overrides, gate) for _ in range(args.runs) for q in QUESTIONS]
+        jobs = [ask(client, q, overrides, gate) for _ in range(args.runs) for q in questions]
         results = await asyncio.gather(*jobs)
     print(
         f"{'question':<42} {'runs':>4} {'cap hits':>8} {'median tok':>10} {'max tok':>7} {'median s':>8} "
         f"{'right':>5}"
     )
-    for q in QUESTIONS:
+    for q in questions:
         mine = [r for r in results if r[0] == q]
         tokens = [r[1] for r in mine]
         hits = sum(1 for r in mine if r[2] == "length")
@@ -134,6 +138,9 @@ def main() -> None:
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--max-tokens", type=int)
+    parser.add_argument("--presence-penalty", type=float)
+    parser.add_argument("--frequency-penalty", type=float)
+    parser.add_argument("--only", help="ask only the questions matching this regular expression")
     parser.add_argument("--show", type=int, default=1, help="sample answers printed per question")
     args = parser.parse_args()
 

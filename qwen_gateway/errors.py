@@ -7,7 +7,15 @@ protocol that is answering. Nothing else decides an HTTP status.
     ├── StartupError                  configuration or a checkpoint that can't be loaded (CLI: one line)
     └── ApiError                      an answer to a client: status, code, type, message, param
         ├── InvalidParameter          400 invalid_parameter_error (names the ``param``)
-        │   └── ContextLengthExceeded 400 the prompt (plus max_tokens) does not fit the model
+        │   ├── ContextLengthExceeded 400 the prompt (plus max_tokens) does not fit the model
+        │   └── MediaError            400 an image/video part can't be used (media/); one fixed message
+        │       ├── MediaURLRefused       the URL is not http(s) or targets a non-public address
+        │       ├── MediaDownloadFailed   connection failed, non-2xx answer, too many redirects
+        │       ├── MediaDownloadTimeout  the download took longer than the server allows
+        │       ├── MediaTooLarge         a data: URL or a download over its byte cap
+        │       ├── MediaFormatInvalid    the bytes are not an image/video we read (magic bytes, decoder)
+        │       ├── ImageSizeInvalid      an image side <= 10 px, or more pixels than the cap (bombs)
+        │       └── VideoLimitExceeded    frame count or duration outside the server's caps
         ├── InvalidRequest            400 malformed body / unsupported request (``invalid_request_error``)
         ├── PayloadTooLarge           400 the body is over the server's limit (DashScope: 400 TooLarge)
         ├── Arrearage                 400 the key's balance can't cover the request's hold
@@ -73,6 +81,77 @@ class InvalidParameter(ApiError):
 
 class ContextLengthExceeded(InvalidParameter):
     pass
+
+
+class MediaError(InvalidParameter):
+    """An image or video part was refused by ``media/``. Every subclass has a fixed message (DashScope's
+    where it is known) that never carries decoder text, a resolved address or the URL."""
+
+    # DashScope's algorithm-layer prefix on media errors (reference §5.1; issue threads quoting them).
+    PREFIX = "<400> InternalError.Algo.InvalidParameter: "
+
+
+class MediaURLRefused(MediaError):
+    # Ours: DashScope fetches from the public internet only and has no message for this case.
+    default_message = MediaError.PREFIX + "The provided URL is not allowed."
+
+
+class MediaDownloadFailed(MediaError):
+    # DashScope's text for an unreachable/failed media URL (compat mode, quoted in litellm#6307).
+    default_message = MediaError.PREFIX + "Failed to download multimodal content"
+
+
+class MediaDownloadTimeout(MediaError):
+    # DashScope's text when the media download times out (quoted in FastGPT#4393).
+    default_message = MediaError.PREFIX + "Download multimodal file timed out"
+
+
+class MediaTooLarge(MediaError):
+    def __init__(self, limit: int, *, data_uri: bool) -> None:
+        if data_uri:  # DashScope's text, reference §3.3
+            message = f"Exceeded limit on max bytes per data-uri item : {limit}"
+        else:
+            message = MediaError.PREFIX + f"The multimodal file exceeds the size limit of {limit} bytes."
+        super().__init__(message)
+
+
+class MediaFormatInvalid(MediaError):
+    def __init__(self, kind: str = "image") -> None:
+        super().__init__(MediaError.PREFIX + f"The {kind} format is illegal and cannot be opened.")
+
+
+class ImageSizeInvalid(MediaError):
+    @classmethod
+    def too_small(cls, width: int, height: int) -> ImageSizeInvalid:
+        # DashScope's text (reference §3.3): each side must be larger than 10 px.
+        return cls(
+            MediaError.PREFIX + "The image length and width do not meet the model restrictions. "
+            f"[height:{height} or width:{width} must be larger than 10]"
+        )
+
+    @classmethod
+    def too_many_pixels(cls, limit: int) -> ImageSizeInvalid:
+        return cls(
+            MediaError.PREFIX + "The image length and width do not meet the model restrictions. "
+            f"[height*width must not exceed {limit}]"
+        )
+
+
+class VideoLimitExceeded(MediaError):
+    @classmethod
+    def frame_count(cls, low: int, high: int) -> VideoLimitExceeded:
+        # DashScope's text for a frame-list video of the wrong length, typo included (reference §3.3).
+        return cls(MediaError.PREFIX + f"The range of sequence images shoule be ({low}, {high}).")
+
+    @classmethod
+    def duration(cls, limit: float) -> VideoLimitExceeded:
+        return cls(MediaError.PREFIX + f"The video is longer than {limit:g} seconds.")
+
+    @classmethod
+    def sampled_frames(cls, limit: int) -> VideoLimitExceeded:
+        return cls(
+            MediaError.PREFIX + f"The video sampled at the requested fps has more than {limit} frames."
+        )
 
 
 class InvalidRequest(ApiError):

@@ -104,6 +104,46 @@ def engine_config(config: ModelConfig, model: type[C]) -> C:
         raise StartupError(f"model {config.id!r}: invalid option {where}: {first['msg']}") from None
 
 
+class MediaSettings(BaseModel):
+    """``[media]``: what the media fetcher (``qwen_gateway/media``) may open and how much it reads.
+
+    These are server-side caps: no request parameter can raise them."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Targets opened although they are not public: IPs, CIDRs or host names (all ports), e.g.
+    # ["127.0.0.1", "10.0.0.0/8", "images.internal"]. Everything else non-public is refused.
+    allow_hosts: tuple[str, ...] = ()
+    # Bytes read from one image URL (DashScope: 10 MB) and from one video URL (or all frames of a list).
+    max_image_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    max_video_bytes: int = Field(default=100 * 1024 * 1024, ge=1024)
+    # Bytes of one decoded data: URL (DashScope: 10485760).
+    max_data_uri_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    # Seconds one download may take in all (name resolution, every redirect hop, the whole body).
+    fetch_timeout: float = Field(default=30.0, gt=0)
+    max_redirects: int = Field(default=5, ge=0, le=20)
+    # Pixels an image header may declare (decompression-bomb guard; checked before any decoding).
+    max_image_pixels: int = Field(default=50_000_000, ge=1024)
+    # Frames of a frame-list video (DashScope: 4-512) and most frames sampled from a video file.
+    min_video_frames: int = Field(default=4, ge=1)
+    max_video_frames: int = Field(default=512, ge=1)
+    # Longest video file accepted, in seconds (read from the container before decoding).
+    max_video_seconds: float = Field(default=600.0, gt=0)
+    # Downloads in flight at once for the whole server (a 512-frame list must not open 512 connections;
+    # a download waiting for a slot has not started its fetch_timeout yet).
+    max_parallel_downloads: int = Field(default=32, ge=1, le=1024)
+    # Threads that decode images and videos (off the event loop, bounded so media can't take every core).
+    decode_threads: int = Field(default=2, ge=1, le=64)
+
+    @field_validator("allow_hosts", mode="after")
+    @classmethod
+    def _check_hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from qwen_gateway.media.urls import AllowList  # validates each entry (IP, CIDR or name)
+
+        AllowList(value)
+        return value
+
+
 class Settings(BaseSettings):
     """Everything the server needs to start; nothing reads the environment after this is built."""
 
@@ -144,6 +184,8 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)
     # Serve the OpenAPI schema at /openapi.json (off: it lists every route to anyone, without a key).
     openapi: bool = False
+    # Image/video fetching and decoding (``[media]`` in the config file).
+    media: MediaSettings = MediaSettings()
     # Money (service/money): usage-ledger rows older than this many days are rolled up into daily totals.
     usage_retention_days: int = Field(default=90, ge=1)
     # Seconds after which a hold is given back whoever owns it: the backstop behind "a crashed process's

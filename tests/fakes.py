@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
+from typing import Any
 
 from qwen_gateway.engines.base import (
     Capabilities,
@@ -57,3 +59,29 @@ class FaultyEngine:
 
     async def aclose(self) -> None:
         return None
+
+
+class ScriptedDNS:
+    """FAKE name resolver (installed as a running loop's ``getaddrinfo``): answers the names in
+    ``script`` with the next address list on each lookup, as a rebinding DNS server would; IP literals
+    and other names go to the real resolver. ``lookups`` counts the scripted lookups per name.
+
+    A test can't make real DNS answer differently on the second lookup, hence the fake."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, script: dict[str, list[list[str]]]) -> None:
+        self._real = loop.getaddrinfo
+        self._script = {name: list(answers) for name, answers in script.items()}
+        self.lookups: dict[str, int] = {}
+        loop.getaddrinfo = self  # type: ignore[method-assign]
+
+    async def __call__(self, host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        name = host.decode() if isinstance(host, bytes) else host
+        if name not in self._script:
+            return await self._real(host, port, *args, **kwargs)
+        self.lookups[name] = self.lookups.get(name, 0) + 1
+        answers = self._script[name]
+        addresses = answers.pop(0) if len(answers) > 1 else answers[0]
+        return [
+            (socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, int(port or 0)))
+            for a in addresses
+        ]

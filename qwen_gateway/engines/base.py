@@ -144,6 +144,16 @@ CONSTRAINT_KINDS: Mapping[type[Any], str] = {
 
 
 @dataclass(frozen=True, slots=True)
+class MediaOptions:
+    """Request-wide rules for sizing images (the per-image pixel bounds are on :class:`ImagePart`)."""
+
+    # DashScope's vl_high_resolution_images: up to 16384 tokens per image instead of 1280.
+    high_resolution: bool = False
+    # Qwen-VL-OCR's own default pixel bounds instead of the general ones.
+    ocr: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class GenerationRequest:
     request_id: str
     model: str
@@ -153,6 +163,7 @@ class GenerationRequest:
     # None: the model has no thinking switch (the engine renders its template's default).
     thinking: Thinking | None = None
     constraint: OutputConstraint | None = None
+    media: MediaOptions = MediaOptions()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -168,6 +179,9 @@ class Usage:
     completion_tokens: int
     reasoning_tokens: int = 0
     cached_tokens: int = 0
+    # Of prompt_tokens: what the request's images and videos took (pads, start/end, timestamps).
+    image_tokens: int = 0
+    video_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:

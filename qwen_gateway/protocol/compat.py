@@ -29,9 +29,28 @@ class WireModel(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
 
 
+class ImageURLIn(WireModel):
+    url: str
+    # DashScope: per-image pixel bounds of the resize, inside the image_url object (reference §3.2).
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    # OpenAI's field; DashScope documents none of it (only "auto", i.e. absent, is accepted).
+    detail: str | None = None
+
+
+class VideoURLIn(WireModel):
+    url: str
+
+
 class ContentPartIn(WireModel):
     type: str
     text: str | None = None
+    image_url: ImageURLIn | None = None
+    # A video as a list of frame URLs ({"type": "video", "video": [...]}), or a video file.
+    video: list[str] | None = None
+    video_url: VideoURLIn | None = None
+    # Frames per second: of a frame list (how fast it was taken) or to sample a video file at.
+    fps: float | None = None
 
 
 class FunctionCallIn(WireModel):
@@ -100,5 +119,7 @@ class ChatCompletionRequest(WireModel):
     thinking_budget: int | None = None
     enable_search: bool | None = None
     search_options: dict[str, Any] | None = None
+    vl_high_resolution_images: bool | None = None
+    ocr_options: dict[str, Any] | None = None
     user: str | None = None
     metadata: dict[str, Any] | None = Field(default=None)

@@ -64,6 +64,8 @@ class ModelSpec:
     # Non-streaming calls are refused while thinking is on (Qwen3 open-source hybrids: "enable_thinking
     # must be set to false for non-streaming calls"; qwen-plus/turbo/flash in thinking mode).
     thinking_stream_only: bool = False
+    # Qwen-OCR: takes ocr_options and sizes images with OCR's own default pixel bounds.
+    ocr: bool = False
 
     def thinking_enabled(self, requested: bool | None) -> bool:
         """Whether a call thinks, given the request's ``enable_thinking`` (None: not sent)."""
@@ -184,7 +186,8 @@ _ENTRIES: tuple[ModelSpec, ...] = (
     # Vision. Qwen2.5-VL-based qwen-vl-max/plus and the open Qwen2/2.5-VL take no tools (older docs).
     _m("qwen-vl-max", "qwen-vl", *_K128, 0.0115, modalities=VISION, tools=False),
     _m("qwen-vl-plus", "qwen-vl", *_K128, 0.006, modalities=VISION, tools=False),
-    _m("qwen-vl-ocr", "qwen-vl", 34_816, 30_720, 4_096, 0.0065, modalities=IMAGE, tools=False),
+    replace(_m("qwen-vl-ocr", "qwen-vl", 34_816, 30_720, 4_096, 0.0065, modalities=IMAGE, tools=False),
+            ocr=True),
     _m("qwen3-vl-plus", "qwen-vl", *_Q3_VL, 0.001, 0.01, modalities=VISION, thinking="off"),
     _m("qwen3-vl-flash", "qwen-vl", *_Q3_VL, 0.00015, 0.0015, modalities=VISION, thinking="off"),
     _m("qwen3-vl-235b-a22b-instruct", "qwen-vl", *_VL_OSS, 0.002, 0.008, modalities=VISION),

@@ -274,15 +274,22 @@ def _spent(usage: list[Usage | None], emitted: bool) -> Usage | None:
 
 
 def _total(usage: list[Usage | None]) -> Usage:
-    prompt = completion = reasoning = 0
+    prompt = completion = reasoning = image = video = 0
     for u in usage:
         if u is None:
             continue
         # Every choice shares one prompt: count it once, as OpenAI and DashScope do.
         prompt = max(prompt, u.prompt_tokens)
+        image, video = max(image, u.image_tokens), max(video, u.video_tokens)
         completion += u.completion_tokens
         reasoning += u.reasoning_tokens
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, reasoning_tokens=reasoning)
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        reasoning_tokens=reasoning,
+        image_tokens=image,
+        video_tokens=video,
+    )
 
 
 async def _aclose(stream: AsyncIterator[GenerationEvent]) -> None:

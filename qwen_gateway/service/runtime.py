@@ -13,6 +13,7 @@ from rich.markup import escape
 from sqlalchemy import Connection
 
 from qwen_gateway.errors import StartupError
+from qwen_gateway.media import MediaFetcher
 from qwen_gateway.service.admin import AdminService
 from qwen_gateway.service.chat import ChatService
 from qwen_gateway.service.keys import KeyService
@@ -40,6 +41,8 @@ class Gateway:
     meter: Meter
     started_at: int
     admin: AdminService
+    # Fetches and checks the images and videos of requests (qwen_gateway/media).
+    media: MediaFetcher
 
     @classmethod
     async def open(cls, settings: Settings, *, console: Console | None = None) -> Gateway:
@@ -86,6 +89,7 @@ class Gateway:
             meter=meter,
             started_at=int(time.time()),
             admin=AdminService(store, keys, meter),
+            media=MediaFetcher(settings.media),
         )
 
     async def aclose(self) -> None:
@@ -120,7 +124,10 @@ class Gateway:
                 try:
                     await self.meter.aclose()
                 finally:
-                    await self.store.aclose()
+                    try:
+                        await self.store.aclose()
+                    finally:
+                        await self.media.aclose()
 
 
 async def _embedded_models(settings: Settings, console: Console | None) -> tuple[ModelConfig, ...]:

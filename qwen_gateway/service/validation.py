@@ -7,6 +7,7 @@ effective catalog spec.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections.abc import Callable
@@ -19,8 +20,10 @@ from pydantic import ValidationError
 from qwen_gateway.engines.base import (
     CONSTRAINT_KINDS,
     ChatMessage,
+    ContentPart,
     GenerationRequest,
     JsonConstraint,
+    MediaOptions,
     OutputConstraint,
     SamplingParams,
     TextPart,
@@ -30,8 +33,10 @@ from qwen_gateway.engines.base import (
     ToolSpec,
 )
 from qwen_gateway.errors import InvalidParameter, InvalidRequest
-from qwen_gateway.protocol.compat import ChatCompletionRequest, MessageIn, ToolIn
+from qwen_gateway.protocol.compat import ChatCompletionRequest, ContentPartIn, MessageIn, ToolIn
+from qwen_gateway.service.media import EMPTY_SLOT, ImageRef, MediaRef, MediaSlot, VideoFileRef, VideoFramesRef
 from qwen_gateway.service.models import ModelRegistry, ServedModel
+from qwen_gateway.service.ocr import task_prompt
 
 SEED_MAX = 9223372036854775807
 STOP_TYPE_MESSAGE = (
@@ -60,6 +65,8 @@ class ChatCall:
     include_usage: bool
     # Asked for web search (answered without searching while no search provider is configured).
     enable_search: bool = False
+    # Image/video parts still to fetch (service/media.py ``resolve`` puts them into ``generation``).
+    media: tuple[MediaSlot, ...] = ()
 
     @property
     def thinking(self) -> bool:
@@ -188,40 +195,90 @@ def _check_ranges(req: ChatCompletionRequest) -> None:
             raise InvalidParameter(message, param=param)
 
 
-def _content(message: MessageIn, index: int) -> str | tuple[TextPart, ...]:
+UNEXPECTED_ITEM = (
+    "The provided messages input is invalid. The error info is [Unexpected item type in content.]"
+)
+
+
+def _content(
+    message: MessageIn, index: int, role: str
+) -> tuple[str | tuple[ContentPart, ...], list[MediaSlot]]:
+    """The message's engine content (media parts hold an empty slot) and its media to fetch."""
     content = message.content
     if content is None:
-        return ""
+        return "", []
     if isinstance(content, str):
-        return content
-    parts: list[TextPart] = []
-    for part in content:
-        if part.type != "text" or part.text is None:
+        return content, []
+    parts: list[ContentPart] = []
+    slots: list[MediaSlot] = []
+    for j, part in enumerate(content):
+        where = f"messages.{index}.content.{j}"
+        ref = _media_ref(part, where) if role == "user" else None
+        if ref is not None:
+            slots.append(MediaSlot(index, j, ref, where))
+            parts.append(EMPTY_SLOT)
+        elif part.type == "text" and part.text is not None:
+            parts.append(TextPart(part.text))
+        else:
+            raise InvalidParameter(UNEXPECTED_ITEM, param=f"messages.{index}.content")
+    return tuple(parts), slots
+
+
+def _media_ref(part: ContentPartIn, where: str) -> MediaRef | None:
+    """The media a part names (None for anything that is not an image or video part)."""
+    if part.type == "image_url" and part.image_url is not None:
+        image = part.image_url
+        if image.detail not in (None, "auto"):
             raise InvalidParameter(
-                "The provided messages input is invalid. The error info is "
-                "[Unexpected item type in content.]",
-                param=f"messages.{index}.content",
+                "image_url.detail is not supported: size images with min_pixels / max_pixels.",
+                param=f"{where}.image_url.detail",
             )
-        parts.append(TextPart(part.text))
-    return tuple(parts)
+        for name, value in (("min_pixels", image.min_pixels), ("max_pixels", image.max_pixels)):
+            if value is not None and value <= 0:
+                raise InvalidParameter(
+                    f"{name} must be a positive integer.", param=f"{where}.image_url.{name}"
+                )
+        if (
+            image.min_pixels is not None
+            and image.max_pixels is not None
+            and image.min_pixels > image.max_pixels
+        ):
+            raise InvalidParameter(
+                "min_pixels must not be greater than max_pixels.", param=f"{where}.image_url.min_pixels"
+            )
+        if part.fps is not None:
+            raise InvalidParameter("fps applies to video parts only.", param=f"{where}.fps")
+        return ImageRef(image.url, image.min_pixels, image.max_pixels)
+    if part.type == "video" and part.video is not None:
+        return VideoFramesRef(tuple(part.video), part.fps)
+    if part.type == "video_url" and part.video_url is not None:
+        return VideoFileRef(part.video_url.url, part.fps)
+    return None
 
 
-def _messages(wire: list[MessageIn]) -> tuple[ChatMessage, ...]:
+def _messages(wire: list[MessageIn]) -> tuple[tuple[ChatMessage, ...], tuple[MediaSlot, ...]]:
     if not wire:
         raise InvalidParameter("[] is too short", param="messages")
     out: list[ChatMessage] = []
+    media: list[MediaSlot] = []
     for i, m in enumerate(wire):
         role = ROLE_ALIASES.get(m.role, m.role)
         if role not in ROLES:
             raise InvalidParameter(ROLE_MESSAGE, param=f"messages.{i}.role")
-        content = _content(m, i)
+        content, slots = _content(m, i, role)
+        media.extend(slots)
         tool_calls = tuple(
             ToolCall(id=tc.id, name=tc.function.name, arguments=tc.function.arguments)
             for tc in (m.tool_calls or ())
         )
-        empty = (content if isinstance(content, str) else "".join(p.text for p in content)) == ""
-        # An assistant turn may be empty when it only calls tools; a user turn never.
-        if empty and role == "user":
+        text = (
+            content
+            if isinstance(content, str)
+            else "".join(p.text for p in content if isinstance(p, TextPart))
+        )
+        # An assistant turn may be empty when it only calls tools; a user turn never (an image alone
+        # is not empty).
+        if text == "" and not slots and role == "user":
             raise InvalidParameter(ROLE_MESSAGE, param=f"messages.{i}.content")
         partial = bool(m.partial) and role == "assistant" and i == len(wire) - 1
         out.append(
@@ -235,7 +292,36 @@ def _messages(wire: list[MessageIn]) -> tuple[ChatMessage, ...]:
                 partial=partial,
             )
         )
-    return tuple(out)
+    return tuple(out), tuple(media)
+
+
+def _check_modalities(media: tuple[MediaSlot, ...], served: ServedModel) -> None:
+    """A model that can't take an image or a video refuses it as DashScope's text models do."""
+    capabilities = served.engine.capabilities
+    accepts = {
+        "image": "image" in served.spec.modalities and capabilities.vision,
+        "video": "video" in served.spec.modalities and capabilities.video,
+    }
+    for slot in media:
+        kind = "image" if isinstance(slot.ref, ImageRef) else "video"
+        if not accepts[kind]:
+            raise InvalidParameter(UNEXPECTED_ITEM, param=slot.param)
+
+
+def _with_ocr_prompt(messages: tuple[ChatMessage, ...], prompt: str) -> tuple[ChatMessage, ...]:
+    """The OCR task's prompt as the last text of the last user message."""
+    for i in range(len(messages) - 1, -1, -1):
+        message = messages[i]
+        if message.role != "user":
+            continue
+        content = message.content
+        parts: tuple[ContentPart, ...]
+        if isinstance(content, str):
+            parts = (TextPart(content), TextPart(prompt)) if content else (TextPart(prompt),)
+        else:
+            parts = (*content, TextPart(prompt))
+        return (*messages[:i], dataclasses.replace(message, content=parts), *messages[i + 1 :])
+    raise InvalidParameter("ocr_options needs a user message with the image to read.", param="messages")
 
 
 def _stop(
@@ -306,15 +392,12 @@ def _check_tool_choice(choice: str | dict[str, Any] | None, tools: tuple[ToolSpe
 
 
 # DashScope parameters this server knows but cannot honour yet: set to anything but their "off" value,
-# they are refused with a 400 naming them instead of being accepted and ignored. (Not here:
-# vl_high_resolution_images, which qwen-code sends on every call and which only changes how images are
-# sized: images are refused on their own until vision lands.)
+# they are refused with a 400 naming them instead of being accepted and ignored.
 _NOT_YET: dict[str, Callable[[Any], bool]] = {
     "logprobs": bool,
     "top_logprobs": lambda v: v not in (None, 0),
     "logit_bias": bool,
     "translation_options": lambda v: v is not None,
-    "ocr_options": lambda v: v is not None,
     "enable_code_interpreter": bool,
     "preserve_thinking": bool,
     "reasoning_effort": lambda v: v is not None,
@@ -422,7 +505,14 @@ def build_call(body: dict[str, Any], models: ModelRegistry, *, request_id: str) 
     req = parse_wire(body)
     served = models.get(req.model)
     spec = served.spec
-    messages = _messages(req.messages)
+    messages, media = _messages(req.messages)
+    _check_modalities(media, served)
+    if req.ocr_options is not None:
+        if not spec.ocr:
+            raise InvalidParameter(
+                "ocr_options is only supported by the Qwen-OCR models (qwen-vl-ocr).", param="ocr_options"
+            )
+        messages = _with_ocr_prompt(messages, task_prompt(req.ocr_options))
 
     _check_ranges(req)
     n = 1 if req.n is None else req.n
@@ -481,6 +571,7 @@ def build_call(body: dict[str, Any], models: ModelRegistry, *, request_id: str) 
         tools=tools if req.tool_choice != "none" else (),
         thinking=thinking,
         constraint=constraint,
+        media=MediaOptions(high_resolution=bool(req.vl_high_resolution_images), ocr=spec.ocr),
     )
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return ChatCall(
@@ -493,4 +584,5 @@ def build_call(body: dict[str, Any], models: ModelRegistry, *, request_id: str) 
         stream=stream,
         include_usage=include_usage,
         enable_search=bool(req.enable_search),
+        media=media,
     )

@@ -121,10 +121,12 @@ def admit(
     now: datetime,
     hold_micro: int,
     tokens: int,
+    limited_hint: bool = False,
 ) -> Admitted | Refused:
     """Check the key's RPM/TPM window, then (if the key is metered) hold ``hold_micro``, in the caller's
-    transaction. The key's limits and balance are read here, fresh, not from a cache. A refusal moves
-    no money and adds nothing to the window."""
+    transaction. The key's limits and balance are read here, fresh, not from a cache (``limited_hint``,
+    the caller's possibly stale view that the key has limits, only skips a statement that would find
+    nothing). A refusal moves no money and adds nothing to the window."""
     hold_row = {
         "request_id": request_id,
         "key_id": key_id,
@@ -134,10 +136,11 @@ def admit(
         "created_at": now,
     }
     # The common case in one statement: a metered key without limits that can pay.
-    fast = conn.execute(_FAST_HOLD, {"p_key": key_id, "p_hold": hold_micro, "p_now": now}).first()
-    if fast is not None:
-        conn.execute(_INSERT_HOLD, hold_row)
-        return Admitted(int(fast[0]), hold_micro, None)
+    if not limited_hint:
+        fast = conn.execute(_FAST_HOLD, {"p_key": key_id, "p_hold": hold_micro, "p_now": now}).first()
+        if fast is not None:
+            conn.execute(_INSERT_HOLD, hold_row)
+            return Admitted(int(fast[0]), hold_micro, None)
     second = int(now.timestamp())
     # The first statement writes the key's row: it serialises admissions of this key across processes
     # (see the module docstring) and reads the key's limits and balance as of now.
@@ -148,7 +151,6 @@ def admit(
     limited = rpm_limit is not None or tpm_limit is not None
     if limited:
         window = {"p_key": key_id, "p_oldest": second - WINDOW_SECONDS}
-        conn.execute(_WINDOW_EXPIRE, window)
         count, used, oldest = conn.execute(_WINDOW_READ, window).one()
         count, used = int(count), int(used)
         # When the oldest second of the window leaves it (at least 1 s).
@@ -170,6 +172,9 @@ def admit(
         return Admitted(balance, held, None)
     bucket = {"p_key": key_id, "p_second": second, "p_tokens": tokens}
     if conn.execute(_WINDOW_COUNT, bucket).rowcount == 0:
+        # A new second: the seconds that left the window go (the read above skips them meanwhile), so
+        # a key keeps at most 61 rows, deleted at most once a second.
+        conn.execute(_WINDOW_EXPIRE, {"p_key": key_id, "p_oldest": second - WINDOW_SECONDS})
         conn.execute(_WINDOW_INSERT, {"key_id": key_id, "second": second, "requests": 1, "tokens": tokens})
     return Admitted(balance, held, second)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy import Connection, delete, func, insert, literal_column, select, update
 
 from qwen_gateway.store.tables import usage_daily, usage_ledger
 
@@ -139,7 +139,9 @@ def usage_report(
 def _day(conn: Connection) -> Any:
     """The UTC day of a ledger row, as "YYYY-MM-DD", in this database's SQL."""
     column = usage_ledger.c.created_at
+    # Constants as literals, not bind parameters: PostgreSQL only matches the GROUP BY expression to the
+    # selected one when they are identical, and two parameters are two different expressions.
     if conn.dialect.name == "postgresql":
-        return func.to_char(func.timezone("UTC", column), "YYYY-MM-DD")
+        return func.to_char(func.timezone(literal_column("'UTC'"), column), literal_column("'YYYY-MM-DD'"))
     # SQLite keeps the UTC wall-clock text (store/tables.UtcDateTime): its first 10 characters.
-    return func.substr(column, 1, 10)
+    return func.substr(column, literal_column("1"), literal_column("10"))

@@ -33,6 +33,14 @@ FORBIDDEN = {
         "qwen_gateway.protocol",
         "qwen_gateway.cli",
     ),
+    # Media fetching/decoding serves the service and the engines' part types, never the reverse.
+    "media": (
+        "qwen_gateway.api",
+        "qwen_gateway.service",
+        "qwen_gateway.protocol",
+        "qwen_gateway.store",
+        "qwen_gateway.cli",
+    ),
     "service": ("qwen_gateway.api", "qwen_gateway.cli"),
     "api": ("qwen_gateway.cli",),
 }

@@ -78,6 +78,16 @@ def usage_body(usage: Usage) -> dict[str, Any]:
     }
     if usage.reasoning_tokens:
         body["completion_tokens_details"] = {"reasoning_tokens": usage.reasoning_tokens}
+    if usage.image_tokens or usage.video_tokens:
+        # DashScope's split of the prompt (its native input_tokens_details); prompt_tokens includes both.
+        details: dict[str, int] = {
+            "text_tokens": usage.prompt_tokens - usage.image_tokens - usage.video_tokens
+        }
+        if usage.image_tokens:
+            details["image_tokens"] = usage.image_tokens
+        if usage.video_tokens:
+            details["video_tokens"] = usage.video_tokens
+        body["prompt_tokens_details"] = details
     return body
 
 

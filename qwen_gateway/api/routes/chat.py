@@ -17,6 +17,7 @@ from qwen_gateway.api.responses import JSONBytesResponse
 from qwen_gateway.api.sse import SSEResponse
 from qwen_gateway.errors import PayloadTooLarge, ShuttingDown
 from qwen_gateway.service.events import StreamFailed
+from qwen_gateway.service.media import resolve as resolve_media
 from qwen_gateway.service.validation import build_call, parse_body
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,9 @@ async def chat_completions(request: Request) -> Response:
     gateway = get_gateway(request)
     body = parse_body(await read_body(request, gateway.settings.max_request_bytes))
     call = build_call(body, gateway.models, request_id=request_id_of(request))
+    # Every image and video of the request, fetched concurrently before anything runs: a refusal is a
+    # plain 400 (never charged), before any header of a stream goes out.
+    call = await resolve_media(call, gateway.media)
     key_id = key_id_of(request)
     account = account_of(request)
     if call.stream:

@@ -71,6 +71,11 @@ def _text_config(config: Any) -> Any:
     return getattr(config, "text_config", None) or config
 
 
+class _VisionConflict(Exception):
+    """A step's pad tokens don't match its vision features (a decoding row sampled a pad id): the
+    step is redone row by row."""
+
+
 class _Base:
     def __init__(self, model: Any, device: torch.device) -> None:
         self.model = model
@@ -78,10 +83,80 @@ class _Base:
         self.mrope = uses_mrope(model)
         self.sampler = BatchSampler()
 
-    def _positions(self, positions: torch.Tensor) -> torch.Tensor:
-        # M-RoPE: text tokens have equal temporal/height/width positions (each row's rope delta is
-        # already added), shaped [3, batch, tokens].
-        return positions.unsqueeze(0).expand(3, -1, -1) if self.mrope else positions
+    def _part_positions(self, seq: Sequence, start: int, n: int) -> torch.Tensor:
+        """Positions of ``n`` tokens of ``seq`` from cache position ``start``: ``[3, n]`` for M-RoPE
+        models (a VL prompt's own 3-D positions while its prompt is prefilled; text tokens have equal
+        temporal/height/width positions, offset by the row's rope delta), else ``[n]``."""
+        vision = seq.vision
+        if vision is not None and start < len(seq.prompt_ids):
+            rows: torch.Tensor = vision.positions[:, start : start + n]
+            return rows
+        flat = torch.arange(start + seq.rope_delta, start + n + seq.rope_delta, dtype=torch.long)
+        return flat.unsqueeze(0).expand(3, -1) if self.mrope else flat
+
+    def _vision_inputs(self, parts: list[tuple[Sequence, int]], ids: list[int]) -> dict[str, Any]:
+        """``mm_encoder_outputs`` for this step: each prefill chunk's share of its row's vision
+        features, in the step's token order (the model scatters them into its pad tokens in order)."""
+        shares: dict[str, list[tuple[Any, int, int]]] = {}
+        for seq, n in parts:
+            row = seq.vision
+            if row is None or seq.prefill_done:
+                continue
+            start = seq.prefilled
+            for kind, token_id in (("image", row.image_token_id), ("video", row.video_token_id)):
+                if token_id is None:
+                    continue
+                chunk = seq.prompt_ids[start : start + n]
+                count = chunk.count(token_id)
+                if count:
+                    before = seq.prompt_ids[:start].count(token_id)
+                    shares.setdefault(kind, []).append((self._features(row, kind), before, count))
+        if not shares:
+            return {}
+        outputs: dict[str, Any] = {}
+        for kind, pieces in shares.items():
+            token_id = pieces[0][0]["token_id"]
+            if ids.count(token_id) != sum(count for _, _, count in pieces):
+                raise _VisionConflict()
+            pooled = torch.cat([f["pooled"][b : b + c] for f, b, c in pieces])
+            fields: dict[str, Any] = {"pooler_output": (pooled,)}
+            if pieces[0][0]["deepstack"] is not None:
+                layers = len(pieces[0][0]["deepstack"])
+                fields["deepstack_features"] = [
+                    (torch.cat([f["deepstack"][i][b : b + c] for f, b, c in pieces]),) for i in range(layers)
+                ]
+            outputs[kind] = pieces[0][0]["cls"](**fields)
+        return {"mm_encoder_outputs": outputs}
+
+    def _features(self, row: Any, kind: str) -> dict[str, Any]:
+        """The vision tower's output for a row's images or videos, computed once (at its first chunk
+        holding pads) and kept until the row's prompt is in the cache."""
+        cached = row.features.get(kind)
+        if cached is not None:
+            return dict(cached)
+        inner = self.model.model
+        dtype = inner.visual.dtype
+        if kind == "image":
+            out = inner.get_image_features(
+                row.pixel_values.to(self.device, dtype), row.image_grid_thw.to(self.device), return_dict=True
+            )
+            token_id = row.image_token_id
+        else:
+            out = inner.get_video_features(
+                row.pixel_values_videos.to(self.device, dtype),
+                row.video_grid_thw.to(self.device),
+                return_dict=True,
+            )
+            token_id = row.video_token_id
+        deep = getattr(out, "deepstack_features", None)
+        features = {
+            "cls": type(out),
+            "token_id": token_id,
+            "pooled": torch.cat(list(out.pooler_output)),
+            "deepstack": None if deep is None else [torch.cat(list(layer)) for layer in deep],
+        }
+        row.features[kind] = features
+        return dict(features)
 
     def choose(self, seqs: list[Sequence], logits: torch.Tensor, on_error: OnError) -> None:
         """Pick and accept one token per row of ``logits`` ([rows, vocab])."""
@@ -128,9 +203,9 @@ class InterleavedBackend(_Base):
                 continue  # cancelled mid-round: skip its forward, the scheduler drops it next
             try:
                 ids = torch.tensor([[seq.last_token]], dtype=torch.long, device=self.device)
-                pos = torch.tensor([[seq.length - 1 + seq.rope_delta]], device=self.device)
+                pos = self._part_positions(seq, seq.length - 1, 1).to(self.device)
                 out = self.model(
-                    input_ids=ids, position_ids=self._positions(pos), cache=seq.cache, use_cache=True
+                    input_ids=ids, position_ids=pos.unsqueeze(-2), cache=seq.cache, use_cache=True
                 )
             except Exception as exc:
                 on_error(seq, exc)
@@ -141,19 +216,23 @@ class InterleavedBackend(_Base):
         if seq.cache is None:
             seq.cache = DynamicCache(config=_text_config(self.model.config))
         start, end = seq.prefilled, seq.prefilled + n
-        ids = torch.tensor([seq.prompt_ids[start:end]], dtype=torch.long, device=self.device)
-        pos = torch.arange(start, end, device=self.device).unsqueeze(0) + seq.rope_delta
+        chunk = seq.prompt_ids[start:end]
+        ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
+        pos = self._part_positions(seq, start, n).to(self.device)
         # logits_to_keep=1: only the last position's logits are needed, and over a 150k vocabulary the
         # full [prompt, vocab] matrix would cost more than the transformer layers on short prompts.
         out = self.model(
             input_ids=ids,
-            position_ids=self._positions(pos),
+            position_ids=pos.unsqueeze(-2),
             cache=seq.cache,
             use_cache=True,
             logits_to_keep=1,
+            **self._vision_inputs([(seq, n)], chunk),
         )
         seq.prefilled = end
         if seq.prefill_done:
+            if seq.vision is not None:
+                release_pixels(seq)
             self.choose([seq], out.logits[:, -1], on_error)
 
 
@@ -222,7 +301,7 @@ class BatchedBackend(_Base):
     def _forward(self, parts: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
         """One forward pass; the logits of the rows that need a token now, and those rows."""
         ids: list[int] = []
-        positions: list[int] = []
+        positions: list[torch.Tensor] = []
         keep: list[int] = []
         needing: list[Sequence] = []
         for seq, n in parts:
@@ -231,7 +310,7 @@ class BatchedBackend(_Base):
                 ids.append(seq.last_token)
             else:
                 ids.extend(seq.prompt_ids[seq.prefilled : seq.prefilled + n])
-            positions.extend(range(kv.length + seq.rope_delta, kv.length + n + seq.rope_delta))
+            positions.append(self._part_positions(seq, kv.length, n))
             if seq.prefill_done or seq.prefilled + n >= len(seq.prompt_ids):
                 keep.append(len(ids) - 1)
                 needing.append(seq)
@@ -239,11 +318,13 @@ class BatchedBackend(_Base):
         decode_only = len(ids) == len(parts)
         shape = (len(ids), 1) if decode_only else (1, len(ids))
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device).view(shape)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device).view(shape)
-        kwargs: dict[str, Any] = {kvcache.PLAN_KWARG: cache}
+        # [tokens] or [3, tokens] -> [batch, tokens] or [3, batch, tokens]
+        pos = torch.cat(positions, dim=-1).to(self.device)
+        pos = pos.view(*pos.shape[:-1], *shape)
+        kwargs: dict[str, Any] = {kvcache.PLAN_KWARG: cache, **self._vision_inputs(parts, ids)}
         out = self.model(
             input_ids=input_ids,
-            position_ids=self._positions(pos),
+            position_ids=pos,
             cache=cache,
             use_cache=True,
             logits_to_keep=1 if decode_only else torch.tensor(keep, dtype=torch.long, device=self.device),
@@ -257,6 +338,15 @@ class BatchedBackend(_Base):
             seq.kv.length += n
             if not seq.prefill_done:
                 seq.prefilled += n
+                if seq.prefill_done and seq.vision is not None:
+                    release_pixels(seq)
+
+
+def release_pixels(seq: Sequence) -> None:
+    """A VL row whose prompt is in the cache needs only its rope delta: drop pixels and features."""
+    row = seq.vision
+    row.features.clear()
+    row.pixel_values = row.pixel_values_videos = None
 
 
 def make_backend(

@@ -32,8 +32,10 @@ from qwen_gateway.engines.local.prompt import PromptRenderer
 from qwen_gateway.engines.local.sampling import ResolvedSampling, Sampler
 from qwen_gateway.engines.local.scheduler import Scheduler
 from qwen_gateway.engines.local.sequence import Outgoing, Sequence
+from qwen_gateway.engines.local.vision import VisionBuilder, VisionPrompt, has_media
 from qwen_gateway.errors import (
     ApiError,
+    ContextLengthExceeded,
     EngineFailure,
     EngineUnavailable,
     InvalidParameter,
@@ -80,6 +82,7 @@ class LocalEngine:
         self._decode_lock = threading.Lock()
         self._capabilities = Capabilities(max_context=config.context_length or 0)
         self._think_close: tuple[int, list[int]] | None = None  # (</think> id, close ids)
+        self._vision: VisionBuilder | None = None  # for checkpoints that take images
 
     # -- Engine protocol -------------------------------------------------------------------------------
 
@@ -112,9 +115,15 @@ class LocalEngine:
         max_context = min(loaded.max_context, self._config.context_length or loaded.max_context)
         reasoning = "enable_thinking" in template or "<think>" in template
         self._think_close = _think_close_ids(loaded.tokenizer) if reasoning else None
+        if loaded.vision is not None:
+            self._vision = VisionBuilder(
+                loaded.vision, self._renderer.encode, loaded.model.model.get_rope_index
+            )
         self._capabilities = Capabilities(
             max_context=max_context,
             max_output=None,
+            vision=loaded.vision is not None,
+            video=loaded.vision is not None and loaded.vision.video is not None,
             tools="tools" in template,
             reasoning=reasoning,
             thinking_budget=self._think_close is not None,
@@ -140,16 +149,27 @@ class LocalEngine:
             # here too instead of ignoring the constraint.
             raise InvalidParameter("This model does not support constrained output.", param="response_format")
         max_context = self._capabilities.max_context
+        vision: VisionPrompt | None = None
         try:
-            prompt_ids = await asyncio.to_thread(renderer.render, request, max_context)
+            if has_media(request):
+                vision = await asyncio.to_thread(self._render_vision, request, renderer, max_context)
+                prompt_ids = vision.ids
+            else:
+                prompt_ids = await asyncio.to_thread(renderer.render, request, max_context)
         except ApiError:
             raise
         except Exception:
             log.exception("rendering the prompt of request %s failed", request.request_id)
             raise EngineFailure("inference internal error.") from None
-        seq, outbox = self._sequence(request, prompt_ids, loaded)
+        seq, outbox = self._sequence(request, prompt_ids, loaded, vision)
         text = TextStream(_Decoder(loaded.tokenizer, self._decode_lock), prompt_ids, request.sampling.stop)
         prompt_tokens = len(prompt_ids)
+        # What the media took of the prompt (the same layouts built the prompt: see media/tokens.py).
+        media = {"image_tokens": vision.image_tokens, "video_tokens": vision.video_tokens} if vision else {}
+
+        def usage(completion: int) -> Usage:
+            return Usage(prompt_tokens, completion, **media)
+
         scheduler.submit(seq)
         try:
             while True:
@@ -162,20 +182,20 @@ class LocalEngine:
                 for item in items:
                     if isinstance(item, BaseException):
                         if delta:
-                            yield TextDelta(delta, usage=Usage(prompt_tokens, count))
+                            yield TextDelta(delta, usage=usage(count))
                         raise item
                     count = item.completion_tokens
                     delta += text.push(item.ids)
                     if text.stopped:
-                        done = Finished("stop", Usage(prompt_tokens, count))
+                        done = Finished("stop", usage(count))
                         break
                     if item.finish is not None:
                         delta += text.flush()
                         reason = "stop" if text.stopped else item.finish
-                        done = Finished(reason, Usage(prompt_tokens, count))
+                        done = Finished(reason, usage(count))
                         break
                 if delta:
-                    yield TextDelta(delta, usage=Usage(prompt_tokens, count))
+                    yield TextDelta(delta, usage=usage(count))
                 if done is not None:
                     yield done
                     return
@@ -226,8 +246,25 @@ class LocalEngine:
             masks.append(ThinkingBudget(thinking.budget, end_id, close_ids))
         return masks
 
+    def _render_vision(
+        self, request: GenerationRequest, renderer: PromptRenderer, max_context: int
+    ) -> VisionPrompt:
+        """A prompt with images or video: the template's text, expanded and tokenized (blocking)."""
+        if self._vision is None:
+            raise InvalidParameter("This model does not support image or video input.", param="messages")
+        prompt = self._vision.build(request, renderer.render_text(request))
+        if not prompt.ids or len(prompt.ids) >= max_context:
+            raise ContextLengthExceeded(
+                f"Range of input length should be [1, {max_context - 1}]", param="messages"
+            )
+        return prompt
+
     def _sequence(
-        self, request: GenerationRequest, prompt_ids: list[int], loaded: loader.LoadedModel
+        self,
+        request: GenerationRequest,
+        prompt_ids: list[int],
+        loaded: loader.LoadedModel,
+        vision: VisionPrompt | None = None,
     ) -> tuple[Sequence, asyncio.Queue[Outgoing]]:
         max_context = self._capabilities.max_context
         sampling = request.sampling
@@ -250,6 +287,8 @@ class LocalEngine:
             stop_token_ids=sampling.stop_token_ids,
             emit=emit,
             masks=self._token_masks(request),
+            rope_delta=vision.row.rope_delta if vision is not None else 0,
+            vision=vision.row if vision is not None else None,
         )
         return seq, outbox
 

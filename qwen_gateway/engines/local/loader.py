@@ -21,6 +21,7 @@ from rich.console import Console
 from qwen_gateway.engines.local.options import LocalModelConfig
 from qwen_gateway.engines.local.progress import Steps
 from qwen_gateway.engines.local.sampling import GenerationDefaults
+from qwen_gateway.engines.local.vision import VisionSpec
 from qwen_gateway.errors import StartupError
 from qwen_gateway.settings import Settings
 
@@ -57,6 +58,8 @@ class LoadedModel:
     defaults: GenerationDefaults
     chat_template: str
     source: Source
+    # What a VL checkpoint takes (images; video when vision.video is set); None for text-only models.
+    vision: VisionSpec | None = None
 
 
 class _Fail(Exception):
@@ -199,21 +202,25 @@ def _hub_progress_bars(enabled: bool) -> Iterator[None]:
 
 
 def _load(source: Source, device: torch.device, dtype: torch.dtype, steps: Steps) -> LoadedModel:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
     kwargs: dict[str, Any] = {}
+    vision: VisionSpec | None = None
     if source.kind == "gguf":
         kwargs["gguf_file"] = source.gguf_file
     else:
         _check_config(Path(source.location))
         # Cheap, and names an unknown model type before the tokenizer fails for a vaguer reason.
-        AutoConfig.from_pretrained(source.location)
+        hf_config = AutoConfig.from_pretrained(source.location)
+        # Qwen-VL checkpoints (a vision tower in the config) load with their image-text-to-text class.
+        vision = VisionSpec.from_checkpoint(Path(source.location), hf_config)
+    auto_class: Any = AutoModelForImageTextToText if vision is not None else AutoModelForCausalLM
     with _progress_bars_as_steps(steps):
         with steps.step("tokenizer"):
             tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
         try:
             with steps.step("model (all steps)"):
-                model: Any = AutoModelForCausalLM.from_pretrained(
+                model: Any = auto_class.from_pretrained(
                     source.location,
                     dtype=dtype,
                     device_map=str(device) if device.type != "cpu" else None,
@@ -225,7 +232,7 @@ def _load(source: Source, device: torch.device, dtype: torch.dtype, steps: Steps
                 raise
             raise _Fail(
                 f"architecture {_architecture(source)} is not supported by the local engine "
-                "(text-only causal language models)"
+                "(causal language models and Qwen-VL image-text-to-text models)"
             ) from None
     model.eval()
     template = tokenizer.chat_template
@@ -243,6 +250,7 @@ def _load(source: Source, device: torch.device, dtype: torch.dtype, steps: Steps
         defaults=GenerationDefaults.from_generation_config(getattr(model, "generation_config", None)),
         chat_template=template,
         source=source,
+        vision=vision,
     )
 
 

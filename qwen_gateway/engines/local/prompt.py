@@ -6,7 +6,7 @@ import json
 import threading
 from typing import Any
 
-from qwen_gateway.engines.base import ChatMessage, GenerationRequest, ToolSpec
+from qwen_gateway.engines.base import ChatMessage, GenerationRequest, ImagePart, TextPart, ToolSpec, VideoPart
 from qwen_gateway.errors import ContextLengthExceeded, InvalidParameter
 
 # Texts longer than this are counted piece by piece first, so a prompt that cannot fit is refused
@@ -107,7 +107,7 @@ class PromptRenderer:
         return [int(i) for i in ids]
 
     def message_dict(self, message: ChatMessage) -> dict[str, Any]:
-        out: dict[str, Any] = {"role": message.role, "content": message.text()}
+        out: dict[str, Any] = {"role": message.role, "content": _content(message)}
         if message.name is not None:
             out["name"] = message.name
         if message.tool_calls:
@@ -124,6 +124,22 @@ class PromptRenderer:
         if message.reasoning_content is not None and self._uses_reasoning:
             out["reasoning_content"] = message.reasoning_content
         return out
+
+
+def _content(message: ChatMessage) -> str | list[dict[str, Any]]:
+    """Text, or for a message with media the parts list Qwen-VL templates read (one pad per part)."""
+    content = message.content
+    if isinstance(content, str) or not any(isinstance(p, ImagePart | VideoPart) for p in content):
+        return message.text()
+    parts: list[dict[str, Any]] = []
+    for part in content:
+        if isinstance(part, TextPart):
+            parts.append({"type": "text", "text": part.text})
+        elif isinstance(part, ImagePart):
+            parts.append({"type": "image"})
+        else:
+            parts.append({"type": "video"})
+    return parts
 
 
 def _too_long(max_context: int) -> ContextLengthExceeded:

@@ -52,6 +52,7 @@ class Sequence:
         emit: Emit,
         masks: SequenceABC[TokenMask] = (),
         rope_delta: int = 0,
+        vision: Any = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_ids = prompt_ids
@@ -62,6 +63,8 @@ class Sequence:
         self.masks = list(masks)
         # M-RoPE models (Qwen-VL): a row's text positions are offset by what its images took.
         self.rope_delta = rope_delta
+        # A VL prompt's media and 3-D positions (engines.local.vision.VisionRow), None for text.
+        self.vision = vision
         self.generated: list[int] = []
         self.finished = False
         # Set from the event loop thread when the consumer goes away; read by the inference thread.

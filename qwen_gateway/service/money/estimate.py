@@ -8,9 +8,10 @@ tool-calling instructions): :data:`PER_MESSAGE` and :data:`TEMPLATE` bound those
 for English (about 4 bytes per token) — a hold is an upper bound by design, and settlement charges the
 exact count — and is what a key's TPM counts while the request runs.
 
-Media: an image costs at most its ``max_pixels`` in 28x28 patches plus 2 (reference §4.4; 28x28 is the
-smaller patch, so the larger count), or :data:`IMAGE_DEFAULT_MAX` tokens when no cap is given; a video
-that much per frame.
+Media (the counts of ``media/tokens.py``, bounded without decoding anything): an image costs at most its
+``max_pixels`` in 28x28 blocks plus 2 (28 px is the smaller block, so the larger count), or DashScope's
+high-resolution cap when no ``max_pixels`` is given; a video frame at most the per-frame cap plus its
+start/end and timestamp text (frames go two to a token group, so this is twice the real bound).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import orjson
 
 from qwen_gateway.engines.base import GenerationRequest, ImagePart, TextPart, VideoPart
+from qwen_gateway.media.tokens import FRAME_TOKENS, MAX_FRAME_TOKENS, MAX_IMAGE_TOKENS_HIGH_RES
 
 # Template tokens around one message: <|im_start|>, the role, newlines, <|im_end|> (Qwen's ChatML is 5).
 PER_MESSAGE = 8
@@ -27,8 +29,10 @@ TEMPLATE = 128
 # The tool-calling instructions Qwen's templates add when tools are offered (about 700 bytes).
 TOOLS = 1024
 PATCH = 28 * 28
-# Tokens of an image without a max_pixels cap: DashScope's high-resolution cap (16384) plus start/end.
-IMAGE_DEFAULT_MAX = 16_384 + 2
+# Tokens of an image without a max_pixels cap: DashScope's high-resolution cap plus start/end.
+IMAGE_DEFAULT_MAX = MAX_IMAGE_TOKENS_HIGH_RES + FRAME_TOKENS
+# Per video frame: the frame cap, start/end, and Qwen3-VL's "<12.5 seconds>" timestamp text.
+VIDEO_FRAME_MAX = MAX_FRAME_TOKENS + FRAME_TOKENS + 16
 
 
 def prompt_tokens_bound(request: GenerationRequest) -> int:
@@ -57,10 +61,10 @@ def _part_bound(part: TextPart | ImagePart | VideoPart) -> int:
         return len(part.text.encode("utf-8"))
     if isinstance(part, ImagePart):
         return _image_bound(part.max_pixels)
-    return len(part.frames) * _image_bound(None)
+    return len(part.frames) * VIDEO_FRAME_MAX
 
 
 def _image_bound(max_pixels: int | None) -> int:
     if max_pixels is None:
         return IMAGE_DEFAULT_MAX
-    return max_pixels // PATCH + 2
+    return max_pixels // PATCH + FRAME_TOKENS

@@ -2,11 +2,12 @@
 
 Per request of a metered or rate-limited key:
 
-1. **Admission**, one transaction (``store/money.admit``) before the engine sees the request: the key's
-   row is written first (that serialises admissions of one key across processes), its RPM/TPM window
-   is checked, then ``UPDATE api_keys SET balance = balance - hold WHERE balance >= hold`` takes the
-   hold (the bound of the prompt's tokens, ``estimate.py``, plus ``n * max_tokens``, at the model's
-   prices) and a ``holds`` row records it. Refused: 400 ``Arrearage`` or 429, nothing moved.
+1. **Admission** (``store/money.admit``), committed before the engine sees the request, in the ledger
+   writer's next batch transaction (admissions and settlements that queue up together share one
+   commit): the key's row is written first (that serialises admissions of one key across processes),
+   its RPM/TPM window is checked, then ``UPDATE api_keys SET balance = balance - hold WHERE balance >=
+   hold`` takes the hold (the bound of the prompt's tokens, ``estimate.py``, plus ``n * max_tokens``,
+   at the model's prices) and a ``holds`` row records it. Refused: 400 ``Arrearage`` or 429, nothing moved.
 2. **Settlement**, when the request ends however it ends: its ledger row goes to the ledger writer's
    next batch, whose transaction also deletes the hold, gives back the hold and charges the exact
    cost (prompt + generated tokens; nothing for a failure before the first token). The answer (or the
@@ -160,6 +161,7 @@ class Meter:
                 now=now,
                 hold_micro=hold,
                 tokens=tokens,
+                limited_hint=key.limited,
             )
 
         work = asyncio.ensure_future(self._writer.run(run))
@@ -213,9 +215,8 @@ class Meter:
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
             reasoning_tokens=usage.reasoning_tokens,
-            # Counted by the engines that see media (Usage gains these fields with vision).
-            image_tokens=int(getattr(usage, "image_tokens", 0) or 0),
-            video_tokens=int(getattr(usage, "video_tokens", 0) or 0),
+            image_tokens=usage.image_tokens,
+            video_tokens=usage.video_tokens,
             status=status,
             cost_micro=cost,
             latency_ms=latency_ms,
