@@ -11,6 +11,10 @@ p50 and CPU/request added by metering. At the end it checks the money: every met
 change equals the sum of its ledger costs and no hold is left.
 
     python benchmarks/bench_metering.py [--requests 2000] [--single-requests 500] [--repeat 3]
+        [--database-url postgresql://user:password@127.0.0.1/dbname]
+
+Without ``--database-url`` the server uses a SQLite file in a fresh home; with it, that (empty,
+existing) database, e.g. PostgreSQL's, for the server and the key commands alike.
 
 The machine may be shared: CPU ms per request is the figure to trust; latencies move with whatever
 else runs on the cores.
@@ -22,12 +26,13 @@ import argparse
 import asyncio
 import os
 import re
-import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -72,23 +77,28 @@ def measure(server: Server, key: str, clients: int, total: int, stream: bool) ->
     return _pct(latencies, 0.5) * 1e3, _pct(latencies, 0.99) * 1e3, cpu / total * 1e3
 
 
-def check_money(home: Path, names: list[str]) -> str:
-    with sqlite3.connect(home / "gateway.db") as db:
-        lines = []
+def check_money(home: Path, names: list[str], database_url: str | None) -> str:
+    url = database_url or f"sqlite:///{home / 'gateway.db'}"
+    # Synchronous SQLAlchemy on either database (psycopg 3 for PostgreSQL, as the gateway uses).
+    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    lines = []
+    with engine.connect() as db:
         for name in names:
             key_id, balance = db.execute(
-                "SELECT id, balance_micro FROM api_keys WHERE name = ?", (name,)
-            ).fetchone()
+                sa.text("SELECT id, balance_micro FROM api_keys WHERE name = :n"), {"n": name}
+            ).one()
             spent, rows = db.execute(
-                "SELECT coalesce(sum(cost_micro), 0), count(*) FROM usage_ledger WHERE key_id = ?", (key_id,)
-            ).fetchone()
-            held = db.execute("SELECT count(*) FROM holds WHERE key_id = ?", (key_id,)).fetchone()[0]
+                sa.text("SELECT coalesce(sum(cost_micro), 0), count(*) FROM usage_ledger WHERE key_id = :k"),
+                {"k": key_id},
+            ).one()
+            held = db.execute(sa.text("SELECT count(*) FROM holds WHERE key_id = :k"), {"k": key_id}).scalar()
             start = 10**6 * 10**6
             ok = start - balance == spent and held == 0
             lines.append(
                 f"{name}: {rows} rows, spent {spent} µCNY, balance change {start - balance} µCNY, "
                 f"open holds {held}: {'OK' if ok else 'MISMATCH'}"
             )
+    engine.dispose()
     return "\n".join(lines)
 
 
@@ -103,7 +113,12 @@ def main() -> None:
     parser.add_argument("--server-core", type=int, default=cores[0])
     parser.add_argument("--client-core", type=int, default=cores[-1])
     parser.add_argument("--only", choices=["stream", "non-stream"], help="run only these cases")
+    parser.add_argument("--database-url", default=None, help="database of the server (default: SQLite file)")
     args = parser.parse_args()
+    if args.database_url:
+        # Every subprocess (the server, `keys create`) inherits it.
+        os.environ["QWEN_GATEWAY_DATABASE_URL"] = args.database_url
+    backend = "SQLite" if not args.database_url else sa.make_url(args.database_url).get_backend_name()
     home = Path(tempfile.mkdtemp(prefix="qwgw-metering-"))
     server = start_server(home, args.server_core, "warning")
     keys = {
@@ -117,7 +132,7 @@ def main() -> None:
     os.sched_setaffinity(0, {args.client_core})
     print(
         f"server pid {server.proc.pid} on core {args.server_core}, client on core {args.client_core}, "
-        f"zero-cost engine, SQLite, load {os.getloadavg()[0]:.2f} (shared machine: trust CPU/request)"
+        f"zero-cost engine, {backend}, load {os.getloadavg()[0]:.2f} (shared machine: trust CPU/request)"
     )
     streams = [False, True] if args.only is None else [args.only == "stream"]
     results: dict[tuple[bool, int, str], list[tuple[float, float, float]]] = {}
@@ -149,7 +164,7 @@ def main() -> None:
                     f"  {'stream' if stream else 'non-stream':10s} clients={clients:<3d} {kind:16s} "
                     f"p50 {dp50:+6.2f} ms  cpu/req {dcpu:+5.2f} ms"
                 )
-    print(check_money(home, ["bench-metered", "bench-limited"]))
+    print(check_money(home, ["bench-metered", "bench-limited"], args.database_url))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from qwen_gateway.settings import ModelConfig, Settings
 
 if TYPE_CHECKING:
     from qwen_gateway.service.keys import KeyService
+    from qwen_gateway.store.admin import AdminKeyRow
     from qwen_gateway.store.db import Store
     from qwen_gateway.store.keys import KeyRow
 
@@ -44,7 +45,7 @@ def _fail(message: str) -> NoReturn:
 
 
 def _location_options(func: F) -> F:
-    """``--home`` and ``--config``, shared by every command."""
+    """``--home``, ``--config`` and ``--database-url``, shared by every command."""
     func = click.option(
         "--config",
         "config_file",
@@ -54,6 +55,17 @@ def _location_options(func: F) -> F:
     )(func)
     # No click envvar/default here: Settings reads QWEN_GATEWAY_HOME itself, so a config file's `home`
     # still beats the environment and only an explicit flag beats both.
+    # Not a parameter of every command function: stored on the context and read by _load_settings,
+    # so each command gets it without repeating it in its signature.
+    func = click.option(
+        "--database-url",
+        metavar="URL",
+        default=None,
+        expose_value=False,
+        callback=_remember_database_url,
+        help="Database, e.g. postgresql://user:password@host/dbname or sqlite:////path/gateway.db. "
+        "Env: QWEN_GATEWAY_DATABASE_URL. [default: SQLite file gateway.db in --home]",
+    )(func)
     func = click.option(
         "--home",
         type=click.Path(file_okay=False, path_type=Path),
@@ -64,11 +76,19 @@ def _location_options(func: F) -> F:
     return func
 
 
+def _remember_database_url(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        ctx.meta["qwen_gateway.database_url"] = value
+
+
 def _load_settings(
     config_file: Path | None,
     overrides: dict[str, Any],
     extra_models: tuple[ModelConfig, ...] = (),
 ) -> Settings:
+    context = click.get_current_context(silent=True)
+    if context is not None and "database_url" not in overrides:
+        overrides = {**overrides, "database_url": context.meta.get("qwen_gateway.database_url")}
     return Settings.load(config_file=config_file, overrides=overrides, extra_models=extra_models)
 
 
@@ -509,6 +529,77 @@ def usage(
         ]
         table.add_row(*cells)
     console.print(table)
+
+
+@cli.group("admin-key")
+def admin_key() -> None:
+    """Create, list and revoke admin keys: the keys of the admin API and web console (/admin/).
+
+    An admin key is not an API key: it can't call the model API, and an API key can't open the admin
+    API (403). Like API keys they are stored hashed and shown once.
+    """
+
+
+@admin_key.command("create")
+@click.option("--name", default="admin", show_default=True, help="A unique name for the admin key.")
+@_location_options
+@_guarded
+def admin_key_create(name: str, home: Path | None, config_file: Path | None) -> None:
+    """Create an admin key and print it. The key is shown only this once."""
+    settings = _load_settings(config_file, {"home": home})
+
+    async def create() -> tuple[AdminKeyRow, str]:
+        from qwen_gateway.service.admin import AdminService
+
+        async with await _open_store(settings) as store:
+            return await AdminService(store, _keys(store)).create_admin_key(name)
+
+    row, raw_key = _run(create())
+    click.echo(f"Created admin key {row.name!r} (id {row.id}); log in at http://HOST:PORT/admin/ with it")
+    click.echo(raw_key)
+    click.echo("Store it now: it will not be shown again.", err=True)
+
+
+@admin_key.command("list")
+@_location_options
+@_guarded
+def admin_key_list(home: Path | None, config_file: Path | None) -> None:
+    """List admin keys (never the keys themselves)."""
+    settings = _load_settings(config_file, {"home": home})
+
+    async def fetch() -> list[AdminKeyRow]:
+        from qwen_gateway.service.admin import AdminService
+
+        async with await _open_store(settings) as store:
+            return await AdminService(store, _keys(store)).list_admin_keys()
+
+    rows = _run(fetch())
+    if not rows:
+        click.echo("No admin keys yet. Create one with: qwen-gateway admin-key create")
+        return
+    for row in rows:
+        status = "active" if row.revoked_at is None else f"revoked {_when(row.revoked_at)}"
+        click.echo(f"{row.id}  {row.name}  {row.prefix}  {_when(row.created_at)}  {status}")
+
+
+@admin_key.command("revoke")
+@click.argument("key")
+@_location_options
+@_guarded
+def admin_key_revoke(key: str, home: Path | None, config_file: Path | None) -> None:
+    """Revoke the admin key whose name or id is KEY (at once, in every server process)."""
+    settings = _load_settings(config_file, {"home": home})
+
+    async def revoke() -> AdminKeyRow | None:
+        from qwen_gateway.service.admin import AdminService
+
+        async with await _open_store(settings) as store:
+            return await AdminService(store, _keys(store)).revoke_admin_key(key)
+
+    row = _run(revoke())
+    if row is None:
+        _fail(f"no admin key with name or id {key!r} (see: qwen-gateway admin-key list)")
+    click.echo(f"Revoked admin key {row.name!r} (id {row.id}).")
 
 
 def _when(moment: datetime) -> str:

@@ -20,7 +20,9 @@ protocol that is answering. Nothing else decides an HTTP status.
         ├── PayloadTooLarge           400 the body is over the server's limit (DashScope: 400 TooLarge)
         ├── Arrearage                 400 the key's balance can't cover the request's hold
         ├── AuthenticationError       401 invalid_api_key
+        ├── AdminAccessDenied         403 AccessDenied (an API key on the admin API)
         ├── ModelNotFound             404 model_not_found
+        ├── ResourceNotFound          404 NotFound (an admin API object, e.g. a key, that doesn't exist)
         ├── RateLimited               429 limit_requests (the key's requests per minute)
         ├── QuotaExceeded             429 insufficient_quota (the key's tokens per minute)
         ├── EngineOverloaded          503 the engine can't take more work now
@@ -178,6 +180,24 @@ class AuthenticationError(ApiError):
     # DashScope's compatible-mode message, trailing space included (seed 000).
     default_message = "Incorrect API key provided. "
     include_request_id = False
+
+
+class AdminAccessDenied(ApiError):
+    """A valid API key used on the admin API, which only admin keys open (reference §5: 403)."""
+
+    status = 403
+    code = "AccessDenied"
+    type = "AccessDenied"
+    native_code = "AccessDenied"
+    default_message = "Access denied."
+
+
+class ResourceNotFound(ApiError):
+    status = 404
+    code = "NotFound"
+    type = "invalid_request_error"
+    native_code = "NotFound"
+    default_message = "Not found."
 
 
 class ModelNotFound(ApiError):

@@ -14,6 +14,7 @@ from sqlalchemy import Connection
 
 from qwen_gateway.errors import StartupError
 from qwen_gateway.media import MediaFetcher
+from qwen_gateway.service.admin import AdminService
 from qwen_gateway.service.chat import ChatService
 from qwen_gateway.service.keys import KeyService
 from qwen_gateway.service.ledger import LedgerWriter
@@ -39,6 +40,7 @@ class Gateway:
     ledger: LedgerWriter
     meter: Meter
     started_at: int
+    admin: AdminService
     # Fetches and checks the images and videos of requests (qwen_gateway/media).
     media: MediaFetcher
 
@@ -76,15 +78,17 @@ class Gateway:
             retention_days=settings.usage_retention_days,
             hold_max_seconds=settings.hold_max_seconds,
         )
+        keys = KeyService(store)
         return cls(
             settings=settings,
             store=store,
-            keys=KeyService(store),
+            keys=keys,
             models=models,
             chat=ChatService(meter.settle, meter.admit),
             ledger=writer,
             meter=meter,
             started_at=int(time.time()),
+            admin=AdminService(store, keys, meter),
             media=MediaFetcher(settings.media),
         )
 

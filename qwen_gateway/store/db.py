@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, TypeAlias
 
-from sqlalchemy import Connection, event
+from sqlalchemy import Connection, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -47,7 +47,8 @@ class Store:
     async def open(cls, url: str, *, migrate: bool = True) -> Store:
         """Connect to ``url`` (an async SQLAlchemy URL) and run migrations to head.
 
-        A plain ``sqlite:///`` URL is upgraded to the aiosqlite driver. For a SQLite file the parent
+        A plain ``sqlite:///`` URL is upgraded to the aiosqlite driver, a plain ``postgresql://`` one
+        to psycopg (3). For a SQLite file the parent
         directory is created. Any failure is a :class:`StartupError` with a one-line message.
         """
         try:
@@ -133,10 +134,19 @@ async def reading(db: Database) -> AsyncIterator[AsyncConnection]:
         yield conn
 
 
+# Plain URLs get the driver the gateway ships with. For PostgreSQL that is psycopg 3: one driver that is
+# both async (the server's engine) and sync (Alembic's CLI, a worker-thread connection like SQLite's
+# batched writer), where asyncpg would cover only the first and need a second driver for the rest.
+_DEFAULT_DRIVERS = {
+    "sqlite": "sqlite+aiosqlite",
+    "postgresql": "postgresql+psycopg",
+    "postgres": "postgresql+psycopg",  # the spelling Heroku and libpq's docs also use
+}
+
+
 def _async_url(url: URL) -> URL:
-    if url.drivername == "sqlite":
-        return url.set(drivername="sqlite+aiosqlite")
-    return url
+    driver = _DEFAULT_DRIVERS.get(url.drivername)
+    return url if driver is None else url.set(drivername=driver)
 
 
 def _prepare_sqlite_file(url: URL) -> None:
@@ -161,7 +171,17 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
+# Any constant both processes agree on: the key of the advisory lock that serialises migrations.
+_MIGRATION_LOCK_KEY = 0x7177_656E_6777  # "qwengw"
+
+
 def _upgrade_to_head(connection: Connection) -> None:
+    if connection.dialect.name == "postgresql":
+        # Two servers starting at once on one database would both see an old schema and both create
+        # the same tables; the second one's CREATE fails. The lock (released at commit) makes the
+        # second wait, then find the schema at head. PostgreSQL's DDL is transactional, so the first
+        # one's changes appear all at once.
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
     with _alembic_quiet():
         # Imported here (and quietly: importing alembic.command logs its plugin setup at INFO).
         from alembic import command

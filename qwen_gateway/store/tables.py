@@ -174,3 +174,17 @@ usage_daily = Table(
     Column("cost_micro", MICRO, nullable=False),
     Column("latency_ms", BigInteger(), nullable=False),  # summed
 )
+
+# Keys of the admin API and console (``qwen-gateway admin-key create``). A table of their own, not a flag
+# on api_keys: an admin key can never be used as an API key nor the other way round, whatever a query
+# forgets to filter.
+admin_keys = Table(
+    "admin_keys",
+    metadata,
+    Column("id", String(32), primary_key=True),  # "adm_" + 12 hex
+    Column("name", String(200), nullable=False, unique=True),
+    Column("prefix", String(16), nullable=False),  # first characters of the key, for display only
+    Column("key_hash", String(64), nullable=False, unique=True),  # hex SHA-256 of the whole key
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("revoked_at", UtcDateTime(), nullable=True),
+)

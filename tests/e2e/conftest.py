@@ -54,3 +54,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 @pytest.fixture(scope="session")
 def tiny_tokenizer_path() -> Path:
     return MODELS / "tiny-qwen2.5"
+
+
+# `backend` parametrizes a test over SQLite and PostgreSQL (tests/databases.py).
+from tests.databases import backend, postgres_url  # noqa: E402, F401

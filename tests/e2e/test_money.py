@@ -3,8 +3,8 @@ processes sharing one database (as two workers behind a load balancer), the tiny
 HTTP clients. Every test makes its own keys and looks only at its own keys' rows.
 
 The database is read directly (SQLAlchemy, sync) for what a client can't see: holds, ledger rows,
-balances. ``DATABASE_URL`` below is None (each home's SQLite file); the same tests run on another
-database by passing its URL to the servers and the CLI.
+balances. Every test runs on SQLite (the home's file) and on PostgreSQL (a database of the module's
+own, see tests/databases.py), whose URL is passed to the servers and the CLI.
 """
 
 from __future__ import annotations
@@ -23,9 +23,16 @@ import sqlalchemy as sa
 
 from qwen_gateway.engines.base import ChatMessage, GenerationRequest, SamplingParams
 from qwen_gateway.service.money.estimate import prompt_tokens_bound
+from tests.databases import BACKENDS, database_for
 from tests.support import MODELS, Server, cli, create_key, start_server, start_servers, wait_for
 
-DATABASE_URL: str | None = None
+# The database URL of each home (None: its SQLite file).
+_URLS: dict[Path, str | None] = {}
+
+
+def url_of(home: Path) -> str | None:
+    return _URLS.get(home)
+
 
 # qwen-plus: output-only price and greedy decoding, so every request of one prompt costs exactly the
 # same (the random-weight checkpoint runs to max_tokens) and that cost equals its hold.
@@ -69,6 +76,8 @@ class Db:
 
     def __init__(self, home: Path, url: str | None) -> None:
         sync_url = url.replace("+aiosqlite", "") if url else f"sqlite:///{home / 'gateway.db'}"
+        # SQLAlchemy's default PostgreSQL driver is psycopg2; the gateway ships psycopg (3).
+        sync_url = sync_url.replace("postgresql://", "postgresql+psycopg://", 1)
         self.engine = sa.create_engine(sync_url)
 
     def rows(self, sql: str, **params: Any) -> list[Any]:
@@ -92,16 +101,18 @@ class Db:
         return self.rows("SELECT * FROM usage_ledger WHERE key_id = :k ORDER BY id", k=key_id)
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    home = tmp_path_factory.mktemp("money-home")
+@pytest.fixture(scope="module", params=BACKENDS)
+def home(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    home = tmp_path_factory.mktemp(f"money-home-{request.param}")
     (home / "config.toml").write_text(CONFIG.format(path=MODELS / "tiny-qwen2.5"))
-    return home
+    with database_for(str(request.param)) as url:
+        _URLS[home] = url
+        yield home
 
 
 @pytest.fixture(scope="module")
 def pair(home: Path) -> Iterator[list[Server]]:
-    servers = start_servers(home, 2, "--config", str(home / "config.toml"), database_url=DATABASE_URL)
+    servers = start_servers(home, 2, "--config", str(home / "config.toml"), database_url=url_of(home))
     yield servers
     for server in servers:
         server.stop()
@@ -109,7 +120,7 @@ def pair(home: Path) -> Iterator[list[Server]]:
 
 @pytest.fixture(scope="module")
 def db(home: Path) -> Db:
-    return Db(home, DATABASE_URL)
+    return Db(home, url_of(home))
 
 
 _names = iter(range(10**6))
@@ -118,7 +129,7 @@ _names = iter(range(10**6))
 def new_key(home: Path, *options: str) -> tuple[str, str]:
     """(name, raw key) of a fresh key made with the CLI."""
     name = f"money-{next(_names)}"
-    return name, create_key(home, name, *options, database_url=DATABASE_URL)
+    return name, create_key(home, name, *options, database_url=url_of(home))
 
 
 def client(server: Server, key: str) -> httpx.AsyncClient:
@@ -313,7 +324,7 @@ def test_tpm_counts_finished_requests_at_their_tokens_and_refuses_past_the_limit
     assert int(answers[2].headers["retry-after"]) >= 1
 
     # Raised later with `keys limits`, the next request passes (running servers re-read limits).
-    cli("keys", "limits", name, "--tpm", "none", home=home, database_url=DATABASE_URL)
+    cli("keys", "limits", name, "--tpm", "none", home=home, database_url=url_of(home))
     r = httpx.post(
         f"{pair[1].compat_url}/chat/completions",
         json=body,
@@ -330,7 +341,7 @@ def test_topup_and_show(home: Path, pair: list[Server], db: Db) -> None:
         f"{pair[0].compat_url}/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
     )
     assert r.status_code == 400 and r.headers["x-account-balance"] == "0.0000"
-    out = cli("keys", "topup", name, "12.5", home=home, database_url=DATABASE_URL).stdout
+    out = cli("keys", "topup", name, "12.5", home=home, database_url=url_of(home)).stdout
     assert "12.5000" in out
     r = httpx.post(
         f"{pair[1].compat_url}/chat/completions",
@@ -341,7 +352,7 @@ def test_topup_and_show(home: Path, pair: list[Server], db: Db) -> None:
     assert r.status_code == 200, r.text
     # 2 tokens out at 2 CNY per 1K: 0.004 CNY.
     assert r.headers["x-account-balance"] == "12.4960"
-    shown = json.loads(cli("keys", "show", name, "--json", home=home, database_url=DATABASE_URL).stdout)
+    shown = json.loads(cli("keys", "show", name, "--json", home=home, database_url=url_of(home)).stdout)
     assert shown["balance_micro"] == 12_500_000 - 4_000
     assert shown["spent_micro"] == 4_000 and shown["requests"] == 1 and shown["open_holds"] == 0
 
@@ -360,8 +371,8 @@ def test_keys_never_appear_in_the_database_logs_or_error_bodies(home: Path, pair
     assert wrong.status_code == 401
     for answer in [*answers, wrong]:
         assert key not in answer.text and key[3:] not in answer.text
-    shown = cli("keys", "show", name, home=home, database_url=DATABASE_URL).stdout
-    listed = cli("keys", "list", home=home, database_url=DATABASE_URL).stdout
+    shown = cli("keys", "show", name, home=home, database_url=url_of(home)).stdout
+    listed = cli("keys", "list", home=home, database_url=url_of(home)).stdout
     secret = key[len("sk-") + 5 :]  # everything past the displayed prefix
     for text in (shown, listed, *(s.log() for s in pair)):
         assert secret not in text
@@ -370,12 +381,18 @@ def test_keys_never_appear_in_the_database_logs_or_error_bodies(home: Path, pair
 
 
 @pytest.mark.slow
-def test_sigkill_mid_stream_leaves_no_hold_after_restart(tmp_path: Path) -> None:
+def test_sigkill_mid_stream_leaves_no_hold_after_restart(tmp_path: Path, backend: str) -> None:
     home = tmp_path / "home"
     home.mkdir()
     (home / "config.toml").write_text(CONFIG.format(path=MODELS / "tiny-qwen2.5"))
-    db = Db(home, DATABASE_URL)
-    server = start_server(home, "--config", str(home / "config.toml"), database_url=DATABASE_URL)
+    with database_for(backend) as url:
+        _URLS[home] = url
+        _sigkill_mid_stream(home)
+
+
+def _sigkill_mid_stream(home: Path) -> None:
+    db = Db(home, url_of(home))
+    server = start_server(home, "--config", str(home / "config.toml"), database_url=url_of(home))
     name, key = new_key(home, "--balance", "100")
     key_id = db.key_id(name)
     start = db.balance(key_id)
@@ -408,7 +425,7 @@ def test_sigkill_mid_stream_leaves_no_hold_after_restart(tmp_path: Path) -> None
     finally:
         server.stop()
     assert db.holds(key_id) == 1  # the dead process could not settle it
-    restarted = start_server(home, "--config", str(home / "config.toml"), database_url=DATABASE_URL)
+    restarted = start_server(home, "--config", str(home / "config.toml"), database_url=url_of(home))
     try:
         assert db.holds(key_id) == 0  # released at startup, before the server answered /health
         rows = db.ledger(key_id)
@@ -421,13 +438,19 @@ def test_sigkill_mid_stream_leaves_no_hold_after_restart(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-def test_sigterm_settles_every_running_request(tmp_path: Path) -> None:
+def test_sigterm_settles_every_running_request(tmp_path: Path, backend: str) -> None:
     home = tmp_path / "home"
     home.mkdir()
     config = home / "config.toml"
     config.write_text("[server]\nshutdown_grace_seconds = 1\n" + CONFIG.format(path=MODELS / "tiny-qwen2.5"))
-    db = Db(home, DATABASE_URL)
-    server = start_server(home, "--config", str(config), database_url=DATABASE_URL)
+    with database_for(backend) as url:
+        _URLS[home] = url
+        _sigterm_settles(home, config)
+
+
+def _sigterm_settles(home: Path, config: Path) -> None:
+    db = Db(home, url_of(home))
+    server = start_server(home, "--config", str(config), database_url=url_of(home))
     name, key = new_key(home, "--balance", "100")
     key_id = db.key_id(name)
     start = db.balance(key_id)

@@ -235,3 +235,29 @@ def test_keys_list_shows_names_literally(home: Path) -> None:
     result = invoke("keys", "list", "--home", str(home))
     assert result.exit_code == 0, result.output
     assert "[/]" in result.output and "[bold red]x" in result.output
+
+
+def test_admin_key_create_list_revoke(home: Path) -> None:
+    created = invoke("admin-key", "create", "--name", "ops", "--home", str(home))
+    assert created.exit_code == 0, created.output
+    raw = re.search(r"qgw-admin-[0-9a-f]{32}", created.output)
+    assert raw, created.output
+    listed = invoke("admin-key", "list", "--home", str(home))
+    assert "ops" in listed.output and raw.group(0)[14:] not in listed.output
+    again = invoke("admin-key", "create", "--name", "ops", "--home", str(home))
+    assert again.exit_code == 1 and "already exists" in again.output
+    assert invoke("admin-key", "revoke", "ops", "--home", str(home)).exit_code == 0
+    assert "revoked" in invoke("admin-key", "list", "--home", str(home)).output
+    missing = invoke("admin-key", "revoke", "nobody", "--home", str(home))
+    assert missing.exit_code == 1 and "no admin key" in missing.output
+
+
+def test_database_url_flag_picks_the_database(tmp_path: Path, home: Path) -> None:
+    other = tmp_path / "elsewhere" / "g.db"
+    url = f"sqlite:///{other}"
+    assert (
+        invoke("keys", "create", "--name", "far", "--home", str(home), "--database-url", url).exit_code == 0
+    )
+    assert other.is_file() and not (home / "gateway.db").exists()
+    assert "far" in invoke("keys", "list", "--database-url", url).output
+    assert "far" not in invoke("keys", "list", "--home", str(home)).output

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from qwen_gateway.errors import AuthenticationError, GatewayError
 from qwen_gateway.service.keys import InvalidKeyName, KeyNameTaken, KeyService, hash_key
@@ -16,8 +17,8 @@ from qwen_gateway.store.keys import find_active_key_by_hash, list_keys
 
 
 @pytest.fixture
-def run(tmp_path: Path) -> Callable[[Callable[[Store], Awaitable[Any]]], Any]:
-    url = f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}"
+def run(db_url: str) -> Callable[[Callable[[Store], Awaitable[Any]]], Any]:
+    url = db_url
 
     def runner(body: Callable[[Store], Awaitable[Any]]) -> Any:
         async def main() -> Any:
@@ -37,20 +38,25 @@ class FakeClock:
         return self.now
 
 
-def test_create_makes_a_high_entropy_key_and_stores_only_its_hash(run: Any, tmp_path: Path) -> None:
-    async def body(store: Store) -> tuple[Any, str]:
-        return await KeyService(store).create("alice")
+def test_create_makes_a_high_entropy_key_and_stores_only_its_hash(run: Any, db_url: str) -> None:
+    async def body(store: Store) -> tuple[Any, str, str]:
+        row, raw = await KeyService(store).create("alice")
+        async with store.connect() as conn:
+            stored = repr((await conn.execute(text("SELECT * FROM api_keys"))).all())
+        return row, raw, stored
 
-    row, raw = run(body)
+    row, raw, stored = run(body)
     assert re.fullmatch(r"sk-[0-9a-f]{32}", raw)
     assert row.name == "alice"
     assert re.fullmatch(r"key_[0-9a-f]{12}", row.id)
     assert row.prefix == raw[:8]
     assert row.key_hash == hashlib.sha256(raw.encode()).hexdigest() == hash_key(raw)
     assert row.revoked_at is None and row.balance_micro is None
-    # The key itself is nowhere in the database files.
-    for path in tmp_path.glob("gateway.db*"):
-        assert raw.encode() not in path.read_bytes()
+    # The key itself is in no column, and (SQLite) nowhere in the database files.
+    assert raw not in stored and raw[8:] not in stored
+    if db_url.startswith("sqlite"):
+        for path in Path(db_url.partition(":///")[2]).parent.glob("gateway.db*"):
+            assert raw.encode() not in path.read_bytes()
 
 
 def test_keys_are_unique(run: Any) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,8 +18,9 @@ Body = Callable[[Store], Awaitable[Any]]
 
 
 @pytest.fixture
-def url(tmp_path: Path) -> str:
-    return f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}"
+def url(db_url: str) -> str:
+    """A fresh database: SQLite (its batches go through the writer's thread) and PostgreSQL (async)."""
+    return db_url
 
 
 @pytest.fixture

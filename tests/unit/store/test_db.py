@@ -10,7 +10,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, create_engine, inspect, text
 
 from qwen_gateway.errors import StartupError
 from qwen_gateway.store.db import MIGRATIONS_DIR, Store
@@ -31,7 +31,7 @@ def test_open_creates_the_directory_and_migrates(tmp_path: Path) -> None:
     assert path.is_file()
 
 
-def test_sqlite_connections_use_wal_busy_timeout_and_foreign_keys(with_store: StoreRunner) -> None:
+def test_sqlite_connections_use_wal_busy_timeout_and_foreign_keys(with_sqlite_store: StoreRunner) -> None:
     async def body(store: Store) -> tuple[Any, ...]:
         async with store.connect() as conn:
             return tuple(
@@ -41,7 +41,7 @@ def test_sqlite_connections_use_wal_busy_timeout_and_foreign_keys(with_store: St
                 ]
             )
 
-    journal, busy, fks = with_store(body)
+    journal, busy, fks = with_sqlite_store(body)
     assert journal == "wal"
     assert busy >= 1000
     assert fks == 1
@@ -117,28 +117,59 @@ def test_a_database_from_a_newer_gateway_is_refused(tmp_path: Path) -> None:
     assert "9999_from_the_future" in str(info.value)
 
 
-def test_migrations_downgrade_cleanly(tmp_path: Path) -> None:
-    path = tmp_path / "g.db"
-    asyncio.run(_open_and_close(f"sqlite+aiosqlite:///{path}"))
+def _tables(url: str) -> set[str]:
+    # A synchronous engine on the same database: psycopg is sync and async; SQLite needs the stdlib driver.
+    engine = create_engine(url.replace("sqlite+aiosqlite", "sqlite", 1))
+    try:
+        return set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def test_migrations_downgrade_cleanly(db_url: str) -> None:
+    asyncio.run(_open_and_close(db_url))
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     # The Alembic CLI path of env.py: no shared connection, a URL given with -x.
-    config.cmd_opts = type("Opts", (), {"x": [f"url=sqlite+aiosqlite:///{path}"]})()
+    config.cmd_opts = type("Opts", (), {"x": [f"url={db_url}"]})()
     command.downgrade(config, "base")
-    with sqlite3.connect(path) as conn:
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert tables == {"alembic_version"}
+    assert _tables(db_url) == {"alembic_version"}
     command.upgrade(config, "head")
-    with sqlite3.connect(path) as conn:
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert {"api_keys", "usage_ledger"} <= tables
+    assert {"api_keys", "usage_ledger"} <= _tables(db_url)
+    # And the gateway opens the database the CLI migrated without changing it again.
+    asyncio.run(_open_and_close(db_url))
 
 
-def test_two_stores_on_one_file_wait_for_each_other(db_url: str) -> None:
+def test_servers_starting_together_on_postgresql_migrate_once(postgres_url: str) -> None:
+    """Two processes opening a fresh database at once: the advisory lock makes the second wait."""
+    url = postgres_url.replace("postgresql://", "postgresql+psycopg://", 1)
+
+    async def main() -> list[str]:
+        stores = await asyncio.gather(*(Store.open(url) for _ in range(3)))
+        try:
+            await insert_key(store=stores[0], name="one", prefix="sk-11111", key_hash="1" * 64)
+            return [r.name for r in await list_keys(store=stores[2])]
+        finally:
+            for store in stores:
+                await store.aclose()
+
+    assert asyncio.run(main()) == ["one"]
+    assert {"api_keys", "usage_ledger", "alembic_version"} <= _tables(url)
+
+
+def test_a_plain_postgresql_url_gets_psycopg(postgres_url: str) -> None:
+    async def main() -> str:
+        async with await Store.open(postgres_url) as store:
+            return store.engine.url.drivername
+
+    assert asyncio.run(main()) == "postgresql+psycopg"
+
+
+def test_two_stores_on_one_file_wait_for_each_other(sqlite_url: str) -> None:
     """The CLI and a running server share the SQLite file: a writer waits for the other's lock."""
 
     async def main() -> int:
-        async with await Store.open(db_url) as server, await Store.open(db_url) as cli:
+        async with await Store.open(sqlite_url) as server, await Store.open(sqlite_url) as cli:
             async with server.begin() as conn:
                 await insert_key(store=conn, name="server", prefix="sk-sssss", key_hash="s" * 64)
                 # The server's transaction holds the write lock while the CLI tries to write.
@@ -163,3 +194,18 @@ def test_a_password_never_reaches_the_error_message() -> None:
         asyncio.run(Store.open("postgresql+nosuchdriver://user:hunter2@db.example/gateway"))
     assert "hunter2" not in str(info.value)
     assert "db.example" in str(info.value)
+
+
+def test_the_writers_thread_connection_works_on_both_databases(db_url: str) -> None:
+    """SQLite files and PostgreSQL (psycopg, sync) get the one-thread-hop-per-batch connection."""
+
+    async def main() -> int:
+        async with await Store.open(db_url) as store:
+            threaded = store.threaded()
+            assert threaded is not None
+            try:
+                return int(await threaded.run(lambda conn: conn.execute(text("SELECT 41 + 1")).scalar_one()))
+            finally:
+                await threaded.aclose()
+
+    assert asyncio.run(main()) == 42

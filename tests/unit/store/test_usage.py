@@ -159,7 +159,7 @@ def test_new_usage_checks_its_values(kwargs: dict[str, Any]) -> None:
         NewUsage(**{**values, **kwargs})
 
 
-def test_sqlite_commits_without_a_flush_per_commit(with_store: StoreRunner) -> None:
+def test_sqlite_commits_without_a_flush_per_commit(with_sqlite_store: StoreRunner) -> None:
     """WAL with synchronous=NORMAL (1): see store/db.py for what that keeps after a crash."""
 
     async def body(store: Store) -> tuple[str, int]:
@@ -168,4 +168,4 @@ def test_sqlite_commits_without_a_flush_per_commit(with_store: StoreRunner) -> N
             sync = (await conn.exec_driver_sql("PRAGMA synchronous")).scalar_one()
         return mode, sync
 
-    assert with_store(body) == ("wal", 1)
+    assert with_sqlite_store(body) == ("wal", 1)
