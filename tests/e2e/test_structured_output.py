@@ -9,6 +9,8 @@ the output is an unfinished prefix; see test_json_object_is_constrained_to_an_ob
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +21,7 @@ import httpx
 import jsonschema
 import pytest
 from openai import OpenAI
+from PIL import Image
 
 from tests.support import MODELS, Server, start_server
 
@@ -34,6 +37,12 @@ max_output = 600
 id = "qwen3-32b"
 engine = "local"
 path = "{qwen3}"
+max_output = 600
+
+[[models]]
+id = "qwen3-vl-plus"
+engine = "local"
+path = "{qwen3vl}"
 max_output = 600
 """
 
@@ -128,7 +137,11 @@ MSG = [{"role": "user", "content": "Describe a user."}]
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     home: Path = tmp_path_factory.mktemp("structured-home")
     config = home / "config.toml"
-    config.write_text(CONFIG.format(qwen25=MODELS / "tiny-qwen2.5", qwen3=MODELS / "tiny-qwen3"))
+    config.write_text(
+        CONFIG.format(
+            qwen25=MODELS / "tiny-qwen2.5", qwen3=MODELS / "tiny-qwen3", qwen3vl=MODELS / "tiny-qwen3-vl"
+        )
+    )
     srv = start_server(home, "--config", str(config))
     yield srv
     srv.stop()
@@ -254,7 +267,8 @@ def ask_tool(
     return text, {"name": parts[0]["name"], "arguments": json.loads(parts[0]["arguments"])}, finish
 
 
-@pytest.mark.parametrize("model", ["qwen-flash", "qwen3-32b"])
+# qwen3-vl-plus is tiny-qwen3-vl: the same constraint on a VL checkpoint's template.
+@pytest.mark.parametrize("model", ["qwen-flash", "qwen3-32b", "qwen3-vl-plus"])
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 def test_named_tool_choice_yields_a_valid_call(client: OpenAI, model: str, stream: bool) -> None:
     text, call, finish = ask_tool(
@@ -377,3 +391,60 @@ def test_text_format_is_no_constraint(server: Server) -> None:
     r = post(server, {"response_format": {"type": "text"}, "seed": 1, "temperature": 1.0})
     plain = post(server, {"seed": 1, "temperature": 1.0})
     assert r.status_code == 200 and r.json()["choices"][0]["message"] == plain.json()["choices"][0]["message"]
+
+
+def test_named_tool_choice_on_a_vl_model_with_an_image_and_a_tool_turn(client: OpenAI) -> None:
+    """Qwen-VL with tools: an image in the user turn, then the call's result fed back as a tool turn."""
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(buf, format="PNG")
+    image = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    user = {
+        "role": "user",
+        "content": [
+            {"type": "image_url", "image_url": {"url": image}},
+            {"type": "text", "text": "What's the weather where this photo was taken?"},
+        ],
+    }
+    choice = {"type": "function", "function": {"name": "get_current_weather"}}
+    for stream in (False, True):
+        text, call, finish = ask_tool(
+            client,
+            stream=stream,
+            model="qwen3-vl-plus",
+            seed=7,
+            messages=[user],
+            tools=[TIME, WEATHER],
+            tool_choice=choice,
+        )
+        assert finish == "tool_calls" and text == "", (finish, text)
+        jsonschema.validate(call["arguments"], WEATHER["function"]["parameters"])
+    arguments = json.dumps(call["arguments"], ensure_ascii=False)
+    followup = client.chat.completions.create(
+        model="qwen3-vl-plus",
+        messages=[
+            user,
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {
+                        "id": "call_0",
+                        "type": "function",
+                        "function": {"name": "get_current_weather", "arguments": arguments},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_0", "content": "Sunny, 24°C."},
+        ],
+        tools=[TIME, WEATHER],
+        tool_choice=choice,
+        temperature=1.0,
+        seed=8,
+        max_tokens=500,
+    )
+    calls = followup.choices[0].message.tool_calls or []
+    assert followup.choices[0].finish_reason == "tool_calls" and len(calls) == 1
+    jsonschema.validate(json.loads(calls[0].function.arguments), WEATHER["function"]["parameters"])
+    # The image of the first turn is still in the prompt, billed as image tokens.
+    assert followup.usage is not None and followup.usage.prompt_tokens_details is not None
+    assert followup.usage.prompt_tokens_details.model_dump().get("image_tokens", 0) > 0
