@@ -182,6 +182,13 @@ def _upgrade_to_head(connection: Connection) -> None:
         # second wait, then find the schema at head. PostgreSQL's DDL is transactional, so the first
         # one's changes appear all at once.
         connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+    elif connection.dialect.name == "sqlite":
+        # Python's sqlite3 driver (under aiosqlite too) opens a transaction only before DML, so
+        # Alembic's DDL would commit statement by statement: a migration that fails half-way (a full
+        # disk, a kill) would leave a half-changed schema that no later start can migrate. An explicit
+        # BEGIN makes the whole upgrade one transaction (SQLite's DDL is transactional), and IMMEDIATE
+        # takes the write lock first, so two processes starting at once migrate one after the other.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
     with _alembic_quiet():
         # Imported here (and quietly: importing alembic.command logs its plugin setup at INFO).
         from alembic import command

@@ -209,3 +209,36 @@ def test_the_writers_thread_connection_works_on_both_databases(db_url: str) -> N
                 await threaded.aclose()
 
     assert asyncio.run(main()) == 42
+
+
+def test_a_migration_that_fails_half_way_on_sqlite_changes_nothing(tmp_path: Path) -> None:
+    """A database at revision 0001 whose upgrade fails part-way (here: a table 0002 creates is already
+    there) keeps its 0001 schema, whole, and migrates once the obstacle is gone."""
+    path = tmp_path / "gateway.db"
+    engine = create_engine(f"sqlite:///{path}")
+    with engine.begin() as conn:
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS_DIR))
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0001")
+    engine.dispose()
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE holds (x INTEGER)")
+        before = [r[1] for r in db.execute("PRAGMA table_info(api_keys)")]
+
+    with pytest.raises(StartupError, match="cannot migrate"):
+        asyncio.run(Store.open(f"sqlite+aiosqlite:///{path}"))
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("0001",)]
+        # 0002 adds balance_micro before it creates holds: that change was rolled back with the rest.
+        assert [r[1] for r in db.execute("PRAGMA table_info(api_keys)")] == before
+        db.execute("DROP TABLE holds")
+
+    async def reopen() -> None:
+        store = await Store.open(f"sqlite+aiosqlite:///{path}")
+        await store.aclose()
+
+    asyncio.run(reopen())
+    with sqlite3.connect(path) as db:
+        columns = {r[1] for r in db.execute("PRAGMA table_info(api_keys)")}
+        assert "balance_micro" in columns and "balance" not in columns
