@@ -8,9 +8,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, Row, func, select, update
-from sqlalchemy.exc import IntegrityError
 
-from qwen_gateway.store.db import Database, reading, transaction
+from qwen_gateway.store.db import Database, insert_unless_taken, reading, transaction
 from qwen_gateway.store.tables import admin_keys, holds, usage_daily, usage_ledger
 
 
@@ -45,15 +44,8 @@ async def insert_admin_key(*, store: Database, name: str, prefix: str, key_hash:
         revoked_at=None,
     )
     values = {f: getattr(row, f) for f in ("id", "name", "prefix", "key_hash", "created_at", "revoked_at")}
-    try:
-        async with transaction(store) as conn:
-            await conn.execute(admin_keys.insert().values(**values))
-    except IntegrityError as exc:
-        # As for API keys: insert, then classify (SQLite names the column, PostgreSQL the constraint).
-        message = str(exc.orig)
-        if "admin_keys.name" in message or "uq_admin_keys_name" in message:
-            raise DuplicateAdminName(name) from None
-        raise
+    if not await insert_unless_taken(store, admin_keys, values, unique="name"):
+        raise DuplicateAdminName(name)
     return row
 
 

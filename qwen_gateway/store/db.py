@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeAlias
 
-from sqlalchemy import Connection, event, text
+from sqlalchemy import Connection, Table, event, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from qwen_gateway.errors import StartupError
@@ -122,6 +122,24 @@ async def transaction(db: Database) -> AsyncIterator[AsyncConnection]:
         return
     async with db.begin() as conn:
         yield conn
+
+
+async def insert_unless_taken(db: Database, table: Table, values: Mapping[str, Any], *, unique: str) -> bool:
+    """Insert one row into ``table``; False (nothing written) when its ``unique`` column's value is taken.
+
+    Inserting first and classifying the failure (rather than checking beforehand) keeps this one
+    statement, so two concurrent writers can't both pass a check. The message names the column (SQLite:
+    "UNIQUE constraint failed: api_keys.name") or the constraint (PostgreSQL: "uq_api_keys_name", see
+    tables.NAMING_CONVENTION)."""
+    try:
+        async with transaction(db) as conn:
+            await conn.execute(table.insert().values(**values))
+    except IntegrityError as exc:
+        message = str(exc.orig)
+        if f"{table.name}.{unique}" in message or f"uq_{table.name}_{unique}" in message:
+            return False
+        raise
+    return True
 
 
 @contextlib.asynccontextmanager

@@ -8,9 +8,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Row, func, select, update
-from sqlalchemy.exc import IntegrityError
 
-from qwen_gateway.store.db import Database, reading, transaction
+from qwen_gateway.store.db import Database, insert_unless_taken, reading, transaction
 from qwen_gateway.store.tables import api_keys
 
 
@@ -87,18 +86,8 @@ async def insert_key(
         "rpm_limit": row.rpm_limit,
         "tpm_limit": row.tpm_limit,
     }
-    try:
-        async with transaction(store) as conn:
-            await conn.execute(api_keys.insert().values(**values))
-    except IntegrityError as exc:
-        # Inserting first and classifying the failure (rather than checking the name beforehand) keeps
-        # this one statement, so two concurrent creators can't both pass a check. The message names the
-        # column (SQLite: "UNIQUE constraint failed: api_keys.name") or the constraint (PostgreSQL:
-        # "uq_api_keys_name", see tables.NAMING_CONVENTION).
-        message = str(exc.orig)
-        if "api_keys.name" in message or "uq_api_keys_name" in message:
-            raise DuplicateKeyName(name) from None
-        raise
+    if not await insert_unless_taken(store, api_keys, values, unique="name"):
+        raise DuplicateKeyName(name)
     return row
 
 
