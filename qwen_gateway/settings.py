@@ -18,7 +18,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from qwen_gateway.errors import StartupError
@@ -145,6 +145,40 @@ class MediaSettings(BaseModel):
         return value
 
 
+class SearchSettings(BaseModel):
+    """``[search]``: the web-search provider behind ``enable_search`` (operator config: no request can
+    name or change the provider, its URL or these bounds).
+
+    Without a provider, ``enable_search`` is answered without searching and ``forced_search: true`` is
+    refused with a 400."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # "searxng" (SearXNG's JSON API) or any "module:Class" implementing search.SearchProvider.
+    provider: str | None = None
+    # The provider's base URL, e.g. "http://searxng.internal:8080" (SearXNG: its /search must allow
+    # format=json, the `search.formats` setting).
+    url: str | None = None
+    # Seconds one search may take in all (connect, answer, body); slower is "no results".
+    timeout: float = Field(default=5.0, gt=0, le=120)
+    # Results injected per search: search_strategy "turbo"/"standard" (the default) and "max"/"pro".
+    results: int = Field(default=5, ge=1, le=50)
+    max_results: int = Field(default=10, ge=1, le=50)
+
+    @field_validator("url", mode="after")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _provider_needs_url(self) -> SearchSettings:
+        if self.provider is not None and self.url is None:
+            raise ValueError("a search provider needs its url")
+        return self
+
+
 class Settings(BaseSettings):
     """Everything the server needs to start; nothing reads the environment after this is built."""
 
@@ -187,6 +221,8 @@ class Settings(BaseSettings):
     openapi: bool = False
     # Image/video fetching and decoding (``[media]`` in the config file).
     media: MediaSettings = MediaSettings()
+    # Web search for enable_search (``[search]`` in the config file; no provider: none).
+    search: SearchSettings = SearchSettings()
     # Money (service/money): usage-ledger rows older than this many days are rolled up into daily totals.
     usage_retention_days: int = Field(default=90, ge=1)
     # Seconds after which a hold is given back whoever owns it: the backstop behind "a crashed process's

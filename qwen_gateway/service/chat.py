@@ -74,7 +74,6 @@ class ChatService:
     def __init__(self, usage_sink: UsageSink, admit: Admit | None = None) -> None:
         self._usage_sink = usage_sink
         self._admit = admit
-        self._search_notice_logged = False
 
     # -- the event stream ------------------------------------------------------------------------------
 
@@ -103,9 +102,6 @@ class ChatService:
         except ApiError as exc:  # refused before any generation: no charge, no ledger row
             yield StreamFailed(exc, before_output=True)
             return
-        if call.enable_search and not self._search_notice_logged:
-            self._search_notice_logged = True
-            log.info("enable_search: no search provider is configured; models answer without searching")
         usage: list[Usage | None] = [None] * call.n
         parsers = _parsers(call)
         status = "cancelled"

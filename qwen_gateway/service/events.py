@@ -71,6 +71,31 @@ class StreamFailed:
     usage: Usage | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class SearchResult:
+    """One web-search result the model was given, under the number its citation markers use."""
+
+    index: int
+    title: str
+    url: str
+    site_name: str
+    icon: str
+
+
+@dataclass(frozen=True, slots=True)
+class SearchInfo:
+    """The web search run for a request before generation (``ChatCall.search_info``): what the
+    native protocol returns as ``output.search_info`` (with ``enable_source``) and counts in
+    ``usage.plugins.search``. Compatible mode returns neither, as DashScope's doesn't."""
+
+    results: tuple[SearchResult, ...]
+    # search_options.search_strategy as asked (DashScope echoes it in usage.plugins.search.strategy).
+    strategy: str
+    # Searches that ran (answered by the provider, with or without hits).
+    count: int
+    enable_source: bool
+
+
 ChoiceEvent = ContentDelta | ReasoningDelta | ToolCallDelta | ChoiceFinished | UsageReport | StreamFailed
 
 

@@ -14,12 +14,14 @@ from sqlalchemy import Connection
 
 from qwen_gateway.errors import StartupError
 from qwen_gateway.media import MediaFetcher
+from qwen_gateway.search import create_provider as create_search_provider
 from qwen_gateway.service.admin import AdminService
 from qwen_gateway.service.chat import ChatService
 from qwen_gateway.service.keys import KeyService
 from qwen_gateway.service.ledger import LedgerWriter
 from qwen_gateway.service.models import ModelRegistry
 from qwen_gateway.service.money.meter import Meter
+from qwen_gateway.service.search import WebSearch
 from qwen_gateway.settings import ModelConfig, Settings
 from qwen_gateway.store.db import Store
 from qwen_gateway.store.money import settle, settle_async, settle_sync
@@ -43,6 +45,8 @@ class Gateway:
     admin: AdminService
     # Fetches and checks the images and videos of requests (qwen_gateway/media).
     media: MediaFetcher
+    # Web search for enable_search (a provider from [search], or none).
+    search: WebSearch
 
     @classmethod
     async def open(cls, settings: Settings, *, console: Console | None = None) -> Gateway:
@@ -61,6 +65,7 @@ class Gateway:
             await models.aclose()
             await store.aclose()
             raise
+        log.info("%s", gateway.search.startup_line())
         return gateway
 
     @classmethod
@@ -90,6 +95,7 @@ class Gateway:
             started_at=int(time.time()),
             admin=AdminService(store, keys, meter),
             media=MediaFetcher(settings.media),
+            search=WebSearch(create_search_provider(settings.search), settings.search),
         )
 
     async def aclose(self) -> None:
@@ -127,7 +133,10 @@ class Gateway:
                     try:
                         await self.store.aclose()
                     finally:
-                        await self.media.aclose()
+                        try:
+                            await self.media.aclose()
+                        finally:
+                            await self.search.aclose()
 
 
 async def _embedded_models(settings: Settings, console: Console | None) -> tuple[ModelConfig, ...]:

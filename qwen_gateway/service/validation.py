@@ -31,10 +31,13 @@ from qwen_gateway.engines.base import (
 from qwen_gateway.errors import InvalidParameter, InvalidRequest
 from qwen_gateway.protocol.compat import ChatCompletionRequest, ContentPartIn, MessageIn, ToolIn
 from qwen_gateway.service.constraints import logprobs_setting, output_constraint
+from qwen_gateway.service.events import SearchInfo
 from qwen_gateway.service.media import EMPTY_SLOT, ImageRef, MediaRef, MediaSlot, VideoFileRef, VideoFramesRef
 from qwen_gateway.service.models import ModelRegistry, ServedModel
 from qwen_gateway.service.ocr import task_prompt
 from qwen_gateway.service.parsers import tool_parsing
+from qwen_gateway.service.search import SearchOptions
+from qwen_gateway.service.search import parse_options as parse_search_options
 
 SEED_MAX = 9223372036854775807
 STOP_TYPE_MESSAGE = (
@@ -65,8 +68,10 @@ class ChatCall:
     n: int
     stream: bool
     include_usage: bool
-    # Asked for web search (answered without searching while no search provider is configured).
+    # Asked for web search; its options; the search that ran (service/search.py ``WebSearch.apply``).
     enable_search: bool = False
+    search_options: SearchOptions = dataclasses.field(default_factory=SearchOptions)
+    search_info: SearchInfo | None = None
     # Image/video parts still to fetch (service/media.py ``resolve`` puts them into ``generation``).
     media: tuple[MediaSlot, ...] = ()
     # More than one tool call per answer (DashScope's default: one).
@@ -419,12 +424,6 @@ def _refuse_unsupported(req: ChatCompletionRequest) -> None:
     for param, is_set in _NOT_YET.items():
         if is_set(values.get(param)):
             raise InvalidParameter(f"{param} is not supported by this server yet.", param=param)
-    options = req.search_options or {}
-    if options.get("forced_search"):
-        raise InvalidParameter(
-            "search_options.forced_search is not supported: no search provider is configured.",
-            param="search_options.forced_search",
-        )
 
 
 def _max_tokens(req: ChatCompletionRequest, limit: int) -> int:
@@ -501,6 +500,7 @@ def build_call(body: dict[str, Any], models: ModelRegistry, *, request_id: str) 
         # Offered, the model could call them, but its calls could not be read: refuse, not ignore.
         raise InvalidParameter("This model does not support tools.", param="tools")
     _refuse_unsupported(req)
+    search_options = parse_search_options(req.search_options)
     if req.enable_search and not spec.supports_search:
         raise InvalidParameter("This model does not support enable_search.", param="enable_search")
 
@@ -557,6 +557,7 @@ def build_call(body: dict[str, Any], models: ModelRegistry, *, request_id: str) 
         stream=stream,
         include_usage=include_usage,
         enable_search=bool(req.enable_search),
+        search_options=search_options,
         media=media,
         parallel_tool_calls=bool(req.parallel_tool_calls),
     )

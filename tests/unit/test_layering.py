@@ -41,6 +41,15 @@ FORBIDDEN = {
         "qwen_gateway.store",
         "qwen_gateway.cli",
     ),
+    # Web-search providers know queries and hits, never requests, prompts or wire shapes.
+    "search": (
+        "qwen_gateway.api",
+        "qwen_gateway.service",
+        "qwen_gateway.engines",
+        "qwen_gateway.protocol",
+        "qwen_gateway.store",
+        "qwen_gateway.cli",
+    ),
     "service": ("qwen_gateway.api", "qwen_gateway.cli"),
     "api": ("qwen_gateway.cli",),
 }

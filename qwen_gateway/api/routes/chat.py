@@ -56,6 +56,9 @@ async def chat_completions(request: Request) -> Response:
     # Every image and video of the request, fetched concurrently before anything runs: a refusal is a
     # plain 400 (never charged), before any header of a stream goes out.
     call = await resolve_media(call, gateway.media)
+    # The web search (enable_search) before anything runs, so its results are part of the prompt that
+    # is admitted, held for and counted; a provider failure only means no results.
+    call = await gateway.search.apply(call)
     key_id = key_id_of(request)
     account = account_of(request)
     if call.stream:
