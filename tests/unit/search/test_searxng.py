@@ -58,7 +58,9 @@ def test_sites_go_into_the_query_and_filter_the_hosts(fake: FakeSearxng) -> None
     assert hits and {h.site_name for h in hits} == {"news.example.com", "blog.example.com"}
     search(fake, SearchQuery("unit-two-sites", count=1, sites=("a.example", "b.example")))
     assert fake.requests_for("unit-two-sites")[0]["q"] == "unit-two-sites (site:a.example OR site:b.example)"
-    assert host_matches("Docs.Example.org.", ("example.org",)) and not host_matches("badexample.org", ("example.org",))
+    assert host_matches("Docs.Example.org.", ("example.org",)) and not host_matches(
+        "badexample.org", ("example.org",)
+    )
 
 
 @pytest.mark.parametrize(

@@ -43,7 +43,9 @@ def test_defaults_are_dashscopes() -> None:
             "intention_options": None,
         }
     )
-    assert options == SearchOptions(True, True, True, "[ref_<number>]", "max", 30, ("westlake.hangzhou.gov.cn",))
+    assert options == SearchOptions(
+        True, True, True, "[ref_<number>]", "max", 30, ("westlake.hangzhou.gov.cn",)
+    )
 
 
 @pytest.mark.parametrize(
