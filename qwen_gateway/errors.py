@@ -16,6 +16,7 @@ protocol that is answering. Nothing else decides an HTTP status.
         │       ├── MediaFormatInvalid    the bytes are not an image/video we read (magic bytes, decoder)
         │       ├── ImageSizeInvalid      an image side <= 10 px, or more pixels than the cap (bombs)
         │       └── VideoLimitExceeded    frame count or duration outside the server's caps
+        │   └── MissingField          400 a native request without model / input (BadRequest.Empty*)
         ├── InvalidRequest            400 malformed body / unsupported request (``invalid_request_error``)
         ├── PayloadTooLarge           400 the body is over the server's limit (DashScope: 400 TooLarge)
         ├── Arrearage                 400 the key's balance can't cover the request's hold
@@ -152,6 +153,15 @@ class VideoLimitExceeded(MediaError):
         return cls(
             MediaError.PREFIX + f"The video sampled at the requested fps has more than {limit} frames."
         )
+
+
+class MissingField(InvalidParameter):
+    """A native request lacks ``model`` or ``input``: DashScope's ``BadRequest.EmptyModel`` /
+    ``BadRequest.EmptyInput`` (reference §1.5, §5.2)."""
+
+    def __init__(self, message: str, *, param: str, native_code: str) -> None:
+        super().__init__(message, param=param)
+        self.native_code = native_code
 
 
 class InvalidRequest(ApiError):

@@ -18,13 +18,14 @@ from qwen_gateway.api.balance import BalanceHeader
 from qwen_gateway.api.deps import require_key
 from qwen_gateway.api.lifecycle import Shutdown
 from qwen_gateway.api.middleware import RequestIdMiddleware
-from qwen_gateway.api.routes import admin, chat, health, models
+from qwen_gateway.api.routes import admin, chat, health, models, native
 
 if TYPE_CHECKING:
     from qwen_gateway.service.runtime import Gateway
 
 # DashScope's own prefix, and plain /v1 for clients configured the OpenAI way.
 API_PREFIXES = ("/compatible-mode/v1", "/v1")
+NATIVE_API_PREFIX = "/api/v1"
 
 
 def create_app(gateway: Gateway) -> FastAPI:
@@ -44,6 +45,8 @@ def create_app(gateway: Gateway) -> FastAPI:
     for prefix in API_PREFIXES:
         for router in (chat.router, models.router):
             app.include_router(router, prefix=prefix, dependencies=[Depends(require_key)])
+    # The native DashScope protocol (reference §1.4), same keys.
+    app.include_router(native.router, prefix=NATIVE_API_PREFIX, dependencies=[Depends(require_key)])
     app.include_router(health.router)
     # The admin API checks its own (admin) key; the console's static files need none.
     app.include_router(admin.api)

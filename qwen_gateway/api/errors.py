@@ -9,7 +9,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
-from qwen_gateway.api.render import compat
+from qwen_gateway.api.render import compat, native
 from qwen_gateway.api.responses import JSONBytesResponse
 from qwen_gateway.errors import ApiError
 
@@ -29,8 +29,29 @@ def error_response(exc: ApiError, request_id: str | None) -> JSONBytesResponse:
     )
 
 
-async def _api_error(request: Request, exc: Exception) -> JSONBytesResponse:
+def _is_native(request: Request) -> bool:
+    return request.url.path.startswith(native.NATIVE_PREFIX)
+
+
+def native_error_response(request: Request, exc: ApiError) -> Response:
+    """A native error: the flat body, or one ``event:error`` when the request asked for SSE (as
+    DashScope answers a stream it refuses; the HTTP status stays the error's own, so the SDK and any
+    proxy see it)."""
+    rid = request_id_of(request)
+    if native.wants_sse(request.headers):
+        return Response(
+            native.error_event(exc, rid),
+            status_code=exc.status,
+            media_type=native.SSE_MEDIA_TYPE,
+            headers=exc.headers or None,
+        )
+    return JSONBytesResponse(native.error_body(exc, rid), status_code=exc.status, headers=exc.headers or None)
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
+    if _is_native(request):
+        return native_error_response(request, exc)
     return error_response(exc, request_id_of(request))
 
 
@@ -44,6 +65,10 @@ async def _http_error(request: Request, exc: Exception) -> JSONBytesResponse:
         message = f"The requested URL {shown} was not found on this server."
     else:
         message = str(exc.detail)
+    if _is_native(request):
+        code = "NotFound" if exc.status_code == 404 else "InvalidParameter"
+        native_body = native.plain_error_body(code, message, request_id_of(request))
+        return JSONBytesResponse(native_body, status_code=exc.status_code, headers=exc.headers)
     body = compat.error_body(
         message=message,
         type_="invalid_request_error",
@@ -66,6 +91,9 @@ async def _unexpected(request: Request, exc: Exception) -> JSONBytesResponse:
     # The traceback goes to the server log only; the client gets the request id to quote.
     rid = request_id_of(request)
     log.error("unhandled error in request %s", rid, exc_info=exc)
+    if _is_native(request):
+        native_body = native.plain_error_body("InternalError", ApiError.default_message, rid)
+        return JSONBytesResponse(native_body, status_code=500, headers={"X-Request-ID": rid})
     body = compat.error_body(
         message="An internal error has occured, please try again later.",
         type_="internal_error",

@@ -38,6 +38,7 @@ from qwen_gateway.service.events import (
     StreamFailed,
     ToolCallDelta,
     ToolCallResult,
+    UsageProgress,
     UsageReport,
 )
 from qwen_gateway.service.money.meter import Account
@@ -131,6 +132,8 @@ class ChatService:
                             out = parsers[index].feed(event.text, event.specials)
                             if event.logprobs:
                                 out = _with_logprobs(out, index, event.logprobs)
+                            if call.usage_progress and event.usage is not None:
+                                out.insert(0, UsageProgress(_total(usage)))
                             if parsers[index].done:
                                 # A single tool call is complete (parallel_tool_calls false): the
                                 # choice ends here, and so does its generation once all have.
@@ -207,6 +210,8 @@ class ChatService:
                         choices[event.index].finish_reason = event.reason
                     case UsageReport():
                         total = event.usage
+                    case UsageProgress():
+                        pass
                     case StreamFailed():
                         raise event.error
                     case _:

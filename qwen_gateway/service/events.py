@@ -61,6 +61,14 @@ class UsageReport:
 
 
 @dataclass(frozen=True, slots=True)
+class UsageProgress:
+    """The request's cumulative usage so far, before the deltas it covers (only when the call asked for
+    it: ``ChatCall.usage_progress``; the native protocol reports usage on every event)."""
+
+    usage: Usage
+
+
+@dataclass(frozen=True, slots=True)
 class StreamFailed:
     """The request failed; nothing follows. ``before_output`` is True when no other event preceded
     it, so the answer can still carry the error's own HTTP status. ``usage`` is what the request
@@ -96,7 +104,15 @@ class SearchInfo:
     enable_source: bool
 
 
-ChoiceEvent = ContentDelta | ReasoningDelta | ToolCallDelta | ChoiceFinished | UsageReport | StreamFailed
+ChoiceEvent = (
+    ContentDelta
+    | ReasoningDelta
+    | ToolCallDelta
+    | ChoiceFinished
+    | UsageReport
+    | UsageProgress
+    | StreamFailed
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,6 +38,7 @@ from qwen_gateway.service.ocr import task_prompt
 from qwen_gateway.service.parsers import tool_parsing
 from qwen_gateway.service.search import SearchOptions
 from qwen_gateway.service.search import parse_options as parse_search_options
+from qwen_gateway.service.translation import translation_messages
 
 SEED_MAX = 9223372036854775807
 STOP_TYPE_MESSAGE = (
@@ -76,6 +77,9 @@ class ChatCall:
     media: tuple[MediaSlot, ...] = ()
     # More than one tool call per answer (DashScope's default: one).
     parallel_tool_calls: bool = False
+    # Report the cumulative usage as it grows (:class:`~qwen_gateway.service.events.UsageProgress`):
+    # the native protocol carries it on every stream event.
+    usage_progress: bool = False
 
     @property
     def thinking(self) -> bool:
@@ -408,7 +412,6 @@ def _check_tool_choice(choice: str | dict[str, Any] | None, tools: tuple[ToolSpe
 # they are refused with a 400 naming them instead of being accepted and ignored.
 _NOT_YET: dict[str, Callable[[Any], bool]] = {
     "logit_bias": bool,
-    "translation_options": lambda v: v is not None,
     "enable_code_interpreter": bool,
     "preserve_thinking": bool,
     "reasoning_effort": lambda v: v is not None,
@@ -470,7 +473,12 @@ def _thinking(req: ChatCompletionRequest, served: ServedModel) -> Thinking | Non
 
 def build_call(body: dict[str, Any], models: ModelRegistry, *, request_id: str) -> ChatCall:
     """The whole compatible-mode validation: wire dict -> :class:`ChatCall`."""
-    req = parse_wire(body)
+    return build_call_from(parse_wire(body), models, request_id=request_id)
+
+
+def build_call_from(req: ChatCompletionRequest, models: ModelRegistry, *, request_id: str) -> ChatCall:
+    """A parsed request -> :class:`ChatCall`: the one validation both protocols go through (the native
+    protocol maps its request onto this schema first, ``service/requests/native.py``)."""
     served = models.get(req.model)
     spec = served.spec
     messages, media = _messages(req.messages)
@@ -481,6 +489,9 @@ def build_call(body: dict[str, Any], models: ModelRegistry, *, request_id: str) 
                 "ocr_options is only supported by the Qwen-OCR models (qwen-vl-ocr).", param="ocr_options"
             )
         messages = _with_ocr_prompt(messages, task_prompt(req.ocr_options))
+    options = (req.model_extra or {}).get("translation_options")
+    if options is not None:
+        messages = translation_messages(messages, options, spec)
 
     _check_ranges(req)
     n = 1 if req.n is None else req.n

@@ -31,6 +31,7 @@ from qwen_gateway.service.events import (
     ReasoningDelta,
     StreamFailed,
     ToolCallDelta,
+    UsageProgress,
     UsageReport,
 )
 from qwen_gateway.service.validation import ChatCall
@@ -214,6 +215,8 @@ class StreamRenderer:
                 elif self._call.thinking:
                     finish["reasoning_content"] = None
                 return [self._chunk([self._delta(event.index, finish, event.reason)])]
+            case UsageProgress():
+                return []  # compatible mode reports usage once, at the end
             case UsageReport():
                 if not self._call.include_usage:
                     return []

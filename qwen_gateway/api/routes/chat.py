@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+from collections.abc import AsyncGenerator, Callable
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -16,9 +19,9 @@ from qwen_gateway.api.render import compat
 from qwen_gateway.api.responses import JSONBytesResponse
 from qwen_gateway.api.sse import SSEResponse
 from qwen_gateway.errors import PayloadTooLarge, ShuttingDown
-from qwen_gateway.service.events import StreamFailed
+from qwen_gateway.service.events import ChatResult, ChoiceEvent, StreamFailed
 from qwen_gateway.service.media import resolve as resolve_media
-from qwen_gateway.service.validation import build_call, parse_body
+from qwen_gateway.service.validation import ChatCall, build_call, parse_body
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,23 @@ async def chat_completions(request: Request) -> Response:
     # The web search (enable_search) before anything runs, so its results are part of the prompt that
     # is admitted, held for and counted; a provider failure only means no results.
     call = await gateway.search.apply(call)
+    return await answer(
+        request,
+        call,
+        functools.partial(compat.sse_frames, call),
+        functools.partial(compat.completion_body, call),
+    )
+
+
+async def answer(
+    request: Request,
+    call: ChatCall,
+    frames: Callable[[AsyncGenerator[ChoiceEvent, None]], AsyncGenerator[bytes, None]],
+    body: Callable[[ChatResult], dict[str, Any]],
+) -> Response:
+    """Run a validated call and answer it, streamed (``frames``) or whole (``body``): the part of a
+    chat route both protocols share (admission, money, shutdown, disconnects)."""
+    gateway = get_gateway(request)
     key_id = key_id_of(request)
     account = account_of(request)
     if call.stream:
@@ -76,7 +96,7 @@ async def chat_completions(request: Request) -> Response:
                 await events.aclose()
                 raise event.error
         return SSEResponse(
-            compat.sse_frames(call, resume_until_shutdown(first, events, shutdown, call.request_id)),
+            frames(resume_until_shutdown(first, events, shutdown, call.request_id)),
             keepalive=gateway.settings.keepalive_seconds,
         )
 
@@ -108,4 +128,4 @@ async def chat_completions(request: Request) -> Response:
     if work.cancelled():
         # Nobody is listening any more; 499 is what proxies log for "client closed request".
         return Response(status_code=499)
-    return JSONBytesResponse(compat.completion_body(call, work.result()))
+    return JSONBytesResponse(body(work.result()))

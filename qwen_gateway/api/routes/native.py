@@ -1,0 +1,55 @@
+"""The native DashScope protocol: ``POST /api/v1/services/aigc/{text,multimodal}-generation/generation``
+and ``POST /api/v1/tokenizer``.
+
+A second renderer over the same service: the request is validated into the same call compatible mode
+builds (``service/requests/native.py``) and runs through the same admission, money, limits and ledger
+(``routes/chat.answer``); only the shapes differ (``api/render/native.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from qwen_gateway.api.deps import get_gateway
+from qwen_gateway.api.errors import request_id_of
+from qwen_gateway.api.render import native as render
+from qwen_gateway.api.routes.chat import answer, read_body
+from qwen_gateway.service.media import resolve as resolve_media
+from qwen_gateway.service.requests.native import build_native_call
+from qwen_gateway.service.validation import parse_body
+
+router = APIRouter()
+
+
+async def _generation(request: Request, *, multimodal: bool) -> Response:
+    gateway = get_gateway(request)
+    body = parse_body(await read_body(request, gateway.settings.max_request_bytes))
+    native = build_native_call(
+        body,
+        gateway.models,
+        request_id=request_id_of(request),
+        multimodal=multimodal,
+        stream=render.wants_sse(request.headers),
+    )
+    call = await resolve_media(native.chat, gateway.media)
+    native = dataclasses.replace(native, chat=call)
+    return await answer(
+        request,
+        call,
+        functools.partial(render.sse_frames, native),
+        functools.partial(render.response_body, native),
+    )
+
+
+@router.post("/services/aigc/text-generation/generation")
+async def text_generation(request: Request) -> Response:
+    return await _generation(request, multimodal=False)
+
+
+@router.post("/services/aigc/multimodal-generation/generation")
+async def multimodal_generation(request: Request) -> Response:
+    return await _generation(request, multimodal=True)
