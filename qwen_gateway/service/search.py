@@ -20,8 +20,9 @@ own (DashScope's is not published).
 sources, as DashScope's doesn't), ``enable_citation``, ``citation_format``, ``search_strategy``
 (``turbo``/``standard``: ``[search] results`` results, ``max``/``pro``: ``max_results``; the agent
 strategies search several rounds and are refused), ``freshness`` (7, 30, 180, 365 days),
-``assigned_site_list`` (results only from those sites). ``enable_search_extension`` (vertical
-"stock"/"weather" tools), ``intention_options`` and ``prepend_search_result`` are refused when set.
+``assigned_site_list`` (results only from those sites), ``prepend_search_result`` (native streams:
+the results first, in an event of their own; refused elsewhere). ``enable_search_extension``
+(vertical "stock"/"weather" tools) and ``intention_options`` are refused when set.
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ class SearchOptions:
     strategy: str = DEFAULT_STRATEGY
     freshness: int | None = None
     sites: tuple[str, ...] = ()
+    # Native streams only: the results in an event of their own before the answer.
+    prepend: bool = False
 
     def marker(self, number: int) -> str:
         return self.citation_format.replace("<number>", str(number))
@@ -104,11 +107,11 @@ def parse_options(raw: Any) -> SearchOptions:
     for name in raw:
         if name not in known:
             raise InvalidParameter(f"{_OPTION}.{name} is not a search option.", param=f"{_OPTION}.{name}")
-    for name in ("enable_search_extension", "prepend_search_result"):
-        if _bool(raw, name):
-            raise InvalidParameter(
-                f"{_OPTION}.{name} is not supported by this server yet.", param=f"{_OPTION}.{name}"
-            )
+    if _bool(raw, "enable_search_extension"):
+        raise InvalidParameter(
+            f"{_OPTION}.enable_search_extension is not supported by this server yet.",
+            param=f"{_OPTION}.enable_search_extension",
+        )
     if raw.get("intention_options") not in (None, {}):
         raise InvalidParameter(
             f"{_OPTION}.intention_options is not supported by this server yet.",
@@ -150,7 +153,15 @@ def parse_options(raw: Any) -> SearchOptions:
         strategy=strategy,
         freshness=freshness,
         sites=_sites(raw.get("assigned_site_list")),
+        prepend=_bool(raw, "prepend_search_result"),
     )
+
+
+# What prepend_search_result is refused with where it can't have its effect.
+PREPEND_MESSAGE = (
+    "search_options.prepend_search_result applies to native (DashScope protocol) streams only: the "
+    "results come first in an event of their own."
+)
 
 
 _HOST = re.compile(

@@ -36,7 +36,7 @@ from qwen_gateway.service.media import EMPTY_SLOT, ImageRef, MediaRef, MediaSlot
 from qwen_gateway.service.models import ModelRegistry, ServedModel
 from qwen_gateway.service.ocr import task_prompt
 from qwen_gateway.service.parsers import tool_parsing
-from qwen_gateway.service.search import SearchOptions
+from qwen_gateway.service.search import PREPEND_MESSAGE, SearchOptions
 from qwen_gateway.service.search import parse_options as parse_search_options
 from qwen_gateway.service.translation import translation_messages
 
@@ -473,7 +473,10 @@ def _thinking(req: ChatCompletionRequest, served: ServedModel) -> Thinking | Non
 
 def build_call(body: dict[str, Any], models: ModelRegistry, *, request_id: str) -> ChatCall:
     """The whole compatible-mode validation: wire dict -> :class:`ChatCall`."""
-    return build_call_from(parse_wire(body), models, request_id=request_id)
+    call = build_call_from(parse_wire(body), models, request_id=request_id)
+    if call.search_options.prepend:
+        raise InvalidParameter(PREPEND_MESSAGE, param="search_options.prepend_search_result")
+    return call
 
 
 def build_call_from(req: ChatCompletionRequest, models: ModelRegistry, *, request_id: str) -> ChatCall:

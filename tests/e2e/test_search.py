@@ -25,7 +25,7 @@ from qwen_gateway.search import host_matches
 from qwen_gateway.service.events import SearchResult
 from qwen_gateway.service.search import SearchOptions, parse_options, search_block
 from tests.searx_fake import FakeSearxng, results_for
-from tests.support import MODELS, Server, assert_schema, start_server
+from tests.support import MODELS, SHARED, Server, assert_schema, start_server
 
 CONFIG = """
 [[models]]
@@ -303,3 +303,183 @@ def test_seed_enable_search_examples_without_a_provider(server: Server) -> None:
     assert set(body) == COMPLETION_KEYS
     assert body["usage"]["prompt_tokens"] == prompt_tokens(SEED_003)
     assert "enable_search: no search provider is configured" in server.log()
+
+
+# -- the native protocol: search_info and usage.plugins ------------------------------------------------
+
+TEXT_URL = "/api/v1/services/aigc/text-generation/generation"
+CAPTURES = SHARED / "reference" / "captures"
+
+
+def native(
+    server: Server, parameters: dict[str, Any], messages: list[dict[str, str]], *, sse: bool = False
+) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {server.api_key}"}
+    if sse:
+        headers["X-DashScope-SSE"] = "enable"
+    body = {
+        "model": "qwen-plus",
+        "input": {"messages": messages},
+        "parameters": {"max_tokens": 2, **parameters},
+    }
+    return httpx.post(server.base_url + TEXT_URL, headers=headers, json=body, timeout=120)
+
+
+def native_events(response: httpx.Response) -> list[dict[str, Any]]:
+    assert response.status_code == 200, response.text
+    return [json.loads(line[5:]) for line in response.text.splitlines() if line.startswith("data:")]
+
+
+def expected_results(query: str, count: int) -> list[dict[str, Any]]:
+    return [
+        {"icon": "", "index": i, "site_name": h["parsed_url"][1], "title": h["title"], "url": h["url"]}
+        for i, h in enumerate(results_for(query)[:count], 1)
+    ]
+
+
+def test_native_returns_search_info_and_counts_the_search(search_server: Server) -> None:
+    messages = user("e2e-native 阿里股价")
+    options = {
+        "enable_source": True,
+        "enable_citation": True,
+        "citation_format": "[ref_<number>]",
+        "forced_search": True,
+        "search_strategy": "standard",
+    }
+    r = native(
+        search_server,
+        {"result_format": "message", "enable_search": True, "search_options": options},
+        messages,
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    info = body["output"]["search_info"]
+    assert info == {"extra_tool_info": [], "search_results": expected_results(messages[0]["content"], 3)}
+    assert body["usage"]["plugins"] == {"search": {"count": 1, "strategy": "standard"}}
+    assert body["usage"]["input_tokens"] == searched_prompt_tokens(messages, 3, options)
+    # The capture's shape (captures/single-generation-message-search-nosse), key for key.
+    capture = json.loads((CAPTURES / "single-generation-message-search-nosse.response.body.txt").read_text())
+    assert set(info) == set(capture["output"]["search_info"])
+    assert set(info["search_results"][0]) == set(capture["output"]["search_info"]["search_results"][0])
+    assert set(body["usage"]["plugins"]["search"]) == set(capture["usage"]["plugins"]["search"])
+    # The same conversation through compatible mode gives the same prompt.
+    compat = post(search_server, {"messages": messages, "enable_search": True, "search_options": options})
+    assert compat.json()["usage"]["prompt_tokens"] == body["usage"]["input_tokens"]
+    (row,) = search_server.ledger(r.headers["x-request-id"])
+    assert row["prompt_tokens"] == body["usage"]["input_tokens"]
+
+
+def test_native_without_enable_source_counts_the_search_but_shows_no_sources(search_server: Server) -> None:
+    messages = user("e2e-nosource question")
+    for result_format in ("text", "message"):
+        r = native(search_server, {"result_format": result_format, "enable_search": True}, messages)
+        body = r.json()
+        assert "search_info" not in body["output"]
+        assert body["usage"]["plugins"] == {"search": {"count": 1, "strategy": "turbo"}}
+        assert body["usage"]["input_tokens"] == searched_prompt_tokens(messages, 3)
+
+
+def test_native_stream_prepends_the_results_as_the_capture_does(search_server: Server) -> None:
+    messages = user("e2e-prepend 杭州明天的天气")
+    options = {
+        "enable_source": True,
+        "forced_search": True,
+        "prepend_search_result": True,
+        "search_strategy": "standard",
+    }
+    parameters = {
+        "result_format": "message",
+        "enable_search": True,
+        "search_options": options,
+        "incremental_output": True,
+    }
+    events = native_events(native(search_server, parameters, messages, sse=True))
+    first, *rest = events
+    assert first["output"]["search_info"]["search_results"] == expected_results(messages[0]["content"], 3)
+    assert first["usage"] == {}
+    assert first["output"]["choices"] == [
+        {"message": {"role": "assistant", "content": ""}, "finish_reason": "null"}
+    ]
+    assert rest and all(
+        e["output"]["search_info"] == {"extra_tool_info": [], "search_results": []} for e in rest
+    )
+    assert all(e["usage"]["plugins"] == {"search": {"count": 1, "strategy": "standard"}} for e in rest)
+    assert rest[-1]["usage"]["input_tokens"] == searched_prompt_tokens(messages, 3, options)
+    # Line for line the capture's structure: the same keys in the first event and in a later one.
+    lines = (CAPTURES / "single-generation-message-search-sse.response.body.txt").read_text("utf-8-sig")
+    captured = [json.loads(line[5:]) for line in lines.splitlines() if line.startswith("data:")]
+    assert set(first["output"]) == set(captured[0]["output"]) and first["usage"] == captured[0]["usage"]
+    assert set(rest[0]["output"]["search_info"]) == set(captured[1]["output"]["search_info"])
+    assert set(rest[0]["usage"]["plugins"]) == set(captured[1]["usage"]["plugins"])
+
+
+def test_native_stream_carries_the_results_once_or_in_every_full_event(search_server: Server) -> None:
+    messages = user("e2e-streamed sources")
+    parameters = {
+        "result_format": "message",
+        "enable_search": True,
+        "search_options": {"enable_source": True},
+    }
+    expected = expected_results(messages[0]["content"], 3)
+    incremental = native_events(
+        native(search_server, {**parameters, "incremental_output": True}, messages, sse=True)
+    )
+    assert incremental[0]["output"]["search_info"]["search_results"] == expected
+    assert all(e["output"]["search_info"]["search_results"] == [] for e in incremental[1:])
+    full = native_events(
+        native(search_server, {**parameters, "incremental_output": False}, messages, sse=True)
+    )
+    assert all(e["output"]["search_info"]["search_results"] == expected for e in full)
+
+
+def test_native_provider_failure_has_no_search_info(search_server: Server) -> None:
+    options = {"enable_source": True, "forced_search": True}
+    messages = user("e2e-native-fail provider-500")
+    body = native(
+        search_server,
+        {"result_format": "message", "enable_search": True, "search_options": options},
+        messages,
+    ).json()
+    assert "search_info" not in body["output"] and "plugins" not in body["usage"]
+    assert body["usage"]["input_tokens"] == prompt_tokens(messages)
+
+
+def test_native_prepend_needs_a_stream(search_server: Server) -> None:
+    options = {"prepend_search_result": True}
+    r = native(search_server, {"enable_search": True, "search_options": options}, user("e2e-x"))
+    assert r.status_code == 400 and r.json()["code"] == "InvalidParameter"
+    assert "prepend_search_result" in r.json()["message"]
+
+
+def test_native_sdk_with_search(search_server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dashscope
+    from dashscope import Generation
+
+    monkeypatch.setattr(dashscope, "base_http_api_url", f"{search_server.base_url}/api/v1")
+    messages = user("e2e-sdk 今天杭州有什么新闻")
+    response = Generation.call(
+        model="qwen-plus",
+        api_key=search_server.api_key,
+        messages=messages,
+        result_format="message",
+        max_tokens=2,
+        enable_search=True,
+        search_options={"enable_source": True, "search_strategy": "max"},
+    )
+    assert response.status_code == 200, response
+    assert response.output.search_info["search_results"] == expected_results(messages[0]["content"], 6)
+    assert response.usage["plugins"] == {"search": {"count": 1, "strategy": "max"}}
+
+
+def test_native_without_a_provider(server: Server) -> None:
+    messages = user("hi")
+    body = native(
+        server,
+        {"result_format": "message", "enable_search": True, "search_options": {"enable_source": True}},
+        messages,
+    ).json()
+    assert "search_info" not in body["output"] and "plugins" not in body["usage"]
+    assert body["usage"]["input_tokens"] == prompt_tokens(messages)
+    r = native(server, {"enable_search": True, "search_options": {"forced_search": True}}, messages)
+    assert r.status_code == 400
+    assert r.json()["code"] == "InvalidParameter" and "forced_search" in r.json()["message"]

@@ -11,8 +11,14 @@ Shapes follow the captures (reference §1.5, §4.2, §5.1; ``captures/single-gen
   far; a failure is one ``event:error`` whose data is the error body;
 - errors: flat ``{"code", "message", "request_id"}`` with the native code.
 
-Open for web search: :meth:`StreamRenderer.extra_output` and ``output_extra`` of :func:`response_body`
-are where ``search_info`` joins ``output`` (a later event type or a field of the call).
+Web search (``ChatCall.search_info``, service/search.py): with ``enable_source`` the results are
+``output.search_info`` (``{"search_results": [{"icon", "index", "site_name", "title", "url"}],
+"extra_tool_info": []}``, as in captures/*search*); every search that ran is counted in
+``usage.plugins.search`` (``{"count", "strategy"}``), sources asked for or not. Streamed, the results
+ride on the first event and later events carry empty lists (captures: single-generation-message-search-
+sse), except with ``incremental_output`` false, where every event repeats the whole output so far,
+results included; ``prepend_search_result`` sends them first in an event of their own with
+``"usage": {}``.
 """
 
 from __future__ import annotations
@@ -159,18 +165,41 @@ def _output(call: NativeCall, choices: list[dict[str, Any]], finish: str) -> dic
     return output
 
 
+def search_info_body(call: NativeCall, *, with_results: bool = True) -> dict[str, Any] | None:
+    """``output.search_info`` (None: no search ran or ``enable_source`` is off)."""
+    info = call.chat.search_info
+    if info is None or not info.enable_source:
+        return None
+    results = [
+        {"icon": r.icon, "index": r.index, "site_name": r.site_name, "title": r.title, "url": r.url}
+        for r in info.results
+    ]
+    return {"extra_tool_info": [], "search_results": results if with_results else []}
+
+
+def _with_plugins(usage: dict[str, Any], call: NativeCall) -> dict[str, Any]:
+    """``usage.plugins``: the searches that ran for the request (what DashScope bills apart)."""
+    info = call.chat.search_info
+    if info is not None and info.count:
+        usage["plugins"] = {"search": {"count": info.count, "strategy": info.strategy}}
+    return usage
+
+
 # -- non-stream --------------------------------------------------------------------------------------
 
 
 def response_body(
     call: NativeCall, result: ChatResult, output_extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    usage = usage_body(result.usage)
+    usage = _with_plugins(usage_body(result.usage), call)
     if call.result_format == "text":
         choice = result.choices[0]
         output: dict[str, Any] = {"finish_reason": choice.finish_reason or "stop", "text": choice.text}
     else:
         output = _output(call, [_choice_body(call, c) for c in result.choices], _finish(result.choices[0]))
+    search_info = search_info_body(call)
+    if search_info is not None:
+        output["search_info"] = search_info
     if output_extra:
         output.update(output_extra)
     return {"output": output, "usage": usage, "request_id": call.chat.request_id}
@@ -211,10 +240,35 @@ class StreamRenderer:
         self._call = call
         self._usage = Usage(0, 0)
         self._choices = [_Choice() for _ in range(call.chat.n)]
+        # The search results went out already (in a prepended event or the first one).
+        self._results_sent = False
+
+    def prepended(self) -> dict[str, Any] | None:
+        """The event ``prepend_search_result`` puts before the answer: the results alone, an empty
+        assistant message and ``"usage": {}`` (captures: single-generation-message-search-sse)."""
+        search_info = search_info_body(self._call)
+        if not self._call.chat.search_options.prepend or search_info is None:
+            return None
+        self._results_sent = True
+        call = self._call
+        output: dict[str, Any]
+        if call.result_format == "text":
+            output = {"finish_reason": STILL_GOING, "text": ""}
+        else:
+            message = _message(call, "", None, [])
+            output = _output(call, [{"message": message, "finish_reason": STILL_GOING}], STILL_GOING)
+        output["search_info"] = search_info
+        return {"output": output, "usage": {}, "request_id": self._call.chat.request_id}
 
     def extra_output(self) -> dict[str, Any]:
-        """Fields added to ``output`` of every event (none yet; web search adds ``search_info``)."""
-        return {}
+        """Fields added to ``output`` of every event: ``search_info`` (the results once, or in every
+        event when each repeats the whole output)."""
+        with_results = not self._results_sent or not self._call.incremental
+        search_info = search_info_body(self._call, with_results=with_results)
+        if search_info is None:
+            return {}
+        self._results_sent = True
+        return {"search_info": search_info}
 
     def _payload(self, index: int, delta: _Choice, finish: str) -> dict[str, Any]:
         call = self._call
@@ -232,7 +286,8 @@ class StreamRenderer:
                 choice["index"] = index
             output = _output(call, [choice], finish)
         output.update(self.extra_output())
-        return {"output": output, "usage": usage_body(self._usage), "request_id": call.chat.request_id}
+        usage = _with_plugins(usage_body(self._usage), call)
+        return {"output": output, "usage": usage, "request_id": call.chat.request_id}
 
     def render(self, event: ChoiceEvent) -> list[dict[str, Any]]:
         """The payloads ``event`` adds (none for a usage update or a finish, which the end reports)."""
@@ -276,9 +331,16 @@ async def sse_frames(
     """The whole native SSE body of a stream (no ``[DONE]``: the last event's finish_reason ends it)."""
     renderer = StreamRenderer(call)
     number = 0
+    first = True
     request_id = call.chat.request_id
     try:
         async for event in events:
+            if first and not isinstance(event, StreamFailed):
+                first = False
+                prepended = renderer.prepended()
+                if prepended is not None:
+                    number += 1
+                    yield sse_event(number, prepended)
             if isinstance(event, StreamFailed):
                 number += 1
                 yield error_event(event.error, request_id, number)

@@ -18,8 +18,9 @@ from qwen_gateway.api.deps import get_gateway
 from qwen_gateway.api.errors import request_id_of
 from qwen_gateway.api.render import native as render
 from qwen_gateway.api.routes.chat import answer, read_body
+from qwen_gateway.errors import ApiError
 from qwen_gateway.service.media import resolve as resolve_media
-from qwen_gateway.service.requests.native import build_native_call
+from qwen_gateway.service.requests.native import build_native_call, native_param
 from qwen_gateway.service.validation import parse_body
 
 router = APIRouter()
@@ -36,6 +37,12 @@ async def _generation(request: Request, *, multimodal: bool) -> Response:
         stream=render.wants_sse(request.headers),
     )
     call = await resolve_media(native.chat, gateway.media)
+    try:
+        # Web search before anything runs (see routes/chat.py); its one refusal named natively.
+        call = await gateway.search.apply(call)
+    except ApiError as exc:
+        exc.param = native_param(exc.param)
+        raise
     native = dataclasses.replace(native, chat=call)
     return await answer(
         request,

@@ -25,6 +25,7 @@ from qwen_gateway.protocol.compat import ChatCompletionRequest
 from qwen_gateway.protocol.native import NativeContentIn, NativeMessageIn, NativeRequest
 from qwen_gateway.service.catalog import TEXT, ModelSpec
 from qwen_gateway.service.models import ModelRegistry
+from qwen_gateway.service.search import PREPEND_MESSAGE
 from qwen_gateway.service.validation import (
     ROLE_MESSAGE,
     STOP_TYPE_MESSAGE,
@@ -223,6 +224,8 @@ def build_native_call(
     except ApiError as exc:
         exc.param = native_param(exc.param)
         raise
+    if call.search_options.prepend and not call.stream:
+        raise InvalidParameter(PREPEND_MESSAGE, param="parameters.search_options.prepend_search_result")
     call = _with_progress(call)
     return NativeCall(
         chat=call,

@@ -39,12 +39,12 @@ def test_defaults_are_dashscopes() -> None:
             "freshness": 30,
             "assigned_site_list": ["WestLake.Hangzhou.gov.cn."],
             "enable_search_extension": False,
-            "prepend_search_result": False,
+            "prepend_search_result": True,
             "intention_options": None,
         }
     )
     assert options == SearchOptions(
-        True, True, True, "[ref_<number>]", "max", 30, ("westlake.hangzhou.gov.cn",)
+        True, True, True, "[ref_<number>]", "max", 30, ("westlake.hangzhou.gov.cn",), prepend=True
     )
 
 
@@ -55,7 +55,7 @@ def test_defaults_are_dashscopes() -> None:
         ({"search_strategy": "fast"}, "search_options.search_strategy"),
         ({"citation_format": "(<number>)"}, "search_options.citation_format"),
         ({"enable_search_extension": True}, "search_options.enable_search_extension"),
-        ({"prepend_search_result": True}, "search_options.prepend_search_result"),
+        ({"prepend_search_result": "yes"}, "search_options.prepend_search_result"),
         ({"intention_options": {"prompt_intervene": "parks"}}, "search_options.intention_options"),
         ({"freshness": 10}, "search_options.freshness"),
         ({"freshness": True}, "search_options.freshness"),
