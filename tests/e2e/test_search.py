@@ -25,7 +25,7 @@ from qwen_gateway.search import host_matches
 from qwen_gateway.service.events import SearchResult
 from qwen_gateway.service.search import SearchOptions, parse_options, search_block
 from tests.searx_fake import FakeSearxng, results_for
-from tests.support import MODELS, SHARED, Server, assert_schema, start_server
+from tests.support import MODELS, SHARED, Server, assert_schema, create_key, start_server
 
 CONFIG = """
 [[models]]
@@ -33,6 +33,8 @@ id = "qwen-plus"
 engine = "local"
 path = "{qwen25}"
 max_output = 8
+input_price = 0.001    # per 1K tokens: 1 micro-CNY a prompt token
+output_price = 0.002   # 2 micro-CNY a generated token
 
 [[models]]
 id = "qwen-long"     # the catalog allows no search on it
@@ -153,6 +155,25 @@ def test_results_are_in_the_prompt_under_citation_markers_and_counted_as_input(
     for other in ({"enable_citation": True}, {}):
         r = post(search_server, {"messages": messages, "enable_search": True, "search_options": other})
         assert r.json()["usage"]["prompt_tokens"] == searched_prompt_tokens(messages, 3, other) != expected
+
+
+def test_a_metered_key_is_charged_for_the_injected_results_as_input(search_server: Server) -> None:
+    key = create_key(search_server.home, "search-metered", "--balance", "10")
+    messages = user("e2e-metered what changed today")
+    r = httpx.post(
+        f"{search_server.compat_url}/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": "qwen-plus", "max_tokens": 2, "messages": messages, "enable_search": True},
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert usage["prompt_tokens"] == searched_prompt_tokens(messages, 3)
+    (row,) = search_server.ledger(r.headers["x-request-id"])
+    cost = usage["prompt_tokens"] * 1 + usage["completion_tokens"] * 2
+    assert row["cost_micro"] == cost
+    left = 10_000_000 - cost
+    assert r.headers["x-account-balance"] == f"{left // 1_000_000}.{left % 1_000_000 // 100:04d}"
 
 
 def test_streamed_answer_counts_the_same_prompt(search_server: Server) -> None:
