@@ -40,6 +40,7 @@ from qwen_gateway.service.events import (
     UsageReport,
 )
 from qwen_gateway.service.requests.native import NativeCall
+from qwen_gateway.service.tokenize import Tokenization
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,15 @@ def _output(call: NativeCall, choices: list[dict[str, Any]], finish: str) -> dic
         # Qwen-MT's answer also names its model and finish beside the choices (captures: translation).
         output = {"finish_reason": finish, "model_name": call.chat.model.id, **output}
     return output
+
+
+def tokenizer_body(result: Tokenization, request_id: str) -> dict[str, Any]:
+    """``POST /api/v1/tokenizer`` (captures: tokenization-nosse)."""
+    return {
+        "output": {"token_ids": list(result.token_ids), "tokens": list(result.tokens)},
+        "usage": {"input_tokens": len(result.token_ids)},
+        "request_id": request_id,
+    }
 
 
 # -- non-stream --------------------------------------------------------------------------------------
