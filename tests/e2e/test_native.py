@@ -573,3 +573,51 @@ def test_tokenizer_counts_the_text_and_is_free(server: Server, sdk: str) -> None
     assert sdk_result.output["token_ids"] == ids
     bad = post(server, "/api/v1/tokenizer", {"model": "qwen-plus", "input": {}}, key="sk-nope")
     assert (bad.status_code, bad.json()["code"]) == (401, "InvalidApiKey")
+
+
+# -- compatible-mode parameters, native spelling -----------------------------------------------------
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def test_named_tool_choice_in_native_form(server: Server) -> None:
+    params = {
+        "tools": [WEATHER],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "seed": 2,
+        "max_tokens": 40,
+    }
+    body = {"model": "qwen-plus", "input": {"messages": MSG}, "parameters": params}
+    r = post(server, TEXT_URL, body)
+    assert r.status_code == 200, r.text
+    message = r.json()["output"]["choices"][0]["message"]  # tools answer in message form
+    [call] = message["tool_calls"]
+    assert call["function"]["name"] == "get_weather" and call["type"] == "function" and call["id"]
+    assert set(json.loads(call["function"]["arguments"])) == {"city"}
+
+    s = post(server, TEXT_URL, {**body, "parameters": {**params, "incremental_output": True}}, sse=True)
+    pieces = [data_of(e)["output"]["choices"][0]["message"] for e in events_of(s.text)]
+    calls = [c for m in pieces for c in m.get("tool_calls", [])]
+    assert calls[0]["function"]["name"] == "get_weather"
+    assert "".join(c["function"]["arguments"] for c in calls) == call["function"]["arguments"]
+    assert data_of(events_of(s.text)[-1])["output"]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_logprobs_in_native_form(server: Server) -> None:
+    params = {"result_format": "message", "logprobs": True, "top_logprobs": 2, **SAMPLING}
+    body = {"model": "qwen-plus", "input": {"messages": MSG}, "parameters": params}
+    r = post(server, TEXT_URL, body).json()
+    entries = r["output"]["choices"][0]["logprobs"]["content"]
+    assert len(entries) == r["usage"]["output_tokens"]
+    assert all(len(e["top_logprobs"]) == 2 for e in entries)
+    s = post(server, TEXT_URL, {**body, "parameters": {**params, "incremental_output": True}}, sse=True)
+    streamed = [
+        e for ev in events_of(s.text) for e in data_of(ev)["output"]["choices"][0]["logprobs"]["content"]
+    ]
+    assert [e["token"] for e in streamed] == [e["token"] for e in entries]

@@ -25,7 +25,7 @@ from typing import Any, assert_never
 import orjson
 
 from qwen_gateway.api.render.compat import logprobs_body
-from qwen_gateway.engines.base import Usage
+from qwen_gateway.engines.base import TokenLogprob, Usage
 from qwen_gateway.errors import ApiError, AuthenticationError, EngineFailure, ModelNotFound
 from qwen_gateway.service.events import (
     ChatResult,
@@ -129,6 +129,7 @@ class _Choice:
     # call index -> [id, name, arguments so far]
     calls: dict[int, list[str]] = field(default_factory=dict)
     finish: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 def _tool_calls(calls: dict[int, list[str]]) -> list[dict[str, Any]]:
@@ -240,6 +241,8 @@ class StreamRenderer:
             }
             if call.chat.n > 1:
                 choice["index"] = index
+            if call.chat.generation.sampling.logprobs is not None:
+                choice["logprobs"] = logprobs_body(seen.logprobs)
             output = _output(call, [choice], finish)
         output.update(self.extra_output())
         return {"output": output, "usage": usage_body(self._usage), "request_id": call.chat.request_id}
@@ -252,10 +255,12 @@ class StreamRenderer:
                 self._usage = event.usage
                 return []
             case ContentDelta():
-                if not event.text:
+                if not event.text and not event.logprobs:
                     return []
                 delta.content.append(event.text)
+                delta.logprobs.extend(event.logprobs)
                 self._choices[event.index].content.append(event.text)
+                self._choices[event.index].logprobs.extend(event.logprobs)
             case ReasoningDelta():
                 delta.reasoning.append(event.text)
                 self._choices[event.index].reasoning.append(event.text)

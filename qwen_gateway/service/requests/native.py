@@ -238,5 +238,5 @@ def build_native_call(
 
 
 def _with_progress(call: ChatCall) -> ChatCall:
-    # Native stream events carry the usage so far, and a native call's id is the request id itself.
-    return replace(call, usage_progress=True, completion_id=call.request_id)
+    # Native stream events carry the usage so far.
+    return replace(call, usage_progress=True)
