@@ -324,3 +324,12 @@ class Engine(Protocol):
 
     async def aclose(self) -> None:
         """Stop every generation and free the model."""
+
+
+@runtime_checkable
+class Tokenizes(Protocol):
+    """An engine that can show how its model splits text into tokens (``POST /api/v1/tokenizer``).
+    Optional: an engine without it answers that endpoint with a 400."""
+
+    def tokenize(self, text: str) -> list[tuple[int, str]]:
+        """(token id, token text) for ``text`` as the model reads it, without a chat template."""

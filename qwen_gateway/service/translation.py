@@ -106,7 +106,7 @@ def translation_prompt(text: str, options: dict[str, Any]) -> str:
     unknown = sorted(set(options) - KEYS)
     if unknown:
         raise InvalidParameter(
-            f"{PARAM} does not take {unknown[0]}; it takes {', '.join(sorted(KEYS))}.",
+            f"{PARAM}.{unknown[0]} is not an option of {PARAM}; it takes {', '.join(sorted(KEYS))}.",
             param=f"{PARAM}.{unknown[0]}",
         )
     source = _language(options, "source_lang", auto=True)

@@ -406,3 +406,222 @@ def test_unknown_native_path_is_a_native_404(server: Server) -> None:
     r = post(server, "/api/v1/services/aigc/nothing", {"model": "qwen-plus"})
     assert r.status_code == 404
     assert set(r.json()) == {"code", "message", "request_id"}
+
+
+# -- translation (both protocols) --------------------------------------------------------------------
+
+
+def _capture_translation() -> dict[str, Any]:
+    body = json.loads(
+        (CAPTURES / "single-generation-message-translation-nosse.request.body.json").read_text()
+    )
+    return body  # type: ignore[no-any-return]
+
+
+def _prompt_tokens(text: str, options: dict[str, Any]) -> int:
+    """What the tiny Qwen2.5 checkpoint's own template makes of the translation prompt: the count the
+    server must report if the options really became the prompt."""
+    from transformers import AutoTokenizer
+
+    from qwen_gateway.service.translation import translation_prompt
+
+    tok = AutoTokenizer.from_pretrained(MODELS / "tiny-qwen2.5")
+    rendered = tok.apply_chat_template(
+        [{"role": "user", "content": translation_prompt(text, options)}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    return len(tok(rendered, add_special_tokens=False)["input_ids"])
+
+
+def test_translation_options_build_the_prompt_in_both_protocols(server: Server, sdk: str) -> None:
+    body = _capture_translation()
+    body["parameters"].update(max_tokens=4, seed=1)
+    options = body["parameters"]["translation_options"]
+    text = body["input"]["messages"][0]["content"]
+    expected = _prompt_tokens(text, options)
+    plain = _prompt_tokens(text, {"source_lang": "Chinese", "target_lang": "English"})
+    assert expected > plain  # terms, memory and domain are all in it
+
+    r = post(server, TEXT_URL, body)
+    assert r.status_code == 200, r.text
+    output = r.json()["output"]
+    assert (output["model_name"], output["finish_reason"]) == (
+        "qwen-mt-plus",
+        output["choices"][0]["finish_reason"],
+    )
+    assert r.json()["usage"]["input_tokens"] == expected
+
+    compat = httpx.post(
+        f"{server.compat_url}/chat/completions",
+        headers={"Authorization": f"Bearer {server.api_key}"},
+        json={
+            "model": "qwen-mt-plus",
+            "messages": body["input"]["messages"],
+            "translation_options": options,
+            "max_tokens": 4,
+            "seed": 1,
+        },
+        timeout=300,
+    )
+    assert compat.status_code == 200, compat.text
+    assert compat.json()["usage"]["prompt_tokens"] == expected
+    assert compat.json()["choices"][0]["message"]["content"] == output["choices"][0]["message"]["content"]
+
+    auto = Generation.call(
+        model="qwen-mt-plus",
+        messages=[{"role": "user", "content": text}],
+        result_format="message",
+        translation_options={"source_lang": "auto", "target_lang": "english"},
+        max_tokens=4,
+        api_key=sdk,
+    )
+    assert auto.status_code == 200, auto
+    assert auto.usage.input_tokens == _prompt_tokens(text, {"source_lang": "auto", "target_lang": "English"})
+
+
+@pytest.mark.parametrize(
+    ("messages", "options", "model", "needle"),
+    [
+        (
+            [{"role": "system", "content": "x"}, *MSG],
+            {"source_lang": "auto", "target_lang": "English"},
+            "qwen-mt-plus",
+            "system message",
+        ),
+        (
+            [*MSG, {"role": "assistant", "content": "2"}, *MSG],
+            {"source_lang": "auto", "target_lang": "English"},
+            "qwen-mt-plus",
+            "exactly one",
+        ),
+        (
+            MSG,
+            {"source_lang": "auto", "target_lang": "Klingon"},
+            "qwen-mt-plus",
+            "translation_options.target_lang",
+        ),
+        (MSG, {"source_lang": "auto"}, "qwen-mt-plus", "translation_options.target_lang"),
+        (MSG, {"target_lang": "English"}, "qwen-mt-plus", "translation_options.source_lang"),
+        (
+            MSG,
+            {"source_lang": "auto", "target_lang": "English", "terms": [{"source": "a"}]},
+            "qwen-mt-plus",
+            "translation_options.terms.0",
+        ),
+        (
+            MSG,
+            {"source_lang": "auto", "target_lang": "English", "glossary": []},
+            "qwen-mt-plus",
+            "translation_options.glossary",
+        ),
+        (
+            MSG,
+            {"source_lang": "auto", "target_lang": "English"},
+            "qwen-plus",
+            "only supported by the translation models",
+        ),
+    ],
+)
+def test_translation_rules_refuse_in_both_protocols(
+    server: Server, messages: list[dict[str, Any]], options: dict[str, Any], model: str, needle: str
+) -> None:
+    native = post(
+        server,
+        TEXT_URL,
+        {"model": model, "input": {"messages": messages}, "parameters": {"translation_options": options}},
+    )
+    assert native.status_code == 400, native.text
+    assert native.json()["code"] == "InvalidParameter" and needle in native.json()["message"]
+    compat = httpx.post(
+        f"{server.compat_url}/chat/completions",
+        headers={"Authorization": f"Bearer {server.api_key}"},
+        json={"model": model, "messages": messages, "translation_options": options},
+        timeout=60,
+    )
+    assert compat.status_code == 400, compat.text
+    error = compat.json()["error"]
+    assert needle in error["message"]
+    assert error["param"].startswith("translation_options") or error["param"] == "messages"
+
+
+# -- tokenizer ---------------------------------------------------------------------------------------
+
+
+def test_tokenizer_counts_the_text_and_is_free(server: Server, sdk: str) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(MODELS / "tiny-qwen2.5")
+    text = "代码改变世界, the code changes the world"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    before = len(server.ledger())
+    r = post(
+        server,
+        "/api/v1/tokenizer",
+        {"model": "qwen-plus", "input": {"messages": [{"role": "user", "content": text}]}},
+    )
+    assert r.status_code == 200, r.text
+    capture = json.loads((CAPTURES / "tokenization-nosse.response.body.txt").read_text().lstrip("\ufeff"))
+    assert set(r.json()) == set(capture) and set(r.json()["output"]) == set(capture["output"])
+    assert r.json()["output"]["token_ids"] == ids
+    assert "".join(r.json()["output"]["tokens"]) == text
+    assert r.json()["usage"] == {"input_tokens": len(ids)}
+    assert len(server.ledger()) == before  # free: no ledger row
+
+    sdk_result = dashscope.Tokenization.call(model="qwen-plus", prompt=text, api_key=sdk)
+    assert sdk_result.status_code == 200, sdk_result
+    assert sdk_result.output["token_ids"] == ids
+    bad = post(server, "/api/v1/tokenizer", {"model": "qwen-plus", "input": {}}, key="sk-nope")
+    assert (bad.status_code, bad.json()["code"]) == (401, "InvalidApiKey")
+
+
+# -- compatible-mode parameters, native spelling -----------------------------------------------------
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+def test_named_tool_choice_in_native_form(server: Server) -> None:
+    params = {
+        "tools": [WEATHER],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "seed": 2,
+        "max_tokens": 40,
+    }
+    body = {"model": "qwen-plus", "input": {"messages": MSG}, "parameters": params}
+    r = post(server, TEXT_URL, body)
+    assert r.status_code == 200, r.text
+    message = r.json()["output"]["choices"][0]["message"]  # tools answer in message form
+    [call] = message["tool_calls"]
+    assert call["function"]["name"] == "get_weather" and call["type"] == "function" and call["id"]
+    assert set(json.loads(call["function"]["arguments"])) == {"city"}
+
+    s = post(server, TEXT_URL, {**body, "parameters": {**params, "incremental_output": True}}, sse=True)
+    pieces = [data_of(e)["output"]["choices"][0]["message"] for e in events_of(s.text)]
+    calls = [c for m in pieces for c in m.get("tool_calls", [])]
+    assert calls[0]["function"]["name"] == "get_weather"
+    assert "".join(c["function"]["arguments"] for c in calls) == call["function"]["arguments"]
+    assert data_of(events_of(s.text)[-1])["output"]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_logprobs_in_native_form(server: Server) -> None:
+    params = {"result_format": "message", "logprobs": True, "top_logprobs": 2, **SAMPLING}
+    body = {"model": "qwen-plus", "input": {"messages": MSG}, "parameters": params}
+    r = post(server, TEXT_URL, body).json()
+    entries = r["output"]["choices"][0]["logprobs"]["content"]
+    assert len(entries) == r["usage"]["output_tokens"]
+    assert all(len(e["top_logprobs"]) == 2 for e in entries)
+    s = post(server, TEXT_URL, {**body, "parameters": {**params, "incremental_output": True}}, sse=True)
+    streamed = [
+        e for ev in events_of(s.text) for e in data_of(ev)["output"]["choices"][0]["logprobs"]["content"]
+    ]
+    assert [e["token"] for e in streamed] == [e["token"] for e in entries]

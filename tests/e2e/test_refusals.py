@@ -29,7 +29,6 @@ def post(server: Server, body: dict[str, Any]) -> httpx.Response:
     [
         ({"enable_search": True, "search_options": {"forced_search": True}}, "search_options.forced_search"),
         ({"logit_bias": {"9707": 5}}, "logit_bias"),
-        ({"translation_options": {"source_lang": "auto", "target_lang": "English"}}, "translation_options"),
         ({"modalities": ["text", "audio"]}, "modalities"),
         ({"reasoning_effort": "high"}, "reasoning_effort"),
     ],

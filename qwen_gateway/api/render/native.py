@@ -31,7 +31,7 @@ from typing import Any, assert_never
 import orjson
 
 from qwen_gateway.api.render.compat import logprobs_body
-from qwen_gateway.engines.base import Usage
+from qwen_gateway.engines.base import TokenLogprob, Usage
 from qwen_gateway.errors import ApiError, AuthenticationError, EngineFailure, ModelNotFound
 from qwen_gateway.service.events import (
     ChatResult,
@@ -46,6 +46,7 @@ from qwen_gateway.service.events import (
     UsageReport,
 )
 from qwen_gateway.service.requests.native import NativeCall
+from qwen_gateway.service.tokenize import Tokenization
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,7 @@ class _Choice:
     # call index -> [id, name, arguments so far]
     calls: dict[int, list[str]] = field(default_factory=dict)
     finish: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 def _tool_calls(calls: dict[int, list[str]]) -> list[dict[str, Any]]:
@@ -183,6 +185,15 @@ def _with_plugins(usage: dict[str, Any], call: NativeCall) -> dict[str, Any]:
     if info is not None and info.count:
         usage["plugins"] = {"search": {"count": info.count, "strategy": info.strategy}}
     return usage
+
+
+def tokenizer_body(result: Tokenization, request_id: str) -> dict[str, Any]:
+    """``POST /api/v1/tokenizer`` (captures: tokenization-nosse)."""
+    return {
+        "output": {"token_ids": list(result.token_ids), "tokens": list(result.tokens)},
+        "usage": {"input_tokens": len(result.token_ids)},
+        "request_id": request_id,
+    }
 
 
 # -- non-stream --------------------------------------------------------------------------------------
@@ -284,6 +295,8 @@ class StreamRenderer:
             }
             if call.chat.n > 1:
                 choice["index"] = index
+            if call.chat.generation.sampling.logprobs is not None:
+                choice["logprobs"] = logprobs_body(seen.logprobs)
             output = _output(call, [choice], finish)
         output.update(self.extra_output())
         usage = _with_plugins(usage_body(self._usage), call)
@@ -297,10 +310,12 @@ class StreamRenderer:
                 self._usage = event.usage
                 return []
             case ContentDelta():
-                if not event.text:
+                if not event.text and not event.logprobs:
                     return []
                 delta.content.append(event.text)
+                delta.logprobs.extend(event.logprobs)
                 self._choices[event.index].content.append(event.text)
+                self._choices[event.index].logprobs.extend(event.logprobs)
             case ReasoningDelta():
                 delta.reasoning.append(event.text)
                 self._choices[event.index].reasoning.append(event.text)

@@ -17,10 +17,12 @@ from fastapi.responses import Response
 from qwen_gateway.api.deps import get_gateway
 from qwen_gateway.api.errors import request_id_of
 from qwen_gateway.api.render import native as render
+from qwen_gateway.api.responses import JSONBytesResponse
 from qwen_gateway.api.routes.chat import answer, read_body
 from qwen_gateway.errors import ApiError
 from qwen_gateway.service.media import resolve as resolve_media
 from qwen_gateway.service.requests.native import build_native_call, native_param
+from qwen_gateway.service.tokenize import tokenize
 from qwen_gateway.service.validation import parse_body
 
 router = APIRouter()
@@ -60,3 +62,12 @@ async def text_generation(request: Request) -> Response:
 @router.post("/services/aigc/multimodal-generation/generation")
 async def multimodal_generation(request: Request) -> Response:
     return await _generation(request, multimodal=True)
+
+
+@router.post("/tokenizer")
+async def tokenizer(request: Request) -> Response:
+    """Free (see ``service/tokenize.py``): the key is checked, nothing is charged."""
+    gateway = get_gateway(request)
+    body = parse_body(await read_body(request, gateway.settings.max_request_bytes))
+    result = await tokenize(body, gateway.models)
+    return JSONBytesResponse(render.tokenizer_body(result, request_id_of(request)))

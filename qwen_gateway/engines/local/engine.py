@@ -251,6 +251,11 @@ class LocalEngine:
         self._renderer = None
         gc.collect()
 
+    def tokenize(self, text: str) -> list[tuple[int, str]]:
+        """:class:`~qwen_gateway.engines.base.Tokenizes`: the checkpoint's own tokenizer on ``text``."""
+        _, _, renderer = self._ready()
+        return renderer.tokens(text)
+
     # -- internals -------------------------------------------------------------------------------------
 
     def _ready(self) -> tuple[Scheduler, loader.LoadedModel, PromptRenderer]:

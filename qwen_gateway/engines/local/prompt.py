@@ -112,6 +112,12 @@ class PromptRenderer:
             ids = self._tokenizer(text, add_special_tokens=False)["input_ids"]
         return [int(i) for i in ids]
 
+    def tokens(self, text: str) -> list[tuple[int, str]]:
+        """(id, text) of each token of ``text``, no template, no special tokens added."""
+        ids = self.encode(text)
+        with self._lock:
+            return [(i, str(self._tokenizer.decode([i]))) for i in ids]
+
     def message_dict(self, message: ChatMessage) -> dict[str, Any]:
         out: dict[str, Any] = {"role": message.role, "content": _content(message)}
         if message.name is not None:

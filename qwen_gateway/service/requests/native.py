@@ -70,8 +70,8 @@ def native_param(param: str | None) -> str | None:
     return "parameters." + param
 
 
-def parse_native(body: dict[str, Any]) -> NativeRequest:
-    """dict -> native wire model; a missing part or a wrong type is a 400 naming its native path."""
+def require_model_and_input(body: dict[str, Any]) -> None:
+    """DashScope's own codes for a native body without ``model`` or ``input`` (reference §1.5)."""
     if body.get("model") in (None, ""):
         raise MissingField(
             'Required parameter "model" missing from request.',
@@ -84,6 +84,11 @@ def parse_native(body: dict[str, Any]) -> NativeRequest:
             param="input",
             native_code="BadRequest.EmptyInput",
         )
+
+
+def parse_native(body: dict[str, Any]) -> NativeRequest:
+    """dict -> native wire model; a missing part or a wrong type is a 400 naming its native path."""
+    require_model_and_input(body)
     try:
         return NativeRequest.model_validate(body, strict=True)
     except ValidationError as exc:
@@ -236,5 +241,5 @@ def build_native_call(
 
 
 def _with_progress(call: ChatCall) -> ChatCall:
-    # Native stream events carry the usage so far, and a native call's id is the request id itself.
-    return replace(call, usage_progress=True, completion_id=call.request_id)
+    # Native stream events carry the usage so far.
+    return replace(call, usage_progress=True)
