@@ -15,6 +15,7 @@ import dashscope
 import httpx
 import pytest
 from dashscope import AioGeneration, AioMultiModalConversation, Generation, MultiModalConversation
+from dashscope.api_entities.aio_session import close_shared_aio_session
 
 from tests.media_support import png_bytes
 from tests.support import MODELS, SHARED, Server, create_key, start_server
@@ -157,7 +158,9 @@ def test_sdk_async_generation(server: Server, sdk: str) -> None:
         stream = await AioGeneration.call(
             model="qwen-plus", prompt="Hello", stream=True, incremental_output=True, api_key=sdk, **SAMPLING
         )
-        return whole, [p async for p in stream]
+        parts = [p async for p in stream]
+        await close_shared_aio_session()  # the SDK's shared session belongs to this event loop
+        return whole, parts
 
     whole, parts = asyncio.run(run())
     assert whole.status_code == 200, whole
@@ -205,7 +208,9 @@ def test_sdk_multimodal_conversation(server: Server, sdk: str) -> None:
             stream=True,
             incremental_output=True,
         )
-        return whole, [p async for p in stream]
+        parts = [p async for p in stream]
+        await close_shared_aio_session()  # the SDK's shared session belongs to this event loop
+        return whole, parts
 
     whole, aparts = asyncio.run(run())
     assert whole.output.choices[0].message.content == content
