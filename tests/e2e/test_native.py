@@ -407,6 +407,30 @@ def test_native_requests_are_metered_like_compatible_ones(server: Server) -> Non
     assert row["status"] == "ok"
 
 
+def test_key_limits_answer_in_native_form(server: Server) -> None:
+    key = create_key(server.home, "native-rpm", "--rpm", "1")
+    body = {"model": "qwen-plus", "input": {"prompt": "Hi"}, "parameters": SAMPLING}
+    assert post(server, TEXT_URL, body, key=key).status_code == 200
+    r = post(server, TEXT_URL, body, key=key)
+    assert r.status_code == 429, r.text
+    assert r.json()["code"] == "Throttling.RateQuota"
+    s = post(server, TEXT_URL, body, key=key, sse=True)
+    [event] = events_of(s.text)
+    assert event[:3] == ["id:1", "event:error", ":HTTP_STATUS/429"]
+
+
+def test_a_body_that_is_not_json_is_illegal_input(server: Server) -> None:
+    r = httpx.post(
+        server.base_url + TEXT_URL,
+        headers={"Authorization": f"Bearer {server.api_key}", "Content-Type": "application/json"},
+        content=b"{not json",
+        timeout=60,
+    )
+    assert r.status_code == 400
+    assert r.json()["code"] == "BadRequest.IllegalInput"
+    assert r.json()["message"] == "The input parameter requires json format."
+
+
 def test_unknown_native_path_is_a_native_404(server: Server) -> None:
     r = post(server, "/api/v1/services/aigc/nothing", {"model": "qwen-plus"})
     assert r.status_code == 404
