@@ -170,7 +170,7 @@ class InvalidRequest(ApiError):
     status = 400
     code = "invalid_request_error"
     type = "invalid_request_error"
-    native_code = "InvalidParameter"
+    native_code = "BadRequest.IllegalInput"  # reference §5.2
     default_message = "The input parameter requires json format."
 
 

@@ -15,6 +15,7 @@ import dashscope
 import httpx
 import pytest
 from dashscope import AioGeneration, AioMultiModalConversation, Generation, MultiModalConversation
+from dashscope.api_entities.aio_session import close_shared_aio_session
 
 from tests.media_support import png_bytes
 from tests.support import MODELS, SHARED, Server, create_key, start_server
@@ -157,7 +158,9 @@ def test_sdk_async_generation(server: Server, sdk: str) -> None:
         stream = await AioGeneration.call(
             model="qwen-plus", prompt="Hello", stream=True, incremental_output=True, api_key=sdk, **SAMPLING
         )
-        return whole, [p async for p in stream]
+        parts = [p async for p in stream]
+        await close_shared_aio_session()  # the SDK's shared session belongs to this event loop
+        return whole, parts
 
     whole, parts = asyncio.run(run())
     assert whole.status_code == 200, whole
@@ -205,7 +208,9 @@ def test_sdk_multimodal_conversation(server: Server, sdk: str) -> None:
             stream=True,
             incremental_output=True,
         )
-        return whole, [p async for p in stream]
+        parts = [p async for p in stream]
+        await close_shared_aio_session()  # the SDK's shared session belongs to this event loop
+        return whole, parts
 
     whole, aparts = asyncio.run(run())
     assert whole.output.choices[0].message.content == content
@@ -400,6 +405,30 @@ def test_native_requests_are_metered_like_compatible_ones(server: Server) -> Non
     [row] = server.ledger(r.json()["request_id"])
     assert row["prompt_tokens"] == r.json()["usage"]["input_tokens"]
     assert row["status"] == "ok"
+
+
+def test_key_limits_answer_in_native_form(server: Server) -> None:
+    key = create_key(server.home, "native-rpm", "--rpm", "1")
+    body = {"model": "qwen-plus", "input": {"prompt": "Hi"}, "parameters": SAMPLING}
+    assert post(server, TEXT_URL, body, key=key).status_code == 200
+    r = post(server, TEXT_URL, body, key=key)
+    assert r.status_code == 429, r.text
+    assert r.json()["code"] == "Throttling.RateQuota"
+    s = post(server, TEXT_URL, body, key=key, sse=True)
+    [event] = events_of(s.text)
+    assert event[:3] == ["id:1", "event:error", ":HTTP_STATUS/429"]
+
+
+def test_a_body_that_is_not_json_is_illegal_input(server: Server) -> None:
+    r = httpx.post(
+        server.base_url + TEXT_URL,
+        headers={"Authorization": f"Bearer {server.api_key}", "Content-Type": "application/json"},
+        content=b"{not json",
+        timeout=60,
+    )
+    assert r.status_code == 400
+    assert r.json()["code"] == "BadRequest.IllegalInput"
+    assert r.json()["message"] == "The input parameter requires json format."
 
 
 def test_unknown_native_path_is_a_native_404(server: Server) -> None:
