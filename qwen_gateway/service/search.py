@@ -193,10 +193,6 @@ class WebSearch:
         self._provider = provider
         self._settings = settings
 
-    @property
-    def available(self) -> bool:
-        return self._provider is not None
-
     def startup_line(self) -> str:
         """What the server log says at startup about enable_search."""
         if self._provider is None:
