@@ -18,7 +18,7 @@ from qwen_gateway.api.balance import BalanceHeader
 from qwen_gateway.api.deps import require_key
 from qwen_gateway.api.lifecycle import Shutdown
 from qwen_gateway.api.middleware import RequestIdMiddleware
-from qwen_gateway.api.routes import admin, chat, health, models
+from qwen_gateway.api.routes import admin, chat, files, health, models
 
 if TYPE_CHECKING:
     from qwen_gateway.service.runtime import Gateway
@@ -42,7 +42,7 @@ def create_app(gateway: Gateway) -> FastAPI:
     app.state.gateway = gateway
     app.state.shutdown = Shutdown()
     for prefix in API_PREFIXES:
-        for router in (chat.router, models.router):
+        for router in (chat.router, models.router, files.router):
             app.include_router(router, prefix=prefix, dependencies=[Depends(require_key)])
     app.include_router(health.router)
     # The admin API checks its own (admin) key; the console's static files need none.

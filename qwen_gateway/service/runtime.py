@@ -16,6 +16,7 @@ from qwen_gateway.errors import StartupError
 from qwen_gateway.media import MediaFetcher
 from qwen_gateway.service.admin import AdminService
 from qwen_gateway.service.chat import ChatService
+from qwen_gateway.service.files import FileService
 from qwen_gateway.service.keys import KeyService
 from qwen_gateway.service.ledger import LedgerWriter
 from qwen_gateway.service.models import ModelRegistry
@@ -43,6 +44,8 @@ class Gateway:
     admin: AdminService
     # Fetches and checks the images and videos of requests (qwen_gateway/media).
     media: MediaFetcher
+    # Uploaded files and their extracted text (Files API, Qwen-Long's fileid://).
+    files: FileService
 
     @classmethod
     async def open(cls, settings: Settings, *, console: Console | None = None) -> Gateway:
@@ -57,6 +60,7 @@ class Gateway:
         try:
             gateway = cls.assemble(settings, store, models)
             await gateway.meter.start()
+            await gateway.files.start()
         except BaseException:
             await models.aclose()
             await store.aclose()
@@ -90,6 +94,7 @@ class Gateway:
             started_at=int(time.time()),
             admin=AdminService(store, keys, meter),
             media=MediaFetcher(settings.media),
+            files=FileService(store, settings.files, settings.home),
         )
 
     async def aclose(self) -> None:

@@ -71,6 +71,8 @@ class ChatCall:
     media: tuple[MediaSlot, ...] = ()
     # More than one tool call per answer (DashScope's default: one).
     parallel_tool_calls: bool = False
+    # Uploaded files whose text a fileid:// system message put in (service/fileids.py).
+    files: tuple[str, ...] = ()
 
     @property
     def thinking(self) -> bool:

@@ -15,7 +15,8 @@ from qwen_gateway.api.lifecycle import resume_until_shutdown
 from qwen_gateway.api.render import compat
 from qwen_gateway.api.responses import JSONBytesResponse
 from qwen_gateway.api.sse import SSEResponse
-from qwen_gateway.errors import PayloadTooLarge, ShuttingDown
+from qwen_gateway.errors import ApiError, PayloadTooLarge, ShuttingDown
+from qwen_gateway.service import fileids
 from qwen_gateway.service.events import StreamFailed
 from qwen_gateway.service.media import resolve as resolve_media
 from qwen_gateway.service.validation import build_call, parse_body
@@ -57,6 +58,10 @@ async def chat_completions(request: Request) -> Response:
     # plain 400 (never charged), before any header of a stream goes out.
     call = await resolve_media(call, gateway.media)
     key_id = key_id_of(request)
+    # Qwen-Long: fileid:// system messages get their documents' text (a bad reference is a 400 here).
+    call = await fileids.inject(
+        call, gateway.files, key_id=key_id, max_files=gateway.settings.files.max_files_per_request
+    )
     account = account_of(request)
     if call.stream:
         shutdown = request.app.state.shutdown
@@ -71,7 +76,7 @@ async def chat_completions(request: Request) -> Response:
             event = first.result()
             if isinstance(event, StreamFailed) and event.before_output:
                 await events.aclose()
-                raise event.error
+                raise fileids.map_error(call, event.error)
         return SSEResponse(
             compat.sse_frames(call, resume_until_shutdown(first, events, shutdown, call.request_id)),
             keepalive=gateway.settings.keepalive_seconds,
@@ -105,4 +110,8 @@ async def chat_completions(request: Request) -> Response:
     if work.cancelled():
         # Nobody is listening any more; 499 is what proxies log for "client closed request".
         return Response(status_code=499)
-    return JSONBytesResponse(compat.completion_body(call, work.result()))
+    try:
+        result = work.result()
+    except ApiError as exc:
+        raise fileids.map_error(call, exc) from None
+    return JSONBytesResponse(compat.completion_body(call, result))
