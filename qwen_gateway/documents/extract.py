@@ -120,7 +120,7 @@ def _read_text(path: Path, encoding: str, caps: Caps) -> str:
 
 def _pdf(path: Path, sink: TextSink, caps: Caps) -> int:
     from pypdf import PdfReader
-    from pypdf.errors import FileNotDecryptedError, LimitReachedError, PdfReadError
+    from pypdf.errors import DependencyError, FileNotDecryptedError, LimitReachedError, PdfReadError
 
     try:
         reader = PdfReader(path)
@@ -128,7 +128,8 @@ def _pdf(path: Path, sink: TextSink, caps: Caps) -> int:
             # Many PDFs are encrypted with an empty user password (permissions only): those open.
             try:
                 opened = reader.decrypt("")
-            except (FileNotDecryptedError, NotImplementedError, PdfReadError, ValueError):
+            # DependencyError: AES needs the optional cryptography package (not a dependency).
+            except (DependencyError, FileNotDecryptedError, NotImplementedError, PdfReadError, ValueError):
                 raise Refusal("encrypted") from None
             if not opened:
                 raise Refusal("encrypted")
