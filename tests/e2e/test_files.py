@@ -8,7 +8,9 @@ with the expected text written into the system message.
 
 from __future__ import annotations
 
+import socket
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ import pytest
 
 from tests import documents as docs
 from tests.databases import BACKENDS, database_for
-from tests.support import MODELS, Server, create_key, start_server
+from tests.support import MODELS, Server, create_key, start_server, wait_for
 
 CONFIG = """
 [[models]]
@@ -290,6 +292,54 @@ def test_quotas(gw: Gateway) -> None:
     assert err.value.code == "BadRequest.TooMany" and "at most 2500000 bytes" in err.value.message
 
 
+def test_concurrent_uploads_cannot_share_the_last_slot(gw: Gateway) -> None:
+    key = gw.new_key()
+    client = gw.client(key)
+    for i in range(3):
+        client.files.create(file=(f"{i}.txt", b"words"), purpose="file-extract")
+    start = threading.Barrier(3)
+    outcomes: list[str] = []
+
+    def upload(i: int) -> None:
+        start.wait()
+        try:
+            client.files.create(file=(f"late-{i}.txt", b"words"), purpose="file-extract")
+            outcomes.append("ok")
+        except openai.BadRequestError as exc:
+            outcomes.append(str(exc.code))
+
+    threads = [threading.Thread(target=upload, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=TIMEOUT)
+    assert sorted(outcomes) == ["BadRequest.TooMany", "BadRequest.TooMany", "ok"]
+    assert len(list(client.files.list())) == 4
+
+
+def test_a_client_that_hangs_up_mid_upload_leaves_nothing(gw: Gateway) -> None:
+    key = gw.new_key()
+    before = gw.stored()
+    host, port = gw.server.base_url.removeprefix("http://").split(":")
+    head = (
+        b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfile-extract\r\n'
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="cut.txt"\r\n\r\n'
+    )
+    with socket.create_connection((host, int(port)), timeout=TIMEOUT) as sock:
+        sock.sendall(
+            b"POST /compatible-mode/v1/files HTTP/1.1\r\nHost: x\r\n"
+            + f"Authorization: Bearer {key}\r\n".encode()
+            + b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 900000\r\n\r\n"
+            + head
+            + b"a" * 300_000
+        )
+        # The part file exists while the body is arriving...
+        wait_for(lambda: any(n.startswith(".incoming/") for n in gw.stored() - before), "the part file")
+    # ...and is gone once the server sees the client leave.
+    wait_for(lambda: gw.stored() - before == set(), "the part file's removal")
+    assert list(gw.client(key).files.list()) == []
+
+
 # -- hostile uploads -------------------------------------------------------------------------------
 
 # Built when a case runs (some take a moment to compress), each with the refusal's reason text.
@@ -409,6 +459,17 @@ def test_several_files_comma_joined_and_in_several_system_messages(gw: Gateway) 
     b = client.files.create(file=("b.txt", b"beta document"), purpose="file-extract")
     joined = _prompt_tokens(client, f"fileid://{a.id},fileid://{b.id}")
     assert joined == _prompt_tokens(client, "alpha document\n\nbeta document")
+    stream = client.chat.completions.create(
+        model="qwen-long",
+        messages=[
+            {"role": "system", "content": f"fileid://{a.id},fileid://{b.id}"},
+            {"role": "user", "content": "这篇文章讲了什么?"},
+        ],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    usages = [chunk.usage for chunk in stream if chunk.usage is not None]
+    assert [u.prompt_tokens for u in usages] == [joined]
 
     def usage(messages: list[dict[str, str]]) -> int:
         completion = client.chat.completions.create(model="qwen-long", messages=messages)  # type: ignore[arg-type]
