@@ -215,7 +215,9 @@ class FileService:
             target = self.path_of(row.id)
             await asyncio.to_thread(os.replace, upload.path, target)
             pages, chars = await self._prepare(row, target)
-            await rows.mark_processed(self.store, file_id=row.id, pages=pages, text_chars=chars)
+            if not await rows.mark_processed(self.store, file_id=row.id, pages=pages, text_chars=chars):
+                # Deleted by its key while it was being read: the files go too.
+                raise FileNotFound(row.id)
         except BaseException:
             # Shielded: a client that hangs up now must not leave the row or the files behind.
             await asyncio.shield(self._remove(row.id))

@@ -95,13 +95,15 @@ async def count_of_key(db: Database, key_id: str) -> tuple[int, int]:
     return int(count), int(total)
 
 
-async def mark_processed(db: Database, *, file_id: str, pages: int | None, text_chars: int) -> None:
+async def mark_processed(db: Database, *, file_id: str, pages: int | None, text_chars: int) -> bool:
+    """False when the row is gone (its key deleted the file while it was being processed)."""
     async with transaction(db) as conn:
-        await conn.execute(
+        result = await conn.execute(
             update(files)
-            .where(files.c.id == file_id)
+            .where(files.c.id == file_id, files.c.status == "processing")
             .values(status="processed", pages=pages, text_chars=text_chars)
         )
+    return bool(result.rowcount)
 
 
 async def get_file(db: Database, *, key_id: str, file_id: str) -> FileRow | None:

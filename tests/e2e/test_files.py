@@ -411,8 +411,8 @@ def test_oversize_upload(gw: Gateway) -> None:
     # Without a Content-Length (chunked): cut off while streaming, at the cap.
     def body() -> Iterator[bytes]:
         boundary = b"--xyz"
-        yield boundary + b'\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfile-extract\r\n'
-        yield boundary + b'\r\nContent-Disposition: form-data; name="file"; filename="big.txt"\r\n\r\n'
+        yield boundary + b'\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+        yield boundary + b'\r\nContent-Disposition: form-data; name="file"; filename="big.jsonl"\r\n\r\n'
         for _ in range(40):  # 40 MiB offered, 1 MiB allowed
             yield b"a" * (1024 * 1024)
         yield b"\r\n" + boundary + b"--\r\n"
@@ -422,6 +422,8 @@ def test_oversize_upload(gw: Gateway) -> None:
             "/files", content=body(), headers={"Content-Type": "multipart/form-data; boundary=xyz"}
         )
     assert answer.status_code == 400 and "exceeds size limit" in answer.json()["error"]["message"]
+    # The purpose came first, so the refused id is a batch file's.
+    assert answer.json()["error"]["message"].startswith("File [id:file-batch-")
     assert gw.stored() - before == set()
     assert list(gw.client(key).files.list()) == []
 

@@ -171,6 +171,8 @@ async def _receive(request: Request, upload: Incoming) -> _Form:
             parser.write(chunk)
             if form.error is not None:
                 raise form.error
+            # Known before the file's bytes (the SDKs send it first): the id a refusal names.
+            upload.purpose_hint = form.fields.get("purpose", upload.purpose_hint)
             for piece in form.pending:
                 await upload.write(piece)
             form.pending.clear()
