@@ -16,7 +16,10 @@ protocol that is answering. Nothing else decides an HTTP status.
         │       ├── MediaFormatInvalid    the bytes are not an image/video we read (magic bytes, decoder)
         │       ├── ImageSizeInvalid      an image side <= 10 px, or more pixels than the cap (bombs)
         │       └── VideoLimitExceeded    frame count or duration outside the server's caps
-        │   └── MissingField          400 a native request without model / input (BadRequest.Empty*)
+        │   ├── MissingField          400 a native request without model / input (BadRequest.Empty*)
+        │   └── FileError             400 an uploaded file, or a fileid:// reference, can't be used
+        │       (FileInvalid, FileTooLarge, FileBlank, FilePageLimit, FileQuotaExceeded, FileNotReady,
+        │        FileReferenceNotFound, TooManyFiles, FilesExceedContext: DashScope's texts)
         ├── InvalidRequest            400 malformed body / unsupported request (``invalid_request_error``)
         ├── PayloadTooLarge           400 the body is over the server's limit (DashScope: 400 TooLarge)
         ├── Arrearage                 400 the key's balance can't cover the request's hold
@@ -24,6 +27,7 @@ protocol that is answering. Nothing else decides an HTTP status.
         ├── AdminAccessDenied         403 AccessDenied (an API key on the admin API)
         ├── ModelNotFound             404 model_not_found
         ├── ResourceNotFound          404 NotFound (an admin API object, e.g. a key, that doesn't exist)
+        │   └── FileNotFound          404 a file id the key doesn't own (or that doesn't exist)
         ├── RateLimited               429 limit_requests (the key's requests per minute)
         ├── QuotaExceeded             429 insufficient_quota (the key's tokens per minute)
         ├── EngineOverloaded          503 the engine can't take more work now
@@ -36,6 +40,8 @@ two protocols can render the same failure.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 
 class GatewayError(Exception):
@@ -300,3 +306,92 @@ class EngineFailure(ApiError):
     type = "internal_error"
     native_code = "InternalError.Algo"
     default_message = "inference internal error."
+
+
+class FileError(InvalidParameter):
+    """An upload refused, or a ``fileid://`` reference that can't be used. Messages are DashScope's
+    (reference §1.3, Qwen-Long errors), with the file's id; the reason after them is fixed text, never
+    a parser's message."""
+
+    def __init__(self, message: str, *, param: str | None = "file") -> None:
+        super().__init__(message, param=param)
+
+
+class FileInvalid(FileError):
+    # Why, in our words, after DashScope's sentence (reason codes of qwen_gateway/documents).
+    REASONS: ClassVar[dict[str, str]] = {
+        "unsupported": "The file is not a document this server reads (txt, md, pdf, docx, xlsx, pptx, "
+        "html, epub).",
+        "encrypted": "The file is encrypted or password-protected.",
+        "bomb": "The file unpacks to more than the server allows.",
+        "nested_archive": "The file holds an archive inside it.",
+        "too_much_text": "The file holds more text than the server allows.",
+        "corrupt": "The file is damaged or malformed.",
+        "limits": "Reading the file took more time or memory than the server allows.",
+        "not_jsonl": "A batch file must be UTF-8 JSONL: one JSON object per line.",
+        "storage": "The server could not store the file (no space left).",
+    }
+
+    def __init__(self, file_id: str, reason: str) -> None:
+        detail = self.REASONS.get(reason, self.REASONS["corrupt"])
+        super().__init__(f"Invalid file [id:{file_id}]. {detail}")
+        self.reason = reason
+
+
+class FileTooLarge(FileError):
+    def __init__(self, file_id: str, limit: int) -> None:
+        super().__init__(f"File [id:{file_id}] exceeds size limit. (at most {limit} bytes)")
+
+
+class FileBlank(FileError):
+    def __init__(self, file_id: str) -> None:
+        super().__init__(f"File [id:{file_id}] content blank.")
+
+
+class FilePageLimit(FileError):
+    def __init__(self, file_id: str, limit: int) -> None:
+        super().__init__(f"File [id:{file_id}] exceeds page limits ({limit} pages).")
+
+
+class FileQuotaExceeded(FileError):
+    # DashScope's native upload answers a full quota with BadRequest.TooMany (reference captures).
+    code = "BadRequest.TooMany"
+    native_code = "BadRequest.TooMany"
+
+    @classmethod
+    def files(cls, limit: int) -> FileQuotaExceeded:
+        return cls(f"Out of number, <{limit}> of <{limit}> files has been uploaded.")
+
+    @classmethod
+    def bytes(cls, limit: int) -> FileQuotaExceeded:
+        return cls(f"Out of storage, the files of this key may hold at most {limit} bytes.")
+
+
+class FileNotReady(FileError):
+    def __init__(self, param: str) -> None:
+        super().__init__("File parsing in progress, please try again later.", param=param)
+
+
+class FileReferenceNotFound(FileError):
+    def __init__(self, file_id: str, param: str) -> None:
+        super().__init__(f"File [id:{_shown_id(file_id)}] cannot be found.", param=param)
+
+
+class TooManyFiles(FileError):
+    def __init__(self, param: str) -> None:
+        super().__init__("Too many files provided.", param=param)
+
+
+class FilesExceedContext(FileError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"Total message token length exceed model limit ({limit} tokens).", param="messages")
+
+
+class FileNotFound(ResourceNotFound):
+    def __init__(self, file_id: str) -> None:
+        super().__init__(f"File [id:{_shown_id(file_id)}] cannot be found.", param="file_id")
+
+
+def _shown_id(file_id: str) -> str:
+    # A client-sent id is echoed, but never at any length.
+    return file_id if len(file_id) <= 128 else file_id[:128] + "..."

@@ -179,6 +179,40 @@ class SearchSettings(BaseModel):
         return self
 
 
+class FileSettings(BaseModel):
+    """``[files]``: where uploaded files are kept and what an upload may cost the server
+    (``service/files.py``; the caps are server-side, no request can raise them)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Where uploads and their extracted text live; default: ``files`` under the server's home.
+    dir: Path | None = None
+    # Largest file accepted (DashScope: 150 MB); the upload is cut off as soon as it passes this.
+    max_file_bytes: int = Field(default=150 * 1024 * 1024, ge=1024)
+    # Per API key (DashScope: 10,000 files and 100 GB per account).
+    max_files_per_key: int = Field(default=10_000, ge=1)
+    max_bytes_per_key: int = Field(default=100 * 1024**3, ge=1024)
+    # Text extraction runs in a child process under these caps (a parser stuck in a loop or fed a bomb
+    # is killed, never the server): wall-clock seconds, address space, CPU seconds.
+    extract_timeout: float = Field(default=120.0, gt=0)
+    extract_memory_bytes: int = Field(default=1024 * 1024 * 1024, ge=64 * 1024 * 1024)
+    # Extractions running at once for the whole server (each is a process).
+    max_parallel_extractions: int = Field(default=2, ge=1, le=64)
+    # Most text kept from one file, in characters, and most pages (DashScope: 15,000 pages).
+    max_text_chars: int = Field(default=20_000_000, ge=1024)
+    max_pages: int = Field(default=15_000, ge=1)
+    # Archive-based formats (docx, xlsx, pptx, epub): entries, bytes they declare unpacked, and the
+    # largest unpacked/packed ratio of one entry (zip bombs).
+    max_archive_entries: int = Field(default=10_000, ge=16)
+    max_unpacked_bytes: int = Field(default=512 * 1024 * 1024, ge=1024 * 1024)
+    max_compression_ratio: int = Field(default=200, ge=10)
+    # fileid:// references one chat request may carry.
+    max_files_per_request: int = Field(default=100, ge=1)
+
+    def root(self, home: Path) -> Path:
+        return (self.dir or home / "files").expanduser()
+
+
 class Settings(BaseSettings):
     """Everything the server needs to start; nothing reads the environment after this is built."""
 
@@ -223,6 +257,8 @@ class Settings(BaseSettings):
     media: MediaSettings = MediaSettings()
     # Web search for enable_search (``[search]`` in the config file; no provider: none).
     search: SearchSettings = SearchSettings()
+    # Uploaded files (``[files]``): storage, quotas, extraction caps.
+    files: FileSettings = FileSettings()
     # Money (service/money): usage-ledger rows older than this many days are rolled up into daily totals.
     usage_retention_days: int = Field(default=90, ge=1)
     # Seconds after which a hold is given back whoever owns it: the backstop behind "a crashed process's

@@ -17,6 +17,7 @@ from qwen_gateway.media import MediaFetcher
 from qwen_gateway.search import create_provider as create_search_provider
 from qwen_gateway.service.admin import AdminService
 from qwen_gateway.service.chat import ChatService
+from qwen_gateway.service.files import FileService
 from qwen_gateway.service.keys import KeyService
 from qwen_gateway.service.ledger import LedgerWriter
 from qwen_gateway.service.models import ModelRegistry
@@ -47,6 +48,8 @@ class Gateway:
     media: MediaFetcher
     # Web search for enable_search (a provider from [search], or none).
     search: WebSearch
+    # Uploaded files and their extracted text (Files API, Qwen-Long's fileid://).
+    files: FileService
 
     @classmethod
     async def open(cls, settings: Settings, *, console: Console | None = None) -> Gateway:
@@ -61,6 +64,7 @@ class Gateway:
         try:
             gateway = cls.assemble(settings, store, models)
             await gateway.meter.start()
+            await gateway.files.start()
         except BaseException:
             await models.aclose()
             await store.aclose()
@@ -96,6 +100,7 @@ class Gateway:
             admin=AdminService(store, keys, meter),
             media=MediaFetcher(settings.media),
             search=WebSearch(create_search_provider(settings.search), settings.search),
+            files=FileService(store, settings.files, settings.home),
         )
 
     async def aclose(self) -> None:

@@ -80,6 +80,8 @@ class ChatCall:
     # Report the cumulative usage as it grows (:class:`~qwen_gateway.service.events.UsageProgress`):
     # the native protocol carries it on every stream event.
     usage_progress: bool = False
+    # Uploaded files whose text a fileid:// system message put in (service/fileids.py).
+    files: tuple[str, ...] = ()
 
     @property
     def thinking(self) -> bool:

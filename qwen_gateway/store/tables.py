@@ -188,3 +188,23 @@ admin_keys = Table(
     Column("created_at", UtcDateTime(), nullable=False),
     Column("revoked_at", UtcDateTime(), nullable=True),
 )
+
+# Uploaded files (service/files.py). The bytes and the extracted text live on disk under the files
+# directory, named by ``id``; a row exists from the moment an upload is complete (``processing`` while
+# its text is extracted) and is deleted with the files. ``key_id`` scopes every read: a key sees only its
+# own files.
+files = Table(
+    "files",
+    metadata,
+    Column("id", String(64), primary_key=True),  # "file-fe-…" / "file-batch-…" (24 hex)
+    Column("key_id", String(32), ForeignKey("api_keys.id"), nullable=False),
+    Column("filename", String(512), nullable=False),
+    Column("purpose", String(32), nullable=False),  # "file-extract" | "batch"
+    Column("bytes", BigInteger(), nullable=False),
+    Column("status", String(16), nullable=False),  # "processing" | "processed"
+    Column("pages", Integer(), nullable=True),
+    Column("text_chars", BigInteger(), nullable=True),
+    Column("created_at", UtcDateTime(), nullable=False),
+)
+
+Index(None, files.c.key_id, files.c.created_at)

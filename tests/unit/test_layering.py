@@ -50,6 +50,15 @@ FORBIDDEN = {
         "qwen_gateway.store",
         "qwen_gateway.cli",
     ),
+    # Document parsing (run in a child process) knows nothing of the server around it.
+    "documents": (
+        "qwen_gateway.api",
+        "qwen_gateway.service",
+        "qwen_gateway.protocol",
+        "qwen_gateway.store",
+        "qwen_gateway.engines",
+        "qwen_gateway.cli",
+    ),
     "service": ("qwen_gateway.api", "qwen_gateway.cli"),
     "api": ("qwen_gateway.cli",),
 }

@@ -18,7 +18,8 @@ from qwen_gateway.api.lifecycle import resume_until_shutdown
 from qwen_gateway.api.render import compat
 from qwen_gateway.api.responses import JSONBytesResponse
 from qwen_gateway.api.sse import SSEResponse
-from qwen_gateway.errors import PayloadTooLarge, ShuttingDown
+from qwen_gateway.errors import ApiError, PayloadTooLarge, ShuttingDown
+from qwen_gateway.service import fileids
 from qwen_gateway.service.events import ChatResult, ChoiceEvent, StreamFailed
 from qwen_gateway.service.media import resolve as resolve_media
 from qwen_gateway.service.validation import ChatCall, build_call, parse_body
@@ -80,6 +81,10 @@ async def answer(
     chat route both protocols share (admission, money, shutdown, disconnects)."""
     gateway = get_gateway(request)
     key_id = key_id_of(request)
+    # Qwen-Long: fileid:// system messages get their documents' text (a bad reference is a 400 here).
+    call = await fileids.inject(
+        call, gateway.files, key_id=key_id, max_files=gateway.settings.files.max_files_per_request
+    )
     account = account_of(request)
     if call.stream:
         shutdown = request.app.state.shutdown
@@ -94,7 +99,7 @@ async def answer(
             event = first.result()
             if isinstance(event, StreamFailed) and event.before_output:
                 await events.aclose()
-                raise event.error
+                raise fileids.map_error(call, event.error)
         return SSEResponse(
             frames(resume_until_shutdown(first, events, shutdown, call.request_id)),
             keepalive=gateway.settings.keepalive_seconds,
@@ -128,4 +133,8 @@ async def answer(
     if work.cancelled():
         # Nobody is listening any more; 499 is what proxies log for "client closed request".
         return Response(status_code=499)
-    return JSONBytesResponse(body(work.result()))
+    try:
+        result = work.result()
+    except ApiError as exc:
+        raise fileids.map_error(call, exc) from None
+    return JSONBytesResponse(body(result))
