@@ -22,8 +22,10 @@ from qwen_gateway.engines.base import (
     FinishReason,
     GenerationEvent,
     GenerationRequest,
+    ReasoningTextDelta,
     TextDelta,
     TokenLogprob,
+    ToolCallChunk,
     ToolCallConstraint,
     Usage,
 )
@@ -112,7 +114,9 @@ class ChatService:
         emitted = False
         finished = 0
         ended: set[int] = set()  # choices whose parser wanted no more output
-        engine_events = self._engine_events(call)
+        # What an engine stream closed before its Finished says it spent (see _spent_report).
+        late: dict[int, Usage] = {}
+        engine_events = self._engine_events(call, late)
         settle = True
         try:
             if account is not None and self._admit is not None:
@@ -141,6 +145,16 @@ class ChatService:
                                 ended.add(index)
                                 finished += 1
                                 out += [*parsers[index].finish(), ChoiceFinished(index, "tool_calls")]
+                        case ReasoningTextDelta():  # an engine that parses its own output
+                            if event.usage is not None:
+                                usage[index] = event.usage
+                            out = [ReasoningDelta(index, event.text)] if event.text else []
+                        case ToolCallChunk():
+                            if event.usage is not None:
+                                usage[index] = event.usage
+                            out = [
+                                ToolCallDelta(index, event.call_index, event.id, event.name, event.arguments)
+                            ]
                         case Finished():
                             usage[index] = event.usage
                             finished += 1
@@ -157,11 +171,13 @@ class ChatService:
                         raise ShuttingDown()
             except ApiError as exc:
                 status = "error"
+                _apply(usage, late)
                 yield StreamFailed(exc, before_output=not emitted, usage=_spent(usage, emitted))
                 return
             except Exception:
                 status = "error"
                 log.exception("generation of request %s failed", call.request_id)
+                _apply(usage, late)
                 yield StreamFailed(EngineFailure(), before_output=not emitted, usage=_spent(usage, emitted))
                 return
             status = "ok"
@@ -169,6 +185,8 @@ class ChatService:
         finally:
             await engine_events.aclose()
             ticket.release()
+            if status != "ok":
+                _apply(usage, late)
             if settle:
                 # A failure is charged what it reported spending (nothing before output); a client that
                 # went away, everything generated until then.
@@ -238,8 +256,11 @@ class ChatService:
             )
         return out
 
-    async def _engine_events(self, call: ChatCall) -> AsyncGenerator[tuple[int, GenerationEvent], None]:
-        """(choice index, event) from every choice's engine stream, as they come."""
+    async def _engine_events(
+        self, call: ChatCall, late: dict[int, Usage]
+    ) -> AsyncGenerator[tuple[int, GenerationEvent], None]:
+        """(choice index, event) from every choice's engine stream, as they come; a stream closed
+        before its end reports what it spent into ``late``."""
         engine = call.model.engine
         requests = self._requests(call)
         if len(requests) == 1:
@@ -249,6 +270,7 @@ class ChatService:
                     yield 0, event
             finally:
                 await _aclose(stream)
+                _spent_report(stream, 0, late)
             return
         queue: asyncio.Queue[tuple[int, GenerationEvent | BaseException | None]] = asyncio.Queue()
 
@@ -262,6 +284,7 @@ class ChatService:
                 queue.put_nowait((index, exc))
             finally:
                 await _aclose(stream)
+                _spent_report(stream, index, late)
 
         tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
         try:
@@ -332,9 +355,11 @@ def _spent(usage: list[Usage | None], emitted: bool) -> Usage | None:
 
 def _total(usage: list[Usage | None]) -> Usage:
     prompt = completion = reasoning = image = video = 0
+    local = False
     for u in usage:
         if u is None:
             continue
+        local = local or u.counted_locally
         # Every choice shares one prompt: count it once, as OpenAI and DashScope do.
         prompt = max(prompt, u.prompt_tokens)
         image, video = max(image, u.image_tokens), max(video, u.video_tokens)
@@ -346,6 +371,7 @@ def _total(usage: list[Usage | None]) -> Usage:
         reasoning_tokens=reasoning,
         image_tokens=image,
         video_tokens=video,
+        counted_locally=local,
     )
 
 
@@ -354,3 +380,17 @@ async def _aclose(stream: AsyncIterator[GenerationEvent]) -> None:
     aclose = getattr(stream, "aclose", None)
     if aclose is not None:
         await aclose()
+
+
+def _spent_report(stream: AsyncIterator[GenerationEvent], index: int, late: dict[int, Usage]) -> None:
+    """An engine stream may offer ``spent() -> Usage | None``: what it used when it ended without a
+    Finished (cancelled, or failed mid-stream), counted by the engine itself after the fact, so that
+    counting costs nothing on requests that finish normally."""
+    spent = getattr(stream, "spent", None)
+    if spent is not None and (reported := spent()) is not None:
+        late[index] = reported
+
+
+def _apply(usage: list[Usage | None], late: dict[int, Usage]) -> None:
+    for index, reported in late.items():
+        usage[index] = reported
