@@ -236,6 +236,8 @@ class ChunkReader:
         reason = choice.get("finish_reason")
         if isinstance(reason, str):
             self.finish_reason = _FINISH.get(reason, "stop")
+            if self._calls and self.finish_reason == "stop":
+                self.finish_reason = "tool_calls"  # older Ollama says "stop" after calling tools
         return out
 
     def _tool_call(self, call: Any) -> ToolCallChunk:
