@@ -65,6 +65,7 @@ class FaultyUpstream:
     """FAKE fault-injecting upstream on 127.0.0.1 (see the module docstring)."""
 
     tokens: int = 5
+    force_mode: str | None = None  # every chat request behaves so, whatever its model
     received: list[Received] = field(default_factory=list)
     disconnects: int = 0  # clients that went away while a stream was open or hanging
     _loop: asyncio.AbstractEventLoop | None = None
@@ -133,7 +134,8 @@ class FaultyUpstream:
                     await writer.drain()
                     continue
                 self.received.append(Received(path, headers, body))
-                keep = await self._chat(reader, writer, body.get("model") if isinstance(body, dict) else None)
+                model = body.get("model") if isinstance(body, dict) else None
+                keep = await self._chat(reader, writer, self.force_mode or model)
                 if not keep:
                     return
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):

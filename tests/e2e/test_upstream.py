@@ -123,12 +123,31 @@ def fake() -> Iterator[FaultyUpstream]:
 
 
 @pytest.fixture(scope="module")
+def resetting() -> Iterator[FaultyUpstream]:
+    """A replica whose health checks pass but which resets every chat request."""
+    upstream = FaultyUpstream(force_mode="reset").start()
+    yield upstream
+    upstream.stop()
+
+
+@pytest.fixture(scope="module")
 def front(
-    tmp_path_factory: pytest.TempPathFactory, upstream: Server, fake: FaultyUpstream
+    tmp_path_factory: pytest.TempPathFactory,
+    upstream: Server,
+    fake: FaultyUpstream,
+    resetting: FaultyUpstream,
 ) -> Iterator[Server]:
     home = tmp_path_factory.mktemp("front-home")
     config = home / "config.toml"
-    config.write_text(front_config(upstream, fake))
+    retry = f"""
+[[models]]
+id = "fake-retry"
+engine = "openai"
+replicas = ["{resetting.url}", "{fake.url}"]
+upstream_model = "ok"
+breaker_failures = 1000
+"""
+    config.write_text(front_config(upstream, fake) + retry)
     os.environ["QG_TEST_UPSTREAM_KEY"] = upstream.api_key  # inherited by the server process only
     try:
         srv = start_server(home, "--config", str(config))
@@ -422,3 +441,17 @@ def test_recorded_reasoning_reaches_clients_as_reasoning_content(front: Server) 
             reasoning.append(getattr(choice.delta, "reasoning_content", None) or "")
             content.append(choice.delta.content or "")
     assert "".join(reasoning) == "The user greets me." and "".join(content) == "Hello!"
+
+
+def test_a_replica_failing_before_the_first_byte_is_retried_and_charged_once(
+    front: Server, resetting: FaultyUpstream
+) -> None:
+    before = len(resetting.received)
+    for _ in range(6):
+        status, request_id, payloads = sse(
+            front, {"model": "fake-retry", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        )
+        assert status == 200 and text_of(payloads) == "tok0 tok1 tok2 tok3 tok4 ", payloads
+        row = ledger_row(front, request_id)
+        assert (row["status"], row["prompt_tokens"], row["completion_tokens"]) == ("ok", 7, 5)
+    assert len(resetting.received) > before  # the resetting replica was tried, and the client never knew
