@@ -18,7 +18,7 @@ from qwen_gateway.api.balance import BalanceHeader
 from qwen_gateway.api.deps import require_key
 from qwen_gateway.api.lifecycle import Shutdown
 from qwen_gateway.api.middleware import RequestIdMiddleware
-from qwen_gateway.api.routes import admin, chat, health, models
+from qwen_gateway.api.routes import admin, chat, health, metrics, models
 
 if TYPE_CHECKING:
     from qwen_gateway.service.runtime import Gateway
@@ -45,6 +45,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         for router in (chat.router, models.router):
             app.include_router(router, prefix=prefix, dependencies=[Depends(require_key)])
     app.include_router(health.router)
+    app.include_router(metrics.router)
     # The admin API checks its own (admin) key; the console's static files need none.
     app.include_router(admin.api)
     app.include_router(admin.console)

@@ -42,6 +42,7 @@ from qwen_gateway.service.events import (
     ToolCallResult,
     UsageReport,
 )
+from qwen_gateway.service.metrics import Metrics, Timing
 from qwen_gateway.service.money.meter import Account
 from qwen_gateway.service.parsers import OutputParser, ParserChoice, parser_for
 from qwen_gateway.service.validation import ChatCall
@@ -73,9 +74,12 @@ class Admit(Protocol):
 
 
 class ChatService:
-    def __init__(self, usage_sink: UsageSink, admit: Admit | None = None) -> None:
+    def __init__(
+        self, usage_sink: UsageSink, admit: Admit | None = None, metrics: Metrics | None = None
+    ) -> None:
         self._usage_sink = usage_sink
         self._admit = admit
+        self._metrics = metrics
         self._search_notice_logged = False
 
     # -- the event stream ------------------------------------------------------------------------------
@@ -87,6 +91,7 @@ class ChatService:
         key_id: str | None,
         stop: Callable[[], bool] | None = None,
         account: Account | None = None,
+        timing: Timing | None = None,
     ) -> AsyncGenerator[ChoiceEvent, None]:
         """The request's choice events, ending with :class:`UsageReport` or :class:`StreamFailed`.
 
@@ -100,6 +105,7 @@ class ChatService:
         what the request spent: prompt + generated tokens, nothing for a failure before output.
         """
         started = time.monotonic()
+        timing = timing or Timing()
         try:
             ticket = call.model.admission.acquire(call.n)
         except ApiError as exc:  # refused before any generation: no charge, no ledger row
@@ -116,7 +122,7 @@ class ChatService:
         ended: set[int] = set()  # choices whose parser wanted no more output
         # What an engine stream closed before its Finished says it spent (see _spent_report).
         late: dict[int, Usage] = {}
-        engine_events = self._engine_events(call, late)
+        engine_events = self._engine_events(call, late, timing)
         settle = True
         try:
             if account is not None and self._admit is not None:
@@ -162,6 +168,8 @@ class ChatService:
                             out = [*parser.finish(), ChoiceFinished(index, _reason(event.reason, parser))]
                         case _:
                             assert_never(event)
+                    if out and not emitted and self._metrics is not None:
+                        self._metrics.first_output(call.model.id, timing)
                     for item in out:
                         emitted = True
                         yield item
@@ -193,6 +201,8 @@ class ChatService:
                 spent = _total(usage) if status != "error" else (_spent(usage, emitted) or Usage(0, 0))
                 latency_ms = int((time.monotonic() - started) * 1000)
                 await self._settle(call, key_id, status, spent, account, latency_ms)
+                if self._metrics is not None:
+                    self._metrics.finished(call.model.id, status, spent, timing)
 
     async def complete(
         self,
@@ -201,6 +211,7 @@ class ChatService:
         key_id: str | None,
         stop: Callable[[], bool] | None = None,
         account: Account | None = None,
+        timing: Timing | None = None,
     ) -> ChatResult:
         """The whole answer at once (non-stream); a failure raises its :class:`ApiError`."""
         wants_logprobs = call.generation.sampling.logprobs is not None
@@ -210,7 +221,7 @@ class ChatService:
         calls: dict[tuple[int, int], list[str]] = {}
         heads: dict[tuple[int, int], tuple[str, str]] = {}
         total = Usage(0, 0)
-        events = self.events(call, key_id=key_id, stop=stop, account=account)
+        events = self.events(call, key_id=key_id, stop=stop, account=account, timing=timing)
         try:
             async for event in events:
                 match event:
@@ -257,7 +268,7 @@ class ChatService:
         return out
 
     async def _engine_events(
-        self, call: ChatCall, late: dict[int, Usage]
+        self, call: ChatCall, late: dict[int, Usage], timing: Timing
     ) -> AsyncGenerator[tuple[int, GenerationEvent], None]:
         """(choice index, event) from every choice's engine stream, as they come; a stream closed
         before its end reports what it spent into ``late``."""
@@ -266,7 +277,18 @@ class ChatService:
         if len(requests) == 1:
             stream = engine.generate(requests[0])
             try:
-                async for event in stream:
+                iterator = aiter(stream)
+                while True:
+                    # Time awaiting the engine is not the gateway's overhead (the X-Gateway-Overhead-Ms
+                    # header and metric): two clock reads per event.
+                    timing.waiting_since = since = time.perf_counter()
+                    try:
+                        event = await anext(iterator)
+                    except StopAsyncIteration:
+                        break
+                    finally:
+                        timing.engine += time.perf_counter() - since
+                        timing.waiting_since = None
                     yield 0, event
             finally:
                 await _aclose(stream)
@@ -290,7 +312,12 @@ class ChatService:
         try:
             remaining = len(tasks)
             while remaining:
-                index, item = await queue.get()
+                timing.waiting_since = since = time.perf_counter()
+                try:
+                    index, item = await queue.get()
+                finally:
+                    timing.engine += time.perf_counter() - since
+                    timing.waiting_since = None
                 if item is None:
                     remaining -= 1
                 elif isinstance(item, BaseException):

@@ -18,6 +18,7 @@ from qwen_gateway.service.admin import AdminService
 from qwen_gateway.service.chat import ChatService
 from qwen_gateway.service.keys import KeyService
 from qwen_gateway.service.ledger import LedgerWriter
+from qwen_gateway.service.metrics import Metrics
 from qwen_gateway.service.models import ModelRegistry
 from qwen_gateway.service.money.meter import Meter
 from qwen_gateway.settings import ModelConfig, Settings
@@ -43,6 +44,7 @@ class Gateway:
     admin: AdminService
     # Fetches and checks the images and videos of requests (qwen_gateway/media).
     media: MediaFetcher
+    metrics: Metrics
 
     @classmethod
     async def open(cls, settings: Settings, *, console: Console | None = None) -> Gateway:
@@ -79,17 +81,20 @@ class Gateway:
             hold_max_seconds=settings.hold_max_seconds,
         )
         keys = KeyService(store)
+        metrics = Metrics()
+        metrics.watch_models(models)
         return cls(
             settings=settings,
             store=store,
             keys=keys,
             models=models,
-            chat=ChatService(meter.settle, meter.admit),
+            chat=ChatService(meter.settle, meter.admit, metrics),
             ledger=writer,
             meter=meter,
             started_at=int(time.time()),
             admin=AdminService(store, keys, meter),
             media=MediaFetcher(settings.media),
+            metrics=metrics,
         )
 
     async def aclose(self) -> None:

@@ -455,3 +455,25 @@ def test_a_replica_failing_before_the_first_byte_is_retried_and_charged_once(
         row = ledger_row(front, request_id)
         assert (row["status"], row["prompt_tokens"], row["completion_tokens"]) == ("ok", 7, 5)
     assert len(resetting.received) > before  # the resetting replica was tried, and the client never knew
+
+
+def test_metrics_and_overhead_header(front: Server) -> None:
+    headers = {"Authorization": f"Bearer {front.api_key}"}
+    body = {"model": "fake-ok", "messages": [{"role": "user", "content": "hi"}]}
+    r = httpx.post(f"{front.compat_url}/chat/completions", json=body, headers=headers, timeout=60)
+    assert r.status_code == 200
+    assert float(r.headers["x-gateway-overhead-ms"]) >= 0
+    with httpx.stream(
+        "POST", f"{front.compat_url}/chat/completions", json={**body, "stream": True}, headers=headers
+    ) as s:
+        assert float(s.headers["x-gateway-overhead-ms"]) >= 0
+        s.read()
+    sse(front, {"model": "fake-die", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+    text = httpx.get(f"{front.base_url}/metrics", timeout=30).text
+    assert 'qwen_gateway_upstream_errors_total{kind="mid_stream",model="fake-die",replica="0"}' in text
+    assert 'qwen_gateway_requests_total{model="fake-ok",status="ok"}' in text
+    assert 'qwen_gateway_tokens_total{kind="completion",model="fake-ok"}' in text
+    assert 'qwen_gateway_time_to_first_token_seconds_count{model="fake-ok"}' in text
+    assert 'qwen_gateway_queue_depth{model="fake-ok"} 0.0' in text
+    # Key names never appear as labels.
+    assert "test-" not in text and front.api_key not in text

@@ -18,6 +18,7 @@ from qwen_gateway.api.sse import SSEResponse
 from qwen_gateway.errors import PayloadTooLarge, ShuttingDown
 from qwen_gateway.service.events import StreamFailed
 from qwen_gateway.service.media import resolve as resolve_media
+from qwen_gateway.service.metrics import Timing
 from qwen_gateway.service.validation import build_call, parse_body
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,9 @@ router = APIRouter()
 
 # Seconds a stream may wait for its first event before the headers go out anyway.
 FIRST_CHUNK_WAIT = 1.0
+# The gateway's own time on the request so far (everything but awaiting the engine), in ms: for a
+# stream, until its headers; for a whole answer, until the body.
+OVERHEAD_HEADER = "X-Gateway-Overhead-Ms"
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -50,6 +54,7 @@ async def _until_disconnect(request: Request) -> None:
 
 @router.post("/chat/completions")
 async def chat_completions(request: Request) -> Response:
+    timing = Timing()
     gateway = get_gateway(request)
     body = parse_body(await read_body(request, gateway.settings.max_request_bytes))
     call = build_call(body, gateway.models, request_id=request_id_of(request))
@@ -60,7 +65,9 @@ async def chat_completions(request: Request) -> Response:
     account = account_of(request)
     if call.stream:
         shutdown = request.app.state.shutdown
-        events = gateway.chat.events(call, key_id=key_id, stop=lambda: shutdown.expired, account=account)
+        events = gateway.chat.events(
+            call, key_id=key_id, stop=lambda: shutdown.expired, account=account, timing=timing
+        )
         # Wait a little for the first event before any header goes out: errors found before generating
         # (a prompt longer than the context, a full queue) then get their own HTTP status. A long
         # prefill doesn't hold the headers back longer than that: the stream starts, keep-alives flow,
@@ -75,6 +82,7 @@ async def chat_completions(request: Request) -> Response:
         return SSEResponse(
             compat.sse_frames(call, resume_until_shutdown(first, events, shutdown, call.request_id)),
             keepalive=gateway.settings.keepalive_seconds,
+            headers={OVERHEAD_HEADER: f"{timing.overhead_ms():.2f}"},
         )
 
     # A client that hangs up on a non-stream call frees the engine too; so does the end of the
@@ -82,7 +90,9 @@ async def chat_completions(request: Request) -> Response:
     # stops at a token boundary, or the shutdown interrupts a request that reaches none in time.
     shutdown = request.app.state.shutdown
     work = asyncio.ensure_future(
-        gateway.chat.complete(call, key_id=key_id, stop=lambda: shutdown.expired, account=account)
+        gateway.chat.complete(
+            call, key_id=key_id, stop=lambda: shutdown.expired, account=account, timing=timing
+        )
     )
     watcher = asyncio.ensure_future(_until_disconnect(request))
     me = shutdown.register()
@@ -105,4 +115,5 @@ async def chat_completions(request: Request) -> Response:
     if work.cancelled():
         # Nobody is listening any more; 499 is what proxies log for "client closed request".
         return Response(status_code=499)
-    return JSONBytesResponse(compat.completion_body(call, work.result()))
+    body_bytes = compat.completion_body(call, work.result())
+    return JSONBytesResponse(body_bytes, headers={OVERHEAD_HEADER: f"{timing.overhead_ms():.2f}"})

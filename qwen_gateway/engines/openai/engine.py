@@ -23,7 +23,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections import Counter
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any, ClassVar
 
 import httpx
@@ -86,6 +87,7 @@ class OpenAIEngine:
         self._context: int = config.context_length or DEFAULT_CONTEXT
         self._health_task: asyncio.Task[None] | None = None
         self._state = EngineState.LOADING
+        self._errors: Counter[tuple[int, str]] = Counter()  # (replica index, kind) -> count
         self._dialect = Dialect(
             dashscope=isinstance(config, DashScopeModelConfig), thinking_budget=config.thinking_budget
         )
@@ -138,6 +140,11 @@ class OpenAIEngine:
         if self._state is EngineState.READY and not self._replicas.any_available:
             return EngineHealth(EngineState.FAILED, active, "no upstream replica is reachable")
         return EngineHealth(self._state, active)
+
+    def upstream_errors(self) -> Mapping[tuple[int, str], int]:
+        """Failures so far by (replica index, kind): "before_first_byte" (retried on another replica
+        when there is one), "refused" (the upstream answered 4xx), "mid_stream"."""
+        return self._errors
 
     async def aclose(self) -> None:
         self._state = EngineState.CLOSED
@@ -241,13 +248,11 @@ class OpenAIEngine:
                 try:
                     response, lines, first = await self._open(replica, content, headers, reader)
                 except _Retry as exc:
+                    log.warning("request %s: upstream %s: %s", request.request_id, replica.url, exc.detail)
+                    self._errors[replica.index, "before_first_byte" if exc.retry else "refused"] += 1
                     if not exc.retry:
-                        log.warning(
-                            "request %s: upstream %s: %s", request.request_id, replica.url, exc.detail
-                        )
                         raise exc.error from None
                     self._replicas.failed(replica)
-                    log.warning("request %s: upstream %s: %s", request.request_id, replica.url, exc.detail)
                     last = exc
                     continue
                 try:
@@ -320,11 +325,13 @@ class OpenAIEngine:
                     yield event
         except (httpx.HTTPError, UpstreamProtocolError, TimeoutError) as exc:
             self._replicas.failed(replica)
+            self._errors[replica.index, "mid_stream"] += 1
             what = "idle timeout" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
             log.warning("request %s: upstream %s failed mid-stream: %s", request_id, replica.url, what)
             raise EngineFailure() from None
         if reader.finish_reason is None:
             self._replicas.failed(replica)
+            self._errors[replica.index, "mid_stream"] += 1
             log.warning("request %s: upstream %s ended the stream without finishing", request_id, replica.url)
             raise EngineFailure()
 

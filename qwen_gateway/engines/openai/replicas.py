@@ -16,6 +16,7 @@ from dataclasses import dataclass
 @dataclass(slots=True)
 class Replica:
     url: str
+    index: int  # its position in the config (a metrics label: URLs may hold credentials)
     outstanding: int = 0
     failures: int = 0  # in a row
     open_until: float = 0.0  # breaker open (replica skipped) until this monotonic time
@@ -38,7 +39,7 @@ class ReplicaSet:
         cooldown: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.replicas = [Replica(u) for u in urls]
+        self.replicas = [Replica(u, i) for i, u in enumerate(urls)]
         self._failures_to_open = failures_to_open
         self._cooldown = cooldown
         self._clock = clock
