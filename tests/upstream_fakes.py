@@ -135,6 +135,10 @@ class FaultyUpstream:
                     continue
                 self.received.append(Received(path, headers, body))
                 model = body.get("model") if isinstance(body, dict) else None
+                if model == "ok" and isinstance(body, dict) and not body.get("stream"):
+                    self._respond(writer, 200, self._completion())  # a whole answer, for non-stream clients
+                    await writer.drain()
+                    continue
                 keep = await self._chat(reader, writer, self.force_mode or model)
                 if not keep:
                     return
@@ -142,6 +146,20 @@ class FaultyUpstream:
             return
         finally:
             writer.close()
+
+    def _completion(self) -> bytes:
+        text = "".join(f"tok{i} " for i in range(self.tokens))
+        body = {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion",
+            "created": 1764590000,
+            "model": "fake",
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+            ],
+            "usage": {"prompt_tokens": 7, "completion_tokens": self.tokens, "total_tokens": 7 + self.tokens},
+        }
+        return json.dumps(body).encode()
 
     def modes(self) -> list[str]:
         return [*MODES, *(f"replay-{p.stem}" for p in sorted(RECORDED.glob("*.sse")))]
