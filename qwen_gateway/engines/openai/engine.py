@@ -42,7 +42,13 @@ from qwen_gateway.engines.base import (
 from qwen_gateway.engines.openai.counting import TokenCounter
 from qwen_gateway.engines.openai.options import DashScopeModelConfig, OpenAIModelConfig
 from qwen_gateway.engines.openai.replicas import Replica, ReplicaSet
-from qwen_gateway.engines.openai.wire import ChunkReader, Dialect, UpstreamProtocolError, request_body
+from qwen_gateway.engines.openai.wire import (
+    ChunkReader,
+    Dialect,
+    UnsupportedField,
+    UpstreamProtocolError,
+    request_body,
+)
 from qwen_gateway.errors import (
     ApiError,
     EngineFailure,
@@ -229,7 +235,13 @@ class OpenAIEngine:
 
     async def run(self, request: GenerationRequest, stream: _Stream) -> AsyncGenerator[GenerationEvent, None]:
         assert self._client is not None, "engine not started"
-        content = json.dumps(request_body(request, self._model, self._dialect), ensure_ascii=False).encode()
+        try:
+            body = request_body(request, self._model, self._dialect)
+        except UnsupportedField as exc:
+            raise InvalidParameter(
+                f"{exc.param} is not supported by this model's upstream.", param=exc.param
+            ) from None
+        content = json.dumps(body, ensure_ascii=False).encode()
         headers = {"Content-Type": "application/json", "X-Request-Id": request.request_id}
         tried: set[str] = set()
         last: _Retry | None = None

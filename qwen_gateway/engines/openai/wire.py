@@ -56,7 +56,7 @@ def data_url(data: bytes, mime_type: str) -> str:
     return f"data:{mime_type};base64,{base64.b64encode(data).decode('ascii')}"
 
 
-def _content(message: ChatMessage) -> str | list[dict[str, Any]]:
+def _content(message: ChatMessage, dialect: Dialect) -> str | list[dict[str, Any]]:
     if isinstance(message.content, str):
         return message.content
     parts: list[dict[str, Any]] = []
@@ -64,7 +64,15 @@ def _content(message: ChatMessage) -> str | list[dict[str, Any]]:
         if isinstance(part, TextPart):
             parts.append({"type": "text", "text": part.text})
         elif isinstance(part, ImagePart):
-            parts.append({"type": "image_url", "image_url": {"url": data_url(part.data, part.mime_type)}})
+            image: dict[str, Any] = {"url": data_url(part.data, part.mime_type)}
+            for name in ("min_pixels", "max_pixels"):
+                value = getattr(part, name)
+                if value is not None:
+                    # DashScope takes the bounds per image; OpenAI's API and vLLM's have no such field.
+                    if not dialect.dashscope:
+                        raise UnsupportedField(f"image_url.{name}")
+                    image[name] = value
+            parts.append({"type": "image_url", "image_url": image})
         elif isinstance(part, VideoPart):
             # A frame list, as DashScope's compatible mode takes a video of images.
             frames = [data_url(f, part.mime_type) for f in part.frames]
@@ -73,7 +81,7 @@ def _content(message: ChatMessage) -> str | list[dict[str, Any]]:
 
 
 def _message(message: ChatMessage, dialect: Dialect) -> dict[str, Any]:
-    out: dict[str, Any] = {"role": message.role, "content": _content(message)}
+    out: dict[str, Any] = {"role": message.role, "content": _content(message, dialect)}
     if message.name is not None:
         out["name"] = message.name
     if message.tool_calls:
@@ -124,6 +132,10 @@ def request_body(request: GenerationRequest, model: str, dialect: Dialect) -> di
             }
             for t in request.tools
         ]
+    if request.media.high_resolution:
+        if not dialect.dashscope:
+            raise UnsupportedField("vl_high_resolution_images")
+        body["vl_high_resolution_images"] = True
     _constraint(body, request)
     _thinking(body, request, dialect)
     if request.messages and request.messages[-1].partial and not dialect.dashscope:
@@ -179,6 +191,15 @@ def _thinking(body: dict[str, Any], request: GenerationRequest, dialect: Dialect
 # ---------------------------------------------------------------------------------------------------
 
 _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "tool_calls": "tool_calls"}
+
+
+class UnsupportedField(Exception):
+    """The request sets something this upstream has no field for (``param`` names it): refused,
+    never dropped silently."""
+
+    def __init__(self, param: str) -> None:
+        super().__init__(param)
+        self.param = param
 
 
 class UpstreamProtocolError(Exception):

@@ -14,6 +14,7 @@ from qwen_gateway.engines.base import (
     GenerationRequest,
     ImagePart,
     JsonConstraint,
+    MediaOptions,
     ReasoningTextDelta,
     SamplingParams,
     TextDelta,
@@ -24,7 +25,13 @@ from qwen_gateway.engines.base import (
     ToolSpec,
     Usage,
 )
-from qwen_gateway.engines.openai.wire import ChunkReader, Dialect, UpstreamProtocolError, request_body
+from qwen_gateway.engines.openai.wire import (
+    ChunkReader,
+    Dialect,
+    UnsupportedField,
+    UpstreamProtocolError,
+    request_body,
+)
 
 DATA = Path(__file__).parent / "data" / "upstream"
 
@@ -183,3 +190,17 @@ def test_finished_is_not_yielded_by_the_reader() -> None:
     # Finished is the engine's, built from reader.finish_reason and usage once the stream ends.
     events, _ = read("vllm_reasoning.sse")
     assert not [e for e in events if isinstance(e, Finished)]
+
+
+def test_image_sizing_goes_to_dashscope_and_is_refused_elsewhere() -> None:
+    image = ImagePart(b"png", "image/png", max_pixels=1000)
+    request = _request(messages=(ChatMessage("user", (image,)),), media=MediaOptions(high_resolution=True))
+    body = request_body(request, "m", Dialect(dashscope=True))
+    assert body["messages"][0]["content"][0]["image_url"]["max_pixels"] == 1000
+    assert body["vl_high_resolution_images"] is True
+    with pytest.raises(UnsupportedField) as refused:
+        request_body(request, "m", Dialect())
+    assert refused.value.param == "image_url.max_pixels"
+    with pytest.raises(UnsupportedField) as refused:
+        request_body(_request(media=MediaOptions(high_resolution=True)), "m", Dialect())
+    assert refused.value.param == "vl_high_resolution_images"
