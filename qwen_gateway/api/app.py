@@ -18,7 +18,7 @@ from qwen_gateway.api.balance import BalanceHeader
 from qwen_gateway.api.deps import require_key
 from qwen_gateway.api.lifecycle import Shutdown
 from qwen_gateway.api.middleware import RequestIdMiddleware
-from qwen_gateway.api.routes import admin, chat, files, health, models, native
+from qwen_gateway.api.routes import admin, chat, files, health, metrics, models, native
 
 if TYPE_CHECKING:
     from qwen_gateway.service.runtime import Gateway
@@ -48,6 +48,7 @@ def create_app(gateway: Gateway) -> FastAPI:
     # The native DashScope protocol (reference §1.4), same keys.
     app.include_router(native.router, prefix=NATIVE_API_PREFIX, dependencies=[Depends(require_key)])
     app.include_router(health.router)
+    app.include_router(metrics.router)
     # The admin API checks its own (admin) key; the console's static files need none.
     app.include_router(admin.api)
     app.include_router(admin.console)

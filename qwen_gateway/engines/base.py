@@ -188,6 +188,9 @@ class Usage:
     # Of prompt_tokens: what the request's images and videos took (pads, start/end, timestamps).
     image_tokens: int = 0
     video_tokens: int = 0
+    # True when the gateway counted these tokens with the model's tokenizer itself, because the engine
+    # behind it did not report them (an upstream that omits usage, or a stream cut short).
+    counted_locally: bool = False
 
     @property
     def total_tokens(self) -> int:
@@ -235,6 +238,27 @@ class TextDelta:
     logprobs: tuple[TokenLogprob, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class ReasoningTextDelta:
+    """New reasoning text, separated by the engine itself (an upstream that returns
+    ``reasoning_content``); only engines whose capabilities say ``parses_output`` yield it."""
+
+    text: str
+    usage: Usage | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallChunk:
+    """A piece of tool call ``call_index``, parsed by the engine itself (``parses_output``): the first
+    piece of a call carries ``id`` and ``name``, later ones only more ``arguments`` text."""
+
+    call_index: int
+    id: str | None
+    name: str | None
+    arguments: str
+    usage: Usage | None = None
+
+
 FinishReason = Literal["stop", "length", "tool_calls"]
 
 
@@ -246,7 +270,7 @@ class Finished:
     usage: Usage
 
 
-GenerationEvent = TextDelta | Finished
+GenerationEvent = TextDelta | ReasoningTextDelta | ToolCallChunk | Finished
 
 # ---------------------------------------------------------------------------------------------------
 # Engine interface
@@ -294,6 +318,9 @@ class Capabilities:
     # format ("hermes", "qwen3_coder") and whether it marks reasoning ("qwen3"); None: none / unknown.
     tool_format: str | None = None
     reasoning_format: str | None = None
+    # The engine separates reasoning and tool calls itself (ReasoningTextDelta, ToolCallChunk; an
+    # upstream server that already parses its model's output): the service runs no parser on its text.
+    parses_output: bool = False
 
 
 @runtime_checkable

@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 # name -> "module:Class". Any other "module:Class" string in a config is accepted as-is.
 ENGINES: dict[str, str] = {
     "local": "qwen_gateway.engines.local:LocalEngine",
+    "openai": "qwen_gateway.engines.openai:OpenAIEngine",
+    "dashscope": "qwen_gateway.engines.openai:DashScopeEngine",
 }
 
 

@@ -22,8 +22,10 @@ from qwen_gateway.engines.base import (
     FinishReason,
     GenerationEvent,
     GenerationRequest,
+    ReasoningTextDelta,
     TextDelta,
     TokenLogprob,
+    ToolCallChunk,
     ToolCallConstraint,
     Usage,
 )
@@ -41,6 +43,7 @@ from qwen_gateway.service.events import (
     UsageProgress,
     UsageReport,
 )
+from qwen_gateway.service.metrics import Metrics, Timing
 from qwen_gateway.service.money.meter import Account
 from qwen_gateway.service.parsers import OutputParser, ParserChoice, parser_for
 from qwen_gateway.service.validation import ChatCall
@@ -72,9 +75,12 @@ class Admit(Protocol):
 
 
 class ChatService:
-    def __init__(self, usage_sink: UsageSink, admit: Admit | None = None) -> None:
+    def __init__(
+        self, usage_sink: UsageSink, admit: Admit | None = None, metrics: Metrics | None = None
+    ) -> None:
         self._usage_sink = usage_sink
         self._admit = admit
+        self._metrics = metrics
 
     # -- the event stream ------------------------------------------------------------------------------
 
@@ -85,6 +91,7 @@ class ChatService:
         key_id: str | None,
         stop: Callable[[], bool] | None = None,
         account: Account | None = None,
+        timing: Timing | None = None,
     ) -> AsyncGenerator[ChoiceEvent, None]:
         """The request's choice events, ending with :class:`UsageReport` or :class:`StreamFailed`.
 
@@ -98,6 +105,7 @@ class ChatService:
         what the request spent: prompt + generated tokens, nothing for a failure before output.
         """
         started = time.monotonic()
+        timing = timing or Timing()
         try:
             ticket = call.model.admission.acquire(call.n)
         except ApiError as exc:  # refused before any generation: no charge, no ledger row
@@ -109,7 +117,9 @@ class ChatService:
         emitted = False
         finished = 0
         ended: set[int] = set()  # choices whose parser wanted no more output
-        engine_events = self._engine_events(call)
+        # What an engine stream closed before its Finished says it spent (see _spent_report).
+        late: dict[int, Usage] = {}
+        engine_events = self._engine_events(call, late, timing)
         settle = True
         try:
             if account is not None and self._admit is not None:
@@ -140,6 +150,16 @@ class ChatService:
                                 ended.add(index)
                                 finished += 1
                                 out += [*parsers[index].finish(), ChoiceFinished(index, "tool_calls")]
+                        case ReasoningTextDelta():  # an engine that parses its own output
+                            if event.usage is not None:
+                                usage[index] = event.usage
+                            out = [ReasoningDelta(index, event.text)] if event.text else []
+                        case ToolCallChunk():
+                            if event.usage is not None:
+                                usage[index] = event.usage
+                            out = [
+                                ToolCallDelta(index, event.call_index, event.id, event.name, event.arguments)
+                            ]
                         case Finished():
                             usage[index] = event.usage
                             finished += 1
@@ -147,6 +167,8 @@ class ChatService:
                             out = [*parser.finish(), ChoiceFinished(index, _reason(event.reason, parser))]
                         case _:
                             assert_never(event)
+                    if out and not emitted and self._metrics is not None:
+                        self._metrics.first_output(call.model.id, timing)
                     for item in out:
                         emitted = True
                         yield item
@@ -156,11 +178,13 @@ class ChatService:
                         raise ShuttingDown()
             except ApiError as exc:
                 status = "error"
+                _apply(usage, late)
                 yield StreamFailed(exc, before_output=not emitted, usage=_spent(usage, emitted))
                 return
             except Exception:
                 status = "error"
                 log.exception("generation of request %s failed", call.request_id)
+                _apply(usage, late)
                 yield StreamFailed(EngineFailure(), before_output=not emitted, usage=_spent(usage, emitted))
                 return
             status = "ok"
@@ -168,12 +192,16 @@ class ChatService:
         finally:
             await engine_events.aclose()
             ticket.release()
+            if status != "ok":
+                _apply(usage, late)
             if settle:
                 # A failure is charged what it reported spending (nothing before output); a client that
                 # went away, everything generated until then.
                 spent = _total(usage) if status != "error" else (_spent(usage, emitted) or Usage(0, 0))
                 latency_ms = int((time.monotonic() - started) * 1000)
                 await self._settle(call, key_id, status, spent, account, latency_ms)
+                if self._metrics is not None:
+                    self._metrics.finished(call.model.id, status, spent, timing)
 
     async def complete(
         self,
@@ -182,6 +210,7 @@ class ChatService:
         key_id: str | None,
         stop: Callable[[], bool] | None = None,
         account: Account | None = None,
+        timing: Timing | None = None,
     ) -> ChatResult:
         """The whole answer at once (non-stream); a failure raises its :class:`ApiError`."""
         wants_logprobs = call.generation.sampling.logprobs is not None
@@ -191,7 +220,7 @@ class ChatService:
         calls: dict[tuple[int, int], list[str]] = {}
         heads: dict[tuple[int, int], tuple[str, str]] = {}
         total = Usage(0, 0)
-        events = self.events(call, key_id=key_id, stop=stop, account=account)
+        events = self.events(call, key_id=key_id, stop=stop, account=account, timing=timing)
         try:
             async for event in events:
                 match event:
@@ -239,17 +268,32 @@ class ChatService:
             )
         return out
 
-    async def _engine_events(self, call: ChatCall) -> AsyncGenerator[tuple[int, GenerationEvent], None]:
-        """(choice index, event) from every choice's engine stream, as they come."""
+    async def _engine_events(
+        self, call: ChatCall, late: dict[int, Usage], timing: Timing
+    ) -> AsyncGenerator[tuple[int, GenerationEvent], None]:
+        """(choice index, event) from every choice's engine stream, as they come; a stream closed
+        before its end reports what it spent into ``late``."""
         engine = call.model.engine
         requests = self._requests(call)
         if len(requests) == 1:
             stream = engine.generate(requests[0])
             try:
-                async for event in stream:
+                iterator = aiter(stream)
+                while True:
+                    # Time awaiting the engine is not the gateway's overhead (the X-Gateway-Overhead-Ms
+                    # header and metric): two clock reads per event.
+                    timing.waiting_since = since = time.perf_counter()
+                    try:
+                        event = await anext(iterator)
+                    except StopAsyncIteration:
+                        break
+                    finally:
+                        timing.engine += time.perf_counter() - since
+                        timing.waiting_since = None
                     yield 0, event
             finally:
                 await _aclose(stream)
+                _spent_report(stream, 0, late)
             return
         queue: asyncio.Queue[tuple[int, GenerationEvent | BaseException | None]] = asyncio.Queue()
 
@@ -263,12 +307,18 @@ class ChatService:
                 queue.put_nowait((index, exc))
             finally:
                 await _aclose(stream)
+                _spent_report(stream, index, late)
 
         tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
         try:
             remaining = len(tasks)
             while remaining:
-                index, item = await queue.get()
+                timing.waiting_since = since = time.perf_counter()
+                try:
+                    index, item = await queue.get()
+                finally:
+                    timing.engine += time.perf_counter() - since
+                    timing.waiting_since = None
                 if item is None:
                     remaining -= 1
                 elif isinstance(item, BaseException):
@@ -333,9 +383,11 @@ def _spent(usage: list[Usage | None], emitted: bool) -> Usage | None:
 
 def _total(usage: list[Usage | None]) -> Usage:
     prompt = completion = reasoning = image = video = 0
+    local = False
     for u in usage:
         if u is None:
             continue
+        local = local or u.counted_locally
         # Every choice shares one prompt: count it once, as OpenAI and DashScope do.
         prompt = max(prompt, u.prompt_tokens)
         image, video = max(image, u.image_tokens), max(video, u.video_tokens)
@@ -347,6 +399,7 @@ def _total(usage: list[Usage | None]) -> Usage:
         reasoning_tokens=reasoning,
         image_tokens=image,
         video_tokens=video,
+        counted_locally=local,
     )
 
 
@@ -355,3 +408,17 @@ async def _aclose(stream: AsyncIterator[GenerationEvent]) -> None:
     aclose = getattr(stream, "aclose", None)
     if aclose is not None:
         await aclose()
+
+
+def _spent_report(stream: AsyncIterator[GenerationEvent], index: int, late: dict[int, Usage]) -> None:
+    """An engine stream may offer ``spent() -> Usage | None``: what it used when it ended without a
+    Finished (cancelled, or failed mid-stream), counted by the engine itself after the fact, so that
+    counting costs nothing on requests that finish normally."""
+    spent = getattr(stream, "spent", None)
+    if spent is not None and (reported := spent()) is not None:
+        late[index] = reported
+
+
+def _apply(usage: list[Usage | None], late: dict[int, Usage]) -> None:
+    for index, reported in late.items():
+        usage[index] = reported

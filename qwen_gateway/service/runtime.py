@@ -20,6 +20,7 @@ from qwen_gateway.service.chat import ChatService
 from qwen_gateway.service.files import FileService
 from qwen_gateway.service.keys import KeyService
 from qwen_gateway.service.ledger import LedgerWriter
+from qwen_gateway.service.metrics import Metrics
 from qwen_gateway.service.models import ModelRegistry
 from qwen_gateway.service.money.meter import Meter
 from qwen_gateway.service.search import WebSearch
@@ -50,6 +51,7 @@ class Gateway:
     search: WebSearch
     # Uploaded files and their extracted text (Files API, Qwen-Long's fileid://).
     files: FileService
+    metrics: Metrics
 
     @classmethod
     async def open(cls, settings: Settings, *, console: Console | None = None) -> Gateway:
@@ -88,12 +90,14 @@ class Gateway:
             hold_max_seconds=settings.hold_max_seconds,
         )
         keys = KeyService(store)
+        metrics = Metrics()
+        metrics.watch_models(models)
         return cls(
             settings=settings,
             store=store,
             keys=keys,
             models=models,
-            chat=ChatService(meter.settle, meter.admit),
+            chat=ChatService(meter.settle, meter.admit, metrics),
             ledger=writer,
             meter=meter,
             started_at=int(time.time()),
@@ -101,6 +105,7 @@ class Gateway:
             media=MediaFetcher(settings.media),
             search=WebSearch(create_search_provider(settings.search), settings.search),
             files=FileService(store, settings.files, settings.home),
+            metrics=metrics,
         )
 
     async def aclose(self) -> None:

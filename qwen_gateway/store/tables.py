@@ -110,6 +110,9 @@ usage_ledger = Table(
     Column("status", String(16), nullable=False),  # "ok" | "error" | "cancelled" | "expired"
     Column("latency_ms", Integer(), nullable=True),
     Column("created_at", UtcDateTime(), nullable=False),
+    # "engine": the counts are the engine's report; "local": the gateway counted them with the model's
+    # tokenizer (an upstream that reported no usage, or a stream cut short before its report).
+    Column("usage_source", String(16), nullable=False, server_default="engine"),
 )
 
 Index(None, usage_ledger.c.key_id, usage_ledger.c.created_at)

@@ -34,6 +34,7 @@ class UsageRow:
     image_tokens: int = 0
     video_tokens: int = 0
     latency_ms: int | None = None
+    usage_source: str = "engine"
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +64,7 @@ class NewUsage:
     image_tokens: int = 0
     video_tokens: int = 0
     latency_ms: int | None = None
+    usage_source: str = "engine"  # "engine" | "local" (see tables.usage_ledger)
     held_micro: int | None = None
     rate_second: int | None = None
     rate_tokens: int = 0
@@ -91,6 +93,7 @@ class NewUsage:
             "status": self.status,
             "latency_ms": self.latency_ms,
             "created_at": self.created_at,
+            "usage_source": self.usage_source,
         }
 
 
@@ -186,4 +189,5 @@ def _row(row: Row[Any]) -> UsageRow:
         image_tokens=m["image_tokens"],
         video_tokens=m["video_tokens"],
         latency_ms=m["latency_ms"],
+        usage_source=m["usage_source"],
     )

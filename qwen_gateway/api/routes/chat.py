@@ -22,6 +22,7 @@ from qwen_gateway.errors import ApiError, PayloadTooLarge, ShuttingDown
 from qwen_gateway.service import fileids
 from qwen_gateway.service.events import ChatResult, ChoiceEvent, StreamFailed
 from qwen_gateway.service.media import resolve as resolve_media
+from qwen_gateway.service.metrics import Timing
 from qwen_gateway.service.validation import ChatCall, build_call, parse_body
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,9 @@ router = APIRouter()
 
 # Seconds a stream may wait for its first event before the headers go out anyway.
 FIRST_CHUNK_WAIT = 1.0
+# The gateway's own time on the request so far (everything but awaiting the engine), in ms: for a
+# stream, until its headers; for a whole answer, until the body.
+OVERHEAD_HEADER = "X-Gateway-Overhead-Ms"
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -54,6 +58,7 @@ async def _until_disconnect(request: Request) -> None:
 
 @router.post("/chat/completions")
 async def chat_completions(request: Request) -> Response:
+    timing = Timing()
     gateway = get_gateway(request)
     body = parse_body(await read_body(request, gateway.settings.max_request_bytes))
     call = build_call(body, gateway.models, request_id=request_id_of(request))
@@ -68,6 +73,7 @@ async def chat_completions(request: Request) -> Response:
         call,
         functools.partial(compat.sse_frames, call),
         functools.partial(compat.completion_body, call),
+        timing,
     )
 
 
@@ -76,9 +82,11 @@ async def answer(
     call: ChatCall,
     frames: Callable[[AsyncGenerator[ChoiceEvent, None]], AsyncGenerator[bytes, None]],
     body: Callable[[ChatResult], dict[str, Any]],
+    timing: Timing,
 ) -> Response:
     """Run a validated call and answer it, streamed (``frames``) or whole (``body``): the part of a
-    chat route both protocols share (admission, money, shutdown, disconnects)."""
+    chat route both protocols share (admission, money, shutdown, disconnects). ``timing`` started
+    when the request arrived (the gateway's own overhead, reported in a header and /metrics)."""
     gateway = get_gateway(request)
     key_id = key_id_of(request)
     # Qwen-Long: fileid:// system messages get their documents' text (a bad reference is a 400 here).
@@ -88,7 +96,9 @@ async def answer(
     account = account_of(request)
     if call.stream:
         shutdown = request.app.state.shutdown
-        events = gateway.chat.events(call, key_id=key_id, stop=lambda: shutdown.expired, account=account)
+        events = gateway.chat.events(
+            call, key_id=key_id, stop=lambda: shutdown.expired, account=account, timing=timing
+        )
         # Wait a little for the first event before any header goes out: errors found before generating
         # (a prompt longer than the context, a full queue) then get their own HTTP status. A long
         # prefill doesn't hold the headers back longer than that: the stream starts, keep-alives flow,
@@ -103,6 +113,7 @@ async def answer(
         return SSEResponse(
             frames(resume_until_shutdown(first, events, shutdown, call.request_id)),
             keepalive=gateway.settings.keepalive_seconds,
+            headers={OVERHEAD_HEADER: f"{timing.overhead_ms():.2f}"},
         )
 
     # A client that hangs up on a non-stream call frees the engine too; so does the end of the
@@ -110,7 +121,9 @@ async def answer(
     # stops at a token boundary, or the shutdown interrupts a request that reaches none in time.
     shutdown = request.app.state.shutdown
     work = asyncio.ensure_future(
-        gateway.chat.complete(call, key_id=key_id, stop=lambda: shutdown.expired, account=account)
+        gateway.chat.complete(
+            call, key_id=key_id, stop=lambda: shutdown.expired, account=account, timing=timing
+        )
     )
     watcher = asyncio.ensure_future(_until_disconnect(request))
     me = shutdown.register()
@@ -137,4 +150,4 @@ async def answer(
         result = work.result()
     except ApiError as exc:
         raise fileids.map_error(call, exc) from None
-    return JSONBytesResponse(body(result))
+    return JSONBytesResponse(body(result), headers={OVERHEAD_HEADER: f"{timing.overhead_ms():.2f}"})

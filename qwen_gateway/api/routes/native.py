@@ -21,6 +21,7 @@ from qwen_gateway.api.responses import JSONBytesResponse
 from qwen_gateway.api.routes.chat import answer, read_body
 from qwen_gateway.errors import ApiError
 from qwen_gateway.service.media import resolve as resolve_media
+from qwen_gateway.service.metrics import Timing
 from qwen_gateway.service.requests.native import build_native_call, native_param
 from qwen_gateway.service.tokenize import tokenize
 from qwen_gateway.service.validation import parse_body
@@ -29,6 +30,7 @@ router = APIRouter()
 
 
 async def _generation(request: Request, *, multimodal: bool) -> Response:
+    timing = Timing()
     gateway = get_gateway(request)
     body = parse_body(await read_body(request, gateway.settings.max_request_bytes))
     native = build_native_call(
@@ -51,6 +53,7 @@ async def _generation(request: Request, *, multimodal: bool) -> Response:
         call,
         functools.partial(render.sse_frames, native),
         functools.partial(render.response_body, native),
+        timing,
     )
 
 

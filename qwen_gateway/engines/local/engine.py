@@ -190,10 +190,12 @@ class LocalEngine:
         )
         prompt_tokens = len(prompt_ids)
         # What the media took of the prompt (the same layouts built the prompt: see media/tokens.py).
-        media = {"image_tokens": vision.image_tokens, "video_tokens": vision.video_tokens} if vision else {}
+        image_tokens, video_tokens = (vision.image_tokens, vision.video_tokens) if vision else (0, 0)
 
         def usage_of(completion: int, reasoning: int) -> Usage:
-            return Usage(prompt_tokens, completion, reasoning, **media)
+            return Usage(
+                prompt_tokens, completion, reasoning, image_tokens=image_tokens, video_tokens=video_tokens
+            )
 
         scheduler.submit(seq)
         try:

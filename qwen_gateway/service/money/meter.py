@@ -220,6 +220,7 @@ class Meter:
             status=status,
             cost_micro=cost,
             latency_ms=latency_ms,
+            usage_source="local" if usage.counted_locally else "engine",
             held_micro=account.held_micro if account is not None and account.admitted else None,
             rate_second=account.rate_second if account is not None and account.admitted else None,
             rate_tokens=account.rate_tokens if account is not None else 0,

@@ -47,14 +47,17 @@ def _load(target: str) -> Any:
 
 
 def tool_parsing(capabilities: Capabilities) -> bool:
-    """Whether calls in this engine's output can be parsed (its markup has a parser)."""
-    return capabilities.tool_format in TOOL_PARSERS
+    """Whether calls in this engine's output can be parsed (its markup has a parser, or the engine
+    parses them itself)."""
+    return capabilities.parses_output or capabilities.tool_format in TOOL_PARSERS
 
 
 def parser_for(index: int, capabilities: Capabilities, choice: ParserChoice) -> OutputParser:
     """The parser chain for choice ``index``: reasoning, then tool calls, then plain content."""
     specials = capabilities.special_tokens
     parser: OutputParser = PlainText(index)
+    if capabilities.parses_output:  # reasoning and calls arrive as their own engine events
+        return parser
     if choice.tools and capabilities.tool_format in TOOL_PARSERS:
         cls = _load(TOOL_PARSERS[capabilities.tool_format])
         parser = cls(

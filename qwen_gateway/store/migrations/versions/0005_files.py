@@ -1,11 +1,10 @@
 """Uploaded files (Files API, Qwen-Long's fileid://).
 
 Revision ID: 0005
-Revises: 0003
+Revises: 0004
 Create Date: 2026-12-01
 
-Named 0005 with down_revision 0003 so that a 0004 added on another branch can be chained in between at
-merge time. Types are spelled out.
+Types are spelled out.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0005"
-down_revision: str | None = "0003"
+down_revision: str | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -1,0 +1,421 @@
+"""The ``openai`` engine: a model served by OpenAI-compatible upstream servers (vLLM, SGLang, Ollama,
+llama.cpp's server, DashScope's compatible mode), one or several replicas, on one pooled HTTP/1.1
+keep-alive client owned by the engine.
+
+Every request is streamed upstream (also for a client's non-stream call), so time to first token,
+retries before the first byte and a cut-short stream are handled one way. Nothing above ``engines/``
+sees an httpx exception: :func:`_failure` maps each to our error tree here, and the upstream's own
+message goes to the server log only (it may name internals of the upstream).
+
+Faults: a replica that fails before its first streamed event is retried on another one (the client
+never sees it and is charged once: nothing was delivered); each failure feeds that replica's circuit
+breaker; an upstream that dies after the first event ends the request with ``EngineFailure`` (the
+service sends it in-band with the end marker) and the request is charged what was delivered, counted
+here (:meth:`_Stream.spent`). Closing the stream (client gone) closes the upstream connection at once,
+which is how vLLM and friends learn to abort.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from typing import Any, ClassVar
+
+import httpx
+from pydantic import SecretStr
+
+from qwen_gateway.engines.base import (
+    Capabilities,
+    EngineHealth,
+    EngineState,
+    Finished,
+    GenerationEvent,
+    GenerationRequest,
+    Usage,
+)
+from qwen_gateway.engines.openai.counting import TokenCounter
+from qwen_gateway.engines.openai.options import DashScopeModelConfig, OpenAIModelConfig
+from qwen_gateway.engines.openai.replicas import Replica, ReplicaSet
+from qwen_gateway.engines.openai.wire import (
+    ChunkReader,
+    Dialect,
+    UnsupportedField,
+    UpstreamProtocolError,
+    request_body,
+)
+from qwen_gateway.errors import (
+    ApiError,
+    EngineFailure,
+    EngineOverloaded,
+    EngineUnavailable,
+    InvalidParameter,
+    StartupError,
+)
+from qwen_gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Context assumed when neither the upstream (/models) nor the config says (the catalog's fallback).
+DEFAULT_CONTEXT = 32_768
+
+
+class _Retry(Exception):
+    """A failure before the first byte that another replica may not have (connection, 5xx, 429...)."""
+
+    def __init__(self, error: ApiError, detail: str, *, retry: bool = True) -> None:
+        super().__init__(detail)
+        self.error = error
+        self.detail = detail
+        # False: the request itself was refused (4xx); another replica would refuse it too.
+        self.retry = retry
+
+
+class OpenAIEngine:
+    config_model: ClassVar[type[OpenAIModelConfig]] = OpenAIModelConfig
+    name = "openai"
+    dialect = Dialect()
+
+    def __init__(self, config: OpenAIModelConfig, *, settings: Settings | None = None) -> None:
+        self._config = config
+        self._model = config.upstream_model or config.id
+        self._replicas = ReplicaSet(
+            config.urls, failures_to_open=config.breaker_failures, cooldown=config.breaker_cooldown
+        )
+        self._counter = TokenCounter(config.tokenizer)
+        self._client: httpx.AsyncClient | None = None
+        self._key: SecretStr | None = None
+        self._context: int = config.context_length or DEFAULT_CONTEXT
+        self._health_task: asyncio.Task[None] | None = None
+        self._state = EngineState.LOADING
+        self._errors: Counter[tuple[int, str]] = Counter()  # (replica index, kind) -> count
+        self._dialect = Dialect(
+            dashscope=isinstance(config, DashScopeModelConfig), thinking_budget=config.thinking_budget
+        )
+        self._capabilities = self._make_capabilities()
+
+    # -- Engine protocol -------------------------------------------------------------------------------
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._capabilities
+
+    async def start(self) -> None:
+        env = self._config.api_key_env
+        if env is not None:
+            value = os.environ.get(env)
+            if not value:
+                raise StartupError(f"model {self._config.id!r}: environment variable {env} is not set")
+            self._key = SecretStr(value)
+        cfg = self._config
+        self._client = httpx.AsyncClient(
+            # One pool for every replica and request; HTTP/1.1 keep-alive (h2 multiplexing would put
+            # all streams of a replica on one connection, one slow reader stalling the rest).
+            limits=httpx.Limits(
+                max_connections=cfg.max_connections,
+                max_keepalive_connections=cfg.max_connections,
+                keepalive_expiry=60.0,
+            ),
+            # Reads are bounded per event by first_byte/idle timeouts of our own (below).
+            timeout=httpx.Timeout(connect=cfg.connect_timeout, read=None, write=30.0, pool=None),
+            headers=self._headers(),
+            trust_env=False,  # never route upstream traffic through an environment proxy
+        )
+        if not self._config.tokenizer:
+            log.warning(
+                "model %r: no tokenizer configured; tokens the upstream does not report are estimated",
+                self._config.id,
+            )
+        learned = await self._probe_all()
+        if learned is not None and self._config.context_length is None:
+            self._context = learned
+            self._capabilities = self._make_capabilities()
+        self._state = EngineState.READY
+        self._health_task = asyncio.create_task(self._health_loop())
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        return _Stream(self, request)
+
+    async def health(self) -> EngineHealth:
+        active = sum(r.outstanding for r in self._replicas.replicas)
+        if self._state is EngineState.READY and not self._replicas.any_available:
+            return EngineHealth(EngineState.FAILED, active, "no upstream replica is reachable")
+        return EngineHealth(self._state, active)
+
+    def upstream_errors(self) -> Mapping[tuple[int, str], int]:
+        """Failures so far by (replica index, kind): "before_first_byte" (retried on another replica
+        when there is one), "refused" (the upstream answered 4xx), "mid_stream"."""
+        return self._errors
+
+    async def aclose(self) -> None:
+        self._state = EngineState.CLOSED
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+        if self._client is not None:
+            await self._client.aclose()
+
+    # -- internals -------------------------------------------------------------------------------------
+
+    def _make_capabilities(self) -> Capabilities:
+        cfg = self._config
+        return Capabilities(
+            max_context=self._context,
+            vision="image" in cfg.modalities,
+            video="video" in cfg.modalities,
+            tools=True,
+            reasoning=cfg.reasoning,
+            stop_token_ids=False,  # OpenAI's API takes stop strings only
+            thinking_budget=cfg.thinking_budget,
+            constraints=frozenset({"json", "tool_call"}),  # response_format and tool_choice
+            max_concurrency=cfg.max_concurrency,
+            parses_output=True,
+        )
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Accept": "text/event-stream"}
+        if self._key is not None:
+            headers["Authorization"] = f"Bearer {self._key.get_secret_value()}"
+        return headers
+
+    async def _probe(self, replica: Replica) -> int | None:
+        """GET <replica>/models: the replica answers, and its context length if it reports one."""
+        assert self._client is not None
+        response = await self._client.get(
+            f"{replica.url}/models", timeout=httpx.Timeout(self._config.connect_timeout * 2)
+        )
+        if response.status_code != 200:
+            raise UpstreamProtocolError(f"GET /models answered {response.status_code}")
+        for entry in response.json().get("data") or ():
+            if isinstance(entry, dict) and entry.get("id") == self._model:
+                value = entry.get("max_model_len") or entry.get("context_length")
+                return value if isinstance(value, int) and value > 0 else None
+        return None
+
+    async def _probe_all(self) -> int | None:
+        learned: int | None = None
+        for replica in self._replicas.replicas:
+            try:
+                found = await self._probe(replica)
+            except (httpx.HTTPError, UpstreamProtocolError, ValueError) as exc:
+                self._replicas.failed(replica)
+                log.warning("model %r: upstream %s did not answer: %s", self._config.id, replica.url, exc)
+                continue
+            self._replicas.succeeded(replica)
+            if found is not None:
+                learned = found if learned is None else min(learned, found)
+        if learned is not None:
+            log.info("model %r: upstream reports a context of %d tokens", self._config.id, learned)
+        return learned
+
+    async def _health_loop(self) -> None:
+        """Active checks: a replica that stops answering is skipped before a request finds out; one
+        that answers again gets a trial request (half-open) rather than the full load at once."""
+        while True:
+            await asyncio.sleep(self._config.health_interval)
+            for replica in self._replicas.replicas:
+                try:
+                    await self._probe(replica)
+                except (httpx.HTTPError, UpstreamProtocolError, ValueError) as exc:
+                    if replica.healthy:
+                        log.warning("upstream %s failed its health check: %s", replica.url, exc)
+                    replica.healthy = False
+                    replica.failures = max(replica.failures, self._config.breaker_failures)
+                    replica.open_until = time.monotonic() + self._config.health_interval
+                    continue
+                if not replica.healthy or replica.open_until:
+                    replica.healthy = True
+                    replica.open_until = 0.0  # half-open: failures stay, so one trial request goes
+
+    async def run(self, request: GenerationRequest, stream: _Stream) -> AsyncGenerator[GenerationEvent, None]:
+        assert self._client is not None, "engine not started"
+        try:
+            body = request_body(request, self._model, self._dialect)
+        except UnsupportedField as exc:
+            raise InvalidParameter(
+                f"{exc.param} is not supported by this model's upstream.", param=exc.param
+            ) from None
+        content = json.dumps(body, ensure_ascii=False).encode()
+        headers = {"Content-Type": "application/json", "X-Request-Id": request.request_id}
+        tried: set[str] = set()
+        last: _Retry | None = None
+        while True:
+            replica = self._replicas.pick(tried)
+            if replica is None:
+                if last is None:
+                    log.warning("request %s: no upstream replica available", request.request_id)
+                    raise EngineUnavailable()
+                raise last.error
+            tried.add(replica.url)
+            replica.outstanding += 1
+            try:
+                reader = ChunkReader()
+                stream.reader = reader
+                try:
+                    response, lines, first = await self._open(replica, content, headers, reader)
+                except _Retry as exc:
+                    log.warning("request %s: upstream %s: %s", request.request_id, replica.url, exc.detail)
+                    self._errors[replica.index, "before_first_byte" if exc.retry else "refused"] += 1
+                    if not exc.retry:
+                        raise exc.error from None
+                    self._replicas.failed(replica)
+                    last = exc
+                    continue
+                try:
+                    for event in first:
+                        yield event
+                    async for event in self._rest(lines, reader, request.request_id, replica):
+                        yield event
+                finally:
+                    await response.aclose()  # unread: the connection is dropped, the upstream aborts
+                self._replicas.succeeded(replica)
+                usage = reader.usage or stream.count(reader)
+                stream.finished = True
+                yield Finished(reader.finish_reason or "stop", usage)
+                return
+            finally:
+                replica.outstanding -= 1
+
+    async def _open(
+        self, replica: Replica, content: bytes, headers: dict[str, str], reader: ChunkReader
+    ) -> tuple[httpx.Response, AsyncIterator[str], list[GenerationEvent]]:
+        """Send the request and read up to its first event; every failure here is a :class:`_Retry`."""
+        assert self._client is not None
+        response: httpx.Response | None = None
+        try:
+            async with asyncio.timeout(self._config.first_byte_timeout):
+                request = self._client.build_request(
+                    "POST", f"{replica.url}/chat/completions", content=content, headers=headers
+                )
+                response = await self._client.send(request, stream=True)
+                if response.status_code != 200:
+                    body = (await response.aread())[:500]
+                    status = response.status_code
+                    raise _Retry(
+                        _status_error(status), f"HTTP {status}: {body!r}", retry=status not in _REFUSED
+                    )
+                lines = response.aiter_lines()
+                first: list[GenerationEvent] = []
+                while not first:
+                    payload = await _next_payload(lines)
+                    if payload is None:
+                        break  # ended before any event: _rest finds no finish and fails it
+                    first = reader.feed(payload)
+                    if reader.finish_reason is not None:
+                        break
+                return response, lines, first
+        except _Retry:
+            if response is not None:
+                await response.aclose()
+            raise
+        except BaseException as exc:
+            if response is not None:
+                await response.aclose()
+            if isinstance(exc, TimeoutError):
+                raise _Retry(EngineUnavailable(), "no first event within first_byte_timeout") from None
+            if isinstance(exc, (httpx.HTTPError, UpstreamProtocolError)):
+                raise _Retry(EngineUnavailable(), f"{type(exc).__name__}: {exc}") from None
+            raise
+
+    async def _rest(
+        self, lines: AsyncIterator[str], reader: ChunkReader, request_id: str, replica: Replica
+    ) -> AsyncGenerator[GenerationEvent, None]:
+        idle = self._config.idle_timeout
+        try:
+            while reader.finish_reason is None or reader.usage is None:
+                async with asyncio.timeout(idle):
+                    payload = await _next_payload(lines)
+                if payload is None:
+                    break
+                for event in reader.feed(payload):
+                    yield event
+        except (httpx.HTTPError, UpstreamProtocolError, TimeoutError) as exc:
+            self._replicas.failed(replica)
+            self._errors[replica.index, "mid_stream"] += 1
+            what = "idle timeout" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
+            log.warning("request %s: upstream %s failed mid-stream: %s", request_id, replica.url, what)
+            raise EngineFailure() from None
+        if reader.finish_reason is None:
+            self._replicas.failed(replica)
+            self._errors[replica.index, "mid_stream"] += 1
+            log.warning("request %s: upstream %s ended the stream without finishing", request_id, replica.url)
+            raise EngineFailure()
+
+
+class DashScopeEngine(OpenAIEngine):
+    """DashScope's compatible mode itself: the same code, its region's host and key, its own fields for
+    thinking and partial mode (:class:`Dialect`)."""
+
+    config_model: ClassVar[type[OpenAIModelConfig]] = DashScopeModelConfig
+    name = "dashscope"
+
+
+class _Stream:
+    """One request's events; :meth:`spent` tells what a stream closed before its end used."""
+
+    __slots__ = ("_engine", "_events", "_request", "finished", "reader")
+
+    def __init__(self, engine: OpenAIEngine, request: GenerationRequest) -> None:
+        self._engine = engine
+        self._request = request
+        self.reader: ChunkReader | None = None
+        self.finished = False
+        self._events = engine.run(request, self)
+
+    def __aiter__(self) -> _Stream:
+        return self
+
+    async def __anext__(self) -> GenerationEvent:
+        return await self._events.__anext__()
+
+    async def aclose(self) -> None:
+        await self._events.aclose()
+
+    def count(self, reader: ChunkReader) -> Usage:
+        """Usage counted here: the prompt as rendered, and the text delivered so far."""
+        counter = self._engine._counter
+        return Usage(
+            prompt_tokens=counter.prompt(self._request.messages, self._request.tools),
+            completion_tokens=counter.text(reader.delivered),
+            reasoning_tokens=counter.text(reader.reasoning),
+            counted_locally=True,
+        )
+
+    def spent(self) -> Usage | None:
+        reader = self.reader
+        if self.finished or reader is None or not reader.delivered:
+            return None  # finished (it reported its usage) or nothing delivered (nothing charged)
+        return self.count(reader)
+
+
+async def _next_payload(lines: AsyncIterator[str]) -> Any | None:
+    """The next ``data:`` payload of a server-sent event stream, parsed; None at its end."""
+    async for line in lines:
+        if not line.startswith("data:"):
+            continue  # blank separators, ": keep-alive" comments, event:/id: fields
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return None
+        try:
+            return json.loads(data)
+        except ValueError:
+            raise UpstreamProtocolError(f"not JSON: {data[:200]!r}") from None
+    return None
+
+
+_REFUSED = frozenset({400, 413, 422})  # the request's fault: not retried, not a replica failure
+
+
+def _status_error(status: int) -> ApiError:
+    """Our error for an upstream's HTTP status before streaming (its message stays in our log)."""
+    if status == 429:
+        return EngineOverloaded()
+    if status in _REFUSED:
+        return InvalidParameter("The upstream model rejected the request.")
+    return EngineUnavailable()

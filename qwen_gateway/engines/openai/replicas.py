@@ -1,0 +1,84 @@
+"""Replicas of one upstream model: least-outstanding-requests choice, a circuit breaker per replica and
+the state the active health checks keep.
+
+All of it is this process's view only (in-flight counts, recent failures): with several gateway
+processes each balances its own requests, which is what least-outstanding balancing needs; nothing
+here must agree across processes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class Replica:
+    url: str
+    index: int  # its position in the config (a metrics label: URLs may hold credentials)
+    outstanding: int = 0
+    failures: int = 0  # in a row
+    open_until: float = 0.0  # breaker open (replica skipped) until this monotonic time
+    trial: bool = False  # half-open: one request is testing the replica now
+    healthy: bool = True  # the last active health check (or request) succeeded
+
+    def available(self, now: float) -> bool:
+        if self.open_until > now:
+            return False
+        # Cool-down over (half-open): one trial request at a time until one succeeds.
+        return not (self.failures and self.trial)
+
+
+class ReplicaSet:
+    def __init__(
+        self,
+        urls: Iterable[str],
+        *,
+        failures_to_open: int,
+        cooldown: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.replicas = [Replica(u, i) for i, u in enumerate(urls)]
+        self._failures_to_open = failures_to_open
+        self._cooldown = cooldown
+        self._clock = clock
+        self._turn = 0  # rotates ties, so equal replicas share the load
+
+    def pick(self, exclude: set[str]) -> Replica | None:
+        """The available replica with the fewest requests in flight (healthy ones first), or None."""
+        now = self._clock()
+        best: Replica | None = None
+        count = len(self.replicas)
+        self._turn = (self._turn + 1) % count
+        for i in range(count):
+            r = self.replicas[(self._turn + i) % count]
+            if r.url in exclude or not r.available(now):
+                continue
+            if (
+                best is None
+                or (not best.healthy and r.healthy)
+                or (best.healthy == r.healthy and r.outstanding < best.outstanding)
+            ):
+                best = r
+        if best is not None and best.failures:
+            best.trial = True
+        return best
+
+    def succeeded(self, replica: Replica) -> None:
+        replica.failures = 0
+        replica.trial = False
+        replica.open_until = 0.0
+        replica.healthy = True
+
+    def failed(self, replica: Replica) -> None:
+        replica.failures += 1
+        replica.trial = False
+        replica.healthy = False
+        if replica.failures >= self._failures_to_open:
+            replica.open_until = self._clock() + self._cooldown
+
+    @property
+    def any_available(self) -> bool:
+        now = self._clock()
+        return any(r.available(now) for r in self.replicas)
