@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 # name -> "module:Class". Any other "module:Class" string in a config is accepted as-is.
 ENGINES: dict[str, str] = {
     "local": "qwen_gateway.engines.local:LocalEngine",
+    "llamacpp": "qwen_gateway.engines.llamacpp:LlamaCppEngine",
 }
 
 
@@ -27,7 +28,7 @@ def import_from_string(target: str) -> Any:
     except ImportError as exc:
         hint = (
             " (install the 'local' extra: pip install 'qwen-gateway[local]')"
-            if "local" in module_name
+            if "local" in module_name or "llamacpp" in module_name
             else ""
         )
         raise StartupError(f"cannot import engine module {module_name!r}: {exc}{hint}") from None
