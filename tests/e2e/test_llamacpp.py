@@ -68,6 +68,18 @@ def gguf_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     srv.stop()
 
 
+@pytest.fixture(scope="module")
+def hf_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The transformers engine on the checkpoint the tiny GGUF was converted from (one model: the
+    comparison needs no more)."""
+    home = tmp_path_factory.mktemp("hf-home")
+    config = home / "config.toml"
+    config.write_text(f'[[models]]\nid = "qwen-plus"\nengine = "local"\npath = "{MODELS / "tiny-qwen2.5"}"\n')
+    srv = start_server(home, "--config", str(config), timeout=600)
+    yield srv
+    srv.stop()
+
+
 def client(server: Server) -> OpenAI:
     return OpenAI(api_key=server.api_key, base_url=server.compat_url, max_retries=0)
 
@@ -121,7 +133,7 @@ def test_seed_stream_with_usage(gguf_server: Server) -> None:
         max_tokens=12,
         **VARIED,
     )
-    chunks = [json.loads(c.model_dump_json()) for c in stream]
+    chunks = [json.loads(c.model_dump_json(exclude_unset=True)) for c in stream]
     for chunk in chunks:
         assert_schema(chunk, "CreateChatCompletionStreamResponse")
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
@@ -161,12 +173,12 @@ def test_seed_stream_with_usage(gguf_server: Server) -> None:
     ids=["seed", "chinese", "tools", "tool-turn"],
 )
 def test_usage_equals_the_transformers_engine(
-    gguf_server: Server, server: Server, body: dict[str, Any]
+    gguf_server: Server, hf_server: Server, body: dict[str, Any]
 ) -> None:
     """Same checkpoint, two engines: the prompt is rendered and counted alike, and an answer cut by
     max_tokens counts max_tokens on both."""
     ours = post(gguf_server, {**body, "max_tokens": 5, "seed": 7, **VARIED})
-    theirs = post(server, {**body, "max_tokens": 5, "seed": 7, **VARIED})
+    theirs = post(hf_server, {**body, "max_tokens": 5, "seed": 7, **VARIED})
     assert ours.status_code == theirs.status_code == 200, (ours.text, theirs.text)
     a, b = ours.json(), theirs.json()
     assert a["usage"]["prompt_tokens"] == b["usage"]["prompt_tokens"]
@@ -199,12 +211,15 @@ def test_penalties_take_effect(gguf_server: Server) -> None:
 
 
 def test_cancelled_stream_frees_its_slot(gguf_server: Server) -> None:
+    # top_k off: over the whole vocabulary an end-of-turn id is (practically) never drawn, so the
+    # answer is still running when the client goes away.
     body = {
         "model": "qwen-turbo",
         "messages": SEED_MESSAGES,
         "stream": True,
         "max_tokens": 4000,
         "seed": 9,
+        "top_k": 0,
         **VARIED,
     }
     headers = {"Authorization": f"Bearer {gguf_server.api_key}"}
@@ -231,7 +246,14 @@ def test_concurrent_streams_decode_together(gguf_server: Server) -> None:
     """Three streams open at once all progress while the others are unfinished (order of events, not
     timing) and the engine counts them active together; inside the engine they share llama_decode
     calls (tests/unit/engines/test_llamacpp_engine.py shows that with the scheduler's widest step)."""
-    body = {"model": "qwen-turbo", "messages": SEED_MESSAGES, "stream": True, "max_tokens": 4000, **VARIED}
+    body = {
+        "model": "qwen-turbo",
+        "messages": SEED_MESSAGES,
+        "stream": True,
+        "max_tokens": 4000,
+        "top_k": 0,
+        **VARIED,
+    }
     headers = {"Authorization": f"Bearer {gguf_server.api_key}"}
     url = f"{gguf_server.compat_url}/chat/completions"
 
@@ -310,7 +332,7 @@ def test_thinking_with_budget_streams_reasoning(gguf_server: Server) -> None:
         extra_body={"enable_thinking": True, "thinking_budget": 6},
         **VARIED,
     )
-    chunks = [json.loads(c.model_dump_json()) for c in stream]
+    chunks = [json.loads(c.model_dump_json(exclude_unset=True)) for c in stream]
     reasoning = "".join(
         c["choices"][0]["delta"].get("reasoning_content") or "" for c in chunks if c["choices"]
     )
