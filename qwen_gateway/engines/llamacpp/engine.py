@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -95,7 +96,7 @@ class LlamaCppEngine:
             kv_tokens=kv_tokens,
             max_sequences=config.max_batch_size,
             batch_tokens=config.prefill_chunk,
-            threads=config.threads,
+            threads=config.threads or default_threads(),
         )
         self._model = model
         self._tokenizer = GgufTokenizer(model, template)
@@ -247,6 +248,17 @@ class LlamaCppEngine:
             thinking=thinking,
         )
         return seq, outbox
+
+
+def default_threads() -> int:
+    """Half the CPUs this process may use (the physical cores on a machine with two threads per core),
+    as llama-cpp-python chooses. llama.cpp's own default (4) oversubscribes a small machine, and its
+    threads spin at each step's barrier: on a busy 2-CPU box that cost more than a thread gains."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // 2)
 
 
 def _tool_format(template: str) -> str | None:

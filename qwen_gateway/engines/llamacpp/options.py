@@ -21,5 +21,5 @@ class LlamaCppModelConfig(EngineConfig):
     kv_cache_tokens: int | None = Field(default=None, ge=64)
     # Tokens one llama_decode call takes at most (prompt chunks of new requests beside the decode rows).
     prefill_chunk: int = Field(default=512, ge=16)
-    # CPU threads for llama.cpp (None: its own default, the number of physical cores).
+    # CPU threads for llama.cpp (None: half the CPUs this process may use, at least one).
     threads: int | None = Field(default=None, ge=1)
