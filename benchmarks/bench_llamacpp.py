@@ -50,6 +50,8 @@ class Target:
     model: str
     load_s: float
     stop: Any
+    # llama-cpp-python's server breaks its stream on stream_options: its chunks (one per token) count.
+    usage_in_stream: bool = True
 
 
 def _proc(pid: int, key: str) -> int:
@@ -69,11 +71,12 @@ async def _stream(client: httpx.AsyncClient, target: Target, max_tokens: int, se
         "model": target.model,
         "messages": PROMPT,
         "stream": True,
-        "stream_options": {"include_usage": True},
         "max_tokens": max_tokens,
         "temperature": 0.0,
         "seed": seed,
     }
+    if target.usage_in_stream:
+        body["stream_options"] = {"include_usage": True}
     usage = None
     chunks = 0
     async with client.stream("POST", f"{target.base_url}/chat/completions", json=body) as r:
@@ -160,7 +163,7 @@ def _subprocess_target(name: str, cmd: list[str], port: int, log: Path) -> Targe
         except subprocess.TimeoutExpired:
             proc.kill()
 
-    return Target(name, base, {}, proc.pid, "bench", load, stop)
+    return Target(name, base, {}, proc.pid, "bench", load, stop, usage_in_stream=False)
 
 
 def llama_server(binary: Path, model_path: Path, ctx: int, tmp: Path) -> Target:
@@ -211,9 +214,16 @@ def main() -> None:
             if args.py_server:
                 makers.append((py_server, (model_path, 2048, tmp)))
             for make, make_args in makers:
-                target = make(*make_args)
+                try:
+                    target = make(*make_args)
+                except Exception as exc:  # a server that can't start is reported, not fatal
+                    print(f"{make.__name__}: could not start: {exc}", flush=True)
+                    continue
                 try:
                     results.append((target.name, measure(target, args)))
+                    print(f"measured {target.name}: {results[-1][1]}", flush=True)
+                except Exception as exc:
+                    print(f"{target.name}: failed: {exc!r}", flush=True)
                 finally:
                     target.stop()
         print(

@@ -35,7 +35,7 @@ def _init_backend() -> None:
             _backend_ready = True
 
 
-@C.llama_log_callback  # type: ignore[misc]
+@C.llama_log_callback  # type: ignore[untyped-decorator]
 def _quiet_log(level: int, text: bytes, user_data: Any) -> None:
     """llama.cpp's own log lines (hundreds per load) are dropped; errors surface as return codes."""
 

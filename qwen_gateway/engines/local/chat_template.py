@@ -31,8 +31,10 @@ def render_chat_template(
     template's own ``raise_exception``) propagate: the caller maps them to a 400."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    rendered, _ = render_jinja_template(
-        conversations=[list(messages)],
+    # Typed loosely on purpose: transformers' annotations differ between its releases.
+    render: Any = render_jinja_template
+    rendered, _ = render(
+        conversations=[[dict(m) for m in messages]],
         tools=tools,
         chat_template=template,
         add_generation_prompt=add_generation_prompt,
