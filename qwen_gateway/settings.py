@@ -61,6 +61,19 @@ class ModelConfig(BaseModel):
     # Served from the embedded default; shown as such in /health.
     embedded: bool = False
 
+    @model_validator(mode="before")
+    @classmethod
+    def _gguf_engine(cls, data: Any) -> Any:
+        """A GGUF checkpoint without an ``engine`` goes to llama.cpp when llama-cpp-python is installed
+        (transformers would dequantize it to fp32: several times slower and larger). Only for a plain
+        entry: an engine's own config class (e.g. LocalModelConfig) already names its engine."""
+        if cls is ModelConfig and isinstance(data, dict) and "engine" not in data and _is_gguf(data):
+            from qwen_gateway.engines.llamacpp import available
+
+            if available():
+                return {**data, "engine": "llamacpp"}
+        return data
+
     @property
     def engine_options(self) -> dict[str, Any]:
         """The keys given for the engine (everything that is not a common field)."""
@@ -74,6 +87,20 @@ class ModelConfig(BaseModel):
             raise StartupError(f"--model expects ID=PATH, got {value!r}")
         # ``path`` is a local-engine option (an extra field here, checked by the engine's config).
         return cls.model_validate({"id": model_id.strip(), "path": path.strip()})
+
+
+def _is_gguf(data: dict[str, Any]) -> bool:
+    """Whether a model entry names a GGUF checkpoint: a .gguf path, a ``gguf_file``, or a directory
+    that holds .gguf files and no Hugging Face config."""
+    raw = data.get("path")
+    if data.get("gguf_file"):
+        return True
+    if not isinstance(raw, str) or not raw:
+        return False
+    if raw.lower().endswith(".gguf"):
+        return True
+    path = Path(raw).expanduser()
+    return path.is_dir() and not (path / "config.json").is_file() and any(path.glob("*.gguf"))
 
 
 class EngineConfig(ModelConfig):

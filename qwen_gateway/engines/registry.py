@@ -17,6 +17,7 @@ ENGINES: dict[str, str] = {
     "local": "qwen_gateway.engines.local:LocalEngine",
     "openai": "qwen_gateway.engines.openai:OpenAIEngine",
     "dashscope": "qwen_gateway.engines.openai:DashScopeEngine",
+    "llamacpp": "qwen_gateway.engines.llamacpp:LlamaCppEngine",
 }
 
 
@@ -29,7 +30,7 @@ def import_from_string(target: str) -> Any:
     except ImportError as exc:
         hint = (
             " (install the 'local' extra: pip install 'qwen-gateway[local]')"
-            if "local" in module_name
+            if "local" in module_name or "llamacpp" in module_name
             else ""
         )
         raise StartupError(f"cannot import engine module {module_name!r}: {exc}{hint}") from None

@@ -152,8 +152,11 @@ class Gateway:
 async def _embedded_models(settings: Settings, console: Console | None) -> tuple[ModelConfig, ...]:
     if not settings.embedded_default:
         raise StartupError("no model configured: pass --model ID=PATH or a config file with [[models]]")
-    from qwen_gateway.engines.local.embedded import EMBEDDED_MODEL_ID, ensure_embedded_model
-    from qwen_gateway.engines.local.options import LocalModelConfig
+    from qwen_gateway.engines.local.embedded import (
+        EMBEDDED_MODEL_ID,
+        embedded_model_config,
+        ensure_embedded_model,
+    )
 
     if console is not None:
         # Said before any fetch, so a first start explains why it is downloading.
@@ -164,18 +167,7 @@ async def _embedded_models(settings: Settings, console: Console | None) -> tuple
             f"[/] or a config file with {escape('[[models]]')} entries (see README)."
         )
     path = await asyncio.to_thread(ensure_embedded_model, settings.home, console)
-    return (
-        LocalModelConfig(
-            id=EMBEDDED_MODEL_ID,
-            engine="local",
-            path=str(path),
-            embedded=True,
-            temperature=0.2,
-            top_p=0.9,
-            repetition_penalty=1.15,
-            max_output=1024,
-        ),
-    )
+    return (embedded_model_config(path),)
 
 
 def _settle_rows(conn: Connection, rows: Sequence[NewUsage]) -> list[int | None]:

