@@ -1,5 +1,6 @@
 """The money SQL: admission (rate window + hold), settlement (with the ledger row), release of dead
-processes' holds. Portable SQLAlchemy Core: the same statements run on SQLite and PostgreSQL.
+processes' holds. Portable SQLAlchemy Core: the same statements run on SQLite and PostgreSQL (the
+hottest ones on the ledger writer's own connection go to the driver's cursor, see store/driver.py).
 
 Every function takes a synchronous :class:`Connection` already inside a transaction, so it runs either
 on the ledger writer's own connection in its worker thread (SQLite, one thread hop per transaction) or
