@@ -6,7 +6,7 @@ Per request of a metered or rate-limited key:
    writer's next batch transaction (admissions and settlements that queue up together share one
    commit): the key's row is written first (that serialises admissions of one key across processes),
    its RPM/TPM window is checked, then ``UPDATE api_keys SET balance = balance - hold WHERE balance >=
-   hold`` takes the hold (the bound of the prompt's tokens, ``estimate.py``, plus ``n * max_tokens``,
+   hold`` takes the hold (the bound of the prompt's tokens plus every choice's worst case, ``estimate.py``,
    at the model's prices) and a ``holds`` row records it. Refused: 400 ``Arrearage`` or 429, nothing moved.
 2. **Settlement**, when the request ends however it ends: its ledger row goes to the ledger writer's
    next batch, whose transaction also deletes the hold, gives back the hold and charges the exact
