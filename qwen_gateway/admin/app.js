@@ -76,7 +76,8 @@ function renderKeys() {
     cell(tr, key.status, "status");
     cell(tr, key.metered ? key.balance : "unmetered", "num balance");
     cell(tr, key.held, "num held");
-    cell(tr, key.cost, "num cost");
+    // Only a metered key is charged: an unmetered key's ledger rows cost it nothing (cost is null).
+    cell(tr, key.metered ? key.cost : "not charged", "num cost");
     cell(tr, key.requests, "num requests");
     cell(tr, key.rpm_limit, "num rpm");
     cell(tr, key.tpm_limit, "num tpm");
@@ -107,16 +108,58 @@ function renderKeys() {
   }
 }
 
+function priceInput(value, cls, label) {
+  const input = document.createElement("input");
+  input.value = value;
+  input.className = cls;
+  input.inputMode = "decimal";
+  input.size = 10;
+  input.setAttribute("aria-label", label);
+  return input;
+}
+
 function renderPrices(models) {
   const body = $("prices-body");
   body.replaceChildren();
   for (const model of models) {
     const tr = document.createElement("tr");
-    cell(tr, model.id);
-    cell(tr, model.input_price, "num");
-    cell(tr, model.output_price, "num");
+    tr.dataset.model = model.id;
+    cell(tr, model.id, "model");
+    const inputCell = cell(tr, "", "num");
+    const outputCell = cell(tr, "", "num");
+    const input = priceInput(model.input_price, "input-price", model.id + " input price");
+    const output = priceInput(model.output_price, "output-price", model.id + " output price");
+    inputCell.replaceChildren(input);
+    outputCell.replaceChildren(output);
+    cell(tr, model.source, "source");
+    const actions = cell(tr, "", "actions");
+    actions.textContent = "";
+    const path = "/models/" + encodeURIComponent(model.id) + "/price";
+    actions.appendChild(
+      button("Set", "set-price", () =>
+        run(() => call("PUT", path, { input_price: input.value.trim(), output_price: output.value.trim() })),
+      ),
+    );
+    if (model.source === "override") {
+      actions.appendChild(button("Reset", "secondary reset-price", () => run(() => call("DELETE", path))));
+    }
     body.appendChild(tr);
   }
+}
+
+function renderPriceHistory(changes) {
+  const body = $("price-history-body");
+  body.replaceChildren();
+  for (const change of changes) {
+    const tr = document.createElement("tr");
+    cell(tr, change.changed_at);
+    cell(tr, change.model);
+    cell(tr, change.old_input_price + " / " + change.old_output_price, "num");
+    cell(tr, change.new_input_price + " / " + change.new_output_price + (change.reset ? " (default)" : ""), "num");
+    cell(tr, change.admin_key_id);
+    body.appendChild(tr);
+  }
+  $("price-history-empty").hidden = changes.length > 0;
 }
 
 // -- usage -----------------------------------------------------------------------------------------
@@ -247,14 +290,16 @@ async function refresh() {
     call("GET", "/keys"),
     call("GET", "/models"),
     call("GET", "/usage?days=" + encodeURIComponent($("usage-days").value)),
+    call("GET", "/prices/history?limit=20"),
   ]);
   const failed = settled.find((r) => r.status === "rejected");
   if (failed) throw failed.reason;
-  const [keyList, models, usage] = settled.map((r) => r.value);
+  const [keyList, models, usage, priceChanges] = settled.map((r) => r.value);
   keys = keyList.data;
   usageRows = usage.data;
   renderKeys();
   renderPrices(models.data);
+  renderPriceHistory(priceChanges.data);
   renderUsage();
   document.body.dataset.loadedAt = String(Date.now());
 }

@@ -34,3 +34,10 @@ class LimitsIn(AdminModel):
 
     rpm: StrictInt | None = Field(default=None, ge=1)
     tpm: StrictInt | None = Field(default=None, ge=1)
+
+
+class PriceIn(AdminModel):
+    """A model's price, CNY per 1K tokens, both parts required (0 is free)."""
+
+    input_price: Amount
+    output_price: Amount

@@ -9,6 +9,7 @@ GitHub's and Stripe's token stores).
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import hashlib
 import hmac
@@ -74,6 +75,11 @@ class KeyService:
     effect here within ``cache_ttl`` seconds. Unknown keys are never cached, so a key created by the CLI
     works immediately. The cached :class:`KeyRow` may be up to ``cache_ttl`` old: read balances from
     the store, not from it.
+
+    Concurrent misses for one key share a single lookup (single flight): a burst of requests with a
+    key not (or no longer) cached — 40 clients at once when its entry has just expired — costs one SQL
+    query, not one each (measured: those lookups were a quarter of the server's CPU while refusing an
+    overload burst).
     """
 
     def __init__(
@@ -90,6 +96,11 @@ class KeyService:
         self._clock = clock
         # key hash -> (row, monotonic expiry); insertion order doubles as LRU order.
         self._cache: OrderedDict[str, tuple[KeyRow, float]] = OrderedDict()
+        # key hash -> the lookup in progress, shared by every request that missed the cache meanwhile.
+        self._inflight: dict[str, asyncio.Task[KeyRow | None]] = {}
+        # Bumped by every change made here (revoke, top-up, limits): a lookup that started before a
+        # change does not put its (possibly outdated) row into the cache.
+        self._generation = 0
 
     async def create(
         self,
@@ -131,10 +142,9 @@ class KeyService:
         digest = hash_key(raw_key)
         row = self._cached(digest)
         if row is None:
-            row = await find_active_key_by_hash(store=self._store, key_hash=digest)
+            row = await self._lookup(digest)
             if row is None:
                 raise AuthenticationError()
-            self._remember(digest, row)
         # The lookup already matched on the hash; compare again in constant time so that accepting a key
         # never depends on a variable-time string comparison, wherever the row came from.
         if not hmac.compare_digest(row.key_hash, digest):
@@ -153,7 +163,7 @@ class KeyService:
         """Revoke the key with this id or name; None if there is none. Revoking twice is harmless."""
         row = await revoke_key(store=self._store, name_or_id=name_or_id)
         if row is not None:
-            self._cache.pop(row.key_hash, None)
+            self._forget(row.key_hash)
         return row
 
     async def top_up(self, name_or_id: str, amount_micro: int) -> KeyRow | None:
@@ -165,7 +175,7 @@ class KeyService:
             return None
         changed = await top_up(store=self._store, key_id=row.id, amount_micro=amount_micro)
         if changed is not None:
-            self._cache.pop(changed.key_hash, None)
+            self._forget(changed.key_hash)
         return changed
 
     async def set_limits(self, name_or_id: str, **limits: int | None) -> KeyRow | None:
@@ -178,8 +188,27 @@ class KeyService:
             return None
         changed = await set_limits(store=self._store, key_id=row.id, **limits)
         if changed is not None:
-            self._cache.pop(changed.key_hash, None)
+            self._forget(changed.key_hash)
         return changed
+
+    async def _lookup(self, digest: str) -> KeyRow | None:
+        task = self._inflight.get(digest)
+        if task is None:
+            task = asyncio.ensure_future(self._find(digest, self._generation))
+            self._inflight[digest] = task
+            task.add_done_callback(lambda _: self._inflight.pop(digest, None))
+        # Shielded: a waiter that goes away (client hung up) does not cancel the others' lookup.
+        return await asyncio.shield(task)
+
+    async def _find(self, digest: str, generation: int) -> KeyRow | None:
+        row = await find_active_key_by_hash(store=self._store, key_hash=digest)
+        if row is not None and generation == self._generation:
+            self._remember(digest, row)
+        return row
+
+    def _forget(self, digest: str) -> None:
+        self._generation += 1
+        self._cache.pop(digest, None)
 
     def _cached(self, digest: str) -> KeyRow | None:
         entry = self._cache.get(digest)

@@ -1,5 +1,6 @@
 """The money SQL: admission (rate window + hold), settlement (with the ledger row), release of dead
-processes' holds. Portable SQLAlchemy Core: the same statements run on SQLite and PostgreSQL.
+processes' holds. Portable SQLAlchemy Core: the same statements run on SQLite and PostgreSQL (the
+hottest ones on the ledger writer's own connection go to the driver's cursor, see store/driver.py).
 
 Every function takes a synchronous :class:`Connection` already inside a transaction, so it runs either
 on the ledger writer's own connection in its worker thread (SQLite, one thread hop per transaction) or
@@ -26,6 +27,7 @@ from typing import Literal
 
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 
+from qwen_gateway.store import driver
 from qwen_gateway.store.db import Database, transaction
 from qwen_gateway.store.tables import api_keys, gateway_instances, holds, rate_windows, usage_ledger
 from qwen_gateway.store.usage import NewUsage
@@ -140,10 +142,18 @@ def admit(
     }
     # The common case in one statement: a metered key without limits that can pay.
     if not limited_hint:
-        fast = conn.execute(_FAST_HOLD, {"p_key": key_id, "p_hold": hold_micro, "p_now": now}).first()
-        if fast is not None:
-            conn.execute(_INSERT_HOLD, hold_row)
-            return Admitted(int(fast[0]), hold_micro, None)
+        if driver.supported(conn):
+            # The same two statements on the driver's cursor (store/driver.py says why).
+            at = driver.when(conn, now)
+            after = driver.one(conn, driver.FAST_HOLD, {"key": key_id, "hold": hold_micro, "now": at})
+            if after is not None:
+                driver.run(conn, driver.INSERT_HOLD, {**hold_row, "created_at": at})
+                return Admitted(int(after), hold_micro, None)
+        else:
+            fast = conn.execute(_FAST_HOLD, {"p_key": key_id, "p_hold": hold_micro, "p_now": now}).first()
+            if fast is not None:
+                conn.execute(_INSERT_HOLD, hold_row)
+                return Admitted(int(fast[0]), hold_micro, None)
     second = int(now.timestamp())
     # The first statement writes the key's row: it serialises admissions of this key across processes
     # (see the module docstring) and reads the key's limits and balance as of now.
@@ -188,7 +198,13 @@ def settle(conn: Connection, *, rows: Sequence[NewUsage]) -> list[int | None]:
     if not rows:
         return []
     # First, so that a request settled already (unique request id) fails before any money moves.
-    conn.execute(_LEDGER_INSERT, [row.values() for row in rows])
+    raw = driver.supported(conn)
+    if raw:
+        driver.run_many(
+            conn, driver.INSERT_LEDGER, [driver.ledger_params(conn, row.values()) for row in rows]
+        )
+    else:
+        conn.execute(_LEDGER_INSERT, [row.values() for row in rows])
     out: list[int | None] = []
     for row in rows:
         if row.rate_second is not None and row.key_id is not None:
@@ -204,11 +220,15 @@ def settle(conn: Connection, *, rows: Sequence[NewUsage]) -> list[int | None]:
             continue
         # No hold left: a release (its process looked dead, or the hold outlived the bound) gave it back
         # already; the cost is then charged from the balance alone.
-        released = int(conn.execute(_RELEASE, {"p_request": row.request_id}).scalar() or 0)
         cost = row.cost_micro or 0
-        charged = conn.execute(
-            _CHARGE, {"p_key": row.key_id, "p_released": released, "p_cost": cost}
-        ).scalar()
+        if raw:
+            released = int(driver.one(conn, driver.RELEASE, {"request": row.request_id}) or 0)
+            charged = driver.one(conn, driver.CHARGE, {"key": row.key_id, "released": released, "cost": cost})
+        else:
+            released = int(conn.execute(_RELEASE, {"p_request": row.request_id}).scalar() or 0)
+            charged = conn.execute(
+                _CHARGE, {"p_key": row.key_id, "p_released": released, "p_cost": cost}
+            ).scalar()
         if charged is not None:
             out.append(int(charged))
             continue

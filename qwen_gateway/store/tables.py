@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     Dialect,
@@ -211,3 +212,33 @@ files = Table(
 )
 
 Index(None, files.c.key_id, files.c.created_at)
+# Prices set at runtime through the admin API, one row per model: they win over the catalog's and the
+# ``[[models]]`` entry's price (which stay the default a reset goes back to). Every server process
+# sharing the database reads them (service/money/meter.py refreshes them every few seconds).
+price_overrides = Table(
+    "price_overrides",
+    metadata,
+    Column("model", String(200), primary_key=True),
+    Column("input_micro", MICRO, nullable=False),  # micro-CNY per 1K tokens
+    Column("output_micro", MICRO, nullable=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
+    Column("updated_by", String(32), nullable=False),  # admin key id
+)
+
+# The audit trail of price changes: who changed which model's price from what to what, and when
+# (``reset``: the override was removed and the default applies again). Never updated or deleted.
+price_changes = Table(
+    "price_changes",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True),
+    Column("model", String(200), nullable=False),
+    Column("old_input_micro", MICRO, nullable=False),
+    Column("old_output_micro", MICRO, nullable=False),
+    Column("new_input_micro", MICRO, nullable=False),
+    Column("new_output_micro", MICRO, nullable=False),
+    Column("reset", Boolean(), nullable=False),
+    Column("admin_key_id", String(32), nullable=False),
+    Column("changed_at", UtcDateTime(), nullable=False),
+)
+
+Index(None, price_changes.c.changed_at)

@@ -216,6 +216,92 @@ def test_prices_and_daily_usage_by_key_and_model(site: Site) -> None:
     assert rows[0]["cost_micro"] == shown["cost_micro"] == 10_000_000 - shown["balance_micro"]
 
 
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"input_price": "0.0000001", "output_price": 1}, "input_price"),
+        ({"input_price": 1, "output_price": -2}, "output_price"),
+        ({"input_price": "cheap", "output_price": 1}, "input_price"),
+        ({"input_price": 1}, "output_price"),
+        ({"input_price": 1, "output_price": 1, "currency": "USD"}, "currency"),
+    ],
+)
+def test_a_bad_price_is_a_400_naming_the_field_and_changes_nothing(
+    site: Site, body: dict[str, Any], param: str
+) -> None:
+    before = site.admin("GET", "/models").json()["data"]
+    error = assert_dashscope_error(
+        site.admin("PUT", "/models/qwen-plus/price", json=body), 400, "invalid_parameter_error"
+    )
+    assert error["param"] == param
+    assert site.admin("GET", "/models").json()["data"] == before
+
+
+def test_a_price_of_an_unknown_model_is_a_404_and_only_admins_set_prices(site: Site) -> None:
+    price = {"input_price": 1, "output_price": 1}
+    assert_dashscope_error(
+        site.admin("PUT", "/models/qwen-nothing/price", json=price), 404, "model_not_found"
+    )
+    assert_dashscope_error(site.admin("DELETE", "/models/qwen-nothing/price"), 404, "model_not_found")
+    user_key = create_key(site.server.home, new_name(), database_url=site.url)
+    site.secrets.append(user_key)
+    assert_dashscope_error(
+        site.admin("PUT", "/models/qwen-plus/price", key=user_key, json=price), 403, "AccessDenied"
+    )
+    assert_dashscope_error(
+        site.admin("PUT", "/models/qwen-plus/price", key=None, json=price), 401, "invalid_api_key"
+    )
+
+
+def test_a_new_price_applies_to_the_next_request_without_a_restart_and_is_audited(site: Site) -> None:
+    name = new_name()
+    raw = site.admin("POST", "/keys", json={"name": name, "balance": 10}).json()["api_key"]
+    try:
+        changed = site.admin(
+            "PUT", "/models/qwen-plus/price", json={"input_price": "0.25", "output_price": "4"}
+        )
+        assert changed.status_code == 200, changed.text
+        shown = changed.json()
+        assert (shown["input_price"], shown["output_price"], shown["source"]) == (
+            "0.2500",
+            "4.0000",
+            "override",
+        )
+        assert (shown["default_input_price_micro"], shown["default_output_price_micro"]) == (
+            1_000_000,
+            2_000_000,
+        )
+        answer = site.chat(raw)
+        assert answer.status_code == 200, answer.text
+        usage = answer.json()["usage"]
+        cost = -(-(usage["prompt_tokens"] * 250_000 + usage["completion_tokens"] * 4_000_000) // 1000)
+        key = site.admin("GET", f"/keys/{name}").json()
+        assert key["cost_micro"] == cost and key["balance_micro"] == 10_000_000 - cost
+        assert answer.headers["x-account-balance"] == key["balance"]
+    finally:
+        reset = site.admin("DELETE", "/models/qwen-plus/price")
+    assert reset.status_code == 200 and reset.json()["source"] == "default"
+    assert reset.json()["input_price"] == "1.0000"
+    # A reset without an override writes nothing.
+    assert site.admin("DELETE", "/models/qwen-plus/price").status_code == 200
+    history = site.admin("GET", "/prices/history?limit=2").json()["data"]
+    assert [(c["model"], c["reset"]) for c in history] == [("qwen-plus", True), ("qwen-plus", False)]
+    assert (history[1]["old_input_price"], history[1]["new_input_price"]) == ("1.0000", "0.2500")
+    assert (history[0]["old_output_price"], history[0]["new_output_price"]) == ("4.0000", "2.0000")
+    assert history[0]["admin_key_id"] == history[1]["admin_key_id"] and history[0]["changed_at"]
+    assert_dashscope_error(site.admin("GET", "/prices/history?limit=0"), 400, "invalid_parameter_error")
+
+
+def test_an_unmetered_keys_usage_is_not_charged(site: Site) -> None:
+    name = new_name()
+    raw = site.admin("POST", "/keys", json={"name": name}).json()["api_key"]
+    assert site.chat(raw).status_code == 200
+    key = site.admin("GET", f"/keys/{name}").json()
+    assert (key["metered"], key["requests"], key["cost_micro"]) == (False, 1, 0)
+    rows = [r for r in site.admin("GET", "/usage?days=1").json()["data"] if r["key_name"] == name]
+    assert [(r["requests"], r["cost_micro"]) for r in rows] == [(1, 0)]
+
+
 def test_the_console_files_are_served_with_a_strict_policy(site: Site) -> None:
     for path, kind in (
         ("/admin/", "text/html"),
@@ -332,7 +418,29 @@ def test_the_console_shows_a_keys_balance_dropping_after_requests(site: Site) ->
             page.click("#limits")
             expect(row.locator("td.rpm")).to_have_text("30")
             expect(row.locator("td.tpm")).to_have_text("—")
+
+            # A price edited in the console is in force at once (and is reset through the console).
+            price_row = page.locator('#prices-body tr[data-model="qwen-plus"]')
+            price_row.locator("input.input-price").fill("0.5")
+            price_row.locator("input.output-price").fill("3")
+            price_row.locator("button.set-price").click()
+            expect(price_row.locator("td.source")).to_have_text("override")
+            expect(page.locator("#price-history-body tr").first).to_contain_text("0.5000 / 3.0000")
+            shown = site.admin("GET", "/models").json()["data"][0]
+            assert (shown["input_price_micro"], shown["output_price_micro"]) == (500_000, 3_000_000)
+
+            # An unmetered key's usage is shown as not charged.
+            plain = new_name()
+            plain_raw = site.admin("POST", "/keys", json={"name": plain}).json()["api_key"]
+            assert site.chat(plain_raw).status_code == 200
+            page.click("#refresh")
+            plain_row = page.locator(f'#keys-body tr[data-key-name="{plain}"]')
+            expect(plain_row.locator("td.cost")).to_have_text("not charged")
+            expect(plain_row.locator("td.requests")).to_have_text("1")
             page.screenshot(path=str(shot), full_page=True)
+            price_row.locator("button.reset-price").click()
+            expect(price_row.locator("td.source")).to_have_text("default")
+            expect(price_row.locator("input.input-price")).to_have_value("1.0000")
 
             # Revoke asks first (a dialog, accepted here); the key stops working at once.
             page.once("dialog", lambda dialog: dialog.accept())

@@ -492,3 +492,111 @@ def _sigterm_settles(home: Path, config: Path) -> None:
     assert all(row["completion_tokens"] >= 1 for row in rows) and min(delivered) >= 1
     assert start - db.balance(key_id) == sum(row["cost_micro"] for row in rows) > 0
     assert db.scalar("SELECT count(*) FROM gateway_instances") == 0
+
+
+async def _hold_while_streaming(server: Server, key: str, body: dict[str, Any], db: Db, key_id: str) -> int:
+    """The amount held for the stream's request once its first content chunk is out; then reads on."""
+    held = -1
+    async with client(server, key) as c, c.stream("POST", "/chat/completions", json=body) as r:
+        assert r.status_code == 200, await r.aread()
+        async for line in r.aiter_lines():
+            if held < 0 and line.startswith("data: {"):
+                held = int(
+                    db.scalar("SELECT coalesce(sum(amount_micro), 0) FROM holds WHERE key_id = :k", k=key_id)
+                )
+    return held
+
+
+def test_n_choices_hold_every_choices_worst_case_and_pay_what_they_generated(
+    home: Path, pair: list[Server], db: Db
+) -> None:
+    # n choices each generate up to max_tokens: the hold covers n x max_tokens (the prompt once, shared
+    # by the choices, as usage reports it); the charge is the prompt once plus every choice's tokens.
+    name, key = new_key(home, "--balance", "100")
+    key_id = db.key_id(name)
+    start = db.balance(key_id)
+    max_tokens = 12
+    body = {"model": "qwen-turbo", "messages": PROMPT, "max_tokens": max_tokens, "n": 3, "stream": True}
+    body.update(temperature=1.0, seed=5, stream_options={"include_usage": True})
+    held = asyncio.run(_hold_while_streaming(pair[0], key, body, db, key_id))
+    assert held == bound(PROMPT) * TURBO_IN + 3 * max_tokens * TURBO_OUT
+    wait_for(lambda: len(db.ledger(key_id)) == 1, "the n=3 request's ledger row")
+    (row,) = db.ledger(key_id)
+    assert row["status"] == "ok" and row["completion_tokens"] <= 3 * max_tokens
+    assert row["cost_micro"] == row["prompt_tokens"] * TURBO_IN + row["completion_tokens"] * TURBO_OUT
+    assert start - db.balance(key_id) == row["cost_micro"] and db.holds(key_id) == 0
+
+
+def test_unmetered_keys_are_charged_nothing(home: Path, pair: list[Server], db: Db) -> None:
+    # A key without a balance is not metered: its ledger rows record the tokens but no cost (NULL), so
+    # nothing reports them as charged.
+    name, key = new_key(home)
+    key_id = db.key_id(name)
+    body = {"model": "qwen-turbo", "messages": PROMPT, "max_tokens": 4}
+    r = httpx.post(
+        f"{pair[0].compat_url}/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=300,
+    )
+    assert r.status_code == 200 and "x-account-balance" not in r.headers
+    wait_for(lambda: len(db.ledger(key_id)) == 1, "the unmetered request's ledger row")
+    (row,) = db.ledger(key_id)
+    assert row["completion_tokens"] > 0 and row["cost_micro"] is None
+
+
+def test_a_price_set_on_one_server_charges_new_requests_on_the_other(
+    home: Path, pair: list[Server], db: Db
+) -> None:
+    out = cli(
+        "admin-key", "create", "--name", f"money-admin-{next(_names)}", home=home, database_url=url_of(home)
+    )
+    match = re.search(r"\bqgw-admin-[0-9a-f]{32}\b", out.stdout)
+    assert match, out.stdout + out.stderr
+    admin = {"Authorization": f"Bearer {match.group(0)}"}
+    # qwen-max (its default: 1.0 in, 2.0 out) only serves the before-the-first-token test otherwise,
+    # which is charged nothing at any price; the price is reset at the end either way.
+    price_url = f"{pair[0].base_url}/admin/api/models/qwen-max/price"
+    set_to = httpx.put(price_url, json={"input_price": "0.5", "output_price": 3}, headers=admin, timeout=60)
+    try:
+        assert set_to.status_code == 200, set_to.text
+        assert (set_to.json()["input_price_micro"], set_to.json()["output_price_micro"]) == (
+            500_000,
+            3_000_000,
+        )
+
+        def seen_by_second() -> bool:
+            models = httpx.get(f"{pair[1].base_url}/admin/api/models", headers=admin, timeout=60).json()[
+                "data"
+            ]
+            return any(m["id"] == "qwen-max" and m["source"] == "override" for m in models)
+
+        # Each process reads the overrides every 2 s (PRICE_REFRESH_SECONDS); the bound is for a hung one.
+        wait_for(seen_by_second, "the second server to apply the new price")
+        name, key = new_key(home, "--balance", "100")
+        key_id = db.key_id(name)
+        start = db.balance(key_id)
+        body = {"model": "qwen-max", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+        r = httpx.post(
+            f"{pair[1].compat_url}/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=300,
+        )
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        expected = -(-(usage["prompt_tokens"] * 500_000 + usage["completion_tokens"] * 3_000_000) // 1000)
+        (row,) = db.ledger(key_id)
+        assert row["cost_micro"] == expected == start - db.balance(key_id)
+        # Audited: who set what, from what.
+        history = httpx.get(f"{pair[1].base_url}/admin/api/prices/history", headers=admin, timeout=60).json()[
+            "data"
+        ]
+        change = next(c for c in history if c["model"] == "qwen-max" and not c["reset"])
+        assert (change["old_input_price_micro"], change["old_output_price_micro"]) == (1_000_000, 2_000_000)
+        assert (change["new_input_price_micro"], change["new_output_price_micro"]) == (500_000, 3_000_000)
+        assert change["admin_key_id"].startswith("adm_")
+    finally:
+        reset = httpx.delete(price_url, headers=admin, timeout=60)
+    assert reset.status_code == 200 and reset.json()["source"] == "default"
+    assert reset.json()["input_price_micro"] == 1_000_000

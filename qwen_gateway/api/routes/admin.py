@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
@@ -22,11 +22,12 @@ from starlette.exceptions import HTTPException
 from qwen_gateway.api.deps import get_gateway
 from qwen_gateway.api.responses import JSONBytesResponse
 from qwen_gateway.api.routes.chat import read_body
-from qwen_gateway.errors import InvalidParameter
-from qwen_gateway.protocol.admin import CreateKeyIn, LimitsIn, TopUpIn
+from qwen_gateway.errors import InvalidParameter, ModelNotFound
+from qwen_gateway.protocol.admin import CreateKeyIn, LimitsIn, PriceIn, TopUpIn
 from qwen_gateway.service.admin import MAX_USAGE_DAYS, AdminService, KeyOverview
 from qwen_gateway.service.keys import InvalidKeyName, InvalidKeySetting, KeyNameTaken
-from qwen_gateway.service.money.prices import InvalidAmount, format_money, to_micro
+from qwen_gateway.service.money.meter import Meter
+from qwen_gateway.service.money.prices import InvalidAmount, Price, format_money, to_micro
 from qwen_gateway.service.validation import parse_body
 from qwen_gateway.store.admin import AdminKeyRow, KeySpend
 from qwen_gateway.store.keys import KeyRow
@@ -62,6 +63,9 @@ async def require_admin(request: Request) -> AdminKeyRow:
     service: AdminService = get_gateway(request).admin
     return await service.authenticate(token.strip() if scheme.lower() == "bearer" else None)
 
+
+# The calling admin key (FastAPI runs require_admin once per request, router dependency or not).
+AdminDep = Annotated[AdminKeyRow, Depends(require_admin)]
 
 api = APIRouter(prefix="/admin/api", dependencies=[Depends(require_admin)])
 console = APIRouter()
@@ -200,24 +204,87 @@ async def set_limits(key: str, request: Request) -> Response:
     return _answer(_overview_body(await admin.one(key)))
 
 
+def _price_body(meter: Meter, model_id: str) -> dict[str, Any]:
+    price, default = meter.price(model_id), meter.default_price(model_id)
+    return {
+        "id": model_id,
+        "input_price": format_money(price.input_per_1k),
+        "output_price": format_money(price.output_per_1k),
+        "input_price_micro": price.input_per_1k,
+        "output_price_micro": price.output_per_1k,
+        # "override": set through this API (stored in the database); "default": the catalog's or
+        # the [[models]] entry's, which a reset (DELETE) goes back to.
+        "source": "override" if meter.overridden(model_id) else "default",
+        "default_input_price_micro": default.input_per_1k,
+        "default_output_price_micro": default.output_per_1k,
+        "unit": "CNY per 1K tokens",
+    }
+
+
+def _served(meter: Meter, model_id: str) -> str:
+    if not meter.serves(model_id):
+        raise ModelNotFound(model_id)  # DashScope's 404 for a model it does not have
+    return model_id
+
+
 @api.get("/models")
 async def prices(request: Request) -> Response:
     gateway = get_gateway(request)
-    rows = gateway.admin.prices([m.id for m in gateway.models])
+    return _answer({"object": "list", "data": [_price_body(gateway.meter, m.id) for m in gateway.models]})
+
+
+@api.put("/models/{model_id:path}/price")
+async def set_price(model_id: str, request: Request, admin: AdminDep) -> Response:
+    """Set a model's price (CNY per 1K tokens, at most 6 decimals): audited, in force for requests
+    admitted from now on here and within seconds in every process sharing the database."""
+    meter = get_gateway(request).meter
+    _served(meter, model_id)
+    body = await _body(request, PriceIn)
+    price = Price(
+        _micro(body.input_price, "input_price", positive=False),
+        _micro(body.output_price, "output_price", positive=False),
+    )
+    await meter.set_price(model_id, price, admin_key_id=admin.id)
+    return _answer(_price_body(meter, model_id))
+
+
+@api.delete("/models/{model_id:path}/price")
+async def reset_price(model_id: str, request: Request, admin: AdminDep) -> Response:
+    """Back to the model's default price (audited; nothing happens when it has no override)."""
+    meter = get_gateway(request).meter
+    _served(meter, model_id)
+    await meter.set_price(model_id, None, admin_key_id=admin.id)
+    return _answer(_price_body(meter, model_id))
+
+
+@api.get("/prices/history")
+async def price_history(request: Request) -> Response:
+    unknown = sorted(set(request.query_params) - {"limit"})
+    if unknown:
+        raise InvalidParameter(f"Unknown parameter: {unknown[0]}.", param=unknown[0])
+    raw = request.query_params.get("limit", "100")
+    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+        raise InvalidParameter("Range of limit should be [1, 1000].", param="limit")
+    changes = await get_gateway(request).meter.price_history(limit=int(raw))
     return _answer(
         {
             "object": "list",
-            # Read-only: prices come from the catalog and the [[models]] entries, fixed at startup.
             "data": [
                 {
-                    "id": model_id,
-                    "input_price": format_money(price.input_per_1k),
-                    "output_price": format_money(price.output_per_1k),
-                    "input_price_micro": price.input_per_1k,
-                    "output_price_micro": price.output_per_1k,
-                    "unit": "CNY per 1K tokens",
+                    "model": c.model,
+                    "old_input_price": format_money(c.old_input_micro),
+                    "old_output_price": format_money(c.old_output_micro),
+                    "new_input_price": format_money(c.new_input_micro),
+                    "new_output_price": format_money(c.new_output_micro),
+                    "old_input_price_micro": c.old_input_micro,
+                    "old_output_price_micro": c.old_output_micro,
+                    "new_input_price_micro": c.new_input_micro,
+                    "new_output_price_micro": c.new_output_micro,
+                    "reset": c.reset,
+                    "admin_key_id": c.admin_key_id,
+                    "changed_at": _when(c.changed_at),
                 }
-                for model_id, price in rows
+                for c in changes
             ],
         }
     )

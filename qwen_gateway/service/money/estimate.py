@@ -35,6 +35,25 @@ IMAGE_DEFAULT_MAX = MAX_IMAGE_TOKENS_HIGH_RES + FRAME_TOKENS
 VIDEO_FRAME_MAX = MAX_FRAME_TOKENS + FRAME_TOKENS + 16
 
 
+# Tokens a forced close of the reasoning block ("\\n</think>\\n\\n", 12 bytes) can take beyond the budget: at
+# most one per byte (byte-level BPE), rounded up.
+THINK_CLOSE_MAX = 16
+
+
+def completion_tokens_bound(request: GenerationRequest, n: int = 1) -> int:
+    """At most how many completion tokens ``n`` choices of ``request`` generate (what is charged).
+
+    Each choice is capped on its own, so ``n`` choices are ``n`` times one: the worst case the hold
+    must cover (settlement charges what was generated). While thinking is on, ``max_tokens`` caps the
+    answer alone; the reasoning before it is bounded by the thinking budget (the service always sets
+    one) plus the forced close of the block, and is charged as completion tokens too."""
+    per_choice = request.sampling.max_tokens
+    thinking = request.thinking
+    if thinking is not None and thinking.enabled:
+        per_choice += (thinking.budget or 0) + THINK_CLOSE_MAX
+    return n * per_choice
+
+
 def prompt_tokens_bound(request: GenerationRequest) -> int:
     """At most how many tokens ``request``'s rendered prompt has."""
     total = TEMPLATE + (TOOLS if request.tools else 0)

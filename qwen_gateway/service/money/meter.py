@@ -6,7 +6,7 @@ Per request of a metered or rate-limited key:
    writer's next batch transaction (admissions and settlements that queue up together share one
    commit): the key's row is written first (that serialises admissions of one key across processes),
    its RPM/TPM window is checked, then ``UPDATE api_keys SET balance = balance - hold WHERE balance >=
-   hold`` takes the hold (the bound of the prompt's tokens, ``estimate.py``, plus ``n * max_tokens``,
+   hold`` takes the hold (the bound of the prompt's tokens plus every choice's worst case, ``estimate.py``,
    at the model's prices) and a ``holds`` row records it. Refused: 400 ``Arrearage`` or 429, nothing moved.
 2. **Settlement**, when the request ends however it ends: its ledger row goes to the ledger writer's
    next batch, whose transaction also deletes the hold, gives back the hold and charges the exact
@@ -50,10 +50,11 @@ from qwen_gateway.errors import (
     StartupError,
 )
 from qwen_gateway.service.ledger import LedgerWriter
-from qwen_gateway.service.money.estimate import prompt_tokens_bound
+from qwen_gateway.service.money.estimate import completion_tokens_bound, prompt_tokens_bound
 from qwen_gateway.service.money.prices import InvalidAmount, Price, cost_micro, price_per_1k
 from qwen_gateway.service.validation import ChatCall
 from qwen_gateway.store import money
+from qwen_gateway.store import prices as store_prices
 from qwen_gateway.store.keys import KeyRow
 from qwen_gateway.store.rollup import roll_up
 from qwen_gateway.store.usage import NewUsage
@@ -66,6 +67,10 @@ HEARTBEAT_SECONDS = 10.0
 STALE_SECONDS = 60.0
 SWEEP_SECONDS = 30.0
 ROLLUP_SECONDS = 3600.0
+# How often each process reads the price overrides: a price edited through another process sharing the
+# database applies here to requests admitted at most this long after the change (the process that made
+# the change applies it at once).
+PRICE_REFRESH_SECONDS = 2.0
 
 
 @dataclass(slots=True)
@@ -82,6 +87,9 @@ class Account:
     held_micro: int | None = None
     rate_second: int | None = None
     rate_tokens: int = 0
+    # The model's price when the request was admitted: what its hold was made of and what it is charged
+    # (a price edited while it runs applies to later requests only).
+    price: Price | None = None
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -102,13 +110,18 @@ class Meter:
         clock: Callable[[], Any] = money.utcnow,
     ) -> None:
         self._writer = writer
-        self._prices = prices
+        # The catalog's / [[models]] prices (what a reset goes back to), and the prices in force: those
+        # with the database's overrides applied (refresh_prices).
+        self._defaults = dict(prices)
+        self._prices = dict(prices)
+        self._overridden: set[str] = set()
         self._retention_days = retention_days
         self._hold_max = timedelta(seconds=hold_max_seconds)
         self._clock = clock
         self.instance_id = "gw_" + secrets.token_hex(8)
         self._hostname = socket.gethostname()
         self._task: asyncio.Task[None] | None = None
+        self._price_task: asyncio.Task[None] | None = None
 
     @staticmethod
     def prices_of(models: Any) -> dict[str, Price]:
@@ -123,7 +136,66 @@ class Meter:
         return out
 
     def price(self, model_id: str) -> Price:
+        """The price in force for ``model_id`` (an override, else the default)."""
         return self._prices.get(model_id, Price(0, 0))
+
+    def default_price(self, model_id: str) -> Price:
+        """The catalog's / ``[[models]]`` entry's price, which a reset goes back to."""
+        return self._defaults.get(model_id, Price(0, 0))
+
+    def overridden(self, model_id: str) -> bool:
+        return model_id in self._overridden
+
+    def serves(self, model_id: str) -> bool:
+        return model_id in self._defaults
+
+    def _apply(self, overrides: dict[str, tuple[int, int]]) -> None:
+        # Overrides of models this process does not serve are kept in the database and ignored here.
+        prices = dict(self._defaults)
+        overridden = set()
+        for model, (input_micro, output_micro) in overrides.items():
+            if model in prices:
+                prices[model] = Price(input_micro, output_micro)
+                overridden.add(model)
+        self._prices, self._overridden = prices, overridden
+
+    async def refresh_prices(self) -> None:
+        """Read the price overrides from the database and put them in force."""
+        async with self._writer.store_connection() as conn:
+            self._apply(await conn.run_sync(store_prices.read_overrides))
+
+    async def set_price(self, model_id: str, price: Price | None, *, admin_key_id: str) -> Price:
+        """Set ``model_id``'s price (None: back to its default), audited, in force here at once and in
+        the other processes within :data:`PRICE_REFRESH_SECONDS`. Returns the price in force before."""
+        default = self.default_price(model_id)
+        now = self._clock()
+        old_override: tuple[int, int] | None
+
+        def write(conn: Connection) -> tuple[int, int] | None:
+            base = (default.input_per_1k, default.output_per_1k)
+            if price is None:
+                return store_prices.remove_override(
+                    conn, model=model_id, default=base, admin_key_id=admin_key_id, now=now
+                )
+            return store_prices.set_override(
+                conn,
+                model=model_id,
+                price=(price.input_per_1k, price.output_per_1k),
+                default=base,
+                admin_key_id=admin_key_id,
+                now=now,
+            )
+
+        before = self.price(model_id)
+        old_override = await self._writer.run(write)
+        await self.refresh_prices()
+        if old_override is not None:
+            before = Price(*old_override)
+        return before
+
+    async def price_history(self, *, limit: int = 100) -> list[store_prices.PriceChange]:
+        async with self._writer.store_connection() as conn:
+            return await conn.run_sync(lambda c: store_prices.history(c, limit=limit))
 
     # -- admission -----------------------------------------------------------------------------------
 
@@ -133,11 +205,13 @@ class Meter:
             return Account(key)
         return None
 
-    def hold_for(self, call: ChatCall) -> tuple[int, int]:
-        """(tokens, micro-CNY) the call holds: its prompt's bound plus every choice's ``max_tokens``."""
+    def hold_for(self, call: ChatCall, price: Price | None = None) -> tuple[int, int]:
+        """(tokens, micro-CNY) the call holds: its prompt's bound (counted once: the choices share it)
+        plus every choice's worst case (``max_tokens``, and its reasoning budget while thinking)."""
         prompt = prompt_tokens_bound(call.generation)
-        completion = call.n * call.generation.sampling.max_tokens
-        return prompt + completion, cost_micro(self.price(call.model.id), prompt, completion)
+        completion = completion_tokens_bound(call.generation, call.n)
+        price = self.price(call.model.id) if price is None else price
+        return prompt + completion, cost_micro(price, prompt, completion)
 
     async def admit(self, call: ChatCall, account: Account) -> None:
         """Check the key's limits and take its hold, or raise Arrearage / RateLimited / QuotaExceeded.
@@ -146,7 +220,8 @@ class Meter:
         recorded on ``account`` (so the caller's settlement gives back a hold taken), then the
         cancellation goes on.
         """
-        tokens, hold = self.hold_for(call)
+        account.price = self.price(call.model.id)
+        tokens, hold = self.hold_for(call, account.price)
         account.rate_tokens = tokens
         key = account.key
         now = self._clock()
@@ -204,9 +279,17 @@ class Meter:
         latency_ms: int,
     ) -> None:
         """Write the request's ledger row; for an admitted account also release its hold and charge it,
-        in the same transaction (the ledger writer's batch). Updates ``account.balance_micro``."""
+        in the same transaction (the ledger writer's batch). Updates ``account.balance_micro``.
+
+        ``cost_micro`` is what the key is charged: set only for a request that took a hold (at the price
+        it was admitted at), NULL for an unmetered key's request, which is charged nothing."""
         model = call.model.id
-        cost = cost_micro(self.price(model), usage.prompt_tokens, usage.completion_tokens)
+        charged = account is not None and account.admitted and account.held_micro is not None
+        cost: int | None = None
+        if charged:
+            assert account is not None
+            price = account.price if account.price is not None else self.price(model)
+            cost = cost_micro(price, usage.prompt_tokens, usage.completion_tokens)
         row = NewUsage(
             request_id=call.request_id,
             key_id=key_id,
@@ -249,7 +332,18 @@ class Meter:
         )
         await self.sweep()
         await self.roll_up()
-        self._task = asyncio.get_running_loop().create_task(self._background(), name="money-heartbeat")
+        await self.refresh_prices()
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._background(), name="money-heartbeat")
+        self._price_task = loop.create_task(self._refresh_prices_forever(), name="money-prices")
+
+    async def _refresh_prices_forever(self) -> None:
+        while True:
+            await asyncio.sleep(PRICE_REFRESH_SECONDS)
+            try:
+                await self.refresh_prices()
+            except Exception:  # a busy or briefly unreachable database: the prices in force stay
+                log.exception("reading the price overrides failed")
 
     async def sweep(self) -> list[money.Released]:
         """Give back the holds no live process will settle (see store/money.release_stale_holds)."""
@@ -319,11 +413,12 @@ class Meter:
     async def aclose(self) -> None:
         """Stop the heartbeat and unregister (after every request is settled: call after the ledger's
         flush)."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for task in (self._task, self._price_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._price_task = None
         try:
             await self._writer.run(lambda conn: money.unregister_instance(conn, instance_id=self.instance_id))
         except Exception:

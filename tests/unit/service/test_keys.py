@@ -195,3 +195,61 @@ def test_a_key_is_found_by_its_hash_only(run: Any) -> None:
         assert await find_active_key_by_hash(store=store, key_hash=raw) is None
 
     run(body)
+
+
+def test_concurrent_misses_of_one_key_share_one_lookup(run: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A burst of requests with a key that is not cached (yet, or any more) costs one SQL lookup.
+    import qwen_gateway.service.keys as keys_module
+
+    lookups: list[str] = []
+    real = keys_module.find_active_key_by_hash
+
+    async def counted(**kwargs: Any) -> Any:  # the real lookup, counted
+        lookups.append(kwargs["key_hash"])
+        return await real(**kwargs)
+
+    monkeypatch.setattr(keys_module, "find_active_key_by_hash", counted)
+
+    async def body(store: Store) -> tuple[list[Any], list[Any]]:
+        service = KeyService(store)
+        row, raw = await service.create("burst")
+        found = await asyncio.gather(*(service.authenticate(raw) for _ in range(40)))
+        bogus = await asyncio.gather(
+            *(service.authenticate("sk-" + "0" * 32) for _ in range(10)), return_exceptions=True
+        )
+        assert all(r.id == row.id for r in found)
+        return found, bogus
+
+    _, bogus = run(body)
+    assert all(isinstance(e, AuthenticationError) for e in bogus)
+    assert len(lookups) == 2  # one for the key, one for the unknown key (never cached)
+
+
+def test_a_lookup_that_started_before_a_revocation_is_not_cached(
+    run: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import qwen_gateway.service.keys as keys_module
+
+    real = keys_module.find_active_key_by_hash
+    found, proceed = asyncio.Event(), asyncio.Event()
+
+    async def held_back(**kwargs: Any) -> Any:  # the real lookup, its answer held until the revocation
+        row = await real(**kwargs)
+        found.set()
+        await proceed.wait()
+        return row
+
+    async def body(store: Store) -> None:
+        service = KeyService(store)
+        _, raw = await service.create("racer")
+        monkeypatch.setattr(keys_module, "find_active_key_by_hash", held_back)
+        pending = asyncio.ensure_future(service.authenticate(raw))
+        await found.wait()  # the lookup read the key while it was active
+        await service.revoke("racer")
+        proceed.set()
+        await pending  # it began before the revocation: this one answer still accepts the key
+        monkeypatch.setattr(keys_module, "find_active_key_by_hash", real)
+        with pytest.raises(AuthenticationError):
+            await service.authenticate(raw)  # but the outdated row was not cached
+
+    run(body)
