@@ -69,7 +69,7 @@ def cli(
         capture_output=True,
         text=True,
         check=check,
-        timeout=120,
+        timeout=600,  # a bound for a hung CLI only (it takes seconds; far more on a loaded machine)
         env=_env(database_url),
     )
 
