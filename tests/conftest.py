@@ -1,0 +1,78 @@
+"""Suite-wide setup for parallel runs (pytest-xdist, on by default through pyproject's addopts).
+
+- Tests that share a module-scoped fixture (a server, an engine, a database) are one xdist group, so
+  one worker runs them all and the fixture starts once; every other test is scheduled on its own.
+- Heavy modules (end-to-end, or holding a slow test) are scheduled first, so the long ones do not
+  start last and leave a worker idle at the end.
+- Each worker process and every server it starts runs PyTorch on one thread: the workers already use
+  the machine's cores, and more threads than cores make every process slower (OpenMP spins).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Before anything imports torch (test modules are collected after this conftest loads); the
+    # servers tests start inherit the environment.
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_name, "1")
+
+# Fixture scopes whose tests must stay on one worker (a session fixture is simply made once per worker).
+_SHARED_SCOPES = {"module", "class", "package"}
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: one worker per core, at most 4 (each worker starts its own servers: memory)."""
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
+def _group(item: pytest.Item) -> str | None:
+    """The xdist group of a test that uses a module-scoped fixture: its module, and the parameters of
+    those fixtures (a module parametrized over SQLite and PostgreSQL is two groups, each set up once)."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return None
+    shared = {
+        name for name, defs in info.name2fixturedefs.items() if defs and defs[-1].scope in _SHARED_SCOPES
+    }
+    if not shared:
+        return None
+    callspec = getattr(item, "callspec", None)
+    params = sorted(f"{k}={v}" for k, v in (callspec.params.items() if callspec else ()) if k in shared)
+    return f"{item.path}[{','.join(params)}]"
+
+
+def _heavy(module_items: list[pytest.Item]) -> bool:
+    return "e2e" in module_items[0].path.parts or any(
+        item.get_closest_marker("slow") for item in module_items
+    )
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns xdist_group marks into node ids
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        group = _group(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+class _HeavyFirst:
+    """Orders modules heavy-first, after pytest's own reordering (a conftest module can hold only one
+    implementation per hook, so this one is a plugin object)."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        by_module: dict[str, list[pytest.Item]] = {}
+        for item in items:
+            by_module.setdefault(str(item.path), []).append(item)
+        # Stable: modules keep their order among equals, and each module's tests stay contiguous in
+        # the order pytest chose (so its module fixtures are set up once per parameter).
+        ordered = sorted(by_module.values(), key=lambda module_items: not _heavy(module_items))
+        items[:] = [item for module_items in ordered for item in module_items]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(_HeavyFirst(), "qwen-gateway-heavy-first")
