@@ -107,6 +107,7 @@ class ChatService:
             self._search_notice_logged = True
             log.info("enable_search: no search provider is configured; models answer without searching")
         usage: list[Usage | None] = [None] * call.n
+        closed_early = set(range(call.n))  # choices whose engine stream ended without Finished/error
         parsers = _parsers(call)
         status = "cancelled"
         emitted = False
@@ -143,6 +144,7 @@ class ChatService:
                                 out += [*parsers[index].finish(), ChoiceFinished(index, "tool_calls")]
                         case Finished():
                             usage[index] = event.usage
+                            closed_early.discard(index)
                             finished += 1
                             parser = parsers[index]
                             out = [*parser.finish(), ChoiceFinished(index, _reason(event.reason, parser))]
@@ -157,10 +159,12 @@ class ChatService:
                         raise ShuttingDown()
             except ApiError as exc:
                 status = "error"
+                closed_early.clear()
                 yield StreamFailed(exc, before_output=not emitted, usage=_spent(usage, emitted))
                 return
             except Exception:
                 status = "error"
+                closed_early.clear()
                 log.exception("generation of request %s failed", call.request_id)
                 yield StreamFailed(EngineFailure(), before_output=not emitted, usage=_spent(usage, emitted))
                 return
@@ -169,6 +173,10 @@ class ChatService:
         finally:
             await engine_events.aclose()
             ticket.release()
+            if settle and status == "cancelled":
+                # The client went away: the engine may have generated past the last event read (a
+                # token still in its outbox); it tells the final count once it has stopped.
+                await self._engine_counts(call, usage, closed_early)
             if settle:
                 # A failure is charged what it reported spending (nothing before output); a client that
                 # went away, everything generated until then.
@@ -278,6 +286,19 @@ class ChatService:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _engine_counts(self, call: ChatCall, usage: list[Usage | None], choices: set[int]) -> None:
+        """Replace the usage seen of each choice closed early by the engine's own final count."""
+        engine = call.model.engine
+        requests = self._requests(call)
+        for index in sorted(choices):
+            try:
+                final = await engine.cancelled_usage(requests[index].request_id)
+            except Exception:  # settling must go on: the last usage seen is then charged
+                log.exception("request %s: the engine's final count failed", call.request_id)
+                continue
+            if final is not None:
+                usage[index] = final
 
     async def _settle(
         self,
