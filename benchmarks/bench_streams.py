@@ -15,8 +15,12 @@ For each model (default: tiny-qwen2.5 and the embedded SmolLM2 GGUF) it prints
 Internals are measured by wrapping engine methods from the outside, so the script runs unchanged on
 older commits of the engine (it looks for the names each version has). CPU times come from
 ``time.thread_time`` on the inference thread, which holds up better than wall time on a shared machine.
+``--threads 1`` runs torch on one intra-op thread: on a machine other jobs keep busy, a second thread
+spends its share spinning at barriers waiting for a descheduled peer, and that spinning lands in the
+CPU times; with one thread they count work only.
 
-    python benchmarks/bench_streams.py [--model-path P ...] [--streams 1 4 8 16] [--max-tokens 64] [--server]
+    python benchmarks/bench_streams.py [--model-path P ...] [--streams 1 4 8 16] [--max-tokens 64]
+        [--parts throughput sampling kv gap] [--threads N] [--server]
 """
 
 from __future__ import annotations
@@ -342,7 +346,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--parts", nargs="+", default=["throughput", "sampling", "kv", "gap"])
     parser.add_argument("--server", action="store_true", help="also measure tokens/s through the server")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own)")
     args = parser.parse_args()
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch intra-op threads: {torch.get_num_threads()}", flush=True)
     paths = args.model_path or [str(TINY.resolve()), str(ensure_embedded_model(args.home))]
     for path in paths:
         print(f"model: {path} (max_tokens={args.max_tokens}, default sampling, seeded)", flush=True)

@@ -70,6 +70,9 @@ class ZeroCostEngine:
         finally:
             self._active -= 1
 
+    async def cancelled_usage(self, request_id: str) -> Usage | None:
+        return None  # nothing is generated ahead of what the consumer reads
+
     async def health(self) -> EngineHealth:
         state = EngineState.CLOSED if self._closed else EngineState.READY
         return EngineHealth(state, self._active)

@@ -54,6 +54,9 @@ class FaultyEngine:
         finally:
             self.active -= 1
 
+    async def cancelled_usage(self, request_id: str) -> Usage | None:
+        return None  # every event it makes is delivered: the last usage seen is the count
+
     async def health(self) -> EngineHealth:
         return EngineHealth(EngineState.READY, self.active)
 

@@ -346,6 +346,15 @@ class Engine(Protocol):
         the first event when the request can't run, or ``EngineFailure`` if generation breaks.
         """
 
+    async def cancelled_usage(self, request_id: str) -> Usage | None:
+        """What the generation of ``request_id`` really spent when its caller closed the iterator
+        before the :class:`Finished` event: the prompt plus every token generated, delivered or not
+        (a token may be generated after the last event the caller read). Waits until the engine has
+        stopped that generation, so the count is final. The service settles a cancelled stream with
+        it; ``None`` (an engine that can't tell, an id it does not know or was already asked about)
+        leaves the service with the last usage it saw. Each id is answered once.
+        """
+
     async def health(self) -> EngineHealth:
         """The engine's state and how many generations it is running now."""
 

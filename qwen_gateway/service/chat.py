@@ -112,6 +112,7 @@ class ChatService:
             yield StreamFailed(exc, before_output=True)
             return
         usage: list[Usage | None] = [None] * call.n
+        closed_early = set(range(call.n))  # choices whose engine stream ended without Finished/error
         parsers = _parsers(call)
         status = "cancelled"
         emitted = False
@@ -162,6 +163,7 @@ class ChatService:
                             ]
                         case Finished():
                             usage[index] = event.usage
+                            closed_early.discard(index)
                             finished += 1
                             parser = parsers[index]
                             out = [*parser.finish(), ChoiceFinished(index, _reason(event.reason, parser))]
@@ -179,10 +181,12 @@ class ChatService:
             except ApiError as exc:
                 status = "error"
                 _apply(usage, late)
+                closed_early.clear()
                 yield StreamFailed(exc, before_output=not emitted, usage=_spent(usage, emitted))
                 return
             except Exception:
                 status = "error"
+                closed_early.clear()
                 log.exception("generation of request %s failed", call.request_id)
                 _apply(usage, late)
                 yield StreamFailed(EngineFailure(), before_output=not emitted, usage=_spent(usage, emitted))
@@ -194,6 +198,10 @@ class ChatService:
             ticket.release()
             if status != "ok":
                 _apply(usage, late)
+            if settle and status == "cancelled":
+                # The client went away: the engine may have generated past the last event read (a
+                # token still in its outbox); it tells the final count once it has stopped.
+                await self._engine_counts(call, usage, closed_early)
             if settle:
                 # A failure is charged what it reported spending (nothing before output); a client that
                 # went away, everything generated until then.
@@ -329,6 +337,19 @@ class ChatService:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _engine_counts(self, call: ChatCall, usage: list[Usage | None], choices: set[int]) -> None:
+        """Replace the usage seen of each choice closed early by the engine's own final count."""
+        engine = call.model.engine
+        requests = self._requests(call)
+        for index in sorted(choices):
+            try:
+                final = await engine.cancelled_usage(requests[index].request_id)
+            except Exception:  # settling must go on: the last usage seen is then charged
+                log.exception("request %s: the engine's final count failed", call.request_id)
+                continue
+            if final is not None:
+                usage[index] = final
 
     async def _settle(
         self,

@@ -239,9 +239,17 @@ def test_cancelled_stream_frees_its_slot(gguf_server: Server) -> None:
     # The ledger has the request with what it generated until the client left (this tiny model writes
     # thousands of tokens a second, so on a slow client the whole answer may already have been made:
     # tests/unit/engines/test_llamacpp_engine.py shows the slot freed mid-answer without that race).
-    row = gguf_server.ledger(r.headers["x-request-id"])[0]
+    request_id = r.headers["x-request-id"]
+    wait_for(lambda: bool(gguf_server.ledger(request_id)), "the ledger row", 30)
+    row = gguf_server.ledger(request_id)[0]
     assert row["status"] in ("cancelled", "ok") and row["prompt_tokens"] == 22
     assert row["completion_tokens"] >= 1
+    if row["status"] == "cancelled":
+        # Charged exactly what the engine generated, delivered or not (its own final count).
+        line = (
+            f"request {request_id} stopped early: 22 prompt and {row['completion_tokens']} generated tokens"
+        )
+        assert line in gguf_server.log()
 
 
 def test_concurrent_streams_decode_together(gguf_server: Server) -> None:

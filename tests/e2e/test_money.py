@@ -240,6 +240,11 @@ def test_a_cancelled_stream_is_charged_for_the_prompt_and_the_tokens_generated(
     assert row["prompt_tokens"] > 0
     # Each delivered chunk carried at least one token; generation stopped soon after the hang-up.
     assert delivered <= row["completion_tokens"] < max_tokens // 2
+    # Exactly what the engine generated (its own count, logged when it dropped the sequence), tokens
+    # it made after the last one the server read included.
+    found = re.search(rf"request {request_id} stopped early: (\d+) prompt and (\d+) generated", pair[1].log())
+    assert found is not None
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (int(found[1]), int(found[2]))
     expected = row["prompt_tokens"] * TURBO_IN + row["completion_tokens"] * TURBO_OUT
     assert row["cost_micro"] == expected
     assert start - db.balance(key_id) == row["cost_micro"]

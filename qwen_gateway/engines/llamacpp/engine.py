@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 THINK_END = "</think>"
 # Without kv_cache_tokens, the cache holds max_batch_size full contexts, up to this many cells.
 DEFAULT_KV_TOKENS_CAP = 16384
+# Final counts kept for generations closed early, until the service asks (each id is asked once; the
+# cap bounds what callers that never ask leave behind), and how long asking may wait for one.
+EARLY_REPORTS = 1024
+EARLY_REPORT_WAIT = 30.0
 
 
 class LlamaCppEngine:
@@ -61,6 +65,7 @@ class LlamaCppEngine:
         self._think_close: tuple[list[int], list[int]] | None = None
         self._specials: dict[int, str] = {}
         self._defaults = Defaults()
+        self._early: dict[str, tuple[Sequence, int]] = {}
 
     @property
     def capabilities(self) -> Capabilities:
@@ -187,6 +192,28 @@ class LlamaCppEngine:
             if not seq.finished:
                 seq.cancel()
                 scheduler.wake()
+                # Closed before its end: cancelled_usage gives the final count once the inference
+                # thread has let the sequence go (a token may be chosen after the last one read).
+                self._early[request.request_id] = (seq, prompt_tokens)
+                while len(self._early) > EARLY_REPORTS:
+                    self._early.pop(next(iter(self._early)))
+
+    async def cancelled_usage(self, request_id: str) -> Usage | None:
+        entry = self._early.pop(request_id, None)
+        if entry is None:
+            return None
+        seq, prompt_tokens = entry
+        if not await asyncio.to_thread(seq.retired.wait, EARLY_REPORT_WAIT):
+            log.warning("request %s: no final count from llama.cpp in %ss", request_id, EARLY_REPORT_WAIT)
+            return None
+        generated = len(seq.generated)
+        log.info(
+            "request %s stopped early: %d prompt and %d generated tokens",
+            request_id,
+            prompt_tokens,
+            generated,
+        )
+        return Usage(prompt_tokens, generated, seq.reasoning_tokens)
 
     async def health(self) -> EngineHealth:
         scheduler = self._scheduler

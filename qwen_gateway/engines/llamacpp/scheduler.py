@@ -134,6 +134,7 @@ class Scheduler:
             seq = self._waiting[0]
             if seq.cancelled:
                 self._waiting.popleft()
+                seq.retired.set()
                 continue
             if not self._free_ids or (self._running and reserved + seq.reservation > self._shape.kv_tokens):
                 return
@@ -151,6 +152,7 @@ class Scheduler:
         if seq.chain is not None:
             C.llama_sampler_free(seq.chain)
             seq.chain = None
+        seq.retired.set()
 
     def _step(self) -> None:
         # Cancelled and finished sequences leave first: their seq ids and KV cells are free again.

@@ -11,6 +11,7 @@ row's logits, sparsely (only ids seen); llama.cpp's sampler chain does the rest 
 from __future__ import annotations
 
 import secrets
+import threading
 from collections.abc import Callable, Collection
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
@@ -200,6 +201,9 @@ class Sequence:
         self.finished = False
         # Set by the consumer (event-loop thread), read by the inference thread; a bool store is atomic.
         self.cancelled = False
+        # Set by the inference thread once it will never touch this sequence again (released, dropped
+        # from the queue, or failed): from then on ``generated`` is final (a cancel's exact count).
+        self.retired = threading.Event()
         # The inference thread's bookkeeping: the KV sequence id, tokens already in the KV cache, the
         # last chosen token (fed in the next decode), the sampler chain.
         self.seq_id = -1

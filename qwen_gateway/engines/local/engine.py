@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import copy
 import gc
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from rich.console import Console
@@ -52,6 +54,12 @@ log = logging.getLogger(__name__)
 THINK_END = "</think>"
 # Share of the memory available at start the KV pool may fill before requests are refused.
 KV_MEMORY_SHARE = 0.7
+# Final usage of cancelled generations kept for cancelled_usage(): the service asks at once; the bound
+# only keeps callers that never ask (benchmarks, tests) from growing the table.
+CANCELLED_KEPT = 1024
+# How long cancelled_usage() waits for the inference thread to drop a cancelled sequence (it does so
+# at its next step; only a hung or very long step takes longer, and then the last usage seen counts).
+CANCEL_REPORT_TIMEOUT = 30.0
 
 
 class LocalEngine:
@@ -87,6 +95,8 @@ class LocalEngine:
         self._grammars: constraints.Grammars | None = None
         self._token_text: TokenText | None = None
         self._vision: VisionBuilder | None = None  # for checkpoints that take images
+        # request id -> the usage of a generation its consumer closed early, once final.
+        self._cancelled: collections.OrderedDict[str, asyncio.Future[Usage]] = collections.OrderedDict()
 
     # -- Engine protocol -------------------------------------------------------------------------------
 
@@ -198,6 +208,7 @@ class LocalEngine:
             )
 
         scheduler.submit(seq)
+        complete = False  # the consumer got the Finished event or the error
         try:
             while True:
                 items = [await outbox.get()]
@@ -213,6 +224,7 @@ class LocalEngine:
                         if delta:
                             usage = usage_of(count, reasoning)
                             yield TextDelta(delta, usage, tuple(specials), tuple(logprobs))
+                        complete = True
                         raise item
                     count, reasoning = item.completion_tokens, item.reasoning_tokens
                     if item.logprobs and token_text is not None:
@@ -230,12 +242,55 @@ class LocalEngine:
                     usage = usage_of(count, reasoning)
                     yield TextDelta(delta, usage, tuple(specials), tuple(logprobs))
                 if done is not None:
+                    complete = True
                     yield done
                     return
         finally:
+            if not complete:
+                self._report_when_stopped(request.request_id, seq, usage_of)
             if not seq.finished:
                 seq.cancel()
                 scheduler.wake()
+
+    async def cancelled_usage(self, request_id: str) -> Usage | None:
+        """The prompt (once its prefill began) plus every token the sequence generated, read when
+        the inference thread has dropped it; None for an id not cancelled here (or already asked)."""
+        future = self._cancelled.pop(request_id, None)
+        if future is None:
+            return None
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), CANCEL_REPORT_TIMEOUT)
+        except TimeoutError:
+            log.warning(
+                "request %s: no final token count %.0f s after cancelling", request_id, CANCEL_REPORT_TIMEOUT
+            )
+            return None
+
+    def _report_when_stopped(
+        self, request_id: str, seq: Sequence, usage_of: Callable[[int, int], Usage]
+    ) -> None:
+        """Keep the final usage of a generation closed early, for :meth:`cancelled_usage`."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Usage] = loop.create_future()
+        self._cancelled[request_id] = future
+        while len(self._cancelled) > CANCELLED_KEPT:
+            self._cancelled.popitem(last=False)
+
+        def stopped() -> None:  # any thread; the sequence's counts are final now
+            usage = usage_of(len(seq.generated), seq.reasoning_tokens)
+            if not seq.prefilled and not seq.generated:  # still queued: nothing was computed
+                usage = Usage(0, 0)
+            log.info(
+                "request %s stopped early: %d prompt and %d generated tokens",
+                request_id,
+                usage.prompt_tokens,
+                usage.completion_tokens,
+            )
+            # A closed event loop raises: nobody is waiting any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_resolve, future, usage)
+
+        seq.when_stopped(stopped)
 
     async def health(self) -> EngineHealth:
         scheduler = self._scheduler
@@ -336,6 +391,11 @@ class LocalEngine:
             vision=vision.row if vision is not None else None,
         )
         return seq, outbox
+
+
+def _resolve(future: asyncio.Future[Usage], usage: Usage) -> None:
+    if not future.done():
+        future.set_result(usage)
 
 
 class _Decoder:

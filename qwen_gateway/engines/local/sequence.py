@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import threading
 from collections.abc import Callable
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
@@ -107,6 +108,10 @@ class Sequence:
         # before its final event goes out, so a consumer that has its answer never sees it counted.
         self.on_release: Callable[[], None] | None = None
         self._released = False
+        # Set by the consumer after it stopped reading early: told once the thread is done with this
+        # sequence (its generated count final). The lock orders that against the thread's release.
+        self._on_stopped: Callable[[], None] | None = None
+        self._stop_lock = threading.Lock()
 
     # -- the consumer side ---------------------------------------------------------------------------
 
@@ -172,10 +177,24 @@ class Sequence:
         return start is not None and n - start >= self.max_new_tokens
 
     def release(self) -> None:
-        if not self._released:
+        with self._stop_lock:
+            if self._released:
+                return
             self._released = True
-            if self.on_release is not None:
-                self.on_release()
+            stopped = self._on_stopped
+        if self.on_release is not None:
+            self.on_release()
+        if stopped is not None:
+            stopped()
+
+    def when_stopped(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (from whichever thread gets there) once no step will touch this sequence
+        again: at once if the thread already released it, else when it does."""
+        with self._stop_lock:
+            if not self._released:
+                self._on_stopped = callback
+                return
+        callback()
 
     def fail(self, error: BaseException) -> None:
         """End this sequence with an error its consumer will raise."""

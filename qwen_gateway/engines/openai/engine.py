@@ -141,6 +141,12 @@ class OpenAIEngine:
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         return _Stream(self, request)
 
+    async def cancelled_usage(self, request_id: str) -> Usage | None:
+        # An upstream stream closed early tells what it spent through its own ``spent()`` (the tokens
+        # delivered, counted with the model's tokenizer when the upstream sent no usage), which the
+        # service reads as the stream ends; the upstream's own count past that is not knowable here.
+        return None
+
     async def health(self) -> EngineHealth:
         active = sum(r.outstanding for r in self._replicas.replicas)
         if self._state is EngineState.READY and not self._replicas.any_available:

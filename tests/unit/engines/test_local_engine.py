@@ -18,6 +18,7 @@ from qwen_gateway.engines.base import (
     ChatMessage,
     Engine,
     EngineState,
+    TextDelta,
     Thinking,
     ToolCall,
     ToolSpec,
@@ -319,3 +320,25 @@ def test_tiny_temperatures_decode_greedily(qwen25: Any) -> None:
     greedy = run(answer(qwen25, request(max_tokens=8, temperature=0.0)))[0]
     for t in (1e-6, 1e-30, 1e-300):
         assert run(answer(qwen25, request(max_tokens=8, temperature=t, seed=1)))[0] == greedy
+
+
+def test_a_generation_closed_early_reports_its_final_usage(engine_factory: Callable[..., Any]) -> None:
+    engine = engine_factory(QWEN25, id="cancel-report")
+
+    async def main() -> tuple[Any, Any, Any, Any]:
+        stream = engine.generate(request(max_tokens=2000, request_id="early", temperature=1.0, seed=3))
+        seen = None
+        async for event in stream:
+            if isinstance(event, TextDelta) and event.usage is not None:
+                seen = event.usage
+                if seen.completion_tokens >= 3:
+                    break
+        await stream.aclose()
+        final = await engine.cancelled_usage("early")
+        return seen, final, await engine.cancelled_usage("early"), await engine.cancelled_usage("never")
+
+    seen, final, again, unknown = run(main())
+    assert final is not None and final.prompt_tokens == seen.prompt_tokens
+    # Every token the engine generated, read or not; it stopped soon after the close.
+    assert seen.completion_tokens <= final.completion_tokens < 2000
+    assert again is None and unknown is None  # each id is answered once

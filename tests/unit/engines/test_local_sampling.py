@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from qwen_gateway.engines.base import SamplingParams
-from qwen_gateway.engines.local.sampling import GenerationDefaults, ResolvedSampling, Sampler
+from qwen_gateway.engines.local import sampling
+from qwen_gateway.engines.local.sampling import BatchSampler, GenerationDefaults, ResolvedSampling, Sampler
 
 
 class _GenConfig:
@@ -114,3 +115,61 @@ def test_top_p_over_a_large_vocabulary_is_the_exact_nucleus(peaked: bool) -> Non
     assert picks <= nucleus
     if peaked:
         assert len(picks) > len(nucleus) // 3
+
+
+@pytest.mark.parametrize("vocab", [151_936, 151_900, 49_152])
+def test_the_block_search_finds_what_a_full_search_finds(vocab: int) -> None:
+    """top_candidates/first_argmax search block maxima first; they must give torch.topk's and
+    torch.argmax's answers, also with a ragged tail, masked rows and a maximum that occurs twice."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, vocab, generator=gen) * 3
+    x[1, :-5] = float("-inf")  # only the tail's ids are left (a constraint mask)
+    x[2, 1000:] = float("-inf")  # a mask that leaves the first thousand ids
+    x[3, 7] = x[3, vocab - 3] = x[3].max() + 1  # a tie for the maximum: the first id wins
+    x[4, 70_000 % vocab] = 50.0  # one dominant id
+    for k in (1, 5, 20, 40, 256):
+        values, ids = sampling.top_candidates(x, k)
+        want_values, want_ids = torch.topk(x, k)
+        assert torch.equal(values, want_values)
+        # The same ids in the same order, except between equal values (row 3's tie, and the -inf
+        # of masked ids): topk promises no order among those.
+        finite = torch.isfinite(want_values)
+        distinct = [0, 1, 2, 4, 5]
+        assert torch.equal(ids[distinct][finite[distinct]], want_ids[distinct][finite[distinct]])
+        if k > 1:  # both tied ids are among the candidates, in either order
+            assert set(ids[3].tolist()) == set(want_ids[3].tolist())
+        assert torch.equal(x.gather(1, ids), values)
+    assert torch.equal(sampling.first_argmax(x), torch.argmax(x, dim=-1))
+    assert int(sampling.first_argmax(x)[3]) == 7
+
+
+def test_a_seeded_row_samples_the_same_alone_and_in_a_batch_over_a_full_vocabulary() -> None:
+    """The batch-wide candidate search (one search at the widest width) on a Qwen-sized vocabulary:
+    a row's tokens do not depend on the rows beside it, whatever their widths and penalties."""
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(5, 151_936, generator=gen) * 4
+    logits[:, 100:140] += torch.linspace(9.0, 5.0, 40)
+    settings = [
+        resolve(temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05, seed=1),
+        resolve(temperature=0.9, top_k=50, repetition_penalty=1.3, seed=2),
+        resolve(temperature=0.0, repetition_penalty=1.2),
+        resolve(temperature=1.0, top_p=0.9, seed=3),
+        resolve(temperature=0.7, top_k=5, top_p=0.8, repetition_penalty=1.05, seed=4),
+    ]
+
+    def draws(batch: bool) -> list[list[int]]:
+        rows = [Sampler(s, prompt_ids=[101, 102, 103]) for s in settings]
+        sampler = BatchSampler()
+        singles = [BatchSampler() for _ in rows]
+        out: list[list[int]] = [[] for _ in rows]
+        for _ in range(12):
+            if batch:
+                tokens = sampler.sample(rows, logits)
+            else:
+                tokens = [singles[i].sample([r], logits[i : i + 1])[0] for i, r in enumerate(rows)]
+            for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
+                row.observe(token)
+                out[i].append(token)
+        return out
+
+    assert draws(False) == draws(True)
