@@ -21,7 +21,6 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from qwen_gateway.errors import ApiError, InvalidParameter, MissingField
-from qwen_gateway.protocol.compat import ChatCompletionRequest
 from qwen_gateway.protocol.native import NativeContentIn, NativeMessageIn, NativeRequest
 from qwen_gateway.service.catalog import TEXT, ModelSpec
 from qwen_gateway.service.models import ModelRegistry
@@ -34,6 +33,7 @@ from qwen_gateway.service.validation import (
     _is_union_tag,
     _loc,
     build_call_from,
+    validate_wire,
 )
 
 ResultFormat = Literal["text", "message"]
@@ -112,6 +112,8 @@ def _part(part: NativeContentIn, where: str) -> dict[str, Any]:
         raise InvalidParameter("Audio input is not supported by this server.", param=f"{where}.audio")
     if kind != "image" and (part.min_pixels is not None or part.max_pixels is not None):
         raise InvalidParameter("min_pixels and max_pixels apply to image parts only.", param=where)
+    if kind == "text" and part.fps is not None:
+        raise InvalidParameter("fps applies to video parts only.", param=f"{where}.fps")
     out: dict[str, Any]
     if kind == "text":
         out = {"type": "text", "text": part.text}
@@ -224,8 +226,12 @@ def build_native_call(
         "messages": _messages(req),
         "stream": stream or bool(params.stream),
     }
+    # The native schema types the nested objects (tools, response_format, stream_options...) only as
+    # objects: their insides are checked here, by the compatible-mode schema, and a wrong type there
+    # is a 400 naming its native path, never a 500.
+    wire = validate_wire(compat, where=lambda path: native_param(path) or path)
     try:
-        call = build_call_from(ChatCompletionRequest.model_validate(compat), models, request_id=request_id)
+        call = build_call_from(wire, models, request_id=request_id)
     except ApiError as exc:
         exc.param = native_param(exc.param)
         raise
