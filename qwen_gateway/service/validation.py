@@ -80,6 +80,8 @@ class ChatCall:
     # Report the cumulative usage as it grows (:class:`~qwen_gateway.service.events.UsageProgress`):
     # the native protocol carries it on every stream event.
     usage_progress: bool = False
+    # What the usage ledger records the request under (the protocol and endpoint that answered it).
+    endpoint: str = "chat.completions"
 
     @property
     def thinking(self) -> bool:

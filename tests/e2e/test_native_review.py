@@ -3,13 +3,15 @@ real server (tiny checkpoint) and the loopback SearXNG-shaped FAKE (tests/searx_
 
 Each test names the defect it pins: nested native objects of the wrong shape were 500s, ``fps`` on a
 text part was accepted and ignored, one unparsable result URL lost every result, a result's text could
-forge chat-template turns in the prompt, and the search provider's URL (with its credentials) and the
-user's query were written to the server log by httpx on every search.
+forge chat-template turns in the prompt, the search provider's URL (with its credentials) and the
+user's query were written to the server log by httpx on every search, and native requests were
+recorded in the usage ledger as compatible mode's ``chat.completions``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import sqlite3
 from collections.abc import Iterator
 from functools import cache
 from typing import Any
@@ -19,7 +21,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from tests.searx_fake import FakeSearxng
-from tests.support import MODELS, Server, start_server
+from tests.support import MODELS, Server, create_key, start_server, wait_for
 
 SECRET = "s3cret-provider-token"
 CONFIG = """
@@ -27,7 +29,9 @@ CONFIG = """
 id = "qwen-plus"
 engine = "local"
 path = "{qwen25}"
-max_output = 4
+max_output = 32
+input_price = 0.001    # per 1K tokens: 1 micro-CNY a prompt token
+output_price = 0.002   # 2 micro-CNY a generated token
 
 [search]
 provider = "searxng"
@@ -208,3 +212,51 @@ def test_search_provider_url_and_user_query_stay_out_of_the_server_log(
     log = server.log()
     assert SECRET not in log
     assert marker not in log
+
+
+def _balance(server: Server, name: str) -> int:
+    with sqlite3.connect(server.home / "gateway.db") as db:
+        return int(db.execute("SELECT balance_micro FROM api_keys WHERE name = ?", (name,)).fetchone()[0])
+
+
+def test_native_requests_are_ledgered_under_the_native_endpoint(server: Server) -> None:
+    r = native(server, ask("ledger me"))
+    assert r.status_code == 200, r.text
+    rid = r.headers["x-request-id"]
+    wait_for(lambda: bool(server.ledger(rid)), "the ledger row")
+    (row,) = server.ledger(rid)
+    assert row["endpoint"] == "native.text-generation"
+    mm = httpx.post(
+        f"{server.base_url}/api/v1/services/aigc/multimodal-generation/generation",
+        headers={"Authorization": f"Bearer {server.api_key}"},
+        json=ask("ledger me too"),
+        timeout=120,
+    )
+    assert mm.status_code == 200, mm.text
+    rid = mm.headers["x-request-id"]
+    wait_for(lambda: bool(server.ledger(rid)), "the ledger row")
+    assert server.ledger(rid)[0]["endpoint"] == "native.multimodal-generation"
+
+
+def test_a_native_stream_dropped_mid_way_is_charged_exactly_its_ledger_row(server: Server) -> None:
+    key = create_key(server.home, "review-dropper", "--balance", "1")
+    start = _balance(server, "review-dropper")
+    body = ask("tell me a long story", max_tokens=32, incremental_output=True)
+    headers = {"Authorization": f"Bearer {key}", "X-DashScope-SSE": "enable"}
+    with (
+        httpx.Client(timeout=120) as client,
+        client.stream("POST", f"{server.base_url}{TEXT_URL}", json=body, headers=headers) as r,
+    ):
+        assert r.status_code == 200
+        rid = r.headers["x-request-id"]
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                break  # hang up after the first event
+    wait_for(lambda: bool(server.ledger(rid)), "the ledger row")
+    (row,) = server.ledger(rid)
+    assert row["status"] in ("cancelled", "ok")
+    assert row["endpoint"] == "native.text-generation"
+    assert 1 <= row["completion_tokens"] <= 32
+    assert row["cost_micro"] == row["prompt_tokens"] * 1 + row["completion_tokens"] * 2
+    # The hold is released and exactly the row's cost is taken.
+    wait_for(lambda: _balance(server, "review-dropper") == start - row["cost_micro"], "the settlement")

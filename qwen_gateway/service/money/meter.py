@@ -211,7 +211,7 @@ class Meter:
             request_id=call.request_id,
             key_id=key_id,
             model=model,
-            endpoint="chat.completions",
+            endpoint=call.endpoint,
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
             reasoning_tokens=usage.reasoning_tokens,

@@ -237,7 +237,7 @@ def build_native_call(
         raise
     if call.search_options.prepend and not call.stream:
         raise InvalidParameter(PREPEND_MESSAGE, param="parameters.search_options.prepend_search_result")
-    call = _with_progress(call)
+    call = _with_progress(call, multimodal=multimodal)
     return NativeCall(
         chat=call,
         result_format=_result_format(params.result_format, call, multimodal=multimodal),
@@ -246,6 +246,8 @@ def build_native_call(
     )
 
 
-def _with_progress(call: ChatCall) -> ChatCall:
-    # Native stream events carry the usage so far.
-    return replace(call, usage_progress=True)
+def _with_progress(call: ChatCall, *, multimodal: bool) -> ChatCall:
+    # Native stream events carry the usage so far; the ledger names the native endpoint (not the
+    # compatible mode's chat.completions).
+    endpoint = "native.multimodal-generation" if multimodal else "native.text-generation"
+    return replace(call, usage_progress=True, endpoint=endpoint)
