@@ -260,3 +260,22 @@ def test_a_native_stream_dropped_mid_way_is_charged_exactly_its_ledger_row(serve
     assert row["cost_micro"] == row["prompt_tokens"] * 1 + row["completion_tokens"] * 2
     # The hold is released and exactly the row's cost is taken.
     wait_for(lambda: _balance(server, "review-dropper") == start - row["cost_micro"], "the settlement")
+
+
+def test_a_prompt_past_the_context_is_refused_for_its_length_not_as_arrearage(server: Server) -> None:
+    # 0.1 CNY covers a whole context (32K prompt tokens at 1 micro-CNY) but not the 200K bytes bound
+    # of this prompt, which can never run.
+    key = create_key(server.home, "review-long-prompt", "--balance", "0.1")
+    start = _balance(server, "review-long-prompt")
+    r = httpx.post(
+        f"{server.base_url}{TEXT_URL}",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": "qwen-plus", "input": {"prompt": "word " * 40_000}, "parameters": {"max_tokens": 1}},
+        timeout=120,
+    )
+    assert r.status_code == 400, r.text
+    body = r.json()
+    assert body["code"] == "InvalidParameter", body
+    assert body["message"].startswith("Range of input length"), body
+    assert r.headers["x-account-balance"] == "0.1000"
+    wait_for(lambda: _balance(server, "review-long-prompt") == start, "the hold's release")

@@ -136,6 +136,12 @@ class Meter:
     def hold_for(self, call: ChatCall) -> tuple[int, int]:
         """(tokens, micro-CNY) the call holds: its prompt's bound plus every choice's ``max_tokens``."""
         prompt = prompt_tokens_bound(call.generation)
+        # A prompt can't be longer than the engine's context (it is refused before it runs): without
+        # this cap, a prompt far past the context held more than any key has and was refused as
+        # Arrearage instead of getting the engine's "Range of input length" 400. 0: not declared.
+        context = call.model.engine.capabilities.max_context
+        if context > 0:
+            prompt = min(prompt, context)
         completion = call.n * call.generation.sampling.max_tokens
         return prompt + completion, cost_micro(self.price(call.model.id), prompt, completion)
 
