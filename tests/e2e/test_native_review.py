@@ -279,3 +279,15 @@ def test_a_prompt_past_the_context_is_refused_for_its_length_not_as_arrearage(se
     assert body["message"].startswith("Range of input length"), body
     assert r.headers["x-account-balance"] == "0.1000"
     wait_for(lambda: _balance(server, "review-long-prompt") == start, "the hold's release")
+
+
+def test_logprobs_are_never_dropped_by_the_text_result_format(server: Server) -> None:
+    # The default result_format of qwen-plus is text, which has no place for logprobs: they were
+    # accepted and silently left out. Unset, the format is now message; "text" is refused by name.
+    r = native(server, ask("hi", logprobs=True, top_logprobs=1))
+    assert r.status_code == 200, r.text
+    (choice,) = r.json()["output"]["choices"]
+    assert len(choice["logprobs"]["content"]) == r.json()["usage"]["output_tokens"]
+    r = native(server, ask("hi", logprobs=True, result_format="text"))
+    assert_refused(r, "")
+    assert r.json()["message"] == 'result_format "text" is not available with logprobs: use "message".'

@@ -167,7 +167,11 @@ def _messages(req: NativeRequest) -> list[dict[str, Any]]:
 
 def _result_format(given: str | None, call: ChatCall, *, multimodal: bool) -> ResultFormat:
     spec = call.model.spec
-    needs_message = multimodal or call.thinking or bool(call.generation.tools) or spec.modalities != TEXT
+    # Logprobs are answered per choice (``choices[].logprobs``): the text format has nowhere to put them.
+    logprobs = call.generation.sampling.logprobs is not None
+    needs_message = (
+        multimodal or call.thinking or bool(call.generation.tools) or logprobs or spec.modalities != TEXT
+    )
     why = (
         "the multimodal endpoint"
         if multimodal
@@ -175,6 +179,8 @@ def _result_format(given: str | None, call: ChatCall, *, multimodal: bool) -> Re
         if call.thinking
         else "tools"
         if call.generation.tools
+        else "logprobs"
+        if logprobs
         else "this model"
     )
     if given is None:
