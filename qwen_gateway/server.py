@@ -113,6 +113,9 @@ async def serve(settings: Settings, sockets: list[socket.socket] | None = None) 
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # httpx logs every request's whole URL at INFO: the operator's search URL with any credentials in
+    # it, the user's text as the search query, signed media URLs. Our own lines say what happened.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     console = Console(stderr=True, soft_wrap=True)
     if sockets is None:
         sockets = bind(settings.host, settings.port)

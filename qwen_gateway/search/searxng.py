@@ -126,7 +126,10 @@ def _hit(item: Any) -> SearchHit | None:
     url, title, content = item.get("url"), item.get("title"), item.get("content")
     if not isinstance(url, str) or not url.startswith(("http://", "https://")):
         return None
-    host = urlsplit(url).hostname or ""
+    try:
+        host = urlsplit(url).hostname or ""
+    except ValueError:  # "https://[::1": one broken entry is skipped, not the whole answer lost
+        return None
     return SearchHit(
         title=(title if isinstance(title, str) and title.strip() else host)[:MAX_TITLE_CHARS].strip(),
         url=url,

@@ -128,6 +128,11 @@ def parse_options(raw: Any) -> SearchOptions:
     strategy = raw.get("search_strategy")
     if strategy is None:
         strategy = DEFAULT_STRATEGY
+    elif not isinstance(strategy, str):  # a list or an object can't be looked up in the tables below
+        raise InvalidParameter(
+            f"{_OPTION}.search_strategy must be one of {', '.join(STRATEGIES)}.",
+            param=f"{_OPTION}.search_strategy",
+        )
     elif strategy in MULTI_ROUND_STRATEGIES:
         raise InvalidParameter(
             f"{_OPTION}.search_strategy {strategy!r} (several search rounds) is not supported by this "
@@ -250,16 +255,36 @@ class WebSearch:
                 self._provider.name,
             )
             return call
+        specials = tuple(call.model.engine.capabilities.special_tokens)
         results = tuple(
-            SearchResult(i, h.title, h.url, h.site_name, h.icon) for i, h in enumerate(hits, start=1)
+            SearchResult(i, inert(h.title, specials), inert(h.url, specials), h.site_name, h.icon)
+            for i, h in enumerate(hits, start=1)
         )
-        snippets = tuple(h.snippet for h in hits)
+        snippets = tuple(inert(h.snippet, specials) for h in hits)
         if results:
             block = search_block(results, snippets, options, today or dt.datetime.now(dt.UTC).date())
             messages = with_search_block(messages, block)
         info = SearchInfo(results, options.strategy, count=1, enable_source=options.enable_source)
         generation = dataclasses.replace(call.generation, messages=messages)
         return dataclasses.replace(call, generation=generation, search_info=info)
+
+
+# Chat-template control tokens of the Qwen family (<|im_start|>, <|im_end|>, <|endoftext|>,
+# <|vision_start|>...), removed whatever the engine declares: a remote engine lists none.
+_CONTROL_TOKEN = re.compile(r"<\|[^<>|\s]{1,64}\|>")
+
+
+def inert(text: str, specials: tuple[str, ...]) -> str:
+    """Third-party text made safe to put in the prompt: a web page's title or snippet could hold
+    ``<|im_end|>\n<|im_start|>system ...``, which the tokenizer reads as the real control tokens, so a
+    page could end the system turn and write one of its own; or a line break and ``URL: ...`` / ``[2]``,
+    forging a result of the block. The engine's special-token texts are removed and whitespace runs
+    (line breaks included) become one space, so each result stays the lines the block gives it."""
+    for special in specials:
+        if special:
+            text = text.replace(special, " ")
+    text = _CONTROL_TOKEN.sub(" ", text)
+    return " ".join(text.split())
 
 
 def query_text(messages: tuple[ChatMessage, ...]) -> str:

@@ -82,6 +82,8 @@ class ChatCall:
     usage_progress: bool = False
     # Uploaded files whose text a fileid:// system message put in (service/fileids.py).
     files: tuple[str, ...] = ()
+    # What the usage ledger records the request under (the protocol and endpoint that answered it).
+    endpoint: str = "chat.completions"
 
     @property
     def thinking(self) -> bool:
@@ -178,18 +180,24 @@ def parse_wire(body: dict[str, Any]) -> ChatCompletionRequest:
         raise InvalidParameter('Required parameter "model" missing from request.', param="model")
     if "messages" not in body:
         raise InvalidParameter('Required parameter "messages" missing from request.', param="messages")
+    return validate_wire(body)
+
+
+def validate_wire(body: dict[str, Any], where: Callable[[str], str] = str) -> ChatCompletionRequest:
+    """The strict schema check of a compatible-mode body; a type error is a 400 naming the field by
+    ``where(path)`` (the native protocol maps its request onto this schema and names its own paths)."""
     try:
         # Strict: DashScope refuses `"temperature": "0.5"` or `"max_tokens": true`; so do we.
         return ChatCompletionRequest.model_validate(body, strict=True)
     except ValidationError as exc:
         errors = exc.errors()
         if errors[0]["loc"][:1] == ("stop",):
-            raise InvalidParameter(STOP_TYPE_MESSAGE, param="stop") from None
+            raise InvalidParameter(STOP_TYPE_MESSAGE, param=where("stop")) from None
         # A union reports one error per branch; the deepest path names the field most precisely.
         paths = [tuple(p for p in e["loc"] if not _is_union_tag(p)) for e in errors]
         best = max(range(len(errors)), key=lambda i: len(paths[i]))
-        where = _loc(paths[best])
-        raise InvalidParameter(f"{errors[best]['msg']}: {where}", param=where) from None
+        param = where(_loc(paths[best]))
+        raise InvalidParameter(f"{errors[best]['msg']}: {param}", param=param) from None
 
 
 # param -> (accepts the value?, DashScope's message when it doesn't)
@@ -233,6 +241,8 @@ def _content(
             slots.append(MediaSlot(index, j, ref, where))
             parts.append(EMPTY_SLOT)
         elif part.type == "text" and part.text is not None:
+            if part.fps is not None:
+                raise InvalidParameter("fps applies to video parts only.", param=f"{where}.fps")
             parts.append(TextPart(part.text))
         else:
             raise InvalidParameter(UNEXPECTED_ITEM, param=f"messages.{index}.content")

@@ -209,6 +209,12 @@ class Meter:
         """(tokens, micro-CNY) the call holds: its prompt's bound (counted once: the choices share it)
         plus every choice's worst case (``max_tokens``, and its reasoning budget while thinking)."""
         prompt = prompt_tokens_bound(call.generation)
+        # A prompt can't be longer than the engine's context (it is refused before it runs): without
+        # this cap, a prompt far past the context held more than any key has and was refused as
+        # Arrearage instead of getting the engine's "Range of input length" 400. 0: not declared.
+        context = call.model.engine.capabilities.max_context
+        if context > 0:
+            prompt = min(prompt, context)
         completion = completion_tokens_bound(call.generation, call.n)
         price = self.price(call.model.id) if price is None else price
         return prompt + completion, cost_micro(price, prompt, completion)
@@ -294,7 +300,7 @@ class Meter:
             request_id=call.request_id,
             key_id=key_id,
             model=model,
-            endpoint="chat.completions",
+            endpoint=call.endpoint,
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
             reasoning_tokens=usage.reasoning_tokens,

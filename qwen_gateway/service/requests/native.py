@@ -21,7 +21,6 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from qwen_gateway.errors import ApiError, InvalidParameter, MissingField
-from qwen_gateway.protocol.compat import ChatCompletionRequest
 from qwen_gateway.protocol.native import NativeContentIn, NativeMessageIn, NativeRequest
 from qwen_gateway.service.catalog import TEXT, ModelSpec
 from qwen_gateway.service.models import ModelRegistry
@@ -34,6 +33,7 @@ from qwen_gateway.service.validation import (
     _is_union_tag,
     _loc,
     build_call_from,
+    validate_wire,
 )
 
 ResultFormat = Literal["text", "message"]
@@ -112,6 +112,8 @@ def _part(part: NativeContentIn, where: str) -> dict[str, Any]:
         raise InvalidParameter("Audio input is not supported by this server.", param=f"{where}.audio")
     if kind != "image" and (part.min_pixels is not None or part.max_pixels is not None):
         raise InvalidParameter("min_pixels and max_pixels apply to image parts only.", param=where)
+    if kind == "text" and part.fps is not None:
+        raise InvalidParameter("fps applies to video parts only.", param=f"{where}.fps")
     out: dict[str, Any]
     if kind == "text":
         out = {"type": "text", "text": part.text}
@@ -165,7 +167,11 @@ def _messages(req: NativeRequest) -> list[dict[str, Any]]:
 
 def _result_format(given: str | None, call: ChatCall, *, multimodal: bool) -> ResultFormat:
     spec = call.model.spec
-    needs_message = multimodal or call.thinking or bool(call.generation.tools) or spec.modalities != TEXT
+    # Logprobs are answered per choice (``choices[].logprobs``): the text format has nowhere to put them.
+    logprobs = call.generation.sampling.logprobs is not None
+    needs_message = (
+        multimodal or call.thinking or bool(call.generation.tools) or logprobs or spec.modalities != TEXT
+    )
     why = (
         "the multimodal endpoint"
         if multimodal
@@ -173,6 +179,8 @@ def _result_format(given: str | None, call: ChatCall, *, multimodal: bool) -> Re
         if call.thinking
         else "tools"
         if call.generation.tools
+        else "logprobs"
+        if logprobs
         else "this model"
     )
     if given is None:
@@ -224,14 +232,18 @@ def build_native_call(
         "messages": _messages(req),
         "stream": stream or bool(params.stream),
     }
+    # The native schema types the nested objects (tools, response_format, stream_options...) only as
+    # objects: their insides are checked here, by the compatible-mode schema, and a wrong type there
+    # is a 400 naming its native path, never a 500.
+    wire = validate_wire(compat, where=lambda path: native_param(path) or path)
     try:
-        call = build_call_from(ChatCompletionRequest.model_validate(compat), models, request_id=request_id)
+        call = build_call_from(wire, models, request_id=request_id)
     except ApiError as exc:
         exc.param = native_param(exc.param)
         raise
     if call.search_options.prepend and not call.stream:
         raise InvalidParameter(PREPEND_MESSAGE, param="parameters.search_options.prepend_search_result")
-    call = _with_progress(call)
+    call = _with_progress(call, multimodal=multimodal)
     return NativeCall(
         chat=call,
         result_format=_result_format(params.result_format, call, multimodal=multimodal),
@@ -240,6 +252,8 @@ def build_native_call(
     )
 
 
-def _with_progress(call: ChatCall) -> ChatCall:
-    # Native stream events carry the usage so far.
-    return replace(call, usage_progress=True)
+def _with_progress(call: ChatCall, *, multimodal: bool) -> ChatCall:
+    # Native stream events carry the usage so far; the ledger names the native endpoint (not the
+    # compatible mode's chat.completions).
+    endpoint = "native.multimodal-generation" if multimodal else "native.text-generation"
+    return replace(call, usage_progress=True, endpoint=endpoint)

@@ -63,6 +63,9 @@ def test_defaults_are_dashscopes() -> None:
         ({"assigned_site_list": "x.example"}, "search_options.assigned_site_list"),
         ({"enable_source": "yes"}, "search_options.enable_source"),
         ({"search_prompt": "x"}, "search_options.search_prompt"),
+        # Unhashable values: a TypeError (a 500) before the review.
+        ({"search_strategy": ["max"]}, "search_options.search_strategy"),
+        ({"search_strategy": {"a": 1}}, "search_options.search_strategy"),
     ],
 )
 def test_options_it_cannot_honour_are_refused_by_name(options: dict[str, Any], param: str) -> None:
