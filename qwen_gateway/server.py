@@ -86,21 +86,26 @@ class GatewayServer(uvicorn.Server):
         if tasks and not await self._until_idle(self.grace):
             log.info("grace period over: stopping %d running request(s)", len(tasks))
             self.coordinator.expire()
-            if not await self._until_idle(WRAP_UP_SECONDS):
+            # The wrap-up is not cut short by a second Ctrl-C (that one only skips the grace): reaching
+            # a token boundary takes milliseconds, and it gives every stream its in-band end and usage
+            # instead of a dropped connection (and a cancelled task's traceback in the log).
+            if not await self._until_idle(WRAP_UP_SECONDS, interruptible=False):
                 for task in list(tasks):
                     task.cancel()
                 await self._until_idle(WRAP_UP_SECONDS)
         for connection in list(self.server_state.connections):
             connection.shutdown()
-        if not self.force_exit:
-            await self.lifespan.shutdown()
+        # Also after a second Ctrl-C: the app has no shutdown work of its own (the gateway closes in
+        # serve()), and a lifespan left waiting is cancelled at exit with a traceback in the log.
+        await self.lifespan.shutdown()
 
-    async def _until_idle(self, timeout: float) -> bool:
-        """Wait until no request task runs (True), ``timeout`` passes or a second Ctrl-C (False)."""
+    async def _until_idle(self, timeout: float, *, interruptible: bool = True) -> bool:
+        """Wait until no request task runs (True), ``timeout`` passes or (``interruptible``) a second
+        Ctrl-C (False)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while self.server_state.tasks:
-            if self.force_exit or loop.time() >= deadline:
+            if (interruptible and self.force_exit) or loop.time() >= deadline:
                 return False
             await asyncio.sleep(0.05)
         return True
