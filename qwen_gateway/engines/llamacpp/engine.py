@@ -278,14 +278,19 @@ class LlamaCppEngine:
 
 
 def default_threads() -> int:
-    """Half the CPUs this process may use (the physical cores on a machine with two threads per core),
-    as llama-cpp-python chooses. llama.cpp's own default (4) oversubscribes a small machine, and its
-    threads spin at each step's barrier: on a busy 2-CPU box that cost more than a thread gains."""
+    """``OMP_NUM_THREADS`` when set (the usual knob on shared hosts; the test suite sets it to 1 per
+    worker), else every CPU this process may use. Measured on the 2-CPU dev VM against llama.cpp's own
+    llama-server on SmolLM2 Q4_1 (benchmarks/bench_llamacpp.py): with half the CPUs our server made
+    59 % of its tokens/s at one stream, with all of them 98 %. More threads than CPUs spin at each
+    step's barrier, so the default never goes past the CPUs."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
-    return max(1, cpus // 2)
+    wanted = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if wanted.isdigit() and int(wanted) > 0:
+        return min(int(wanted), max(1, cpus))
+    return max(1, cpus)
 
 
 def _tool_format(template: str) -> str | None:
