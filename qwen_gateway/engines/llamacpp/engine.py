@@ -29,7 +29,8 @@ from qwen_gateway.engines.llamacpp.sequence import Defaults, Outgoing, Sampling,
 from qwen_gateway.engines.llamacpp.source import resolve_gguf
 from qwen_gateway.engines.llamacpp.tokenizer import GgufTokenizer
 from qwen_gateway.engines.local import chat_template
-from qwen_gateway.engines.local.detok import TextStream
+from qwen_gateway.engines.local.chat_template import tool_format
+from qwen_gateway.engines.local.detok import TextStream, marked
 from qwen_gateway.engines.local.prompt import PromptRenderer
 from qwen_gateway.errors import ApiError, EngineFailure, EngineUnavailable, InvalidParameter, StartupError
 from qwen_gateway.settings import ModelConfig, Settings, engine_config
@@ -124,7 +125,7 @@ class LlamaCppEngine:
             logprobs=False,
             max_concurrency=config.max_batch_size,
             special_tokens=dict(model.special_tokens),
-            tool_format=_tool_format(template),
+            tool_format=tool_format(template),
             reasoning_format="qwen3",
         )
         scheduler = Scheduler(model, shape, name=config.id)
@@ -174,12 +175,12 @@ class LlamaCppEngine:
                             yield TextDelta(delta, Usage(prompt_tokens, count, reasoning), tuple(specials))
                         raise item
                     count, reasoning = item.completion_tokens, item.reasoning_tokens
-                    delta += _marked(text, text.push(item.ids), specials, len(delta))
+                    delta += marked(text, text.push(item.ids), specials, len(delta))
                     if text.stopped:
                         done = Finished("stop", Usage(prompt_tokens, count, reasoning))
                         break
                     if item.finish is not None:
-                        delta += _marked(text, text.flush(), specials, len(delta))
+                        delta += marked(text, text.flush(), specials, len(delta))
                         reason = "stop" if text.stopped else item.finish
                         done = Finished(reason, Usage(prompt_tokens, count, reasoning))
                         break
@@ -291,16 +292,3 @@ def default_threads() -> int:
     if wanted.isdigit() and int(wanted) > 0:
         return min(int(wanted), max(1, cpus))
     return max(1, cpus)
-
-
-def _tool_format(template: str) -> str | None:
-    if "<function=" in template:
-        return "qwen3_coder"
-    if "<tool_call>" in template:
-        return "hermes"
-    return None
-
-
-def _marked(text: TextStream, piece: str, specials: list[tuple[int, int]], offset: int) -> str:
-    specials.extend((offset + at, tid) for at, tid in text.last_specials)
-    return piece

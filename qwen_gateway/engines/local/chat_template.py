@@ -41,3 +41,12 @@ def render_chat_template(
         **variables,
     )
     return str(rendered[0])
+
+
+def tool_format(template: str) -> str | None:
+    """The tool-call markup a chat template teaches (a parser name of service/parsers)."""
+    if "<function=" in template:
+        return "qwen3_coder"
+    if "<tool_call>" in template:
+        return "hermes"
+    return None

@@ -263,3 +263,9 @@ class TokenText:
 
 # Bounded by the vocabulary anyway; the bound keeps a pathological tokenizer from growing it further.
 _TOKEN_TEXT_CACHE = 1 << 18
+
+
+def marked(text: TextStream, piece: str, specials: list[tuple[int, int]], offset: int) -> str:
+    """``piece`` (just returned by ``text``), its special tokens added to ``specials`` at ``offset``."""
+    specials.extend((offset + at, tid) for at, tid in text.last_specials)
+    return piece

@@ -28,8 +28,9 @@ from qwen_gateway.engines.base import (
 )
 from qwen_gateway.engines.local import constraints, loader
 from qwen_gateway.engines.local.backends import SchedulerKind, supports_batching
+from qwen_gateway.engines.local.chat_template import tool_format
 from qwen_gateway.engines.local.constraints import GrammarState
-from qwen_gateway.engines.local.detok import TextStream, TokenText
+from qwen_gateway.engines.local.detok import TextStream, TokenText, marked
 from qwen_gateway.engines.local.masks import ThinkingBudget, TokenMask
 from qwen_gateway.engines.local.options import LocalModelConfig
 from qwen_gateway.engines.local.prompt import PromptRenderer
@@ -149,7 +150,7 @@ class LocalEngine:
             logprobs=True,
             max_concurrency=self._config.max_batch_size if kind == "batched" else 1,
             special_tokens=special_tokens,
-            tool_format=_tool_format(template),
+            tool_format=tool_format(template),
             reasoning_format="qwen3",
         )
         vocab = _vocab_size(loaded.model)
@@ -229,12 +230,12 @@ class LocalEngine:
                     count, reasoning = item.completion_tokens, item.reasoning_tokens
                     if item.logprobs and token_text is not None:
                         logprobs.extend(token_text.logprobs(item.ids, item.logprobs))
-                    delta += _marked(text, text.push(item.ids), specials, len(delta))
+                    delta += marked(text, text.push(item.ids), specials, len(delta))
                     if text.stopped:
                         done = Finished("stop", usage_of(count, reasoning))
                         break
                     if item.finish is not None:
-                        delta += _marked(text, text.flush(), specials, len(delta))
+                        delta += marked(text, text.flush(), specials, len(delta))
                         reason = "stop" if text.stopped else item.finish
                         done = Finished(reason, usage_of(count, reasoning))
                         break
@@ -421,21 +422,6 @@ def _think_close_ids(tokenizer: Any) -> tuple[list[int], list[int]]:
 
     end = ids(THINK_END)
     return end, [*ids("\n"), *end, *ids("\n\n")]
-
-
-def _tool_format(template: str) -> str | None:
-    """The tool-call markup a chat template teaches (a parser name of service/parsers)."""
-    if "<function=" in template:
-        return "qwen3_coder"
-    if "<tool_call>" in template:
-        return "hermes"
-    return None
-
-
-def _marked(text: TextStream, piece: str, specials: list[tuple[int, int]], offset: int) -> str:
-    """``piece`` (just returned by ``text``), its special tokens added to ``specials`` at ``offset``."""
-    specials.extend((offset + at, tid) for at, tid in text.last_specials)
-    return piece
 
 
 def _vocab_size(model: Any) -> int:

@@ -320,7 +320,7 @@ def test_qwen3_coder_text_that_is_no_call_is_content() -> None:
 def test_the_engine_reads_the_tool_markup_from_the_template(checkpoint: str, expected: str | None) -> None:
     from transformers import AutoTokenizer
 
-    from qwen_gateway.engines.local.engine import _tool_format
+    from qwen_gateway.engines.local.chat_template import tool_format as _tool_format
 
     template = AutoTokenizer.from_pretrained(str(MODELS / checkpoint)).chat_template
     assert _tool_format(template if isinstance(template, str) else json.dumps(template)) == expected
