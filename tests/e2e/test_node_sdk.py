@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from tests.support import Server, assert_schema
 
@@ -25,14 +26,17 @@ def node_env(server: Server) -> dict[str, str]:
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(f"{reason}; CI must run them")  # never a silent skip where CI is meant to have it
         pytest.skip(reason)
-    if not (NODE_DIR / "node_modules" / "openai").exists():
-        subprocess.run(
-            ["npm", "install", "--no-audit", "--no-fund"],
-            cwd=NODE_DIR,
-            check=True,
-            capture_output=True,
-            timeout=300,
-        )
+    # Under a file lock: pytest-xdist workers may reach this at once, and one must not run the scripts
+    # against a node_modules the other is still writing (seen in CI: "Cannot find module .../index.mjs").
+    with FileLock(str(NODE_DIR / ".npm-install.lock")):
+        if not (NODE_DIR / "node_modules" / "openai" / "package.json").exists():
+            subprocess.run(
+                ["npm", "install", "--no-audit", "--no-fund"],
+                cwd=NODE_DIR,
+                check=True,
+                capture_output=True,
+                timeout=300,
+            )
     return {**os.environ, "DASHSCOPE_API_KEY": server.api_key, "GATEWAY_BASE_URL": server.compat_url}
 
 
