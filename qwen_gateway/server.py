@@ -121,6 +121,8 @@ async def serve(settings: Settings, sockets: list[socket.socket] | None = None) 
     # httpx logs every request's whole URL at INFO: the operator's search URL with any credentials in
     # it, the user's text as the search query, signed media URLs. Our own lines say what happened.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+    # huggingface_hub's own client (httpx2) does the same for hub downloads (tokens in signed URLs).
+    logging.getLogger("httpx2").setLevel(max(logging.WARNING, logging.getLogger().level))
     console = Console(stderr=True, soft_wrap=True)
     if sockets is None:
         sockets = bind(settings.host, settings.port)

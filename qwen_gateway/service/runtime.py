@@ -152,6 +152,8 @@ class Gateway:
 async def _embedded_models(settings: Settings, console: Console | None) -> tuple[ModelConfig, ...]:
     if not settings.embedded_default:
         raise StartupError("no model configured: pass --model ID=PATH or a config file with [[models]]")
+    if settings.embedded == "qwen":
+        return (await _embedded_qwen(settings, console),)
     from qwen_gateway.engines.local.embedded import (
         EMBEDDED_MODEL_ID,
         embedded_model_config,
@@ -168,6 +170,26 @@ async def _embedded_models(settings: Settings, console: Console | None) -> tuple
         )
     path = await asyncio.to_thread(ensure_embedded_model, settings.home, console)
     return (embedded_model_config(path),)
+
+
+async def _embedded_qwen(settings: Settings, console: Console | None) -> ModelConfig:
+    from qwen_gateway.engines.local.embedded import embedded_model_config
+    from qwen_gateway.engines.local.embedded_qwen import (
+        HUB_REPO,
+        QWEN_EMBEDDED_DEFAULTS,
+        QWEN_EMBEDDED_ID,
+        ensure_qwen_embedded,
+    )
+
+    console = console or Console(stderr=True, soft_wrap=True)
+    console.print(
+        f"[bold]No model configured:[/] serving the Qwen embedded default [cyan]{QWEN_EMBEDDED_ID}[/] "
+        f"(Qwen2.5-0.5B-Instruct Q4_K_M from {HUB_REPO}, Apache-2.0)."
+    )
+    path = await asyncio.to_thread(
+        ensure_qwen_embedded, settings.home, console, allow_downloads=settings.allow_downloads
+    )
+    return embedded_model_config(path, QWEN_EMBEDDED_ID, QWEN_EMBEDDED_DEFAULTS)
 
 
 def _settle_rows(conn: Connection, rows: Sequence[NewUsage]) -> list[int | None]:

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from rich.console import Console
@@ -42,11 +43,16 @@ EMBEDDED_DEFAULTS: dict[str, float | int] = {
 EMBEDDED_KV_CACHE_TOKENS = 8192
 
 
-def embedded_model_config(path: Path) -> ModelConfig:
-    """The embedded default's [[models]] entry: on llama.cpp when llama-cpp-python is installed (the
-    GGUF is then chosen for it, see ModelConfig), else on the transformers engine."""
-    entry: dict[str, object] = {"id": EMBEDDED_MODEL_ID, "path": str(path), "embedded": True}
-    entry.update(EMBEDDED_DEFAULTS)
+def embedded_model_config(
+    path: Path,
+    model_id: str = EMBEDDED_MODEL_ID,
+    defaults: Mapping[str, float | int] = EMBEDDED_DEFAULTS,
+) -> ModelConfig:
+    """An embedded default's [[models]] entry (SmolLM2 unless told another, e.g. ``embedded_qwen``'s):
+    on llama.cpp when llama-cpp-python is installed (the GGUF is then chosen for it, see ModelConfig),
+    else on the transformers engine."""
+    entry: dict[str, object] = {"id": model_id, "path": str(path), "embedded": True}
+    entry.update(defaults)
     config = ModelConfig.model_validate(entry)
     if config.engine == "llamacpp":
         config = ModelConfig.model_validate({**entry, "kv_cache_tokens": EMBEDDED_KV_CACHE_TOKENS})
