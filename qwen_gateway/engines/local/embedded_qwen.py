@@ -73,7 +73,11 @@ def ensure_qwen_embedded(home: Path, console: Console, *, allow_downloads: bool 
             # renamed), not as a symlink into HF_HOME's cache, so the gateway home is self-contained.
             local = Path(hf_hub_download(HUB_REPO, HUB_FILE, local_dir=target.parent))
     except Exception as exc:  # every hub failure (network, HTTP, disk) becomes the one line below
-        raise StartupError(f"--embedded qwen: could not fetch {where}: {_reason(exc)}") from None
+        raise StartupError(
+            f"--embedded qwen: could not fetch {where}: {_reason(exc)}; without the hub, set HF_ENDPOINT "
+            "to a mirror, serve the GGUF from disk with --model ID=PATH, or leave out --embedded qwen "
+            "(SmolLM2 from PyPI)"
+        ) from None
     _check_gguf(local)
     seconds = time.monotonic() - started
     mb = local.stat().st_size / 1e6
