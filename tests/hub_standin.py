@@ -92,6 +92,9 @@ def _handler(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
             self.send_header("X-Repo-Commit", _COMMIT)
             self.send_header("ETag", f'"{sha}"')
             self.send_header("Accept-Ranges", "bytes")
+            # The hub's file server names the file (hf's progress bar shows it instead of the URL).
+            served = self.path.split("?", 1)[0].rsplit("/", 1)[-1]
+            self.send_header("Content-Disposition", f'attachment; filename="{served}";')
             self.send_header("Content-Length", str(end - start + 1))
             if match:
                 self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
