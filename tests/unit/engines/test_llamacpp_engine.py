@@ -140,7 +140,8 @@ def test_thinking_budget_closes_the_block(qwen3: Any) -> None:
 def test_an_inference_thread_crash_shows_in_health(tmp_path: Path) -> None:
     """A decode that fails (a token id outside the vocabulary, which llama_decode refuses: a real
     fault of the real part) stops the inference thread; health says so and requests are refused."""
-    from qwen_gateway.engines.llamacpp.sequence import Sampling, Sequence
+    from qwen_gateway.engines.llamacpp.sequence import Sequence
+    from qwen_gateway.engines.rules import ResolvedSampling
 
     engine = make(GGUF25, tmp_path)
     try:
@@ -150,7 +151,7 @@ def test_an_inference_thread_crash_shows_in_health(tmp_path: Path) -> None:
             prompt_ids=[engine._model.n_vocab + 10],
             max_new_tokens=4,
             max_total_tokens=4,
-            sampling=Sampling(),
+            sampling=ResolvedSampling(),
             eos_ids=frozenset(),
             stop_token_ids=(),
             emit=lambda item: errors.append(item) if isinstance(item, BaseException) else None,
