@@ -41,11 +41,9 @@ Emit = Callable[[Outgoing], None]
 
 
 def sampler_chain(s: ResolvedSampling) -> Any:
-    """llama.cpp's sampler chain for ``s`` (the caller frees it with ``llama_sampler_free``)."""
+    """llama.cpp's sampler chain for ``s``, a sampled (not greedy) request: greedy rows take the row's
+    argmax in numpy instead (see Scheduler._choose). The caller frees it with ``llama_sampler_free``."""
     chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
-    if s.greedy:
-        C.llama_sampler_chain_add(chain, C.llama_sampler_init_greedy())
-        return chain
     C.llama_sampler_chain_add(chain, C.llama_sampler_init_temp(s.temperature))
     if s.top_k > 0:
         C.llama_sampler_chain_add(chain, C.llama_sampler_init_top_k(s.top_k))
