@@ -14,7 +14,12 @@ is steadier than wall time on a shared machine). Every request streams the same 
 the same ``max_tokens``; tokens are the servers' own usage counts.
 
     python benchmarks/bench_llamacpp.py [--llama-server PATH] [--py-server] [--max-tokens 128]
-        [--rounds 3] [--model-path FILE ...]
+        [--rounds 3] [--kv-cells 8192] [--model-path FILE ...]
+
+Both servers get the same KV-cache cells (``--kv-cells``), since the cache is allocated at start and is
+most of either one's memory. Both are llama.cpp built with OpenMP: on a busy machine its spinning
+threads burn CPU while they wait at a barrier, so run both under the same ``OMP_WAIT_POLICY`` (inherited
+from this script's environment; see docs/llamacpp.md).
 """
 
 from __future__ import annotations
@@ -114,9 +119,19 @@ def measure(target: Target, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def ours(model_path: Path, home: Path) -> Target:
+def ours(model_path: Path, home: Path, kv_cells: int) -> Target:
+    """Our server on ``model_path``; with ``kv_cells`` its KV cache has that many cells (the room
+    llama-server gets), else the engine's default (which may hold more: the RSS differs by the KV)."""
+    args = ["--model", f"bench={model_path}"]
+    if kv_cells:
+        home.mkdir(parents=True, exist_ok=True)
+        config = home / "bench.toml"
+        config.write_text(
+            f'[[models]]\nid = "bench"\npath = {json.dumps(str(model_path))}\nkv_cache_tokens = {kv_cells}\n'
+        )
+        args = ["--config", str(config)]
     t0 = time.perf_counter()
-    server = start_server(home, "--model", f"bench={model_path}", timeout=900)
+    server = start_server(home, *args, timeout=900)
     load = time.perf_counter() - t0
     engine = next(m["engine"] for m in httpx.get(f"{server.base_url}/health").json()["models"])
     return Target(
@@ -196,9 +211,16 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3, help="rounds per stream count (median)")
     parser.add_argument("--home", type=Path, default=Path("~/.qwen-gateway").expanduser())
+    parser.add_argument(
+        "--kv-cells",
+        type=int,
+        default=8192,
+        help="KV-cache cells of both servers (0: our engine's default, llama-server 8192)",
+    )
     args = parser.parse_args()
     models = args.model_path or default_models(args.home)
     print(f"machine load before: {os.getloadavg()[0]:.2f} (1-min); {os.cpu_count()} CPUs")
+    print(f"KV cells: {args.kv_cells or 'our default'}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
     for model_path in models:
         print(
             f"\n== {model_path.name} ({model_path.stat().st_size / 1e6:.0f} MB), max_tokens {args.max_tokens}"
@@ -206,9 +228,9 @@ def main() -> None:
         results: list[tuple[str, dict[str, Any]]] = []
         with tempfile.TemporaryDirectory() as tmp_name:
             tmp = Path(tmp_name)
-            # llama.cpp gets the KV room our engine has for 4 streams of this benchmark.
-            ctx = 4 * 2048
-            makers: list[tuple[Any, tuple[Any, ...]]] = [(ours, (model_path, tmp / "home"))]
+            # Both get the same KV cells (its cache is most of either server's memory).
+            ctx = args.kv_cells or 4 * 2048
+            makers: list[tuple[Any, tuple[Any, ...]]] = [(ours, (model_path, tmp / "home", args.kv_cells))]
             if args.llama_server:
                 makers.append((llama_server, (args.llama_server, model_path, ctx, tmp)))
             if args.py_server:

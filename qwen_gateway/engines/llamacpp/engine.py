@@ -25,13 +25,14 @@ from qwen_gateway.engines.base import (
 from qwen_gateway.engines.llamacpp.model import ContextShape, GgufModel
 from qwen_gateway.engines.llamacpp.options import LlamaCppModelConfig
 from qwen_gateway.engines.llamacpp.scheduler import Scheduler
-from qwen_gateway.engines.llamacpp.sequence import Defaults, Outgoing, Sampling, Sequence, ThinkingBudget
+from qwen_gateway.engines.llamacpp.sequence import Outgoing, Sequence
 from qwen_gateway.engines.llamacpp.source import resolve_gguf
 from qwen_gateway.engines.llamacpp.tokenizer import GgufTokenizer
 from qwen_gateway.engines.local import chat_template
 from qwen_gateway.engines.local.chat_template import tool_format
 from qwen_gateway.engines.local.detok import TextStream, marked
 from qwen_gateway.engines.local.prompt import PromptRenderer
+from qwen_gateway.engines.rules import GenerationDefaults, ResolvedSampling, ThinkingBudget
 from qwen_gateway.errors import ApiError, EngineFailure, EngineUnavailable, InvalidParameter, StartupError
 from qwen_gateway.settings import ModelConfig, Settings, engine_config
 
@@ -65,7 +66,7 @@ class LlamaCppEngine:
         self._capabilities = Capabilities(max_context=config.context_length or 0)
         self._think_close: tuple[list[int], list[int]] | None = None
         self._specials: dict[int, str] = {}
-        self._defaults = Defaults()
+        self._defaults = GenerationDefaults()
         self._early: dict[str, tuple[Sequence, int]] = {}
 
     @property
@@ -269,7 +270,7 @@ class LlamaCppEngine:
             max_new_tokens=min(sampling.max_tokens, room),
             # A thinking request's answer cap excludes its reasoning: the context bounds the whole.
             max_total_tokens=room if thinking is not None else min(sampling.max_tokens, room),
-            sampling=Sampling.of(sampling, self._defaults),
+            sampling=ResolvedSampling.resolve(sampling, self._defaults),
             eos_ids=model.eog_ids,
             stop_token_ids=sampling.stop_token_ids,
             emit=emit,

@@ -16,7 +16,7 @@ from typing import Any
 
 import llama_cpp.llama_cpp as C
 
-from qwen_gateway.engines.llamacpp.sequence import Defaults
+from qwen_gateway.engines.rules import GenerationDefaults
 from qwen_gateway.errors import StartupError
 
 # llama_token_attr bits (llama.h): tokens the tokenizer treats as markup rather than ordinary text.
@@ -102,7 +102,7 @@ class GgufModel:
             C.llama_model_meta_val_str(self.model, key.encode(), buf, n + 1)
         return buf.value.decode("utf-8", errors="replace")
 
-    def sampling_defaults(self) -> Defaults:
+    def sampling_defaults(self) -> GenerationDefaults:
         def number(key: str) -> float | None:
             raw = self.meta(f"general.sampling.{key}")
             try:
@@ -111,7 +111,7 @@ class GgufModel:
                 return None
 
         top_k = number("top_k")
-        return Defaults(
+        return GenerationDefaults(
             temperature=number("temp"),
             top_p=number("top_p"),
             top_k=int(top_k) if top_k is not None else None,

@@ -140,7 +140,7 @@ class Scheduler:
                 return
             self._waiting.popleft()
             seq.seq_id = self._free_ids.pop()
-            seq.chain = sampler_chain(seq.sampling)
+            seq.chain = None if seq.sampling.greedy else sampler_chain(seq.sampling)
             reserved += seq.reservation
             self._running.append(seq)
 
@@ -204,9 +204,16 @@ class Scheduler:
             forced = seq.thinking.forced(len(seq.generated))
             if forced is not None:
                 return forced
+        if seq.chain is not None and not seq.penalties.active:
+            return int(C.llama_sampler_sample(seq.chain, self._ctx, index))
+        row = np.ctypeslib.as_array(C.llama_get_logits_ith(self._ctx, index), shape=(self._model.n_vocab,))
         if seq.penalties.active:
-            pointer = C.llama_get_logits_ith(self._ctx, index)
-            seq.penalties.apply(np.ctypeslib.as_array(pointer, shape=(self._model.n_vocab,)))
+            seq.penalties.apply(row)  # in place: the sampler chain reads the same buffer
+        if seq.chain is None:
+            # Greedy: numpy's argmax (the first maximum, as llama.cpp's greedy sampler takes) costs
+            # 13 us on SmolLM2's 49k ids and 23 us on Qwen's 152k, the greedy sampler 100 and 313 us
+            # (it copies the row into a candidate array first): a quarter of a tiny Qwen's step.
+            return int(row.argmax())
         return int(C.llama_sampler_sample(seq.chain, self._ctx, index))
 
 

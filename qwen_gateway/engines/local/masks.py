@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from qwen_gateway.engines import rules
+
 if TYPE_CHECKING:
     from qwen_gateway.engines.local.sequence import Sequence
 
@@ -37,51 +39,12 @@ class ForcedTokens:
         return None
 
 
-class ThinkingBudget:
-    """A reasoning block and its budget: once ``budget`` tokens were generated without the closing
-    ``end_ids`` (``</think>``: one special token in Qwen3's vocabulary, several plain ones in a
-    vocabulary without it), the next tokens are forced to ``close_ids`` (``"\\n</think>\\n\\n"``) and
-    the model then answers freely.
-
-    It also tells where the block ended (:attr:`answer_start`) and how many tokens it spent
-    (:meth:`reasoning_tokens`): the sequence caps the answer alone with ``max_tokens``. The sequence
-    calls :meth:`observe` after every accepted token; the bitmask asks :meth:`allowed` before each.
-    """
-
-    def __init__(self, budget: int, end_ids: SequenceABC[int], close_ids: SequenceABC[int]) -> None:
-        self.budget = budget
-        self.end_ids = tuple(end_ids)
-        self.close_ids = list(close_ids)
-        self.answer_start: int | None = None  # index of the first answer token, once closed
-        self._reasoning: int | None = None
-        self._forcing: ForcedTokens | None = None
-        self._forced_at: int | None = None
-
-    def observe(self, generated: SequenceABC[int]) -> None:
-        if self.answer_start is not None:
-            return
-        n = len(self.end_ids)
-        if n and len(generated) >= n and tuple(generated[-n:]) == self.end_ids:
-            self.answer_start = len(generated)
-            # A forced close counts from where the forcing began: its newline is not reasoning.
-            self._reasoning = self._forced_at if self._forced_at is not None else len(generated) - n
-
-    def reasoning_tokens(self, generated: int) -> int:
-        """Tokens spent reasoning once ``generated`` tokens exist."""
-        return self._reasoning if self._reasoning is not None else generated
+class ThinkingBudget(rules.ThinkingBudget):
+    """The thinking-budget rule (engines/rules.py) as a token mask: a forced id is the only one allowed."""
 
     def allowed(self, generated: SequenceABC[int]) -> torch.Tensor | None:
-        if self._forcing is not None:
-            ids = self._forcing.allowed(generated)
-            if ids is not None:
-                return ids
-        if self.answer_start is not None or self._forcing is not None:
-            return None
-        if len(generated) < self.budget:
-            return None
-        self._forced_at = len(generated)
-        self._forcing = ForcedTokens(self.close_ids, start=len(generated))
-        return self._forcing.allowed(generated)
+        forced = self.forced(len(generated))
+        return None if forced is None else torch.tensor([forced], dtype=torch.long)
 
 
 def batch_bitmask(seqs: SequenceABC[Sequence], vocab: int) -> torch.Tensor | None:

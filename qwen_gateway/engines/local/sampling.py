@@ -18,80 +18,17 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from qwen_gateway.engines.base import SamplingParams
+# The settings and the penalty bookkeeping are shared with the llama.cpp engine (re-exported here).
+from qwen_gateway.engines.rules import MIN_SAMPLING_TEMPERATURE as MIN_SAMPLING_TEMPERATURE
+from qwen_gateway.engines.rules import GenerationDefaults as GenerationDefaults
+from qwen_gateway.engines.rules import PenaltyBook, SeenIds
+from qwen_gateway.engines.rules import ResolvedSampling as ResolvedSampling
 
-MIN_SAMPLING_TEMPERATURE = 1e-5
 # A packed constraint mask: (function that masks the listed rows of float32 logits in place, rows).
 PackedMask = tuple[Callable[[torch.Tensor, list[int]], None], list[int]]
-
-
-@dataclass(frozen=True, slots=True)
-class GenerationDefaults:
-    """The checkpoint's ``generation_config`` values; ``None`` where it sets none."""
-
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    repetition_penalty: float | None = None
-
-    @classmethod
-    def from_generation_config(cls, config: Any) -> GenerationDefaults:
-        if config is None:
-            return cls()
-
-        def number(name: str) -> Any:
-            value = getattr(config, name, None)
-            return value if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-        top_k = number("top_k")
-        return cls(
-            temperature=number("temperature"),
-            top_p=number("top_p"),
-            top_k=int(top_k) if top_k is not None else None,
-            repetition_penalty=number("repetition_penalty"),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class ResolvedSampling:
-    """Sampling settings with every default filled in."""
-
-    temperature: float
-    top_p: float
-    top_k: int  # 0 = disabled
-    repetition_penalty: float  # 1.0 = disabled
-    presence_penalty: float
-    frequency_penalty: float
-    seed: int | None
-
-    @property
-    def greedy(self) -> bool:
-        # Below ~1e-5 the scaled float32 logits overflow and softmax turns to NaN: sampling at such a
-        # temperature is greedy decoding anyway, so do exactly that.
-        return self.temperature < MIN_SAMPLING_TEMPERATURE or self.top_k == 1
-
-    @classmethod
-    def resolve(cls, params: SamplingParams, defaults: GenerationDefaults) -> ResolvedSampling:
-        def pick(value: float | None, default: float | None, fallback: float) -> float:
-            if value is not None:
-                return float(value)
-            return float(default) if default is not None else fallback
-
-        top_k = params.top_k if params.top_k is not None else defaults.top_k
-        return cls(
-            temperature=pick(params.temperature, defaults.temperature, 1.0),
-            top_p=pick(params.top_p, defaults.top_p, 1.0),
-            top_k=max(int(top_k or 0), 0),
-            repetition_penalty=pick(params.repetition_penalty, defaults.repetition_penalty, 1.0),
-            presence_penalty=float(params.presence_penalty or 0.0),
-            frequency_penalty=float(params.frequency_penalty or 0.0),
-            seed=params.seed,
-        )
 
 
 class Sampler:
@@ -102,28 +39,19 @@ class Sampler:
     ) -> None:
         self.settings = settings
         s = settings
-        # Ids the repetition penalty never touches: the end-of-turn/EOS ids. Every chat prompt holds
-        # them (each turn ends with one), so Hugging Face's rule would make ending the answer ever less
-        # likely: measured on the embedded SmolLM2 at 1.3, every answer then ran to its cap.
-        self._exempt = frozenset(exempt)
         self.generator: torch.Generator | None = None
         if s.seed is not None and not s.greedy:
             self.generator = torch.Generator().manual_seed(s.seed)
-        # Repetition penalty (Hugging Face semantics): every distinct id of the prompt and the output.
-        self._seen: _IdSet | None = (
-            _IdSet([i for i in prompt_ids if i not in self._exempt]) if s.repetition_penalty != 1.0 else None
-        )
-        # Presence/frequency penalties (OpenAI semantics): occurrences in the output only.
+        # Which ids the penalties cover (engines/rules.py, the same rule as the llama.cpp engine's).
+        self._book = PenaltyBook(s, prompt_ids, exempt)
+        self._seen: SeenIds | None = self._book.seen
         self._counts: _IdCounts | None = (
-            _IdCounts() if s.presence_penalty != 0.0 or s.frequency_penalty != 0.0 else None
+            _IdCounts(self._book.counts) if self._book.counts is not None else None
         )
 
     def observe(self, token_id: int) -> None:
         """Record a token that became part of the output."""
-        if self._seen is not None and token_id not in self._exempt:
-            self._seen.add(token_id)
-        if self._counts is not None:
-            self._counts.add(token_id)
+        self._book.observe(token_id)
 
     def sample(self, logits: torch.Tensor) -> int:
         """One token from a 1-D row of logits (a batch of one)."""
@@ -136,43 +64,15 @@ class Sampler:
         return out[0]
 
 
-class _IdSet:
-    """Distinct token ids in insertion order (a Python list: the batch's penalty index takes the new
-    ones from it each step, see :class:`_Penalties`)."""
-
-    def __init__(self, ids: Sequence[int]) -> None:
-        self.order = list(dict.fromkeys(int(i) for i in ids))
-        self._known = set(self.order)
-
-    @property
-    def size(self) -> int:
-        return len(self.order)
-
-    def add(self, token_id: int) -> None:
-        if token_id not in self._known:
-            self._known.add(token_id)
-            self.order.append(token_id)
-
-
 class _IdCounts:
-    def __init__(self) -> None:
-        self._pos: dict[int, int] = {}
-        self._ids = torch.zeros(16, dtype=torch.long)
-        self._counts = torch.zeros(16, dtype=torch.float32)
+    """A :class:`PenaltyBook`'s output counts as the two tensors the batch's penalty pass takes."""
 
-    def add(self, token_id: int) -> None:
-        pos = self._pos.get(token_id)
-        if pos is None:
-            pos = self._pos[token_id] = len(self._pos)
-            if pos == self._ids.numel():
-                self._ids = torch.cat([self._ids, torch.zeros_like(self._ids)])
-                self._counts = torch.cat([self._counts, torch.zeros_like(self._counts)])
-            self._ids[pos] = token_id
-        self._counts[pos] += 1.0
+    def __init__(self, counts: dict[int, int]) -> None:
+        self._counts = counts
 
     def view(self) -> tuple[torch.Tensor, torch.Tensor]:
-        n = len(self._pos)
-        return self._ids[:n], self._counts[:n]
+        ids = torch.tensor(list(self._counts), dtype=torch.long)
+        return ids, torch.tensor(list(self._counts.values()), dtype=torch.float32)
 
 
 class _Penalties:

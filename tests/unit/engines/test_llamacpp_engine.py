@@ -140,7 +140,8 @@ def test_thinking_budget_closes_the_block(qwen3: Any) -> None:
 def test_an_inference_thread_crash_shows_in_health(tmp_path: Path) -> None:
     """A decode that fails (a token id outside the vocabulary, which llama_decode refuses: a real
     fault of the real part) stops the inference thread; health says so and requests are refused."""
-    from qwen_gateway.engines.llamacpp.sequence import Sampling, Sequence
+    from qwen_gateway.engines.llamacpp.sequence import Sequence
+    from qwen_gateway.engines.rules import ResolvedSampling
 
     engine = make(GGUF25, tmp_path)
     try:
@@ -150,7 +151,7 @@ def test_an_inference_thread_crash_shows_in_health(tmp_path: Path) -> None:
             prompt_ids=[engine._model.n_vocab + 10],
             max_new_tokens=4,
             max_total_tokens=4,
-            sampling=Sampling(),
+            sampling=ResolvedSampling(),
             eos_ids=frozenset(),
             stop_token_ids=(),
             emit=lambda item: errors.append(item) if isinstance(item, BaseException) else None,
@@ -164,3 +165,54 @@ def test_an_inference_thread_crash_shows_in_health(tmp_path: Path) -> None:
             run(answer(engine, request()))
     finally:
         run(engine.aclose())
+
+
+def test_greedy_tokens_are_llama_cpps_greedy_choice(qwen25: Any) -> None:
+    """Greedy rows take numpy's argmax of the logits row (not llama.cpp's greedy sampler, which copies
+    the row first): the ids are the ones llama.cpp's own greedy sampler picks, replayed on a context
+    of its own."""
+    import threading
+
+    import llama_cpp.llama_cpp as C
+
+    from qwen_gateway.engines.llamacpp.model import ContextShape
+    from qwen_gateway.engines.llamacpp.sequence import Sequence, Tokens
+    from qwen_gateway.engines.rules import ResolvedSampling
+
+    model = qwen25._model
+    prompt = model.tokenize("<|im_start|>user\nTell me about lighthouses<|im_end|>\n<|im_start|>assistant\n")
+    done = threading.Event()
+    seq = Sequence(
+        request_id="greedy",
+        prompt_ids=list(prompt),
+        max_new_tokens=12,
+        max_total_tokens=12,
+        sampling=ResolvedSampling(temperature=0.0),
+        eos_ids=frozenset(),
+        stop_token_ids=(),
+        emit=lambda item: done.set() if not isinstance(item, Tokens) or item.finish else None,
+    )
+    qwen25.scheduler.submit(seq)
+    assert done.wait(timeout=120)
+    assert len(seq.generated) == 12
+
+    ctx = model.new_context(ContextShape(kv_tokens=256, max_sequences=1, batch_tokens=64, threads=1))
+    batch = C.llama_batch_init(64, 0, 1)
+    greedy = C.llama_sampler_init_greedy()
+    try:
+        replay: list[int] = []
+        feed = list(prompt)
+        for _ in range(12):
+            start = len(prompt) + len(replay) - len(feed)
+            for i, token in enumerate(feed):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, start + i, 1
+                batch.seq_id[i][0], batch.logits[i] = 0, i == len(feed) - 1
+            batch.n_tokens = len(feed)
+            assert C.llama_decode(ctx, batch) == 0
+            replay.append(int(C.llama_sampler_sample(greedy, ctx, len(feed) - 1)))
+            feed = [replay[-1]]
+    finally:
+        C.llama_sampler_free(greedy)
+        C.llama_batch_free(batch)
+        C.llama_free(ctx)
+    assert seq.generated == replay
