@@ -86,7 +86,7 @@ def start_mock(core: int, home: Path) -> Target:
 
 
 def start_gateway(core: int, home: Path, upstream: int) -> Target:
-    env = harness.gateway_env()
+    env = harness.gateway_env(harness.BENCH)
     config = home / "config.toml"
     config.write_text(
         f"""
@@ -97,6 +97,12 @@ base_url = "http://127.0.0.1:{upstream}/v1"
 upstream_model = "ok"
 max_concurrency = 256
 max_queue = 1024
+
+# --zero-cost: the same process and key in front of an engine that costs nothing (a benchmark fake),
+# so the difference to qwen-plus is what the openai engine costs inside the gateway.
+[[models]]
+id = "qwen-turbo"
+engine = "zero_cost_engine:ZeroCostEngine"
 """
     )
     limits = ("--balance", "1000000", "--rpm", "10000000", "--tpm", "10000000000")
@@ -139,7 +145,8 @@ def checker(t: Target, stream: bool) -> harness.Check:
     def check(status: int, body: bytes) -> None:
         if status != 200:
             raise SystemExit(f"{t.name} answered {status}: {body[:300]!r}")
-        ok = body.rstrip().endswith(b"data: [DONE]") if stream else b"tok19" in body
+        last = b"t19 " if t.model == "qwen-turbo" else b"tok19"
+        ok = body.rstrip().endswith(b"data: [DONE]") if stream else last in body
         if not ok:
             raise SystemExit(f"{t.name}: unexpected answer: {body[:300]!r}")
 
@@ -205,12 +212,20 @@ def main() -> None:
     cores = sorted(os.sched_getaffinity(0))
     parser.add_argument("--gateway-core", type=int, default=cores[0])
     parser.add_argument("--client-core", type=int, default=cores[-1])
+    parser.add_argument(
+        "--zero-cost",
+        action="store_true",
+        help="also drive qwen-gateway's zero-cost model (same process): the engine's share of its CPU",
+    )
     parser.add_argument("--py-spy", metavar="FILE", help="sample qwen-gateway during its 16-client cases")
     parser.add_argument("--py-spy-format", default="flamegraph", choices=["flamegraph", "raw", "speedscope"])
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="qwgw-upstream-bench-"))
     mock = start_mock(args.client_core, home)
     targets = [mock, start_gateway(args.gateway_core, home, mock.port)]
+    if args.zero_cost:
+        ours = targets[1]
+        targets.append(Target("zero-cost", ours.port, ours.path, ours.key, "qwen-turbo", ours.proc))
     if args.litellm:
         targets.append(start_litellm(args.litellm, args.gateway_core, home, mock.port))
     os.sched_setaffinity(0, {args.client_core})
