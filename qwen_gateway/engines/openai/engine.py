@@ -4,7 +4,7 @@ keep-alive client owned by the engine.
 
 Every request is streamed upstream (also for a client's non-stream call), so time to first token,
 retries before the first byte and a cut-short stream are handled one way. Nothing above ``engines/``
-sees an aiohttp or socket exception: :meth:`OpenAIEngine._open` and :meth:`OpenAIEngine._rest` map
+sees an aiohttp or socket exception: :meth:`OpenAIEngine._open` and :meth:`OpenAIEngine.run` map
 each to our error tree here, and the upstream's own message goes to the server log only (it may name
 internals of the upstream). The HTTP side (one pooled session, server-sent events) is http.py.
 
@@ -25,7 +25,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping
 from typing import ClassVar
 
 import aiohttp
@@ -272,8 +272,22 @@ class OpenAIEngine:
                 try:
                     for event in first:
                         yield event
-                    async for event in self._rest(events, reader, request.request_id, replica):
-                        yield event
+                    # The rest of the stream, inline rather than a nested generator: each event
+                    # passes one generator frame less (they resume once per upstream chunk).
+                    idle = self._config.idle_timeout
+                    try:
+                        while reader.finish_reason is None or reader.usage is None:
+                            payload = await events.next(idle)
+                            if payload is None:
+                                break
+                            for event in reader.feed(payload):
+                                yield event
+                    except (aiohttp.ClientError, OSError, UpstreamProtocolError) as exc:
+                        timeout = isinstance(exc, TimeoutError)
+                        what = "idle timeout" if timeout else f"{type(exc).__name__}: {exc}"
+                        raise self._mid_stream(request.request_id, replica, what) from None
+                    if reader.finish_reason is None:
+                        raise self._mid_stream(request.request_id, replica, "ended without finishing")
                     reusable = await events.drain()
                 finally:
                     if reusable:
@@ -310,7 +324,7 @@ class OpenAIEngine:
                 while not first:
                     payload = await events.next()
                     if payload is None:
-                        break  # ended before any event: _rest finds no finish and fails it
+                        break  # ended before any event: run finds no finish and fails it
                     first = reader.feed(payload)
                     if reader.finish_reason is not None:
                         break
@@ -331,28 +345,13 @@ class OpenAIEngine:
                 raise _Retry(EngineUnavailable(), f"{type(exc).__name__}: {exc}") from None
             raise
 
-    async def _rest(
-        self, events: EventStream, reader: ChunkReader, request_id: str, replica: Replica
-    ) -> AsyncGenerator[GenerationEvent, None]:
-        idle = self._config.idle_timeout
-        try:
-            while reader.finish_reason is None or reader.usage is None:
-                payload = await events.next(idle)
-                if payload is None:
-                    break
-                for event in reader.feed(payload):
-                    yield event
-        except (aiohttp.ClientError, OSError, UpstreamProtocolError) as exc:
-            self._replicas.failed(replica)
-            self._errors[replica.index, "mid_stream"] += 1
-            what = "idle timeout" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
-            log.warning("request %s: upstream %s failed mid-stream: %s", request_id, replica.url, what)
-            raise EngineFailure() from None
-        if reader.finish_reason is None:
-            self._replicas.failed(replica)
-            self._errors[replica.index, "mid_stream"] += 1
-            log.warning("request %s: upstream %s ended the stream without finishing", request_id, replica.url)
-            raise EngineFailure()
+    def _mid_stream(self, request_id: str, replica: Replica, what: str) -> EngineFailure:
+        """A stream that failed after its first event: counted against the replica, logged, and the
+        error the service sends in-band (the request is charged what was delivered)."""
+        self._replicas.failed(replica)
+        self._errors[replica.index, "mid_stream"] += 1
+        log.warning("request %s: upstream %s failed mid-stream: %s", request_id, replica.url, what)
+        return EngineFailure()
 
 
 class DashScopeEngine(OpenAIEngine):
@@ -378,8 +377,8 @@ class _Stream:
     def __aiter__(self) -> _Stream:
         return self
 
-    async def __anext__(self) -> GenerationEvent:
-        return await self._events.__anext__()
+    def __anext__(self) -> Awaitable[GenerationEvent]:
+        return self._events.__anext__()  # the generator's own awaitable: no coroutine frame per event
 
     async def aclose(self) -> None:
         await self._events.aclose()
