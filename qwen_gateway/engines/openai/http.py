@@ -115,6 +115,8 @@ class EventStream:
         """Read the rest of the body (the end marker, the chunked terminator) so the connection can be
         reused; False if it did not end within :data:`DRAIN_TIMEOUT` (the caller drops it then)."""
         content = self._content
+        if content.at_eof():
+            return True  # all read already: no timer to arm
         try:
             async with asyncio.timeout(DRAIN_TIMEOUT):
                 while not content.at_eof():
