@@ -99,7 +99,7 @@ async def make(name: str, base: str) -> tuple[One, Callable[[], Awaitable[None]]
 
     async def one_events() -> None:
         async with s.post(url, data=STREAM, headers=HEADERS) as response:
-            events = EventStream(response)
+            events = EventStream(response.content)
             while await events.next() is not None:
                 pass
 

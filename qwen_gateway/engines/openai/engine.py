@@ -319,7 +319,7 @@ class OpenAIEngine:
                     raise _Retry(
                         _status_error(status), f"HTTP {status}: {body!r}", retry=status not in _REFUSED
                     )
-                events = EventStream(response)
+                events = EventStream(response.content)
                 first: list[GenerationEvent] = []
                 while not first:
                     payload = await events.next()

@@ -1,10 +1,11 @@
 """The engine's HTTP side: one pooled keep-alive aiohttp session per engine, and a server-sent event
 reader over a streamed response.
 
-aiohttp rather than httpx: at 20-chunk streams against benchmarks/bench_upstream.py's mock, httpx's
-``AsyncClient.send`` + ``aiter_lines`` cost 2.3-2.9 ms CPU per request here, aiohttp's session with its
-own chunk reading 0.35-0.9 ms (httpx's pure-Python h11 parser and anyio layers run per chunk; aiohttp
-parses HTTP in C). The figures and the command are in benchmarks/results_upstream.md.
+aiohttp rather than httpx: reading 20-chunk streams from benchmarks/bench_upstream.py's mock, httpx's
+``AsyncClient.send`` + ``aiter_lines`` cost 2.2-3.5 ms CPU per request on this machine, an aiohttp
+session with the line splitting below 0.3-0.75 ms (httpx's pure-Python h11 parser and anyio layers
+run per chunk; aiohttp parses HTTP in C). ``benchmarks/bench_http_clients.py`` prints these figures;
+benchmarks/results_upstream.md has them.
 
 Nothing here maps errors: the engine does that at its boundary (engine.py), so every aiohttp or
 socket exception stays below ``engines/``.
@@ -66,8 +67,8 @@ class EventStream:
 
     __slots__ = ("_content", "_lines", "_pos", "_tail", "ended")
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
-        self._content = response.content
+    def __init__(self, content: aiohttp.StreamReader) -> None:
+        self._content = content  # a response's body (``ClientResponse.content``)
         self._lines: list[bytes] = []
         self._pos = 0
         self._tail = b""
