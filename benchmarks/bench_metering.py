@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -36,35 +34,18 @@ import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_overhead import BENCH, REPO, Server, _pct, drive, start_server
+from bench_overhead import Server, drive, start_server
+from harness import BENCH, REPO, gateway_env
+from harness import create_key as _create_key
+from harness import pct as _pct
 
 KINDS = ("plain", "metered", "metered+limited")
 
 
 def create_key(home: Path, name: str, *options: str) -> str:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(BENCH)])}
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "qwen_gateway",
-            "keys",
-            "create",
-            "--name",
-            name,
-            *options,
-            "--home",
-            str(home),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=env,
-        timeout=120,
-    ).stdout
-    match = re.search(r"\bsk-[0-9a-f]{32}\b", out)
-    assert match, out
-    return match.group(0)
+    # Only this checkout and benchmarks/ on the path (not the caller's PYTHONPATH), as before.
+    env = {**gateway_env(BENCH), "PYTHONPATH": os.pathsep.join([str(REPO), str(BENCH)])}
+    return _create_key(home, name, *options, env=env)
 
 
 def measure(server: Server, key: str, clients: int, total: int, stream: bool) -> tuple[float, float, float]:

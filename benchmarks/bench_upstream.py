@@ -14,7 +14,9 @@ Each gateway is pinned to its own core (``--gateway-core``); load generator and 
 (``--client-core``). At 1, 4, 16 and 64 concurrent keep-alive connections, streaming and not, it prints
 p50/p99 of the whole answer (streams: also time to the first byte of the body), the added p50/p99 over
 direct, requests/s and CPU ms per request of the gateway process (/proc utime+stime, all threads).
-Then it measures qwen-gateway's RSS before and after 10,000 more requests.
+Then it measures qwen-gateway's RSS before and along 10,000 more requests (``--memory-requests``),
+printed every fifth of them. ``--py-spy FILE`` samples qwen-gateway during its 16-client cases.
+Process handling and the load generator are ``harness.py``'s, shared with bench_overhead/bench_metering.
 
     python benchmarks/bench_upstream.py --litellm /work/litellm-venv/bin/litellm [--requests 1000]
 
@@ -26,21 +28,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import re
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-PAGE = os.sysconf("SC_PAGE_SIZE")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness
+from harness import REPO, pct
+
 CHUNKS = 20
 
 
@@ -54,54 +55,18 @@ class Target:
     proc: subprocess.Popen[bytes] | None = None
 
     def cpu_seconds(self) -> float:
-        if self.proc is None:
-            return 0.0
-        stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        return 0.0 if self.proc is None else harness.cpu_seconds(self.proc.pid)
 
     def rss_mb(self) -> float:
         assert self.proc is not None
-        return int(Path(f"/proc/{self.proc.pid}/statm").read_text().split()[1]) * PAGE / 2**20
+        return harness.rss_mb(self.proc.pid)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{url}: process exited:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.2)
-    raise SystemExit(f"{url} did not become healthy:\n{log.read_text()[-3000:]}")
-
-
-def pinned(core: int) -> object:
-    return lambda: os.sched_setaffinity(0, {core})
+        if self.proc is not None:
+            harness.stop(self.proc)
 
 
 def start_mock(core: int, home: Path) -> Target:
-    port = free_port()
     code = (
         "import time; from tests.upstream_fakes import FaultyUpstream as F; "
         f"u = F(tokens={CHUNKS}); u.port = 0; u.start(); print(u.port, flush=True); time.sleep(10**6)"
@@ -112,7 +77,7 @@ def start_mock(core: int, home: Path) -> Target:
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=log.open("wb"),
-        preexec_fn=pinned(core),  # type: ignore[arg-type]
+        preexec_fn=harness.pinned(core),
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert proc.stdout is not None
@@ -121,7 +86,7 @@ def start_mock(core: int, home: Path) -> Target:
 
 
 def start_gateway(core: int, home: Path, upstream: int) -> Target:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    env = harness.gateway_env(harness.BENCH)
     config = home / "config.toml"
     config.write_text(
         f"""
@@ -132,57 +97,18 @@ base_url = "http://127.0.0.1:{upstream}/v1"
 upstream_model = "ok"
 max_concurrency = 256
 max_queue = 1024
+
+# --zero-cost: the same process and key in front of an engine that costs nothing (a benchmark fake),
+# so the difference to qwen-plus is what the openai engine costs inside the gateway.
+[[models]]
+id = "qwen-turbo"
+engine = "zero_cost_engine:ZeroCostEngine"
 """
     )
-    base = [sys.executable, "-m", "qwen_gateway"]
-    created = subprocess.run(
-        [
-            *base,
-            "keys",
-            "create",
-            "--name",
-            "bench",
-            "--balance",
-            "1000000",
-            "--rpm",
-            "10000000",
-            "--tpm",
-            "10000000000",
-            "--home",
-            str(home),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=env,
-        timeout=120,
-    ).stdout
-    match = re.search(r"\bsk-[0-9a-zA-Z_-]{16,}", created)
-    assert match, created
-    port = free_port()
-    log = home / "gateway.log"
-    proc = subprocess.Popen(
-        [
-            *base,
-            "serve",
-            "--config",
-            str(config),
-            "--home",
-            str(home),
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        env=env,
-        preexec_fn=pinned(core),  # type: ignore[arg-type]
-    )
-    wait_healthy(f"http://127.0.0.1:{port}/health", proc, log)
-    return Target(
-        "qwen-gateway", port, "/compatible-mode/v1/chat/completions", match.group(0), "qwen-plus", proc
-    )
+    limits = ("--balance", "1000000", "--rpm", "10000000", "--tpm", "10000000000")
+    key = harness.create_key(home, "bench", *limits, env=env)
+    proc, port = harness.serve(config, home, core, env=env)
+    return Target("qwen-gateway", port, "/compatible-mode/v1/chat/completions", key, "qwen-plus", proc)
 
 
 def start_litellm(binary: str, core: int, home: Path, upstream: int) -> Target:
@@ -200,7 +126,7 @@ litellm_settings:
   drop_params: true
 """
     )
-    port = free_port()
+    port = harness.free_port()
     log = home / "litellm.log"
     env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"}
     env.pop("PYTHONPATH", None)
@@ -209,84 +135,27 @@ litellm_settings:
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
         env=env,
-        preexec_fn=pinned(core),  # type: ignore[arg-type]
+        preexec_fn=harness.pinned(core),
     )
-    wait_healthy(f"http://127.0.0.1:{port}/health/liveliness", proc, log)
+    harness.wait_healthy(f"http://127.0.0.1:{port}/health/liveliness", proc, log)
     return Target("litellm", port, "/v1/chat/completions", "sk-bench-master", "qwen-plus", proc)
 
 
-def payload(t: Target, stream: bool) -> bytes:
-    body: dict[str, object] = {"model": t.model, "messages": [{"role": "user", "content": "Hello"}]}
-    if stream:
-        body["stream"] = True
-    data = json.dumps(body).encode()
-    return (
-        f"POST {t.path} HTTP/1.1\r\nHost: 127.0.0.1:{t.port}\r\nAuthorization: Bearer {t.key}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
-    ).encode() + data
+def checker(t: Target, stream: bool) -> harness.Check:
+    def check(status: int, body: bytes) -> None:
+        if status != 200:
+            raise SystemExit(f"{t.name} answered {status}: {body[:300]!r}")
+        last = b"t19 " if t.model == "qwen-turbo" else b"tok19"
+        ok = body.rstrip().endswith(b"data: [DONE]") if stream else last in body
+        if not ok:
+            raise SystemExit(f"{t.name}: unexpected answer: {body[:300]!r}")
+
+    return check
 
 
-async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, float]:
-    """(status, body, perf_counter when the first body byte arrived)."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    status = int(head[9:12])
-    lower = head.lower()
-    match = re.search(rb"\r\ncontent-length: *(\d+)", lower)
-    if match:
-        body = await reader.readexactly(int(match.group(1)))
-        return status, body, time.perf_counter()
-    assert b"transfer-encoding: chunked" in lower, head
-    parts: list[bytes] = []
-    first = 0.0
-    while True:
-        size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-        if size == 0:
-            await reader.readuntil(b"\r\n")
-            return status, b"".join(parts), first
-        chunk = (await reader.readexactly(size + 2))[:-2]
-        if not first and chunk.strip() and not chunk.startswith(b":"):
-            first = time.perf_counter()
-        parts.append(chunk)
-
-
-def check(t: Target, status: int, body: bytes, stream: bool) -> None:
-    if status != 200:
-        raise SystemExit(f"{t.name} answered {status}: {body[:300]!r}")
-    ok = body.rstrip().endswith(b"data: [DONE]") if stream else b"tok19" in body
-    if not ok:
-        raise SystemExit(f"{t.name}: unexpected answer: {body[:300]!r}")
-
-
-async def drive(t: Target, clients: int, total: int, stream: bool) -> tuple[list[float], list[float], float]:
-    data = payload(t, stream)
-    whole: list[float] = []
-    ttfb: list[float] = []
-    remaining = total
-    conns = [await asyncio.open_connection("127.0.0.1", t.port) for _ in range(clients)]
-
-    async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal remaining
-        while remaining > 0:
-            remaining -= 1
-            start = time.perf_counter()
-            writer.write(data)
-            status, body, first = await read_response(reader)
-            end = time.perf_counter()
-            check(t, status, body, stream)
-            whole.append(end - start)
-            ttfb.append(first - start)
-
-    start = time.perf_counter()
-    await asyncio.gather(*(client(r, w) for r, w in conns))
-    wall = time.perf_counter() - start
-    for _, writer in conns:
-        writer.close()
-    return whole, ttfb, wall
-
-
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, round(q * len(s)) - 1))]
+async def drive(t: Target, clients: int, total: int, stream: bool) -> harness.Run:
+    payload = harness.chat_request(t.port, t.path, t.key, t.model, stream=stream)
+    return await harness.drive(t.port, payload, clients, total, checker(t, stream))
 
 
 @dataclass
@@ -302,15 +171,32 @@ class Result:
 def run_case(t: Target, clients: int, total: int, stream: bool) -> Result:
     asyncio.run(drive(t, clients, max(clients * 4, total // 10), stream))  # warm-up
     cpu0 = t.cpu_seconds()
-    whole, ttfb, wall = asyncio.run(drive(t, clients, total, stream))
+    run = asyncio.run(drive(t, clients, total, stream))
     cpu = t.cpu_seconds() - cpu0
     return Result(
-        pct(whole, 0.5) * 1e3,
-        pct(whole, 0.99) * 1e3,
-        pct(ttfb, 0.5) * 1e3,
-        pct(ttfb, 0.99) * 1e3,
-        total / wall,
+        pct(run.latencies, 0.5) * 1e3,
+        pct(run.latencies, 0.99) * 1e3,
+        pct(run.ttfb, 0.5) * 1e3,
+        pct(run.ttfb, 0.99) * 1e3,
+        total / run.wall,
         cpu / total * 1e3,
+    )
+
+
+def memory(t: Target, total: int, steps: int = 5) -> None:
+    """RSS of the gateway before and along ``total`` more requests (16 clients, non-stream): flat
+    means no per-request growth, so each step's figure is printed, not only the ends."""
+    before = t.rss_mb()
+    marks = [before]
+    for _ in range(steps):
+        asyncio.run(drive(t, 16, total // steps, False))
+        marks.append(t.rss_mb())
+    after = marks[-1]
+    peak = max(marks)
+    print(
+        f"qwen-gateway RSS: {before:.1f} MB before, {after:.1f} MB after {total // steps * steps} more "
+        f"requests ({(after - before) / before * 100:+.1f} %; peak {(peak - before) / before * 100:+.1f} %); "
+        f"every {total // steps}: " + " ".join(f"{m:.1f}" for m in marks)
     )
 
 
@@ -326,10 +212,20 @@ def main() -> None:
     cores = sorted(os.sched_getaffinity(0))
     parser.add_argument("--gateway-core", type=int, default=cores[0])
     parser.add_argument("--client-core", type=int, default=cores[-1])
+    parser.add_argument(
+        "--zero-cost",
+        action="store_true",
+        help="also drive qwen-gateway's zero-cost model (same process): the engine's share of its CPU",
+    )
+    parser.add_argument("--py-spy", metavar="FILE", help="sample qwen-gateway during its 16-client cases")
+    parser.add_argument("--py-spy-format", default="flamegraph", choices=["flamegraph", "raw", "speedscope"])
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="qwgw-upstream-bench-"))
     mock = start_mock(args.client_core, home)
     targets = [mock, start_gateway(args.gateway_core, home, mock.port)]
+    if args.zero_cost:
+        ours = targets[1]
+        targets.append(Target("zero-cost", ours.port, ours.path, ours.key, "qwen-turbo", ours.proc))
     if args.litellm:
         targets.append(start_litellm(args.litellm, args.gateway_core, home, mock.port))
     os.sched_setaffinity(0, {args.client_core})
@@ -346,7 +242,17 @@ def main() -> None:
         for stream in (False, True):
             for clients in (int(c) for c in args.concurrency.split(",")):
                 total = args.single_requests if clients == 1 else args.requests
-                results = {t.name: run_case(t, clients, total, stream) for t in targets}  # alternating
+                results = {}
+                for t in targets:  # alternating, case by case
+                    spy = None
+                    if args.py_spy and t.name == "qwen-gateway" and clients == 16 and t.proc is not None:
+                        out = f"{args.py_spy}.{'stream' if stream else 'nonstream'}"
+                        spy = harness.py_spy(t.proc.pid, out, args.py_spy_format)
+                        time.sleep(1.0)  # py-spy attaches before the load starts
+                    results[t.name] = run_case(t, clients, total, stream)
+                    if spy is not None:
+                        spy.send_signal(signal.SIGINT)
+                        spy.wait(timeout=60)
                 base = results["direct"]
                 for name, r in results.items():
                     added = (
@@ -360,14 +266,7 @@ def main() -> None:
                         f"{r.p99:8.2f} {r.ttfb50:8.2f} {r.ttfb99:8.2f} {added:>24s} {r.rps:8.1f} {cpu}",
                         flush=True,
                     )
-        ours = targets[1]
-        before = ours.rss_mb()
-        asyncio.run(drive(ours, 16, args.memory_requests, False))
-        after = ours.rss_mb()
-        print(
-            f"qwen-gateway RSS: {before:.1f} MB before, {after:.1f} MB after {args.memory_requests} more "
-            f"requests ({(after - before) / before * 100:+.1f} %)"
-        )
+        memory(targets[1], args.memory_requests)
     finally:
         for t in targets:
             t.stop()

@@ -4,30 +4,32 @@ keep-alive client owned by the engine.
 
 Every request is streamed upstream (also for a client's non-stream call), so time to first token,
 retries before the first byte and a cut-short stream are handled one way. Nothing above ``engines/``
-sees an httpx exception: :func:`_failure` maps each to our error tree here, and the upstream's own
-message goes to the server log only (it may name internals of the upstream).
+sees an aiohttp or socket exception: :meth:`OpenAIEngine._open` and :meth:`OpenAIEngine.run` map
+each to our error tree here, and the upstream's own message goes to the server log only (it may name
+internals of the upstream). The HTTP side (one pooled session, server-sent events) is http.py.
 
 Faults: a replica that fails before its first streamed event is retried on another one (the client
 never sees it and is charged once: nothing was delivered); each failure feeds that replica's circuit
 breaker; an upstream that dies after the first event ends the request with ``EngineFailure`` (the
 service sends it in-band with the end marker) and the request is charged what was delivered, counted
 here (:meth:`_Stream.spent`). Closing the stream (client gone) closes the upstream connection at once,
-which is how vLLM and friends learn to abort.
+which is how vLLM and friends learn to abort; a stream read to its end returns its connection to the
+pool (keep-alive).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
-from typing import Any, ClassVar
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping
+from typing import ClassVar
 
-import httpx
+import aiohttp
+import orjson
 from pydantic import SecretStr
 
 from qwen_gateway.engines.base import (
@@ -40,6 +42,7 @@ from qwen_gateway.engines.base import (
     Usage,
 )
 from qwen_gateway.engines.openai.counting import TokenCounter
+from qwen_gateway.engines.openai.http import EventStream, dumps, session
 from qwen_gateway.engines.openai.options import DashScopeModelConfig, OpenAIModelConfig
 from qwen_gateway.engines.openai.replicas import Replica, ReplicaSet
 from qwen_gateway.engines.openai.wire import (
@@ -88,7 +91,7 @@ class OpenAIEngine:
             config.urls, failures_to_open=config.breaker_failures, cooldown=config.breaker_cooldown
         )
         self._counter = TokenCounter(config.tokenizer)
-        self._client: httpx.AsyncClient | None = None
+        self._client: aiohttp.ClientSession | None = None
         self._key: SecretStr | None = None
         self._context: int = config.context_length or DEFAULT_CONTEXT
         self._health_task: asyncio.Task[None] | None = None
@@ -113,18 +116,8 @@ class OpenAIEngine:
                 raise StartupError(f"model {self._config.id!r}: environment variable {env} is not set")
             self._key = SecretStr(value)
         cfg = self._config
-        self._client = httpx.AsyncClient(
-            # One pool for every replica and request; HTTP/1.1 keep-alive (h2 multiplexing would put
-            # all streams of a replica on one connection, one slow reader stalling the rest).
-            limits=httpx.Limits(
-                max_connections=cfg.max_connections,
-                max_keepalive_connections=cfg.max_connections,
-                keepalive_expiry=60.0,
-            ),
-            # Reads are bounded per event by first_byte/idle timeouts of our own (below).
-            timeout=httpx.Timeout(connect=cfg.connect_timeout, read=None, write=30.0, pool=None),
-            headers=self._headers(),
-            trust_env=False,  # never route upstream traffic through an environment proxy
+        self._client = session(
+            max_connections=cfg.max_connections, connect_timeout=cfg.connect_timeout, headers=self._headers()
         )
         if not self._config.tokenizer:
             log.warning(
@@ -165,7 +158,7 @@ class OpenAIEngine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._health_task
         if self._client is not None:
-            await self._client.aclose()
+            await self._client.close()
 
     # -- internals -------------------------------------------------------------------------------------
 
@@ -193,12 +186,14 @@ class OpenAIEngine:
     async def _probe(self, replica: Replica) -> int | None:
         """GET <replica>/models: the replica answers, and its context length if it reports one."""
         assert self._client is not None
-        response = await self._client.get(
-            f"{replica.url}/models", timeout=httpx.Timeout(self._config.connect_timeout * 2)
-        )
-        if response.status_code != 200:
-            raise UpstreamProtocolError(f"GET /models answered {response.status_code}")
-        for entry in response.json().get("data") or ():
+        timeout = aiohttp.ClientTimeout(total=self._config.connect_timeout * 2)
+        async with self._client.get(f"{replica.url}/models", timeout=timeout) as response:
+            if response.status != 200:
+                raise UpstreamProtocolError(f"GET /models answered {response.status}")
+            listing = orjson.loads(await response.read())
+        if not isinstance(listing, dict):
+            raise UpstreamProtocolError("GET /models did not answer an object")
+        for entry in listing.get("data") or ():
             if isinstance(entry, dict) and entry.get("id") == self._model:
                 value = entry.get("max_model_len") or entry.get("context_length")
                 return value if isinstance(value, int) and value > 0 else None
@@ -209,7 +204,7 @@ class OpenAIEngine:
         for replica in self._replicas.replicas:
             try:
                 found = await self._probe(replica)
-            except (httpx.HTTPError, UpstreamProtocolError, ValueError) as exc:
+            except (aiohttp.ClientError, OSError, UpstreamProtocolError, ValueError) as exc:
                 self._replicas.failed(replica)
                 log.warning("model %r: upstream %s did not answer: %s", self._config.id, replica.url, exc)
                 continue
@@ -228,7 +223,7 @@ class OpenAIEngine:
             for replica in self._replicas.replicas:
                 try:
                     await self._probe(replica)
-                except (httpx.HTTPError, UpstreamProtocolError, ValueError) as exc:
+                except (aiohttp.ClientError, OSError, UpstreamProtocolError, ValueError) as exc:
                     if replica.healthy:
                         log.warning("upstream %s failed its health check: %s", replica.url, exc)
                     replica.healthy = False
@@ -247,7 +242,7 @@ class OpenAIEngine:
             raise InvalidParameter(
                 f"{exc.param} is not supported by this model's upstream.", param=exc.param
             ) from None
-        content = json.dumps(body, ensure_ascii=False).encode()
+        content = dumps(body)
         headers = {"Content-Type": "application/json", "X-Request-Id": request.request_id}
         tried: set[str] = set()
         last: _Retry | None = None
@@ -264,7 +259,7 @@ class OpenAIEngine:
                 reader = ChunkReader()
                 stream.reader = reader
                 try:
-                    response, lines, first = await self._open(replica, content, headers, reader)
+                    response, events, first = await self._open(replica, content, headers, reader)
                 except _Retry as exc:
                     log.warning("request %s: upstream %s: %s", request.request_id, replica.url, exc.detail)
                     self._errors[replica.index, "before_first_byte" if exc.retry else "refused"] += 1
@@ -273,13 +268,32 @@ class OpenAIEngine:
                     self._replicas.failed(replica)
                     last = exc
                     continue
+                reusable = False
                 try:
                     for event in first:
                         yield event
-                    async for event in self._rest(lines, reader, request.request_id, replica):
-                        yield event
+                    # The rest of the stream, inline rather than a nested generator: each event
+                    # passes one generator frame less (they resume once per upstream chunk).
+                    idle = self._config.idle_timeout
+                    try:
+                        while reader.finish_reason is None or reader.usage is None:
+                            payload = await events.next(idle)
+                            if payload is None:
+                                break
+                            for event in reader.feed(payload):
+                                yield event
+                    except (aiohttp.ClientError, OSError, UpstreamProtocolError) as exc:
+                        timeout = isinstance(exc, TimeoutError)
+                        what = "idle timeout" if timeout else f"{type(exc).__name__}: {exc}"
+                        raise self._mid_stream(request.request_id, replica, what) from None
+                    if reader.finish_reason is None:
+                        raise self._mid_stream(request.request_id, replica, "ended without finishing")
+                    reusable = await events.drain()
                 finally:
-                    await response.aclose()  # unread: the connection is dropped, the upstream aborts
+                    if reusable:
+                        response.release()  # read to its end: the connection goes back to the pool
+                    else:
+                        response.close()  # unread (client gone, failure): dropped, the upstream aborts
                 self._replicas.succeeded(replica)
                 usage = reader.usage or stream.count(reader)
                 stream.finished = True
@@ -290,68 +304,54 @@ class OpenAIEngine:
 
     async def _open(
         self, replica: Replica, content: bytes, headers: dict[str, str], reader: ChunkReader
-    ) -> tuple[httpx.Response, AsyncIterator[str], list[GenerationEvent]]:
+    ) -> tuple[aiohttp.ClientResponse, EventStream, list[GenerationEvent]]:
         """Send the request and read up to its first event; every failure here is a :class:`_Retry`."""
         assert self._client is not None
-        response: httpx.Response | None = None
+        response: aiohttp.ClientResponse | None = None
         try:
             async with asyncio.timeout(self._config.first_byte_timeout):
-                request = self._client.build_request(
-                    "POST", f"{replica.url}/chat/completions", content=content, headers=headers
+                response = await self._client.post(
+                    f"{replica.url}/chat/completions", data=content, headers=headers
                 )
-                response = await self._client.send(request, stream=True)
-                if response.status_code != 200:
-                    body = (await response.aread())[:500]
-                    status = response.status_code
+                if response.status != 200:
+                    body = (await response.read())[:500]
+                    status = response.status
                     raise _Retry(
                         _status_error(status), f"HTTP {status}: {body!r}", retry=status not in _REFUSED
                     )
-                lines = response.aiter_lines()
+                events = EventStream(response.content)
                 first: list[GenerationEvent] = []
                 while not first:
-                    payload = await _next_payload(lines)
+                    payload = await events.next()
                     if payload is None:
-                        break  # ended before any event: _rest finds no finish and fails it
+                        break  # ended before any event: run finds no finish and fails it
                     first = reader.feed(payload)
                     if reader.finish_reason is not None:
                         break
-                return response, lines, first
+                return response, events, first
         except _Retry:
             if response is not None:
-                await response.aclose()
+                response.close()
             raise
         except BaseException as exc:
             if response is not None:
-                await response.aclose()
+                response.close()
+            if isinstance(exc, aiohttp.ClientError | UpstreamProtocolError):
+                # Before TimeoutError: aiohttp's connect timeout is both.
+                raise _Retry(EngineUnavailable(), f"{type(exc).__name__}: {exc}") from None
             if isinstance(exc, TimeoutError):
                 raise _Retry(EngineUnavailable(), "no first event within first_byte_timeout") from None
-            if isinstance(exc, (httpx.HTTPError, UpstreamProtocolError)):
+            if isinstance(exc, OSError):
                 raise _Retry(EngineUnavailable(), f"{type(exc).__name__}: {exc}") from None
             raise
 
-    async def _rest(
-        self, lines: AsyncIterator[str], reader: ChunkReader, request_id: str, replica: Replica
-    ) -> AsyncGenerator[GenerationEvent, None]:
-        idle = self._config.idle_timeout
-        try:
-            while reader.finish_reason is None or reader.usage is None:
-                async with asyncio.timeout(idle):
-                    payload = await _next_payload(lines)
-                if payload is None:
-                    break
-                for event in reader.feed(payload):
-                    yield event
-        except (httpx.HTTPError, UpstreamProtocolError, TimeoutError) as exc:
-            self._replicas.failed(replica)
-            self._errors[replica.index, "mid_stream"] += 1
-            what = "idle timeout" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
-            log.warning("request %s: upstream %s failed mid-stream: %s", request_id, replica.url, what)
-            raise EngineFailure() from None
-        if reader.finish_reason is None:
-            self._replicas.failed(replica)
-            self._errors[replica.index, "mid_stream"] += 1
-            log.warning("request %s: upstream %s ended the stream without finishing", request_id, replica.url)
-            raise EngineFailure()
+    def _mid_stream(self, request_id: str, replica: Replica, what: str) -> EngineFailure:
+        """A stream that failed after its first event: counted against the replica, logged, and the
+        error the service sends in-band (the request is charged what was delivered)."""
+        self._replicas.failed(replica)
+        self._errors[replica.index, "mid_stream"] += 1
+        log.warning("request %s: upstream %s failed mid-stream: %s", request_id, replica.url, what)
+        return EngineFailure()
 
 
 class DashScopeEngine(OpenAIEngine):
@@ -377,8 +377,8 @@ class _Stream:
     def __aiter__(self) -> _Stream:
         return self
 
-    async def __anext__(self) -> GenerationEvent:
-        return await self._events.__anext__()
+    def __anext__(self) -> Awaitable[GenerationEvent]:
+        return self._events.__anext__()  # the generator's own awaitable: no coroutine frame per event
 
     async def aclose(self) -> None:
         await self._events.aclose()
@@ -398,21 +398,6 @@ class _Stream:
         if self.finished or reader is None or not reader.delivered:
             return None  # finished (it reported its usage) or nothing delivered (nothing charged)
         return self.count(reader)
-
-
-async def _next_payload(lines: AsyncIterator[str]) -> Any | None:
-    """The next ``data:`` payload of a server-sent event stream, parsed; None at its end."""
-    async for line in lines:
-        if not line.startswith("data:"):
-            continue  # blank separators, ": keep-alive" comments, event:/id: fields
-        data = line[5:].strip()
-        if data == "[DONE]":
-            return None
-        try:
-            return json.loads(data)
-        except ValueError:
-            raise UpstreamProtocolError(f"not JSON: {data[:200]!r}") from None
-    return None
 
 
 _REFUSED = frozenset({400, 413, 422})  # the request's fault: not retried, not a replica failure

@@ -1,0 +1,123 @@
+"""The openai engine's server-sent event reader (engines/openai/http.py), through the engine's own
+aiohttp session against a real aiohttp server on loopback that writes the body in pieces the way a
+connection may deliver it: split anywhere, CRLF or LF line ends, comments and fields other than
+``data:``, a last line without its newline."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from qwen_gateway.engines.openai.http import MAX_LINE, EventStream, dumps, session
+from qwen_gateway.engines.openai.wire import UpstreamProtocolError
+
+BODY = (
+    b": keep-alive comment\r\n"
+    b"event: message\r\n"
+    b'data: {"choices":[{"delta":{"content":"n\\u00e4"}}]}\r\n'
+    b"\r\n"
+    b'data: {"choices":[{"delta":{"content":"x"},"finish_reason":"stop"}]}\n\n'
+    b'data:{"usage":{"prompt_tokens":7}}\n\n'
+    b"data: [DONE]\n\n"
+)
+PAYLOADS = [
+    {"choices": [{"delta": {"content": "nä"}}]},
+    {"choices": [{"delta": {"content": "x"}, "finish_reason": "stop"}]},
+    {"usage": {"prompt_tokens": 7}},
+]
+
+
+async def _served(
+    pieces: list[bytes], use: Callable[[EventStream], Awaitable[Any]], *, hold: bool = False
+) -> Any:
+    """``use`` on the events of a body written as ``pieces`` (each written and flushed on its own);
+    ``hold``: the server keeps the body open after them until ``use`` is done."""
+    done = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for piece in pieces:
+            await response.write(piece)
+            await asyncio.sleep(0)  # let each piece leave as its own write
+        if hold:
+            await done.wait()
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    client = session(max_connections=4, connect_timeout=30, headers={})
+    try:
+        async with client.get(f"http://127.0.0.1:{port}/") as response:
+            try:
+                return await use(EventStream(response.content))
+            finally:
+                done.set()
+    finally:
+        await client.close()
+        await runner.cleanup()
+
+
+async def _all(events: EventStream) -> list[Any]:
+    out = []
+    while (payload := await events.next(timeout=60)) is not None:
+        out.append(payload)
+    assert events.ended
+    return out
+
+
+@pytest.mark.parametrize("size", [1, 7, 64, len(BODY)])
+def test_events_split_anywhere_come_out_whole_and_in_order(size: int) -> None:
+    pieces = [BODY[i : i + size] for i in range(0, len(BODY), size)]
+
+    async def use(events: EventStream) -> list[Any]:
+        out = await _all(events)
+        assert await events.drain()  # the body's end read: the connection can be reused
+        return out
+
+    assert asyncio.run(_served(pieces, use)) == PAYLOADS
+
+
+def test_a_last_line_without_its_newline_still_counts_and_the_body_end_ends() -> None:
+    pieces = [b'data: {"a": 1}\n\ndata: {"b": 2}']
+    assert asyncio.run(_served(pieces, _all)) == [{"a": 1}, {"b": 2}]
+
+
+def test_garbage_and_overlong_lines_are_protocol_errors() -> None:
+    async def first(events: EventStream) -> Any:
+        return await events.next(timeout=60)
+
+    with pytest.raises(UpstreamProtocolError, match="not JSON"):
+        asyncio.run(_served([b"data: <html>\n\n"], first))
+    with pytest.raises(UpstreamProtocolError, match="a line of over"):
+        asyncio.run(_served([b"data: " + b"x" * (MAX_LINE + 1)], first))
+
+
+def test_no_event_within_the_timeout_is_a_timeout_error() -> None:
+    async def use(events: EventStream) -> Any:
+        return await events.next(timeout=0.2)
+
+    with pytest.raises(TimeoutError):
+        asyncio.run(_served([b'data: {"a": '], use, hold=True))  # half an event, then nothing
+
+
+def test_request_bodies_keep_unicode_and_take_any_mapping() -> None:
+    from types import MappingProxyType
+
+    body = {
+        "messages": [{"content": "你好"}],
+        "tools": [{"parameters": MappingProxyType({"type": "object"})}],
+    }
+    assert (
+        dumps(body) == '{"messages":[{"content":"你好"}],"tools":[{"parameters":{"type":"object"}}]}'.encode()
+    )
