@@ -240,6 +240,22 @@ class FileSettings(BaseModel):
         return (self.dir or home / "files").expanduser()
 
 
+class BatchSettings(BaseModel):
+    """``[batches]``: the Batch API's background worker (``service/batches.py``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Batch lines running at once, over every batch of the server. A line starts only when its
+    # model's engine has a running slot free beyond the one kept for live requests (no live request
+    # waits behind batch work), so this caps how much of the engine batches take at most.
+    concurrency: int = Field(default=2, ge=1, le=256)
+    # What a batch line costs, in percent of the live price (DashScope: half price).
+    price_percent: int = Field(default=50, ge=0, le=100)
+    # Seconds between the worker's looks at the database for work when nothing woke it (a batch
+    # created in another server process sharing the database, an expiry).
+    poll_seconds: float = Field(default=1.0, gt=0, le=60)
+
+
 class Settings(BaseSettings):
     """Everything the server needs to start; nothing reads the environment after this is built."""
 
@@ -286,6 +302,8 @@ class Settings(BaseSettings):
     search: SearchSettings = SearchSettings()
     # Uploaded files (``[files]``): storage, quotas, extraction caps.
     files: FileSettings = FileSettings()
+    # The Batch API's worker (``[batches]``): concurrency, batch price.
+    batches: BatchSettings = BatchSettings()
     # Money (service/money): usage-ledger rows older than this many days are rolled up into daily totals.
     usage_retention_days: int = Field(default=90, ge=1)
     # Seconds after which a hold is given back whoever owns it: the backstop behind "a crashed process's
