@@ -70,6 +70,8 @@ from qwen_gateway.errors import (
     EngineFailure,
     InvalidParameter,
     InvalidRequest,
+    QuotaExceeded,
+    RateLimited,
 )
 from qwen_gateway.media import MediaFetcher
 from qwen_gateway.service import fileids
@@ -139,6 +141,14 @@ class LineRenderer(Protocol):
     def failure(self, *, request_id: str, custom_id: str | None, error: ApiError) -> str:
         """The error-file line of a line that failed or never ran."""
         ...
+
+
+class _Later(Exception):
+    """A line refused by its key's rate limit: run it again in ``seconds``."""
+
+    def __init__(self, seconds: int) -> None:
+        super().__init__(seconds)
+        self.seconds = seconds
 
 
 @dataclass(slots=True)
@@ -436,23 +446,31 @@ class BatchService:
             return
         try:
             state, result, usage = await self._execute(batch, line)
+        except _Later as later:
+            # The key's rate limit: not the line's fault. It goes back to pending and runs later (this
+            # task keeps its place in the concurrency meanwhile, so the worker does not spin on it).
+            await self._release(batch, line)
+            await asyncio.sleep(later.seconds)
+            return
         except asyncio.CancelledError:
             # The server is closing: the line goes back to pending for the next start (shielded: the
             # release must happen even though this task is being cancelled).
-            self._spent.pop(line.request_id, None)
-            release = self.writer.run(
-                lambda conn: rows.release_line_sync(
-                    conn, batch_id=batch.id, line=line.line, request_id=line.request_id
-                )
-            )
             with contextlib.suppress(Exception):
-                await asyncio.shield(release)
+                await asyncio.shield(self._release(batch, line))
             raise
         await asyncio.shield(
             self.writer.run(
                 lambda conn: rows.finish_line_sync(
                     conn, batch_id=batch.id, line=line.line, state=state, result=result, usage=usage
                 )
+            )
+        )
+
+    async def _release(self, batch: BatchRow, line: LineRow) -> None:
+        self._spent.pop(line.request_id, None)
+        await self.writer.run(
+            lambda conn: rows.release_line_sync(
+                conn, batch_id=batch.id, line=line.line, request_id=line.request_id
             )
         )
 
@@ -478,6 +496,8 @@ class BatchService:
                 await asyncio.sleep(ROOM_POLL_SECONDS)
             # No await between the room check and the chat service taking its slots.
             result = await self.chat.complete(call, key_id=key.id, account=self.meter.account_for(key))
+        except (RateLimited, QuotaExceeded) as exc:
+            raise _Later(exc.retry_after or 1) from None
         except ApiError as exc:
             error = exc if call is None else fileids.map_error(call, exc)
             return (
