@@ -380,6 +380,31 @@ def test_cancel_stops_new_lines_and_ends_cancelled(gw: Gw, tmp_path: Path) -> No
     assert client.batches.cancel(batch.id).status == "cancelled"
 
 
+def test_lines_not_run_when_the_window_ends_fail_as_expired(gw: Gw, tmp_path: Path) -> None:
+    key, _ = gw.new_key("--balance", "100")
+    client = gw.client(key)
+    lines = [_line(f"e-{i}", model="qwen-turbo") for i in range(40)]
+    batch = client.batches.create(
+        input_file_id=_upload(client, tmp_path, lines),
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
+    wait_for(
+        lambda: gw.query("SELECT completed FROM batches WHERE id = ?", batch.id)[0][0] >= 1,
+        "a first finished line",
+        timeout=BATCH_DEADLINE,
+    )
+    # The window is at least 24 hours: its end is brought forward in the database instead of waited for.
+    gw.query("UPDATE batches SET deadline = created_at WHERE id = ?", batch.id)
+    done = _wait_status(client, batch.id, "expired", "completed")
+    assert done.status == "expired" and done.expired_at is not None and done.completed_at is None
+    counts = done.request_counts
+    assert counts is not None and counts.completed + counts.failed == 40 and counts.failed >= 1
+    assert done.error_file_id is not None
+    assert {e["error"]["code"] for e in _jsonl(client, done.error_file_id)} == {"batch_expired"}
+    assert len(_charges(gw, batch.id)) == counts.completed
+
+
 def test_file_deleted_from_disk_before_content_is_sent_is_a_404(gw: Gw) -> None:
     key, _ = gw.new_key()
     client = gw.client(key)
@@ -446,5 +471,52 @@ def test_sigkill_half_way_resumes_without_running_or_charging_a_line_twice(
             assert gw.query("SELECT count(*) FROM holds WHERE key_id = ?", key_id)[0][0] == 0
             # Every ledger row of the key is one of the lines' charges (no expired leftover).
             assert gw.query("SELECT count(*) FROM usage_ledger WHERE key_id = ?", key_id)[0][0] == 20
+        finally:
+            server.stop()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_graceful_stop_puts_running_lines_back_and_the_next_start_finishes(
+    backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    with database_for(backend) as url:
+        home = tmp_path_factory.mktemp(f"batch-stop-{backend}")
+        config = _config(home)
+        server = start_server(home, "--config", str(config), database_url=url)
+        try:
+            gw = Gw(server, url)
+            key, key_id = gw.new_key("--balance", "100")
+            client = gw.client(key)
+            batch = client.batches.create(
+                input_file_id=_upload(client, home, [_line(f"s-{i}", model="qwen-turbo") for i in range(12)]),
+                endpoint="/v1/chat/completions",
+                completion_window="24h",
+            )
+            wait_for(
+                lambda: gw.query("SELECT completed FROM batches WHERE id = ?", batch.id)[0][0] >= 3,
+                "three finished lines",
+                timeout=BATCH_DEADLINE,
+            )
+        finally:
+            server.stop()  # SIGINT: the server's own shutdown
+        assert server.proc.returncode == 0, server.log()
+        # Nothing is left running or held by the stopped server.
+        assert (
+            gw.query("SELECT count(*) FROM batch_lines WHERE batch_id = ? AND state = 'running'", batch.id)[
+                0
+            ][0]
+            == 0
+        )
+        assert gw.query("SELECT count(*) FROM holds WHERE key_id = ?", key_id)[0][0] == 0
+
+        server = start_server(home, "--config", str(config), database_url=url, log_name="server-2.log")
+        try:
+            gw = Gw(server, url)
+            done = _wait_status(gw.client(key), batch.id, "completed", "failed")
+            assert done.status == "completed" and done.request_counts is not None
+            assert done.request_counts.completed == 12
+            charges = _charges(gw, batch.id)
+            assert len(charges) == 12 and all(c[1] == "ok" for c in charges)
+            assert gw.query("SELECT count(*) FROM usage_ledger WHERE key_id = ?", key_id)[0][0] == 12
         finally:
             server.stop()
