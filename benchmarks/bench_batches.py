@@ -5,9 +5,12 @@ then sends ``--requests`` interactive chat requests one after another (``max_tok
 prints their latency p50/p99:
 
 1. with no batch;
-2. while a batch of ``--lines`` lines (``max_tokens`` 64 each) runs: the interactive requests start once
-   the first batch line has finished (a count in the database) and stop when the batch ends or the
-   requests are all sent; the printout says how many batch lines finished meanwhile.
+2. back to back while a batch of ``--lines`` lines (``max_tokens`` 64 each) is in progress: they start
+   once the first batch line has finished (a count in the database) and stop when the batch ends or
+   the requests are all sent; the printout says how many batch lines finished meanwhile (steady live
+   traffic holds new batch lines back: ``[batches] idle_seconds``);
+3. the worst case: each request sent only once a batch line is running (``state = 'running'`` in the
+   database), so it always shares the engine with batch work (``--arrivals`` of them).
 
 Also printed: CPU seconds of the server process over each phase (``/proc/<pid>/stat``), since the
 machine may be shared and wall-clock latencies move with whatever else runs on the cores.
@@ -80,6 +83,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=40)
     parser.add_argument("--lines", type=int, default=60)
     parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--arrivals", type=int, default=15)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
@@ -156,7 +160,12 @@ def main() -> None:
             f"interactive during batch: n={len(during):3d}  p50 {statistics.median(during):7.1f} ms  "
             f"p99 {pct(during, 0.99):7.1f} ms  server CPU {cpu_during:.2f} s"
         )
-    print(f"batch lines finished while measuring: {finished - first} (batch {status} at the end)")
+    print(f"batch lines finished during the back-to-back requests: {finished - first} (batch {status})")
+    if shared:
+        print(
+            f"interactive arriving while a batch line runs: n={len(shared):3d}  p50 {statistics.median(shared):7.1f} ms  "
+            f"p99 {pct(shared, 0.99):7.1f} ms"
+        )
 
 
 if __name__ == "__main__":

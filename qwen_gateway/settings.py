@@ -246,9 +246,12 @@ class BatchSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     # Batch lines running at once, over every batch of the server. A line starts only when its
-    # model's engine has a running slot free beyond the one kept for live requests (no live request
-    # waits behind batch work), so this caps how much of the engine batches take at most.
+    # model's engine runs no live request, none was admitted for ``idle_seconds``, and a running slot
+    # is free beyond the one kept for live requests: batches use the engine's idle time.
     concurrency: int = Field(default=2, ge=1, le=256)
+    # Seconds without a live request on a model before batch lines start on it again (0: start
+    # whenever no live request runs).
+    idle_seconds: float = Field(default=2.0, ge=0, le=3600)
     # What a batch line costs, in percent of the live price (DashScope: half price).
     price_percent: int = Field(default=50, ge=0, le=100)
     # Seconds between the worker's looks at the database for work when nothing woke it (a batch

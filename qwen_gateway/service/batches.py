@@ -8,9 +8,11 @@ media, search, ``fileid://``, admission, the engine, the meter), then writes the
 (``file-batch_output-…``) and marks it ``completed``. A line whose request is refused (bad parameters,
 unknown model, an engine error) fails alone: its DashScope error object goes to the error file.
 
-**Live traffic first.** A line starts only when its model's engine has a running slot free beyond one
-kept for live requests (:func:`_has_room`); a live request never waits in the admission queue behind
-batch work that started after it, and batch lines never queue at all.
+**Live traffic first.** A line starts only when its model's engine runs no live request, none was
+admitted for ``[batches] idle_seconds``, and a running slot is free beyond one kept for live requests
+(:func:`_has_room`): batches fill the engine's idle time. A live request that arrives meanwhile shares
+the engine only with the lines already running (at most ``concurrency``, each bounded by its
+``max_tokens``); batch lines never wait in the admission queue.
 
 **Money.** A line is admitted like a live request (rate limits, the balance hold at the full price), and
 charged :attr:`~qwen_gateway.settings.BatchSettings.price_percent` of its live price (DashScope: 50 %)
@@ -53,6 +55,7 @@ import functools
 import hashlib
 import logging
 import re
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -193,9 +196,13 @@ def parse_window(value: Any) -> timedelta:
     return timedelta(hours=hours)
 
 
-def _has_room(model: ServedModel) -> bool:
-    """A running slot free beyond the one kept for live requests (an engine of one slot: free)."""
+def _has_room(model: ServedModel, idle_seconds: float) -> bool:
+    """Batch work may start on ``model``: no live request runs or waits on it, none was admitted for
+    ``idle_seconds``, and a running slot is free beyond the one kept for the next live request (an
+    engine of one slot: free)."""
     admission = model.admission
+    if admission.live_held > 0 or time.monotonic() - admission.live_at < idle_seconds:
+        return False
     keep = 1 if admission.running > 1 else 0
     return admission.held + 1 <= admission.running - keep
 
@@ -488,11 +495,11 @@ class BatchService:
             if body.get("stream") is True:
                 raise InvalidParameter("stream is not supported in a batch request", param="stream")
             call = build_call(body, self.models, request_id=rid)
-            call = dataclasses.replace(call, endpoint=LEDGER_ENDPOINT)
+            call = dataclasses.replace(call, endpoint=LEDGER_ENDPOINT, background=True)
             call = await resolve_media(call, self.media)
             call = await self.search.apply(call)
             call = await fileids.inject(call, self.files, key_id=key.id, max_files=self.max_files_per_request)
-            while not _has_room(call.model):
+            while not _has_room(call.model, self.settings.idle_seconds):
                 await asyncio.sleep(ROOM_POLL_SECONDS)
             # No await between the room check and the chat service taking its slots.
             result = await self.chat.complete(call, key_id=key.id, account=self.meter.account_for(key))
