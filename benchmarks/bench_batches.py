@@ -9,8 +9,9 @@ prints their latency p50/p99:
    once the first batch line has finished (a count in the database) and stop when the batch ends or
    the requests are all sent; the printout says how many batch lines finished meanwhile (steady live
    traffic holds new batch lines back: ``[batches] idle_seconds``);
-3. the worst case: each request sent only once a batch line is running (``state = 'running'`` in the
-   database), so it always shares the engine with batch work (``--arrivals`` of them).
+3. the worst case: each request sent only once batch lines run again (``idle_seconds`` after the last
+   live request, and a line ``running`` in the database), so it shares the engine with batch work
+   (``--arrivals`` of them).
 
 Also printed: CPU seconds of the server process over each phase (``/proc/<pid>/stat``), since the
 machine may be shared and wall-clock latencies move with whatever else runs on the cores.
@@ -45,7 +46,9 @@ temperature = 0.0
 [batches]
 concurrency = {concurrency}
 poll_seconds = 0.5
+idle_seconds = {idle}
 """
+IDLE_SECONDS = 1.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -88,7 +91,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
         config = home / "config.toml"
-        config.write_text(CONFIG.format(path=MODELS / "tiny-qwen2.5", concurrency=args.concurrency))
+        config.write_text(
+            CONFIG.format(path=MODELS / "tiny-qwen2.5", concurrency=args.concurrency, idle=IDLE_SECONDS)
+        )
         server = start_server(home, "--config", str(config), "--log-level", "warning")
         db = home / "gateway.db"
 
@@ -155,6 +160,9 @@ def main() -> None:
 
             shared: list[float] = []
             for _ in range(args.arrivals):
+                # Past the worker's idle wait after the last live request, batch lines are in the
+                # engine again (a line is 'running' in the database from its start).
+                time.sleep(IDLE_SECONDS + 0.5)
                 while running() == 0 and completed(batch["id"])[1] == "in_progress":
                     time.sleep(0.02)
                 if completed(batch["id"])[1] != "in_progress":
