@@ -147,7 +147,8 @@ class LineRenderer(Protocol):
 
 
 class _Later(Exception):
-    """A line refused by its key's rate limit: run it again in ``seconds``."""
+    """A line refused by its key's rate limit (or whose batch is ending): back to pending, and its
+    place in the concurrency kept for ``seconds``."""
 
     def __init__(self, seconds: int) -> None:
         super().__init__(seconds)
@@ -243,6 +244,8 @@ class BatchService:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._running: dict[tuple[str, int], asyncio.Task[None]] = {}
+        # Batches being cancelled or expired: their lines still waiting for the engine give up.
+        self._stopping: set[str] = set()
 
     # -- the API's operations ----------------------------------------------------------------------
 
@@ -500,6 +503,8 @@ class BatchService:
             call = await self.search.apply(call)
             call = await fileids.inject(call, self.files, key_id=key.id, max_files=self.max_files_per_request)
             while not _has_room(call.model, self.settings.idle_seconds):
+                if batch.id in self._stopping:
+                    raise _Later(0)  # cancelled or expired while waiting: back to pending, then failed
                 await asyncio.sleep(ROOM_POLL_SECONDS)
             # No await between the room check and the chat service taking its slots.
             result = await self.chat.complete(call, key_id=key.id, account=self.meter.account_for(key))
@@ -585,6 +590,7 @@ class BatchService:
         """Cancelled or expired: lines not started fail; once the running ones are done, the files."""
         renderer = self._renderer
         assert renderer is not None
+        self._stopping.add(batch.id)
         if status == "cancelled":
             error = BatchLineNotRun("batch_cancelled", "The batch was cancelled before this request ran.")
         else:
