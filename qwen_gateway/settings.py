@@ -246,10 +246,10 @@ class BatchSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     # Batch lines running at once, over every batch of the server. A line starts only when its
-    # model's engine runs no live request, none was admitted for ``idle_seconds``, and a running slot
+    # model's engine runs no live request, none ran for ``idle_seconds``, and a running slot
     # is free beyond the one kept for live requests: batches use the engine's idle time.
     concurrency: int = Field(default=2, ge=1, le=256)
-    # Seconds without a live request on a model before batch lines start on it again (0: start
+    # Seconds since the last live request on a model ended before batch lines start on it (0: start
     # whenever no live request runs).
     idle_seconds: float = Field(default=2.0, ge=0, le=3600)
     # What a batch line costs, in percent of the live price (DashScope: half price).

@@ -29,7 +29,8 @@ class Admission:
         self.running = running
         self.queue = queue
         self._held = 0
-        # Batch work among the held sequences, and when live traffic was last admitted (monotonic):
+        # Batch work among the held sequences, and when live traffic was last admitted or ended
+        # (monotonic):
         # what the batch worker reads to give way to live requests.
         self.background_held = 0
         self.live_at = float("-inf")
@@ -65,6 +66,10 @@ class Admission:
         self._held -= n
         if background:
             self.background_held -= n
+        else:
+            # Live traffic is "recent" from its last admission or end: back-to-back live requests
+            # leave no idle gap for batch work to start in.
+            self.live_at = time.monotonic()
 
 
 class Ticket:

@@ -8,8 +8,8 @@ media, search, ``fileid://``, admission, the engine, the meter), then writes the
 (``file-batch_output-…``) and marks it ``completed``. A line whose request is refused (bad parameters,
 unknown model, an engine error) fails alone: its DashScope error object goes to the error file.
 
-**Live traffic first.** A line starts only when its model's engine runs no live request, none was
-admitted for ``[batches] idle_seconds``, and a running slot is free beyond one kept for live requests
+**Live traffic first.** A line starts only when its model's engine runs no live request, none ended
+within ``[batches] idle_seconds``, and a running slot is free beyond one kept for live requests
 (:func:`_has_room`): batches fill the engine's idle time. A live request that arrives meanwhile shares
 the engine only with the lines already running (at most ``concurrency``, each bounded by its
 ``max_tokens``); batch lines never wait in the admission queue.
@@ -198,9 +198,9 @@ def parse_window(value: Any) -> timedelta:
 
 
 def _has_room(model: ServedModel, idle_seconds: float) -> bool:
-    """Batch work may start on ``model``: no live request runs or waits on it, none was admitted for
-    ``idle_seconds``, and a running slot is free beyond the one kept for the next live request (an
-    engine of one slot: free)."""
+    """Batch work may start on ``model``: no live request runs or waits on it, none ended (or was
+    admitted) within ``idle_seconds``, and a running slot is free beyond the one kept for the next
+    live request (an engine of one slot: free)."""
     admission = model.admission
     if admission.live_held > 0 or time.monotonic() - admission.live_at < idle_seconds:
         return False
