@@ -447,11 +447,22 @@ class BatchService:
         self._wake.set()
 
     async def _run_line(self, batch: BatchRow, line: LineRow) -> None:
-        started = await self.writer.run(
-            lambda conn: rows.start_line_sync(
-                conn, batch_id=batch.id, line=line.line, request_id=line.request_id
+        start = asyncio.ensure_future(
+            self.writer.run(
+                lambda conn: rows.start_line_sync(
+                    conn, batch_id=batch.id, line=line.line, request_id=line.request_id
+                )
             )
         )
+        try:
+            # Shielded: a stop that comes now must still learn whether the line was started (a
+            # handed-over transaction commits anyway), so that it can put it back.
+            started = await asyncio.shield(start)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                if await start:
+                    await self._release(batch, line)
+            raise
         if not started:
             return
         try:
@@ -465,8 +476,10 @@ class BatchService:
         except asyncio.CancelledError:
             # The server is closing: the line goes back to pending for the next start (shielded: the
             # release must happen even though this task is being cancelled).
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.shield(self._release(batch, line))
+            except Exception:
+                log.exception("batch %s line %d: putting it back to pending failed", batch.id, line.line)
             raise
         await asyncio.shield(
             self.writer.run(

@@ -419,6 +419,7 @@ def test_file_deleted_from_disk_before_content_is_sent_is_a_404(gw: Gw) -> None:
 # -- a server killed half-way --------------------------------------------------------------------
 
 
+@pytest.mark.timeout(1200)  # two server starts and a batch on a busy 2-core machine
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sigkill_half_way_resumes_without_running_or_charging_a_line_twice(
     backend: str, tmp_path_factory: pytest.TempPathFactory
@@ -475,6 +476,7 @@ def test_sigkill_half_way_resumes_without_running_or_charging_a_line_twice(
             server.stop()
 
 
+@pytest.mark.timeout(1200)  # two server starts and a batch on a busy 2-core machine
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_graceful_stop_puts_running_lines_back_and_the_next_start_finishes(
     backend: str, tmp_path_factory: pytest.TempPathFactory
@@ -501,13 +503,9 @@ def test_a_graceful_stop_puts_running_lines_back_and_the_next_start_finishes(
             server.stop()  # SIGINT: the server's own shutdown
         assert server.proc.returncode == 0, server.log()
         # Nothing is left running or held by the stopped server.
-        assert (
-            gw.query("SELECT count(*) FROM batch_lines WHERE batch_id = ? AND state = 'running'", batch.id)[
-                0
-            ][0]
-            == 0
-        )
-        assert gw.query("SELECT count(*) FROM holds WHERE key_id = ?", key_id)[0][0] == 0
+        sql = "SELECT count(*) FROM batch_lines WHERE batch_id = ? AND state = 'running'"
+        assert gw.query(sql, batch.id)[0][0] == 0, server.log()
+        assert gw.query("SELECT count(*) FROM holds WHERE key_id = ?", key_id)[0][0] == 0, server.log()
 
         server = start_server(home, "--config", str(config), database_url=url, log_name="server-2.log")
         try:
