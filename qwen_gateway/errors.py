@@ -27,7 +27,8 @@ protocol that is answering. Nothing else decides an HTTP status.
         ├── AdminAccessDenied         403 AccessDenied (an API key on the admin API)
         ├── ModelNotFound             404 model_not_found
         ├── ResourceNotFound          404 NotFound (an admin API object, e.g. a key, that doesn't exist)
-        │   └── FileNotFound          404 a file id the key doesn't own (or that doesn't exist)
+        │   ├── FileNotFound          404 a file id the key doesn't own (or that doesn't exist)
+        │   └── BatchNotFound         404 a batch id the key doesn't own (or that doesn't exist)
         ├── RateLimited               429 limit_requests (the key's requests per minute)
         ├── QuotaExceeded             429 insufficient_quota (the key's tokens per minute)
         ├── EngineOverloaded          503 the engine can't take more work now
@@ -395,3 +396,17 @@ class FileNotFound(ResourceNotFound):
 def _shown_id(file_id: str) -> str:
     # A client-sent id is echoed, but never at any length.
     return file_id if len(file_id) <= 128 else file_id[:128] + "..."
+
+
+class BatchNotFound(ResourceNotFound):
+    def __init__(self, batch_id: str) -> None:
+        super().__init__(f"Batch [id:{_shown_id(batch_id)}] cannot be found.", param="batch_id")
+
+
+class BatchLineNotRun(InvalidRequest):
+    """A batch line that never ran: its batch was cancelled or its completion window ended first (what
+    its error-file line says)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code

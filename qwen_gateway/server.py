@@ -29,6 +29,7 @@ from rich.console import Console
 from qwen_gateway import __version__
 from qwen_gateway.api.app import create_app
 from qwen_gateway.api.lifecycle import Shutdown
+from qwen_gateway.api.render.batches import FileLines
 from qwen_gateway.edge import EdgeLimits, protocol_class
 from qwen_gateway.listen import bind
 from qwen_gateway.service.runtime import Gateway
@@ -135,6 +136,8 @@ async def serve(settings: Settings, sockets: list[socket.socket] | None = None) 
         raise
     try:
         app = create_app(gateway)
+        # The batch worker renders its file lines with the API layer's shapes.
+        gateway.batches.start(FileLines())
         limits = EdgeLimits(
             max_header_bytes=settings.max_header_bytes,
             max_headers=settings.max_headers,

@@ -240,6 +240,25 @@ class FileSettings(BaseModel):
         return (self.dir or home / "files").expanduser()
 
 
+class BatchSettings(BaseModel):
+    """``[batches]``: the Batch API's background worker (``service/batches.py``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Batch lines running at once, over every batch of the server. A line starts only when its
+    # model's engine runs no live request, none ran for ``idle_seconds``, and a running slot
+    # is free beyond the one kept for live requests: batches use the engine's idle time.
+    concurrency: int = Field(default=2, ge=1, le=256)
+    # Seconds since the last live request on a model ended before batch lines start on it (0: start
+    # whenever no live request runs).
+    idle_seconds: float = Field(default=2.0, ge=0, le=3600)
+    # What a batch line costs, in percent of the live price (DashScope: half price).
+    price_percent: int = Field(default=50, ge=0, le=100)
+    # Seconds between the worker's looks at the database for work when nothing woke it (a batch
+    # created in another server process sharing the database, an expiry).
+    poll_seconds: float = Field(default=1.0, gt=0, le=60)
+
+
 class Settings(BaseSettings):
     """Everything the server needs to start; nothing reads the environment after this is built."""
 
@@ -289,6 +308,8 @@ class Settings(BaseSettings):
     search: SearchSettings = SearchSettings()
     # Uploaded files (``[files]``): storage, quotas, extraction caps.
     files: FileSettings = FileSettings()
+    # The Batch API's worker (``[batches]``): concurrency, batch price.
+    batches: BatchSettings = BatchSettings()
     # Money (service/money): usage-ledger rows older than this many days are rolled up into daily totals.
     usage_retention_days: int = Field(default=90, ge=1)
     # Seconds after which a hold is given back whoever owns it: the backstop behind "a crashed process's

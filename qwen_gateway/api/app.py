@@ -18,7 +18,7 @@ from qwen_gateway.api.balance import BalanceHeader
 from qwen_gateway.api.deps import require_key
 from qwen_gateway.api.lifecycle import Shutdown
 from qwen_gateway.api.middleware import RequestIdMiddleware
-from qwen_gateway.api.routes import admin, chat, files, health, metrics, models, native
+from qwen_gateway.api.routes import admin, batches, chat, files, health, metrics, models, native
 
 if TYPE_CHECKING:
     from qwen_gateway.service.runtime import Gateway
@@ -43,7 +43,7 @@ def create_app(gateway: Gateway) -> FastAPI:
     app.state.gateway = gateway
     app.state.shutdown = Shutdown()
     for prefix in API_PREFIXES:
-        for router in (chat.router, models.router, files.router):
+        for router in (chat.router, models.router, files.router, batches.router):
             app.include_router(router, prefix=prefix, dependencies=[Depends(require_key)])
     # The native DashScope protocol (reference §1.4), same keys.
     app.include_router(native.router, prefix=NATIVE_API_PREFIX, dependencies=[Depends(require_key)])

@@ -12,6 +12,8 @@ while queued leaves the queue at once.
 
 from __future__ import annotations
 
+import time
+
 from qwen_gateway.errors import EngineOverloaded
 
 # Seconds a refused client is told to wait: a queue of a few batches drains in about that time.
@@ -27,6 +29,11 @@ class Admission:
         self.running = running
         self.queue = queue
         self._held = 0
+        # Batch work among the held sequences, and when live traffic was last admitted or ended
+        # (monotonic):
+        # what the batch worker reads to give way to live requests.
+        self.background_held = 0
+        self.live_at = float("-inf")
 
     @property
     def held(self) -> int:
@@ -38,27 +45,44 @@ class Admission:
         """Admitted sequences waiting for one of the engine's running slots."""
         return max(0, self._held - self.running)
 
-    def acquire(self, n: int = 1) -> Ticket:
-        """Admit ``n`` sequences (all of a request's choices, or none) or raise EngineOverloaded."""
+    @property
+    def live_held(self) -> int:
+        """Live (not batch) sequences admitted and not yet released."""
+        return self._held - self.background_held
+
+    def acquire(self, n: int = 1, *, background: bool = False) -> Ticket:
+        """Admit ``n`` sequences (all of a request's choices, or none) or raise EngineOverloaded;
+        ``background``: batch work (not live traffic)."""
         if self._held + n > self.running + self.queue:
             raise EngineOverloaded(retry_after=RETRY_AFTER_SECONDS)
         self._held += n
-        return Ticket(self, n)
+        if background:
+            self.background_held += n
+        else:
+            self.live_at = time.monotonic()
+        return Ticket(self, n, background)
 
-    def _release(self, n: int) -> None:
+    def _release(self, n: int, background: bool) -> None:
         self._held -= n
+        if background:
+            self.background_held -= n
+        else:
+            # Live traffic is "recent" from its last admission or end: back-to-back live requests
+            # leave no idle gap for batch work to start in.
+            self.live_at = time.monotonic()
 
 
 class Ticket:
     """Slots held by one request; :meth:`release` is idempotent."""
 
-    __slots__ = ("_admission", "_n")
+    __slots__ = ("_admission", "_background", "_n")
 
-    def __init__(self, admission: Admission, n: int) -> None:
+    def __init__(self, admission: Admission, n: int, background: bool = False) -> None:
         self._admission: Admission | None = admission
         self._n = n
+        self._background = background
 
     def release(self) -> None:
         admission, self._admission = self._admission, None
         if admission is not None:
-            admission._release(self._n)
+            admission._release(self._n, self._background)

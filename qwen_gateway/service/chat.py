@@ -107,7 +107,7 @@ class ChatService:
         started = time.monotonic()
         timing = timing or Timing()
         try:
-            ticket = call.model.admission.acquire(call.n)
+            ticket = call.model.admission.acquire(call.n, background=call.background)
         except ApiError as exc:  # refused before any generation: no charge, no ledger row
             yield StreamFailed(exc, before_output=True)
             return

@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import BinaryIO
 
 import orjson
 
@@ -48,6 +49,8 @@ from qwen_gateway.store.files import FileRow
 log = logging.getLogger(__name__)
 
 PURPOSES = {"file-extract": "file-fe-", "batch": "file-batch-"}
+# Output and error files of batches (service/batches.py): made by the server, never uploaded.
+OUTPUT_PREFIX = "file-batch_output-"
 # Bytes gathered in memory before one write to disk (off the event loop).
 WRITE_CHUNK = 1024 * 1024
 # Left-overs younger than this may belong to another server process sharing the directory.
@@ -296,9 +299,21 @@ class FileService:
             with contextlib.suppress(FileNotFoundError):
                 await asyncio.to_thread(path.unlink)
 
-    async def content(self, *, key_id: str, file_id: str) -> tuple[FileRow, Path]:
+    async def content(self, *, key_id: str, file_id: str) -> tuple[FileRow, BinaryIO]:
+        """The row and the file's bytes, opened: a delete that comes after this can't take them away
+        from the answer (the open file outlives its name), and one that came between the lookup and
+        the open is the 404 it would have been a moment earlier, not a 500."""
         row = await self.get(key_id=key_id, file_id=file_id)
-        return row, self.path_of(row.id)
+        try:
+            handle = await asyncio.to_thread(self.path_of(row.id).open, "rb")
+        except FileNotFoundError:
+            raise FileNotFound(file_id) from None
+        return row, handle
+
+    async def write_output(self, file_id: str, data: bytes) -> None:
+        """A batch's output or error file on disk (its row goes in with the batch's final status). The
+        bytes are complete under their name or not there: written aside, then renamed."""
+        await asyncio.to_thread(_write_bytes, self.path_of(file_id), data)
 
     async def texts(self, *, key_id: str, file_ids: list[str]) -> tuple[dict[str, FileRow], dict[str, str]]:
         """A key's rows for ``file_ids`` (missing ones absent) and the extracted text of the processed
@@ -314,13 +329,22 @@ class FileService:
 
 
 def _plausible(file_id: str) -> bool:
-    """Ids are ``file-fe-`` / ``file-batch-`` + 24 hex: anything else is not looked up (and never becomes
-    a path)."""
-    for prefix in PURPOSES.values():
+    """Ids are ``file-fe-`` / ``file-batch-`` / ``file-batch_output-`` + 24 hex: anything else is not
+    looked up (and never becomes a path)."""
+    for prefix in (*PURPOSES.values(), OUTPUT_PREFIX):
         rest = file_id.removeprefix(prefix)
         if rest != file_id and len(rest) == 24 and all(c in "0123456789abcdef" for c in rest):
             return True
     return False
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    partial = path.with_suffix(".part")
+    try:
+        partial.write_bytes(data)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -354,4 +378,4 @@ def _check_jsonl(path: Path, file_id: str) -> None:
         raise FileBlank(file_id)
 
 
-__all__ = ["PURPOSES", "FilePage", "FileService", "Incoming"]
+__all__ = ["OUTPUT_PREFIX", "PURPOSES", "FilePage", "FileService", "Incoming"]

@@ -16,6 +16,7 @@ from qwen_gateway.errors import StartupError
 from qwen_gateway.media import MediaFetcher
 from qwen_gateway.search import create_provider as create_search_provider
 from qwen_gateway.service.admin import AdminService
+from qwen_gateway.service.batches import BatchService
 from qwen_gateway.service.chat import ChatService
 from qwen_gateway.service.files import FileService
 from qwen_gateway.service.keys import KeyService
@@ -52,6 +53,8 @@ class Gateway:
     # Uploaded files and their extracted text (Files API, Qwen-Long's fileid://).
     files: FileService
     metrics: Metrics
+    # The Batch API and its worker (started by the server with the API layer's line renderer).
+    batches: BatchService
 
     @classmethod
     async def open(cls, settings: Settings, *, console: Console | None = None) -> Gateway:
@@ -92,6 +95,21 @@ class Gateway:
         keys = KeyService(store)
         metrics = Metrics()
         metrics.watch_models(models)
+        files = FileService(store, settings.files, settings.home)
+        media = MediaFetcher(settings.media)
+        search = WebSearch(create_search_provider(settings.search), settings.search)
+        batches = BatchService(
+            store=store,
+            settings=settings.batches,
+            models=models,
+            meter=meter,
+            writer=writer,
+            files=files,
+            media=media,
+            search=search,
+            metrics=metrics,
+            max_files_per_request=settings.files.max_files_per_request,
+        )
         return cls(
             settings=settings,
             store=store,
@@ -102,10 +120,11 @@ class Gateway:
             meter=meter,
             started_at=int(time.time()),
             admin=AdminService(store, keys, meter),
-            media=MediaFetcher(settings.media),
-            search=WebSearch(create_search_provider(settings.search), settings.search),
-            files=FileService(store, settings.files, settings.home),
+            media=media,
+            search=search,
+            files=files,
             metrics=metrics,
+            batches=batches,
         )
 
     async def aclose(self) -> None:
@@ -128,10 +147,12 @@ class Gateway:
         closing.result()
 
     async def _close(self) -> None:
-        # Engines first: closing them ends their generations, whose requests then hand over their last
-        # usage rows (each settling its hold); the writer then flushes every row, the meter unregisters
-        # this process (no hold of it is left), and the store goes.
+        # The batch worker first (its running lines go back to pending, their holds given back, through
+        # the writer). Engines next: closing them ends their generations, whose requests then hand over
+        # their last usage rows (each settling its hold); the writer then flushes every row, the meter
+        # unregisters this process (no hold of it is left), and the store goes.
         try:
+            await self.batches.aclose()
             await self.models.aclose()
         finally:
             try:

@@ -84,6 +84,8 @@ class ChatCall:
     files: tuple[str, ...] = ()
     # What the usage ledger records the request under (the protocol and endpoint that answered it).
     endpoint: str = "chat.completions"
+    # Batch work (service/batches.py): admitted without counting as live traffic, which it yields to.
+    background: bool = False
 
     @property
     def thinking(self) -> bool:

@@ -22,6 +22,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     TypeDecorator,
 )
 
@@ -242,3 +243,59 @@ price_changes = Table(
 )
 
 Index(None, price_changes.c.changed_at)
+
+# Batches of the Batch API (service/batches.py). ``owner`` is the server process running the batch (a
+# ``gateway_instances`` id): a batch whose owner is gone is taken over by the next process that starts.
+# ``deadline`` is ``created_at`` plus the completion window (the object's ``expires_at`` stays null, as
+# DashScope shows it). Counts and timestamps are the object's ``request_counts`` and ``*_at``.
+batches = Table(
+    "batches",
+    metadata,
+    Column("id", String(64), primary_key=True),  # "batch_" + uuid
+    Column("key_id", String(32), ForeignKey("api_keys.id"), nullable=False),
+    Column("endpoint", String(64), nullable=False),
+    Column("input_file_id", String(64), nullable=False),
+    Column("completion_window", String(16), nullable=False),
+    # validating | in_progress | finalizing | completed | failed | cancelling | cancelled | expired
+    Column("status", String(16), nullable=False),
+    Column("metadata_json", Text(), nullable=True),
+    Column("ds_name", String(512), nullable=True),  # metadata's ds_name, for the list's filter
+    Column("errors_json", Text(), nullable=True),  # the validation errors of a failed batch
+    Column("output_file_id", String(64), nullable=True),
+    Column("error_file_id", String(64), nullable=True),
+    Column("total", Integer(), nullable=False),
+    Column("completed", Integer(), nullable=False),
+    Column("failed", Integer(), nullable=False),
+    Column("owner", String(32), nullable=True),
+    Column("deadline", UtcDateTime(), nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("in_progress_at", UtcDateTime(), nullable=True),
+    Column("finalizing_at", UtcDateTime(), nullable=True),
+    Column("completed_at", UtcDateTime(), nullable=True),
+    Column("failed_at", UtcDateTime(), nullable=True),
+    Column("expired_at", UtcDateTime(), nullable=True),
+    Column("cancelling_at", UtcDateTime(), nullable=True),
+    Column("cancelled_at", UtcDateTime(), nullable=True),
+)
+
+Index(None, batches.c.key_id, batches.c.created_at)
+Index(None, batches.c.status)
+
+# One row per request line of a batch, written when the batch is validated. ``request_id`` is derived
+# from the batch id and the line number (the same on every attempt): it is the line's usage-ledger
+# request id, whose uniqueness makes a second charge of a line impossible. ``result`` is the line's
+# output- or error-file line, written in the same transaction as its charge.
+batch_lines = Table(
+    "batch_lines",
+    metadata,
+    Column("batch_id", String(64), ForeignKey("batches.id"), primary_key=True),
+    Column("line", Integer(), primary_key=True),  # 1-based, as DashScope's errors count
+    Column("custom_id", String(512), nullable=True),
+    Column("request_id", String(64), nullable=False, unique=True),
+    Column("body", Text(), nullable=False),  # the line's request body (JSON)
+    Column("state", String(16), nullable=False),  # pending | running | done | failed
+    Column("result", Text(), nullable=True),
+    Column("attempts", Integer(), nullable=False),
+)
+
+Index(None, batch_lines.c.batch_id, batch_lines.c.state)

@@ -8,13 +8,17 @@ all (or, when its Content-Length already says so, without reading it at all).
 
 from __future__ import annotations
 
+import asyncio
+import os
 import posixpath
 import re
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, BinaryIO
+from urllib.parse import quote
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import Response, StreamingResponse
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
@@ -37,6 +41,8 @@ PURPOSE_MESSAGE = "'purpose' must be 'file-extract' or 'batch'"
 DAY = re.compile(r"^\d{8}(\d{6})?$")
 LIST_LIMIT_MAX = 100
 LIST_LIMIT_DEFAULT = 20
+# Bytes read from disk per chunk of a /content answer.
+CONTENT_CHUNK = 256 * 1024
 LIST_PARAMS = frozenset({"after", "limit", "purpose", "create_after", "create_before"})
 
 
@@ -252,6 +258,26 @@ async def delete_file(request: Request, file_id: str) -> Response:
 
 @router.get("/files/{file_id}/content")
 async def file_content(request: Request, file_id: str) -> Response:
-    row, path = await get_gateway(request).files.content(key_id=_key_id(request), file_id=file_id)
-    # Streamed from disk; the stored name only as a download hint (Starlette quotes it safely).
-    return FileResponse(path, media_type="application/octet-stream", filename=row.filename)
+    row, handle = await get_gateway(request).files.content(key_id=_key_id(request), file_id=file_id)
+    size = os.fstat(handle.fileno()).st_size
+    # Streamed from the file opened by the lookup (a delete meanwhile can't make this a 500); the
+    # stored name only as a download hint, quoted the way Starlette's FileResponse does.
+    quoted = quote(row.filename)
+    disposition = (
+        f"attachment; filename*=utf-8''{quoted}"
+        if quoted != row.filename
+        else f'attachment; filename="{row.filename}"'
+    )
+    return StreamingResponse(
+        _chunks(handle),
+        media_type="application/octet-stream",
+        headers={"Content-Length": str(size), "Content-Disposition": disposition},
+    )
+
+
+async def _chunks(handle: BinaryIO) -> AsyncIterator[bytes]:
+    try:
+        while chunk := await asyncio.to_thread(handle.read, CONTENT_CHUNK):
+            yield chunk
+    finally:
+        handle.close()
