@@ -285,7 +285,9 @@ async def bench(path: str, args: argparse.Namespace) -> None:
             await kv_memory(engine, probe)
         context = engine.capabilities.max_context
         if "gap" in args.parts:
-            await long_prompt_gap(engine, probe, min(32_000, context - 200), config.prefill_chunk)
+            # The chunk is a local-engine option now (LocalModelConfig); older layouts had it flat.
+            chunk = getattr(getattr(engine, "_config", config), "prefill_chunk", 512)
+            await long_prompt_gap(engine, probe, min(32_000, context - 200), chunk)
     finally:
         probe.undo()
         await engine.aclose()
