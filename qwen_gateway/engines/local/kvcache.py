@@ -154,9 +154,10 @@ def plan_step(parts: list[tuple[RowKV, int]]) -> StepPlan:
     decode_index = decode_slots = decode_mask = None
     if decode_rows:
         longest = max(end for _, end, _ in decode_rows)
-        decode_slots = torch.zeros(len(decode_rows), longest, dtype=torch.long)
-        for i, (_, end, row) in enumerate(decode_rows):
-            decode_slots[i, :end] = row.slots[:end]
+        # One padding op for every row (not a slice assignment per row); padding reads slot 0.
+        decode_slots = torch.nn.utils.rnn.pad_sequence(
+            [row.slots[:end] for _, end, row in decode_rows], batch_first=True, padding_value=0
+        )
         lengths = torch.tensor([end for _, end, _ in decode_rows])
         decode_mask = (torch.arange(longest).unsqueeze(0) < lengths.unsqueeze(1)).view(
             len(decode_rows), 1, 1, longest
