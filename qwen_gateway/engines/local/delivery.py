@@ -32,6 +32,12 @@ class Deliveries:
         """Make the calling thread (the inference thread) the one whose posts wait for :meth:`flush`."""
         self._owner = threading.get_ident()
 
+    def unbind(self) -> None:
+        """The owning thread is ending: send what it holds, and from now on every post goes out at
+        once (a later thread may get the same ident)."""
+        self._owner = None
+        self.flush()
+
     def post(
         self,
         loop: asyncio.AbstractEventLoop,

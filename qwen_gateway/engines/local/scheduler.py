@@ -251,4 +251,4 @@ class Scheduler:
         except Exception:  # freeing memory at shutdown must not mask the original problem
             log.exception("freeing KV caches at shutdown failed")
         finally:
-            self.deliveries.flush()
+            self.deliveries.unbind()

@@ -60,12 +60,42 @@ def test_posts_from_another_thread_go_out_at_once() -> None:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[str] = asyncio.Queue()
         deliveries = Deliveries()
-        bound = threading.Thread(target=deliveries.bind)
-        bound.start()
-        bound.join()
+        bound, done = threading.Event(), threading.Event()
+
+        def owner() -> None:  # stays alive (its ident taken) until the post has arrived
+            deliveries.bind()
+            bound.set()
+            done.wait(600)
+
+        thread = threading.Thread(target=owner)
+        thread.start()
+        await asyncio.to_thread(bound.wait, 600)
         # Never flushed: an event posted outside the owning thread must not wait for a flush.
         await asyncio.to_thread(deliveries.post, loop, queue.put_nowait, "now", lambda: None)
-        assert await asyncio.wait_for(queue.get(), 60) == "now"
+        assert await asyncio.wait_for(queue.get(), 600) == "now"
+        done.set()
+        thread.join()
+
+    run(main())
+
+
+def test_after_unbind_posts_go_out_at_once_from_any_thread() -> None:
+    """A thread started after the inference thread ended may reuse its ident: unbind (the
+    scheduler's last act) sends what is held and stops holding."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[str] = asyncio.Queue()
+        deliveries = Deliveries()
+
+        def owner() -> None:
+            deliveries.bind()
+            deliveries.post(loop, queue.put_nowait, "held", lambda: None)
+            deliveries.unbind()
+            deliveries.post(loop, queue.put_nowait, "after", lambda: None)
+
+        await asyncio.to_thread(owner)
+        assert [await asyncio.wait_for(queue.get(), 600) for _ in range(2)] == ["held", "after"]
 
     run(main())
 
