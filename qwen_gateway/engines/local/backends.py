@@ -329,16 +329,24 @@ class BatchedBackend(_Base):
     def _forward(self, parts: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
         """One forward pass; the logits of the rows that need a token now, and those rows."""
         ids: list[int] = []
-        positions: list[torch.Tensor] = []
         keep: list[int] = []
         needing: list[Sequence] = []
+        # A VL prompt being prefilled brings its own 3-D positions; every other row's positions are
+        # consecutive integers, collected as one list and made one tensor (not a tensor per row).
+        with_media = any(s.vision is not None and s.kv.length < len(s.prompt_ids) for s, _ in parts)
+        positions: list[torch.Tensor] = []
+        flat: list[int] = []
         for seq, n in parts:
             kv = seq.kv
             if seq.prefill_done:
                 ids.append(seq.last_token)
             else:
                 ids.extend(seq.prompt_ids[seq.prefilled : seq.prefilled + n])
-            positions.append(self._part_positions(seq, kv.length, n))
+            if with_media:
+                positions.append(self._part_positions(seq, kv.length, n))
+            else:
+                start = kv.length + seq.rope_delta
+                flat.extend(range(start, start + n))
             if seq.prefill_done or seq.prefilled + n >= len(seq.prompt_ids):
                 keep.append(len(ids) - 1)
                 needing.append(seq)
@@ -347,7 +355,11 @@ class BatchedBackend(_Base):
         shape = (len(ids), 1) if decode_only else (1, len(ids))
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device).view(shape)
         # [tokens] or [3, tokens] -> [batch, tokens] or [3, batch, tokens]
-        pos = torch.cat(positions, dim=-1).to(self.device)
+        if with_media:
+            pos = torch.cat(positions, dim=-1).to(self.device)
+        else:
+            pos = torch.tensor(flat, dtype=torch.long)
+            pos = (pos.unsqueeze(0).expand(3, -1) if self.mrope else pos).to(self.device)
         pos = pos.view(*pos.shape[:-1], *shape)
         kwargs: dict[str, Any] = {kvcache.PLAN_KWARG: cache, **self._vision_inputs(parts, ids)}
         out = self.model(

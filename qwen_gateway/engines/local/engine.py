@@ -369,9 +369,13 @@ class LocalEngine:
         max_new = min(sampling.max_tokens, room)
         loop = asyncio.get_running_loop()
         outbox: asyncio.Queue[Outgoing] = asyncio.Queue()
+        assert self._scheduler is not None
+        deliveries = self._scheduler.deliveries
 
         def emit(item: Outgoing) -> None:
-            loop.call_soon_threadsafe(outbox.put_nowait, item)
+            # Held until the end of the inference thread's step: one wake-up per step, not per token.
+            # A closed loop means nobody listens any more: the sequence is dropped at the next step.
+            deliveries.post(loop, outbox.put_nowait, item, seq.cancel)
 
         seq = Sequence(
             request_id=request.request_id,

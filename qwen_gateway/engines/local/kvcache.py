@@ -154,9 +154,10 @@ def plan_step(parts: list[tuple[RowKV, int]]) -> StepPlan:
     decode_index = decode_slots = decode_mask = None
     if decode_rows:
         longest = max(end for _, end, _ in decode_rows)
-        decode_slots = torch.zeros(len(decode_rows), longest, dtype=torch.long)
-        for i, (_, end, row) in enumerate(decode_rows):
-            decode_slots[i, :end] = row.slots[:end]
+        # One padding op for every row (not a slice assignment per row); padding reads slot 0.
+        decode_slots = torch.nn.utils.rnn.pad_sequence(
+            [row.slots[:end] for _, end, row in decode_rows], batch_first=True, padding_value=0
+        )
         lengths = torch.tensor([end for _, end, _ in decode_rows])
         decode_mask = (torch.arange(longest).unsqueeze(0) < lengths.unsqueeze(1)).view(
             len(decode_rows), 1, 1, longest
@@ -216,17 +217,25 @@ def paged_attention(
     k_pool, v_pool = cache.pool.layer(module.layer_idx, key)
     batch, heads, tokens, dim = query.shape
     q = query.transpose(1, 2).reshape(batch * tokens, heads, dim)  # flattened order
-    out = torch.empty_like(q)
     if plan.decode_index is not None and plan.decode_slots is not None:
         rows, longest = plan.decode_slots.shape
         flat = plan.decode_slots.reshape(-1)
         k = k_pool.index_select(0, flat).view(rows, longest, *k_pool.shape[1:]).transpose(1, 2)
         v = v_pool.index_select(0, flat).view(rows, longest, *v_pool.shape[1:]).transpose(1, 2)
-        qd = q.index_select(0, plan.decode_index).unsqueeze(2)  # [rows, heads, 1, dim]
+        # A decode-only step's tokens are its rows, in order: no selection into and out of the
+        # flattened order (two copies per layer, 60 per step on a 30-layer model), same inputs.
+        decode_only = not plan.prefills and rows == batch * tokens
+        picked = q.contiguous() if decode_only else q.index_select(0, plan.decode_index)
+        qd = picked.unsqueeze(2)  # [rows, heads, 1, dim]
         o = torch.nn.functional.scaled_dot_product_attention(
             qd, k, v, attn_mask=plan.decode_mask, scale=scaling, enable_gqa=k.shape[1] != heads
         )
+        if decode_only:
+            return o.squeeze(2).view(batch, tokens, heads, dim), None
+        out = torch.empty_like(q)
         out[plan.decode_index] = o.squeeze(2)
+    else:
+        out = torch.empty_like(q)
     for part in plan.prefills:
         k = k_pool.index_select(0, part.slots).transpose(0, 1).unsqueeze(0)  # [1, kv_heads, len, dim]
         v = v_pool.index_select(0, part.slots).transpose(0, 1).unsqueeze(0)

@@ -4,7 +4,9 @@ Requests arrive through a thread-safe inbox; the thread admits them FIFO up to `
 Each step decodes one token per active sequence and, in the same step, advances the prompts being
 prefilled by at most ``prefill_chunk`` tokens in total (so a long prompt never stalls the others'
 streams for more than one chunk's worth of work). Cancelled sequences are dropped at the next step.
-Events go back through each sequence's ``emit`` callback.
+Events go back through each sequence's ``emit`` callback; the engine's callback posts them to
+:attr:`Scheduler.deliveries`, which this thread flushes after every step (one wake-up per consumer
+event loop and step, not one per token).
 
 Failure rules: an exception while serving one sequence fails that sequence only (EngineFailure, or
 EngineOverloaded for out-of-memory); the thread keeps serving the rest. If the loop itself breaks,
@@ -22,6 +24,7 @@ from typing import Any
 import torch
 
 from qwen_gateway.engines.local.backends import Backend, PrefillWork, SchedulerKind, make_backend
+from qwen_gateway.engines.local.delivery import Deliveries
 from qwen_gateway.engines.local.sequence import Sequence
 from qwen_gateway.errors import ApiError, EngineFailure, EngineOverloaded, EngineUnavailable
 
@@ -69,6 +72,8 @@ class Scheduler:
         self._closed = False
         self._stopping = threading.Event()
         self.error: BaseException | None = None  # why the loop died, if it did
+        # Events for consumers, held during a step and sent after it (see delivery.py).
+        self.deliveries = Deliveries()
         self._thread = threading.Thread(target=self._run, name=f"qwen-gateway-infer-{name}", daemon=True)
 
     # -- any thread ------------------------------------------------------------------------------------
@@ -107,6 +112,7 @@ class Scheduler:
     # -- the inference thread --------------------------------------------------------------------------
 
     def _run(self) -> None:
+        self.deliveries.bind()
         try:
             with torch.inference_mode():
                 while not self._stopping.is_set():
@@ -123,6 +129,8 @@ class Scheduler:
                             self._reap()
                     except Exception as exc:
                         self._recover(exc)
+                    # Before the next step, and before blocking on an empty inbox.
+                    self.deliveries.flush()
         except BaseException as exc:  # a bug in the loop itself: fail loudly, never hang consumers
             log.exception("the inference thread stopped")
             self.error = exc
@@ -242,3 +250,5 @@ class Scheduler:
             self._backend.remove(leftovers)
         except Exception:  # freeing memory at shutdown must not mask the original problem
             log.exception("freeing KV caches at shutdown failed")
+        finally:
+            self.deliveries.unbind()
