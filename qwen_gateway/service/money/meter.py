@@ -2,7 +2,7 @@
 
 Per request of a metered or rate-limited key:
 
-1. **Admission** (``store/money.admit``), committed before the engine sees the request, in the ledger
+1. **Admission** (``store/money.admit_many``), committed before the engine sees the request, in the ledger
    writer's next batch transaction (admissions and settlements that queue up together share one
    commit): the key's row is written first (that serialises admissions of one key across processes),
    its RPM/TPM window is checked, then ``UPDATE api_keys SET balance = balance - hold WHERE balance >=
@@ -232,20 +232,19 @@ class Meter:
         key = account.key
         now = self._clock()
 
-        def run(conn: Connection) -> money.Admitted | money.Refused:
-            return money.admit(
-                conn,
-                key_id=key.id,
-                request_id=call.request_id,
-                model=call.model.id,
-                owner=self.instance_id,
-                now=now,
-                hold_micro=hold,
-                tokens=tokens,
-                limited_hint=key.limited,
-            )
-
-        work = asyncio.ensure_future(self._writer.run(run))
+        request = money.HoldRequest(
+            key_id=key.id,
+            request_id=call.request_id,
+            model=call.model.id,
+            owner=self.instance_id,
+            now=now,
+            hold_micro=hold,
+            tokens=tokens,
+            limited_hint=key.limited,
+        )
+        # With the other admissions of the writer's next batch: a key's holds cost one UPDATE and one
+        # INSERT for all of them (store/money.admit_many).
+        work = asyncio.ensure_future(self._writer.run_grouped(money.admit_many, request))
         try:
             outcome = await asyncio.shield(work)
         except asyncio.CancelledError:
