@@ -178,6 +178,23 @@ class LedgerWriter:
             return result
         return await self.run(lambda conn: fn(conn, [arg])[0])
 
+    def submit_grouped(
+        self, fn: Callable[[Connection, Sequence[A]], Sequence[R]], arg: A
+    ) -> asyncio.Future[R] | None:
+        """:meth:`run_grouped` without a coroutine of its own (no task per call on the hot path): the
+        future of the result, or None when it can't be queued at once (queue full, closing, no
+        ``in_transaction``): then call :meth:`run_grouped`. The future is resolved once committed; a
+        caller that must know the outcome even if cancelled awaits :func:`asyncio.shield` of it."""
+        if self._in_tx is None or self._closing:
+            return None
+        committed: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._ensure_started()
+        try:
+            self._queue.put_nowait(_Pending(None, committed, group=fn, arg=arg))
+        except asyncio.QueueFull:
+            return None
+        return committed
+
     def store_connection(self) -> contextlib.AbstractAsyncContextManager[AsyncConnection]:
         """A connection of the writer's store for reads (rolled back on exit)."""
         return reading(self._store)

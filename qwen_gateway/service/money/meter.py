@@ -244,7 +244,10 @@ class Meter:
         )
         # With the other admissions of the writer's next batch: a key's holds cost one UPDATE and one
         # INSERT for all of them (store/money.admit_many).
-        work = asyncio.ensure_future(self._writer.run_grouped(money.admit_many, request))
+        work: asyncio.Future[money.Admitted | money.Refused] | None
+        work = self._writer.submit_grouped(money.admit_many, request)
+        if work is None:
+            work = asyncio.ensure_future(self._writer.run_grouped(money.admit_many, request))
         try:
             outcome = await asyncio.shield(work)
         except asyncio.CancelledError:
