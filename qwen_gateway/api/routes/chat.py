@@ -61,6 +61,11 @@ async def chat_completions(request: Request) -> Response:
     timing = Timing()
     gateway = get_gateway(request)
     body = parse_body(await read_body(request, gateway.settings.max_request_bytes))
+    # A full engine refuses now, before the rest of the validation, media and search (the answer can
+    # only be this 503: see Admission.refuse_if_full); the real admission still follows.
+    admission = gateway.models.admission_of(body.get("model"))
+    if admission is not None:
+        admission.refuse_if_full(body.get("n"))
     call = build_call(body, gateway.models, request_id=request_id_of(request))
     # Every image and video of the request, fetched concurrently before anything runs: a refusal is a
     # plain 400 (never charged), before any header of a stream goes out.

@@ -33,6 +33,11 @@ async def _generation(request: Request, *, multimodal: bool) -> Response:
     timing = Timing()
     gateway = get_gateway(request)
     body = parse_body(await read_body(request, gateway.settings.max_request_bytes))
+    # A full engine refuses first (see routes/chat.py).
+    admission = gateway.models.admission_of(body.get("model"))
+    if admission is not None:
+        parameters = body.get("parameters")
+        admission.refuse_if_full(parameters.get("n") if isinstance(parameters, dict) else None)
     native = build_native_call(
         body,
         gateway.models,
