@@ -208,7 +208,8 @@ class Meter:
     def hold_for(self, call: ChatCall, price: Price | None = None) -> tuple[int, int]:
         """(tokens, micro-CNY) the call holds: its prompt's bound (counted once: the choices share it)
         plus every choice's worst case (``max_tokens``, and its reasoning budget while thinking)."""
-        prompt = prompt_tokens_bound(call.generation)
+        # A web search still to run (after admission) adds at most its reserve to the prompt.
+        prompt = prompt_tokens_bound(call.generation) + call.search_reserve
         # A prompt can't be longer than the engine's context (it is refused before it runs): without
         # this cap, a prompt far past the context held more than any key has and was refused as
         # Arrearage instead of getting the engine's "Range of input length" 400. 0: not declared.
