@@ -42,7 +42,7 @@ _LEDGER_COLUMNS = (
     "created_at",
     "usage_source",
 )
-_HOLD_COLUMNS = ("request_id", "key_id", "amount_micro", "model", "owner", "created_at")
+_HOLD_COLUMNS = ("request_id", "key_id", "amount_micro", "model", "owner", "created_at", "endpoint")
 
 FAST_HOLD = (
     "UPDATE api_keys SET balance_micro = balance_micro - :hold, last_used_at = :now "

@@ -78,6 +78,7 @@ class HoldRequest:
     hold_micro: int
     tokens: int
     limited_hint: bool = False
+    endpoint: str = "chat.completions"
 
 
 def admit(
@@ -131,6 +132,7 @@ def _hold_row(cur: driver.Cursor, request: HoldRequest) -> dict[str, Any]:
         "model": request.model,
         "owner": request.owner,
         "created_at": cur.when(request.now),
+        "endpoint": request.endpoint,
     }
 
 
@@ -425,7 +427,8 @@ def release_stale_holds(
                         request_id=hold.request_id,
                         key_id=hold.key_id,
                         model=hold.model,
-                        endpoint="chat.completions",
+                        # Holds taken before migration 0008 don't say.
+                        endpoint=hold.endpoint or "chat.completions",
                         prompt_tokens=0,
                         completion_tokens=0,
                         status="expired",

@@ -242,6 +242,7 @@ class Meter:
             hold_micro=hold,
             tokens=tokens,
             limited_hint=key.limited,
+            endpoint=call.endpoint,
         )
         # With the other admissions of the writer's next batch: a key's holds cost one UPDATE and one
         # INSERT for all of them (store/money.admit_many).

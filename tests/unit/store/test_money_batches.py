@@ -5,17 +5,19 @@ one in the same order would: each sees the ones before it."""
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection
+from sqlalchemy import Connection, select
 
 from qwen_gateway.store import money
 from qwen_gateway.store.db import Store
 from qwen_gateway.store.keys import insert_key
+from qwen_gateway.store.tables import usage_ledger
 from tests.unit.store.conftest import StoreRunner
 from tests.unit.store.test_money import NOW, _row, _run, _state
 from tests.unit.store.test_money_driver import _on_writer_connection
@@ -190,3 +192,45 @@ def test_rows_costing_more_than_is_left_are_charged_in_order(with_store: StoreRu
     settled, state = with_store(body)
     assert settled == [50, 0]
     assert state == (0, 0, 300)  # never below zero; the ledger sums to the balance change
+
+
+def test_a_dead_processes_hold_is_ledgered_under_its_endpoint(with_store: StoreRunner, on: Runner) -> None:
+    async def body(store: Store) -> Any:
+        key = await _key(store, 1000)
+        request = money.HoldRequest(
+            key_id=key,
+            request_id="native-1",
+            model="m",
+            owner="dead",
+            now=NOW,
+            hold_micro=100,
+            tokens=10,
+            endpoint="native.text-generation",
+        )
+        compat = dataclasses.replace(request, request_id="compat-1", endpoint="chat.completions")
+        await on(store, lambda c: money.admit_many(c, [request, compat]))
+        await _run(
+            store,
+            lambda c: money.release_stale_holds(
+                c,
+                me="me",
+                hostname="h",
+                pid_alive=lambda pid: True,
+                now=NOW,
+                stale_after=timedelta(seconds=60),
+                max_age=timedelta(days=1),
+            ),
+        )
+        rows = await _run(
+            store,
+            lambda c: [(r.request_id, r.endpoint, r.status) for r in c.execute(select(usage_ledger))],
+        )
+        return rows, await _run(store, lambda c: _state(c, key))
+
+    rows, state = with_store(body)
+    # Their owner never registered: dead. Each row names its request's endpoint.
+    assert sorted(rows) == [
+        ("compat-1", "chat.completions", "expired"),
+        ("native-1", "native.text-generation", "expired"),
+    ]
+    assert state == (1000, 0, 0)
