@@ -57,6 +57,12 @@ CHARGE = (
     "UPDATE api_keys SET balance_micro = balance_micro + :released - :cost "
     "WHERE id = :key AND balance_micro + :released >= :cost RETURNING balance_micro"
 )
+# Several settlements of one key: ``delta`` the sum of their (released - cost), ``low`` the lowest of
+# its running sums, so the condition holds exactly when each one's CHARGE would have, one by one.
+CHARGE_MANY = (
+    "UPDATE api_keys SET balance_micro = balance_micro + :delta "
+    "WHERE id = :key AND balance_micro + :low >= 0 RETURNING balance_micro"
+)
 INSERT_LEDGER = (
     f"INSERT INTO usage_ledger ({', '.join(_LEDGER_COLUMNS)}) "
     f"VALUES ({', '.join(':' + c for c in _LEDGER_COLUMNS)})"

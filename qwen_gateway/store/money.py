@@ -292,16 +292,20 @@ def _settle(conn: Connection, cur: driver.Cursor, rows: Sequence[NewUsage]) -> l
     for key_id, indices in by_key.items():
         gives = [released.get(rows[i].request_id, 0) for i in indices]
         costs = [rows[i].cost_micro or 0 for i in indices]
-        charged = cur.one(driver.CHARGE, {"key": key_id, "released": sum(gives), "cost": sum(costs)})
+        running, low = 0, 0
+        for give, cost in zip(gives, costs, strict=True):
+            running += give - cost
+            low = min(low, running)
+        charged = cur.one(driver.CHARGE_MANY, {"key": key_id, "delta": running, "low": low})
         if charged is not None:
             # Each row's balance after its own charge, as if charged one by one in this order.
-            balance = int(charged[0]) - sum(gives) + sum(costs)
+            balance = int(charged[0]) - running
             for i, give, cost in zip(indices, gives, costs, strict=True):
                 balance += give - cost
                 out[i] = balance
             continue
-        # Rare: together they cost more than is held and left. One by one, so the rows that fit are
-        # charged in full and the first that does not takes what is left.
+        # Rare: one of them costs more than is held and left when its turn comes. One by one, so the
+        # rows that fit are charged in full and one that does not takes what is left.
         for i, give, cost in zip(indices, gives, costs, strict=True):
             after = cur.one(driver.CHARGE, {"key": key_id, "released": give, "cost": cost})
             out[i] = int(after[0]) if after is not None else _charge_what_is_left(conn, rows[i], give)

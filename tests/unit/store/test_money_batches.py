@@ -234,3 +234,19 @@ def test_a_dead_processes_hold_is_ledgered_under_its_endpoint(with_store: StoreR
         ("native-1", "native.text-generation", "expired"),
     ]
     assert state == (1000, 0, 0)
+
+
+def test_a_later_rows_hold_does_not_pay_for_an_earlier_row(with_store: StoreRunner, on: Runner) -> None:
+    """Charged together, rows end exactly as charged one by one: the first row, costing more than is
+    held and left at its turn, takes what is left, even though a later row gives a hold back."""
+
+    async def body(store: Store) -> tuple[Any, ...]:
+        key = await _key(store, 700)
+        await on(store, lambda c: money.admit_many(c, [_hold(key, "a", 0), _hold(key, "b", 600)]))
+        rows = [_row(key, "a", 500, 0), _row(key, "b", 0, 600)]
+        settled = await on(store, lambda c: money.settle(c, rows=rows))
+        return settled, await _run(store, lambda c: _state(c, key))
+
+    settled, state = with_store(body)
+    assert settled == [0, 600]  # never a balance below zero, for the key or in an answer's header
+    assert state == (600, 0, 100)
