@@ -18,6 +18,8 @@ from qwen_gateway.errors import EngineOverloaded
 
 # Seconds a refused client is told to wait: a queue of a few batches drains in about that time.
 RETRY_AFTER_SECONDS = 1
+# The largest ``n`` a request may ask for (service/validation.py refuses more).
+MAX_N = 4
 
 
 class Admission:
@@ -61,6 +63,17 @@ class Admission:
         else:
             self.live_at = time.monotonic()
         return Ticket(self, n, background)
+
+    def refuse_if_full(self, n: object = 1) -> None:
+        """Raise EngineOverloaded now if the request would be refused by :meth:`acquire` as things
+        stand: the cheap check a route makes as soon as it knows the model, before validating the rest
+        of the request (under a burst, each surplus request otherwise paid the whole validation, media
+        and search before the refusal, on the one event loop every refusal queues behind). ``n`` is the
+        body's raw ``n``: anything but a valid count counts as 1, the fewest sequences any valid request
+        takes, so nothing is refused here that :meth:`acquire` would admit."""
+        count = n if isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_N else 1
+        if self._held + count > self.running + self.queue:
+            raise EngineOverloaded(retry_after=RETRY_AFTER_SECONDS)
 
     def _release(self, n: int, background: bool) -> None:
         self._held -= n

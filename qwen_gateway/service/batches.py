@@ -513,14 +513,17 @@ class BatchService:
             call = build_call(body, self.models, request_id=rid)
             call = dataclasses.replace(call, endpoint=LEDGER_ENDPOINT, background=True)
             call = await resolve_media(call, self.media)
-            call = await self.search.apply(call)
+            # As on a live request: planned (and reserved for in the hold) now, searched once admitted.
+            call = self.search.plan(call)
             call = await fileids.inject(call, self.files, key_id=key.id, max_files=self.max_files_per_request)
             while not _has_room(call.model, self.settings.idle_seconds):
                 if batch.id in self._stopping:
                     raise _Later(0)  # cancelled or expired while waiting: back to pending, then failed
                 await asyncio.sleep(ROOM_POLL_SECONDS)
             # No await between the room check and the chat service taking its slots.
-            result = await self.chat.complete(call, key_id=key.id, account=self.meter.account_for(key))
+            result = await self.chat.complete(
+                call, key_id=key.id, account=self.meter.account_for(key), prepare=self.search.apply
+            )
         except (RateLimited, QuotaExceeded) as exc:
             raise _Later(exc.retry_after or 1) from None
         except ApiError as exc:

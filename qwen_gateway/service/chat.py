@@ -14,7 +14,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Protocol, assert_never
 
 from qwen_gateway.engines.base import (
@@ -74,6 +74,11 @@ class Admit(Protocol):
     async def __call__(self, call: ChatCall, account: Account) -> None: ...
 
 
+# What runs on an admitted call before the engine sees it (the web search): returns the call to run
+# (the same one when there is nothing to do).
+Prepare = Callable[[ChatCall], Awaitable[ChatCall]]
+
+
 class ChatService:
     def __init__(
         self, usage_sink: UsageSink, admit: Admit | None = None, metrics: Metrics | None = None
@@ -92,6 +97,7 @@ class ChatService:
         stop: Callable[[], bool] | None = None,
         account: Account | None = None,
         timing: Timing | None = None,
+        prepare: Prepare | None = None,
     ) -> AsyncGenerator[ChoiceEvent, None]:
         """The request's choice events, ending with :class:`UsageReport` or :class:`StreamFailed`.
 
@@ -103,6 +109,10 @@ class ChatService:
         ``account`` (a metered or limited key) is admitted first (limits, balance hold: a refusal is a
         :class:`StreamFailed` before output, nothing charged, no ledger row) and settled at the end with
         what the request spent: prompt + generated tokens, nothing for a failure before output.
+
+        ``prepare`` (the web search) runs once the request is admitted and its hold taken, before the
+        engine sees it, and gives the call that runs: work that costs something (a provider call) is
+        never done for a request that is refused.
         """
         started = time.monotonic()
         timing = timing or Timing()
@@ -132,6 +142,12 @@ class ChatService:
                 finally:
                     # Refused, or cancelled while admitting: settled below only if the hold was taken.
                     settle = account.admitted
+            if prepare is not None:
+                prepared = await prepare(call)
+                if prepared is not call:
+                    await engine_events.aclose()  # not started: it was made for the call before
+                    call = prepared
+                    engine_events = self._engine_events(call, late, timing)
             try:
                 async for index, event in engine_events:
                     if index in ended:
@@ -219,8 +235,10 @@ class ChatService:
         stop: Callable[[], bool] | None = None,
         account: Account | None = None,
         timing: Timing | None = None,
+        prepare: Prepare | None = None,
     ) -> ChatResult:
-        """The whole answer at once (non-stream); a failure raises its :class:`ApiError`."""
+        """The whole answer at once (non-stream); a failure raises its :class:`ApiError`. ``prepare``:
+        as for :meth:`events`."""
         wants_logprobs = call.generation.sampling.logprobs is not None
         choices = [
             ChoiceResult(i, [], [], [], logprobs=[] if wants_logprobs else None) for i in range(call.n)
@@ -228,7 +246,7 @@ class ChatService:
         calls: dict[tuple[int, int], list[str]] = {}
         heads: dict[tuple[int, int], tuple[str, str]] = {}
         total = Usage(0, 0)
-        events = self.events(call, key_id=key_id, stop=stop, account=account, timing=timing)
+        events = self.events(call, key_id=key_id, stop=stop, account=account, timing=timing, prepare=prepare)
         try:
             async for event in events:
                 match event:

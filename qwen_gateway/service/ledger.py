@@ -50,6 +50,8 @@ from qwen_gateway.store.usage import NewUsage, insert_usage, insert_usage_sync
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+A = TypeVar("A")
+R = TypeVar("R")
 
 # Writes one batch in one transaction, all or nothing: ``write(store=..., rows=...)`` on the async
 # store, or ``write_sync(conn=..., rows=...)`` on a synchronous connection in the store's worker thread.
@@ -65,6 +67,10 @@ class _Pending:
     committed: asyncio.Future[Any] | None = None
     # A short transaction's work (the admission hold) run in the batch's transaction instead of a row.
     job: Callable[[Connection], Any] | None = None
+    # A job that takes every item of its kind in the batch at once (``run_grouped``): ``group(conn,
+    # [arg, ...])`` returns one result per arg, in order.
+    group: Callable[[Connection, Sequence[Any]], Sequence[Any]] | None = None
+    arg: Any = None
 
 
 class LedgerWriter:
@@ -156,6 +162,39 @@ class LedgerWriter:
         async with transaction(self._store) as conn:
             return await conn.run_sync(fn)
 
+    async def run_grouped(self, fn: Callable[[Connection, Sequence[A]], Sequence[R]], arg: A) -> R:
+        """``fn(conn, [arg])[0]``, where ``fn`` is given every ``arg`` handed over for it that queued up
+        for the same batch (in arrival order), in that batch's transaction; else (no ``in_transaction``,
+        or closing) in one of its own. Same commit guarantee as :meth:`run`."""
+        if self._in_tx is not None and not self._closing:
+            item = _Pending(None, asyncio.get_running_loop().create_future(), group=fn, arg=arg)
+            self._ensure_started()
+            try:
+                self._queue.put_nowait(item)
+            except asyncio.QueueFull:
+                await self._queue.put(item)
+            assert item.committed is not None
+            result: R = await item.committed
+            return result
+        return await self.run(lambda conn: fn(conn, [arg])[0])
+
+    def submit_grouped(
+        self, fn: Callable[[Connection, Sequence[A]], Sequence[R]], arg: A
+    ) -> asyncio.Future[R] | None:
+        """:meth:`run_grouped` without a coroutine of its own (no task per call on the hot path): the
+        future of the result, or None when it can't be queued at once (queue full, closing, no
+        ``in_transaction``): then call :meth:`run_grouped`. The future is resolved once committed; a
+        caller that must know the outcome even if cancelled awaits :func:`asyncio.shield` of it."""
+        if self._in_tx is None or self._closing:
+            return None
+        committed: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._ensure_started()
+        try:
+            self._queue.put_nowait(_Pending(None, committed, group=fn, arg=arg))
+        except asyncio.QueueFull:
+            return None
+        return committed
+
     def store_connection(self) -> contextlib.AbstractAsyncContextManager[AsyncConnection]:
         """A connection of the writer's store for reads (rolled back on exit)."""
         return reading(self._store)
@@ -227,9 +266,17 @@ class LedgerWriter:
         if in_tx is not None:
             jobs = [(i, p.job) for i, p in enumerate(items) if p.job is not None]
             rows = [(i, p.row) for i, p in enumerate(items) if p.row is not None]
+            groups: dict[Callable[[Connection, Sequence[Any]], Sequence[Any]], list[int]] = {}
+            for i, p in enumerate(items):
+                if p.group is not None:
+                    groups.setdefault(p.group, []).append(i)
 
             def work(conn: Connection) -> list[Any]:
                 out: list[Any] = [None] * len(items)
+                for group, indices in groups.items():
+                    results = group(conn, [items[i].arg for i in indices])
+                    for i, result in zip(indices, results, strict=True):
+                        out[i] = result
                 for i, job in jobs:
                     out[i] = job(conn)
                 if rows:

@@ -82,6 +82,11 @@ class ModelRegistry:
         except KeyError:
             raise ModelNotFound(model_id) from None
 
+    def admission_of(self, model_id: object) -> Admission | None:
+        """The admission bounds of ``model_id`` if it is served (None: unknown, or not a string)."""
+        served = self._models.get(model_id) if isinstance(model_id, str) else None
+        return None if served is None else served.admission
+
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self._models.values())
 

@@ -216,27 +216,44 @@ class WebSearch:
         if self._provider is not None:
             await self._provider.aclose()
 
-    async def apply(self, call: ChatCall, *, today: dt.date | None = None) -> ChatCall:
-        """``call`` with its search run and the results in its prompt (unchanged when it asks for
-        none). Raises only the 400 for ``forced_search`` without a provider."""
+    def _count(self, options: SearchOptions) -> int:
+        return self._settings.max_results if STRATEGIES[options.strategy] else self._settings.results
+
+    def plan(self, call: ChatCall) -> ChatCall:
+        """Decide, before admission, whether ``call`` will be searched, and reserve in it
+        (``search_reserve``) the most tokens the results can add to its prompt, for the hold. Raises
+        only the 400 for ``forced_search`` without a provider. The search itself runs after admission
+        (:meth:`apply`): a request refused for its balance, its limits or the engine's capacity costs
+        no provider call."""
         if not call.enable_search:
             return call
-        options = call.search_options
         if self._provider is None:
-            if options.forced:
+            if call.search_options.forced:
                 raise InvalidParameter(
                     "search_options.forced_search is not supported: no search provider is configured.",
                     param="search_options.forced_search",
                 )
             return call
         messages = call.generation.messages
-        text = query_text(messages)
-        if not text:
+        if not query_text(messages):
             log.info(
                 "request %s: enable_search without user text to search for; not searched", call.request_id
             )
             return call
-        count = self._settings.max_results if STRATEGIES[options.strategy] else self._settings.results
+        reserve = block_bound(
+            self._count(call.search_options), has_system=bool(messages) and messages[0].role == "system"
+        )
+        return dataclasses.replace(call, search_reserve=reserve)
+
+    async def apply(self, call: ChatCall, *, today: dt.date | None = None) -> ChatCall:
+        """``call`` with its search run and the results in its prompt (unchanged when :meth:`plan`
+        planned none). A provider failure only means no results."""
+        if not call.search_reserve or self._provider is None:
+            return call
+        options = call.search_options
+        messages = call.generation.messages
+        text = query_text(messages)
+        count = self._count(options)
         query = SearchQuery(text, count=count, freshness_days=options.freshness, sites=options.sites)
         try:
             hits = await self._provider.search(query)
@@ -256,17 +273,52 @@ class WebSearch:
             )
             return call
         specials = tuple(call.model.engine.capabilities.special_tokens)
+        # What the reserve was made of, whatever the provider answered: at most ``count`` results,
+        # each field within its byte bound (a URL past it is not cut into a wrong one: its result goes).
+        kept = [h for h in hits if len(inert(h.url, specials).encode()) <= MAX_URL_BYTES][:count]
         results = tuple(
-            SearchResult(i, inert(h.title, specials), inert(h.url, specials), h.site_name, h.icon)
-            for i, h in enumerate(hits, start=1)
+            SearchResult(
+                i,
+                _clip(inert(h.title, specials), MAX_TITLE_BYTES),
+                inert(h.url, specials),
+                h.site_name,
+                h.icon,
+            )
+            for i, h in enumerate(kept, start=1)
         )
-        snippets = tuple(inert(h.snippet, specials) for h in hits)
+        snippets = tuple(_clip(inert(h.snippet, specials), MAX_SNIPPET_BYTES) for h in kept)
         if results:
             block = search_block(results, snippets, options, today or dt.datetime.now(dt.UTC).date())
             messages = with_search_block(messages, block)
         info = SearchInfo(results, options.strategy, count=1, enable_source=options.enable_source)
         generation = dataclasses.replace(call.generation, messages=messages)
         return dataclasses.replace(call, generation=generation, search_info=info)
+
+
+# Bytes of a result's title, URL and snippet put in the prompt (a provider's own caps are smaller:
+# SearXNG keeps 200 and 600 characters). They bound what a search adds to the prompt before it runs,
+# which the admission hold must cover (block_bound).
+MAX_TITLE_BYTES = 800
+MAX_URL_BYTES = 1024
+MAX_SNIPPET_BYTES = 2400
+# The block's own text: its header (with the date), the closing instructions (with two markers), the
+# blank line joining it to a system message; and a system message's template tokens when it makes one.
+_BLOCK_TEXT_BYTES = 512
+_MESSAGE_TOKENS = 16
+# Per result, besides its fields: the label ("[ref_12]" / "Result 12:"), "URL: ", line breaks.
+_RESULT_TEXT_BYTES = 32
+
+
+def block_bound(count: int, *, has_system: bool) -> int:
+    """At most how many tokens the block of ``count`` results adds to a prompt (one token per byte at
+    most: byte-level BPE, as service/money/estimate.py bounds the rest of the prompt)."""
+    per_result = _RESULT_TEXT_BYTES + MAX_TITLE_BYTES + MAX_URL_BYTES + MAX_SNIPPET_BYTES
+    return _BLOCK_TEXT_BYTES + count * per_result + (0 if has_system else _MESSAGE_TOKENS)
+
+
+def _clip(text: str, max_bytes: int) -> str:
+    raw = text.encode()
+    return text if len(raw) <= max_bytes else raw[:max_bytes].decode(errors="ignore")
 
 
 # Chat-template control tokens of the Qwen family (<|im_start|>, <|im_end|>, <|endoftext|>,

@@ -73,6 +73,9 @@ class ChatCall:
     enable_search: bool = False
     search_options: SearchOptions = dataclasses.field(default_factory=SearchOptions)
     search_info: SearchInfo | None = None
+    # Tokens the admission hold adds for the search still to run after it (``WebSearch.plan``): at
+    # most what its results can add to the prompt.
+    search_reserve: int = 0
     # Image/video parts still to fetch (service/media.py ``resolve`` puts them into ``generation``).
     media: tuple[MediaSlot, ...] = ()
     # More than one tool call per answer (DashScope's default: one).

@@ -10,7 +10,9 @@ is the same on both backends (standard SQL plus ``RETURNING``, which SQLite has 
 parameter markers and the datetime encoding differ, and both are handled here once.
 
 The cursor belongs to the SQLAlchemy connection the caller is in a transaction on, so these statements
-join that transaction (commit and rollback stay SQLAlchemy's). Everything else keeps SQLAlchemy Core.
+join that transaction (commit and rollback stay SQLAlchemy's). On a connection this module can't reach
+the driver of (``AsyncConnection.run_sync``), :class:`Cursor` runs the same text through
+``exec_driver_sql``. Everything else keeps SQLAlchemy Core.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ _LEDGER_COLUMNS = (
     "created_at",
     "usage_source",
 )
-_HOLD_COLUMNS = ("request_id", "key_id", "amount_micro", "model", "owner", "created_at")
+_HOLD_COLUMNS = ("request_id", "key_id", "amount_micro", "model", "owner", "created_at", "endpoint")
 
 FAST_HOLD = (
     "UPDATE api_keys SET balance_micro = balance_micro - :hold, last_used_at = :now "
@@ -55,12 +57,57 @@ CHARGE = (
     "UPDATE api_keys SET balance_micro = balance_micro + :released - :cost "
     "WHERE id = :key AND balance_micro + :released >= :cost RETURNING balance_micro"
 )
+# Several settlements of one key: ``delta`` the sum of their (released - cost), ``low`` the lowest of
+# its running sums, so the condition holds exactly when each one's CHARGE would have, one by one.
+CHARGE_MANY = (
+    "UPDATE api_keys SET balance_micro = balance_micro + :delta "
+    "WHERE id = :key AND balance_micro + :low >= 0 RETURNING balance_micro"
+)
 INSERT_LEDGER = (
     f"INSERT INTO usage_ledger ({', '.join(_LEDGER_COLUMNS)}) "
     f"VALUES ({', '.join(':' + c for c in _LEDGER_COLUMNS)})"
 )
 
-_NAMED = re.compile(r":([a-z_]+)")
+# The rate-limited path (store/money.py): the key row written first (it serialises admissions of the key
+# across processes) and read as of now, the key's window, the hold, the window's count.
+TOUCH = (
+    "UPDATE api_keys SET last_used_at = :now WHERE id = :key RETURNING rpm_limit, tpm_limit, balance_micro"
+)
+TAKE = (
+    "UPDATE api_keys SET balance_micro = balance_micro - :hold "
+    "WHERE id = :key AND balance_micro >= :hold RETURNING balance_micro"
+)
+WINDOW_READ = (
+    "SELECT coalesce(sum(requests), 0), coalesce(sum(tokens), 0), min(second) FROM rate_windows "
+    "WHERE key_id = :key AND second > :oldest"
+)
+WINDOW_COUNT = (
+    "UPDATE rate_windows SET requests = requests + :requests, tokens = tokens + :tokens "
+    "WHERE key_id = :key AND second = :second"
+)
+WINDOW_EXPIRE = "DELETE FROM rate_windows WHERE key_id = :key AND second <= :oldest"
+WINDOW_INSERT = (
+    "INSERT INTO rate_windows (key_id, second, requests, tokens) VALUES (:key, :second, :requests, :tokens)"
+)
+WINDOW_CORRECT = "UPDATE rate_windows SET tokens = tokens + :delta WHERE key_id = :key AND second = :second"
+# Releases of many holds in one statement (RETURNING is not allowed with executemany); the text is made
+# once per size, sizes bounded by RELEASE_CHUNK.
+RELEASE_CHUNK = 64
+_RELEASE_MANY: dict[int, str] = {}
+
+
+def release_many(count: int) -> str:
+    """``DELETE ... WHERE request_id IN (:r0, ..., :r<count-1>) RETURNING request_id, amount_micro``."""
+    text = _RELEASE_MANY.get(count)
+    if text is None:
+        marks = ", ".join(f":r{i}" for i in range(count))
+        text = _RELEASE_MANY[count] = (
+            f"DELETE FROM holds WHERE request_id IN ({marks}) RETURNING request_id, amount_micro"
+        )
+    return text
+
+
+_NAMED = re.compile(r":([a-z_][a-z_0-9]*)")
 _PG_CACHE: dict[str, str] = {}
 
 
@@ -96,34 +143,54 @@ def when(conn: Connection, moment: datetime) -> Any:
     return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
-def one(conn: Connection, sql: str, params: Mapping[str, Any]) -> Any:
-    """The first column of the first row ``sql`` returns (None: no row)."""
-    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-    try:
-        cursor.execute(_sql(conn, sql), params)
-        row = cursor.fetchone()
-    finally:
-        cursor.close()
-    return None if row is None else row[0]
+class Cursor:
+    """One cursor for a run of statements in the caller's transaction: the driver's own (sqlite3,
+    psycopg: see :func:`supported`), else ``exec_driver_sql`` on ``conn`` (the same text and
+    parameters; an async driver adapted by ``run_sync``). Read each statement's rows before the next."""
 
+    __slots__ = ("_conn", "_pg", "_raw")
 
-def run(conn: Connection, sql: str, params: Mapping[str, Any]) -> None:
-    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-    try:
-        cursor.execute(_sql(conn, sql), params)
-    finally:
-        cursor.close()
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._pg = conn.dialect.name != "sqlite"
+        self._raw: Any = conn.connection.driver_connection.cursor() if supported(conn) else None  # type: ignore[union-attr]
 
+    def when(self, moment: datetime) -> Any:
+        return moment if self._pg else when(self._conn, moment)
 
-def run_many(conn: Connection, sql: str, rows: Sequence[Mapping[str, Any]]) -> None:
-    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-    try:
-        cursor.executemany(_sql(conn, sql), rows)
-    finally:
-        cursor.close()
+    def _sql(self, sql: str) -> str:
+        return _sql(self._conn, sql)
 
+    def one(self, sql: str, params: Mapping[str, Any]) -> Any:
+        """The first row (a tuple) ``sql`` returns, None if none."""
+        if self._raw is not None:
+            self._raw.execute(self._sql(sql), params)
+            return self._raw.fetchone()
+        row = self._conn.exec_driver_sql(self._sql(sql), dict(params)).first()
+        return None if row is None else tuple(row)
 
-def ledger_params(conn: Connection, values: dict[str, Any]) -> dict[str, Any]:
-    """A ledger row's values (``NewUsage.values()``) as driver parameters."""
-    values["created_at"] = when(conn, values["created_at"])
-    return values
+    def all(self, sql: str, params: Mapping[str, Any]) -> list[Any]:
+        if self._raw is not None:
+            self._raw.execute(self._sql(sql), params)
+            return list(self._raw.fetchall())
+        return [tuple(r) for r in self._conn.exec_driver_sql(self._sql(sql), dict(params)).all()]
+
+    def run(self, sql: str, params: Mapping[str, Any]) -> int:
+        """Run ``sql``; the number of rows it changed."""
+        if self._raw is not None:
+            self._raw.execute(self._sql(sql), params)
+            return int(self._raw.rowcount)
+        return int(self._conn.exec_driver_sql(self._sql(sql), dict(params)).rowcount)
+
+    def many(self, sql: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        if not rows:
+            return
+        if self._raw is not None:
+            self._raw.executemany(self._sql(sql), rows)
+        else:
+            self._conn.exec_driver_sql(self._sql(sql), [dict(r) for r in rows])
+
+    def close(self) -> None:
+        if self._raw is not None:
+            self._raw.close()
+            self._raw = None

@@ -133,6 +133,9 @@ holds = Table(
     Column("model", String(200), nullable=False),
     Column("owner", String(32), nullable=False),
     Column("created_at", UtcDateTime(), nullable=False),
+    # Where the request came in (the ledger's endpoint), for the "expired" row of a dead process's
+    # hold; NULL in holds taken before migration 0008.
+    Column("endpoint", String(64), nullable=True),
 )
 
 Index(None, holds.c.owner)

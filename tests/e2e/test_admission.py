@@ -73,6 +73,15 @@ def test_past_the_queue_requests_get_503_with_retry_after(small: Server) -> None
         assert error["code"] == "ModelServingError"
         assert "capacity" in error["message"]
         assert small.ledger(refused.headers["x-request-id"]) == []
+        # The native protocol's route refuses the same way, in its own shape.
+        native = client.post(
+            f"{small.base_url}/api/v1/services/aigc/text-generation/generation",
+            json={"model": "qwen-turbo", "input": {"prompt": "Hi"}, "parameters": {"max_tokens": 5}},
+        )
+        assert native.status_code == 503, native.text
+        assert native.headers["retry-after"] == "1"
+        assert native.json()["code"] == "ModelServingError"
+        assert small.ledger(native.headers["x-request-id"]) == []
 
         # A queued client that hangs up gives its place back at once.
         admitted[3].close()

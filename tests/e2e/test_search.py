@@ -176,6 +176,32 @@ def test_a_metered_key_is_charged_for_the_injected_results_as_input(search_serve
     assert r.headers["x-account-balance"] == f"{left // 1_000_000}.{left % 1_000_000 // 100:04d}"
 
 
+def test_a_refused_key_costs_no_provider_call(search_server: Server, searx: FakeSearxng) -> None:
+    """The search runs after admission: a key refused for its balance or its limits triggers none."""
+    poor = create_key(search_server.home, "search-poor", "--balance", "0.0001")  # below any hold
+    limited = create_key(search_server.home, "search-rpm", "--rpm", "1")
+
+    def ask(key: str, text: str) -> httpx.Response:
+        return httpx.post(
+            f"{search_server.compat_url}/chat/completions",
+            headers={"Authorization": f"Bearer {key}"},
+            json={"model": "qwen-plus", "max_tokens": 2, "messages": user(text), "enable_search": True},
+            timeout=120,
+        )
+
+    broke = ask(poor, "e2e-poor what is new")
+    assert broke.status_code == 400 and broke.json()["error"]["code"] == "Arrearage", broke.text
+    assert searx.requests_for("e2e-poor") == []
+    first = ask(limited, "e2e-rpm-first what is new")
+    assert first.status_code == 200, first.text
+    assert len(searx.requests_for("e2e-rpm-first")) == 1  # admitted: searched once
+    over = ask(limited, "e2e-rpm-over what is new")  # the second request of the minute
+    assert over.status_code == 429, over.text
+    assert searx.requests_for("e2e-rpm-over") == []
+    assert search_server.ledger(broke.headers["x-request-id"]) == []
+    assert search_server.ledger(over.headers["x-request-id"]) == []
+
+
 def test_streamed_answer_counts_the_same_prompt(search_server: Server) -> None:
     messages = user("e2e-stream hangzhou weather tomorrow")
     body = {

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -61,32 +60,50 @@ async def chat_completions(request: Request) -> Response:
     timing = Timing()
     gateway = get_gateway(request)
     body = parse_body(await read_body(request, gateway.settings.max_request_bytes))
+    # A full engine refuses now, before the rest of the validation, media and search (the answer can
+    # only be this 503: see Admission.refuse_if_full); the real admission still follows.
+    admission = gateway.models.admission_of(body.get("model"))
+    if admission is not None:
+        admission.refuse_if_full(body.get("n"))
     call = build_call(body, gateway.models, request_id=request_id_of(request))
     # Every image and video of the request, fetched concurrently before anything runs: a refusal is a
     # plain 400 (never charged), before any header of a stream goes out.
     call = await resolve_media(call, gateway.media)
-    # The web search (enable_search) before anything runs, so its results are part of the prompt that
-    # is admitted, held for and counted; a provider failure only means no results.
-    call = await gateway.search.apply(call)
+    # The web search (enable_search) runs once the request is admitted and held for (an over-limit key
+    # or a full engine costs no provider call); the hold covers the most its results can add to the
+    # prompt, and the exact prompt, results included, is what is counted and charged.
+    call = gateway.search.plan(call)
     return await answer(
-        request,
-        call,
-        functools.partial(compat.sse_frames, call),
-        functools.partial(compat.completion_body, call),
-        timing,
+        request, call, compat.sse_frames, compat.completion_body, timing, prepare=gateway.search.apply
     )
+
+
+Frames = Callable[[ChatCall, AsyncGenerator[ChoiceEvent, None]], AsyncGenerator[bytes, None]]
 
 
 async def answer(
     request: Request,
     call: ChatCall,
-    frames: Callable[[AsyncGenerator[ChoiceEvent, None]], AsyncGenerator[bytes, None]],
-    body: Callable[[ChatResult], dict[str, Any]],
+    frames: Frames,
+    body: Callable[[ChatCall, ChatResult], dict[str, Any]],
     timing: Timing,
+    *,
+    prepare: Callable[[ChatCall], Awaitable[ChatCall]] | None = None,
 ) -> Response:
     """Run a validated call and answer it, streamed (``frames``) or whole (``body``): the part of a
     chat route both protocols share (admission, money, shutdown, disconnects). ``timing`` started
-    when the request arrived (the gateway's own overhead, reported in a header and /metrics)."""
+    when the request arrived (the gateway's own overhead, reported in a header and /metrics).
+    ``prepare`` runs on the admitted call (the web search, ChatService.events); the renderers are
+    given the call it made."""
+    ran = [call]
+    if prepare is not None:
+        before = prepare
+
+        async def prepared(admitted: ChatCall) -> ChatCall:
+            ran[0] = await before(admitted)
+            return ran[0]
+
+        prepare = prepared
     gateway = get_gateway(request)
     key_id = key_id_of(request)
     # Qwen-Long: fileid:// system messages get their documents' text (a bad reference is a 400 here).
@@ -97,7 +114,12 @@ async def answer(
     if call.stream:
         shutdown = request.app.state.shutdown
         events = gateway.chat.events(
-            call, key_id=key_id, stop=lambda: shutdown.expired, account=account, timing=timing
+            call,
+            key_id=key_id,
+            stop=lambda: shutdown.expired,
+            account=account,
+            timing=timing,
+            prepare=prepare,
         )
         # Wait a little for the first event before any header goes out: errors found before generating
         # (a prompt longer than the context, a full queue) then get their own HTTP status. A long
@@ -111,7 +133,9 @@ async def answer(
                 await events.aclose()
                 raise fileids.map_error(call, event.error)
         return SSEResponse(
-            frames(resume_until_shutdown(first, events, shutdown, call.request_id)),
+            _frames_of_the_call_run(
+                ran, frames, resume_until_shutdown(first, events, shutdown, call.request_id)
+            ),
             keepalive=gateway.settings.keepalive_seconds,
             headers={OVERHEAD_HEADER: f"{timing.overhead_ms():.2f}"},
         )
@@ -122,7 +146,12 @@ async def answer(
     shutdown = request.app.state.shutdown
     work = asyncio.ensure_future(
         gateway.chat.complete(
-            call, key_id=key_id, stop=lambda: shutdown.expired, account=account, timing=timing
+            call,
+            key_id=key_id,
+            stop=lambda: shutdown.expired,
+            account=account,
+            timing=timing,
+            prepare=prepare,
         )
     )
     watcher = asyncio.ensure_future(_until_disconnect(request))
@@ -150,4 +179,27 @@ async def answer(
         result = work.result()
     except ApiError as exc:
         raise fileids.map_error(call, exc) from None
-    return JSONBytesResponse(body(result), headers={OVERHEAD_HEADER: f"{timing.overhead_ms():.2f}"})
+    return JSONBytesResponse(body(ran[0], result), headers={OVERHEAD_HEADER: f"{timing.overhead_ms():.2f}"})
+
+
+async def _frames_of_the_call_run(
+    ran: list[ChatCall], frames: Frames, source: AsyncGenerator[ChoiceEvent, None]
+) -> AsyncGenerator[bytes, None]:
+    """``frames`` of the call the service ran (``ran[0]``, searched after admission), which is known
+    once the first event is out (the search runs before the engine's first token)."""
+    head = await anext(source, None)
+
+    async def again() -> AsyncGenerator[ChoiceEvent, None]:
+        if head is None:
+            return
+        yield head
+        async for event in source:
+            yield event
+
+    events = again()
+    try:
+        async for frame in frames(ran[0], events):
+            yield frame
+    finally:
+        await events.aclose()
+        await source.aclose()

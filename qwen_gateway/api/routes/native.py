@@ -9,7 +9,8 @@ builds (``service/requests/native.py``) and runs through the same admission, mon
 from __future__ import annotations
 
 import dataclasses
-import functools
+from collections.abc import AsyncGenerator
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -20,11 +21,12 @@ from qwen_gateway.api.render import native as render
 from qwen_gateway.api.responses import JSONBytesResponse
 from qwen_gateway.api.routes.chat import answer, read_body
 from qwen_gateway.errors import ApiError
+from qwen_gateway.service.events import ChatResult, ChoiceEvent
 from qwen_gateway.service.media import resolve as resolve_media
 from qwen_gateway.service.metrics import Timing
 from qwen_gateway.service.requests.native import build_native_call, native_param
 from qwen_gateway.service.tokenize import tokenize
-from qwen_gateway.service.validation import parse_body
+from qwen_gateway.service.validation import ChatCall, parse_body
 
 router = APIRouter()
 
@@ -33,6 +35,11 @@ async def _generation(request: Request, *, multimodal: bool) -> Response:
     timing = Timing()
     gateway = get_gateway(request)
     body = parse_body(await read_body(request, gateway.settings.max_request_bytes))
+    # A full engine refuses first (see routes/chat.py).
+    admission = gateway.models.admission_of(body.get("model"))
+    if admission is not None:
+        parameters = body.get("parameters")
+        admission.refuse_if_full(parameters.get("n") if isinstance(parameters, dict) else None)
     native = build_native_call(
         body,
         gateway.models,
@@ -42,19 +49,20 @@ async def _generation(request: Request, *, multimodal: bool) -> Response:
     )
     call = await resolve_media(native.chat, gateway.media)
     try:
-        # Web search before anything runs (see routes/chat.py); its one refusal named natively.
-        call = await gateway.search.apply(call)
+        # Web search once admitted (see routes/chat.py); its one refusal, made here, named natively.
+        call = gateway.search.plan(call)
     except ApiError as exc:
         exc.param = native_param(exc.param)
         raise
     native = dataclasses.replace(native, chat=call)
-    return await answer(
-        request,
-        call,
-        functools.partial(render.sse_frames, native),
-        functools.partial(render.response_body, native),
-        timing,
-    )
+
+    def frames(ran: ChatCall, events: AsyncGenerator[ChoiceEvent, None]) -> AsyncGenerator[bytes, None]:
+        return render.sse_frames(dataclasses.replace(native, chat=ran), events)
+
+    def whole(ran: ChatCall, result: ChatResult) -> dict[str, Any]:
+        return render.response_body(dataclasses.replace(native, chat=ran), result)
+
+    return await answer(request, call, frames, whole, timing, prepare=gateway.search.apply)
 
 
 @router.post("/services/aigc/text-generation/generation")

@@ -2,7 +2,7 @@
 
 Per request of a metered or rate-limited key:
 
-1. **Admission** (``store/money.admit``), committed before the engine sees the request, in the ledger
+1. **Admission** (``store/money.admit_many``), committed before the engine sees the request, in the ledger
    writer's next batch transaction (admissions and settlements that queue up together share one
    commit): the key's row is written first (that serialises admissions of one key across processes),
    its RPM/TPM window is checked, then ``UPDATE api_keys SET balance = balance - hold WHERE balance >=
@@ -208,7 +208,8 @@ class Meter:
     def hold_for(self, call: ChatCall, price: Price | None = None) -> tuple[int, int]:
         """(tokens, micro-CNY) the call holds: its prompt's bound (counted once: the choices share it)
         plus every choice's worst case (``max_tokens``, and its reasoning budget while thinking)."""
-        prompt = prompt_tokens_bound(call.generation)
+        # A web search still to run (after admission) adds at most its reserve to the prompt.
+        prompt = prompt_tokens_bound(call.generation) + call.search_reserve
         # A prompt can't be longer than the engine's context (it is refused before it runs): without
         # this cap, a prompt far past the context held more than any key has and was refused as
         # Arrearage instead of getting the engine's "Range of input length" 400. 0: not declared.
@@ -232,20 +233,23 @@ class Meter:
         key = account.key
         now = self._clock()
 
-        def run(conn: Connection) -> money.Admitted | money.Refused:
-            return money.admit(
-                conn,
-                key_id=key.id,
-                request_id=call.request_id,
-                model=call.model.id,
-                owner=self.instance_id,
-                now=now,
-                hold_micro=hold,
-                tokens=tokens,
-                limited_hint=key.limited,
-            )
-
-        work = asyncio.ensure_future(self._writer.run(run))
+        request = money.HoldRequest(
+            key_id=key.id,
+            request_id=call.request_id,
+            model=call.model.id,
+            owner=self.instance_id,
+            now=now,
+            hold_micro=hold,
+            tokens=tokens,
+            limited_hint=key.limited,
+            endpoint=call.endpoint,
+        )
+        # With the other admissions of the writer's next batch: a key's holds cost one UPDATE and one
+        # INSERT for all of them (store/money.admit_many).
+        work: asyncio.Future[money.Admitted | money.Refused] | None
+        work = self._writer.submit_grouped(money.admit_many, request)
+        if work is None:
+            work = asyncio.ensure_future(self._writer.run_grouped(money.admit_many, request))
         try:
             outcome = await asyncio.shield(work)
         except asyncio.CancelledError:
