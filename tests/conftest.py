@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
@@ -42,7 +43,10 @@ def _group(item: pytest.Item) -> str | None:
         return None
     callspec = getattr(item, "callspec", None)
     params = sorted(f"{k}={v}" for k, v in (callspec.params.items() if callspec else ()) if k in shared)
-    return f"{item.path}[{','.join(params)}]"
+    # No "]" or "@" in the name: xdist takes the text after a test id's last "@" as its group only when
+    # no "]" follows it (a "[...]" suffix made every test its own group, so a module's fixture started
+    # once per worker that ran any of its tests).
+    return re.sub(r"[\[\]@]", "_", f"{item.path}::{','.join(params)}")
 
 
 def _heavy(module_items: list[pytest.Item]) -> bool:
