@@ -24,6 +24,34 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # Fixture scopes whose tests must stay on one worker (a session fixture is simply made once per worker).
 _SHARED_SCOPES = {"module", "class", "package"}
 
+# Session fixtures that start a server only a few tests use: those tests are one group, so the server
+# starts on one worker instead of on each (the fixture name -> the group's name).
+_SESSION_GROUPS = {"embedded_server": "embedded", "one_line_server": "one-line-server"}
+
+# End-to-end modules marked slow as a whole (`-m "not slow"` leaves them out): their cost is their own
+# servers' start-up (7-9 s of CPU each, mostly importing torch and transformers, plus every model they
+# load), not their tests, so marking single tests would not spare it. What stays in the quick run: the
+# unit tests and the e2e modules on the shared `server`, `one_line_server` and test_edge's server.
+_SLOW_MODULES = {
+    "test_admin.py": "a server per database, Chromium",
+    "test_admission.py": "its own server, 4000-token streams filling the queue",
+    "test_files.py": "a server per database, document extraction",
+    "test_files_disk_full.py": "its own server on a tmpfs mount",
+    "test_llamacpp.py": "a llama.cpp server and a transformers server",
+    "test_media_safety.py": "its own server with a VL checkpoint",
+    "test_money.py": "two servers per database, restarts",
+    "test_native.py": "its own server with four models (a VL checkpoint among them)",
+    "test_native_review.py": "its own server and a search fake",
+    "test_node_sdk.py": "npm install of the openai package",
+    "test_search.py": "its own server and a search fake",
+    "test_shutdown.py": "a server per test, stopped by signals",
+    "test_structured_output.py": "its own server with three models, 600-token answers",
+    "test_tools_thinking.py": "its own server with five models",
+    "test_upstream.py": "a local upstream server and the gateways in front of it",
+    "test_upstream_replicas.py": "three servers",
+    "test_vision.py": "its own server with eight models on four checkpoints",
+}
+
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """``-n auto``: one worker per core, at most 4 (each worker starts its own servers: memory)."""
@@ -40,7 +68,8 @@ def _group(item: pytest.Item) -> str | None:
         name for name, defs in info.name2fixturedefs.items() if defs and defs[-1].scope in _SHARED_SCOPES
     }
     if not shared:
-        return None
+        sessions = sorted(_SESSION_GROUPS[name] for name in info.names_closure if name in _SESSION_GROUPS)
+        return sessions[0] if sessions else None
     callspec = getattr(item, "callspec", None)
     params = sorted(f"{k}={v}" for k, v in (callspec.params.items() if callspec else ()) if k in shared)
     # No "]" or "@" in the name: xdist takes the text after a test id's last "@" as its group only when
@@ -61,6 +90,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         group = _group(item)
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
+        # slow_download (the embedded model's real weights) is slow too: 20 s of CPU for one answer.
+        if item.get_closest_marker("slow_download") or (
+            "e2e" in item.path.parts and item.path.name in _SLOW_MODULES
+        ):
+            item.add_marker(pytest.mark.slow)
 
 
 class _HeavyFirst:
