@@ -75,7 +75,7 @@ def _group(item: pytest.Item) -> str | None:
     # No "]" or "@" in the name: xdist takes the text after a test id's last "@" as its group only when
     # no "]" follows it (a "[...]" suffix made every test its own group, so a module's fixture started
     # once per worker that ran any of its tests).
-    return re.sub(r"[\[\]@]", "_", f"{item.path}::{','.join(params)}")
+    return re.sub(r"[\[\]@]", "_", f"{item.nodeid.partition('::')[0]}::{','.join(params)}")
 
 
 def _heavy(module_items: list[pytest.Item]) -> bool:
@@ -101,8 +101,8 @@ class _HeavyFirst:
     """Orders modules heavy-first, after pytest's own reordering (a conftest module can hold only one
     implementation per hook, so this one is a plugin object)."""
 
-    @pytest.hookimpl(trylast=True)
-    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+    @pytest.hookimpl(trylast=True)  # after xdist's hook, which names the groups (see _suffix_group)
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
         by_module: dict[str, list[pytest.Item]] = {}
         for item in items:
             by_module.setdefault(str(item.path), []).append(item)
@@ -110,6 +110,31 @@ class _HeavyFirst:
         # the order pytest chose (so its module fixtures are set up once per parameter).
         ordered = sorted(by_module.values(), key=lambda module_items: not _heavy(module_items))
         items[:] = [item for module_items in ordered for item in module_items]
+        if os.environ.get("PYTEST_XDIST_WORKER") and config.getvalue("loadgroup"):
+            for item in items:
+                _suffix_group(item)
+
+
+def _suffix_group(item: pytest.Item) -> None:
+    """Give a grouped test's id xdist's "@group" suffix, which xdist's own hook sets on ``_nodeid``, an
+    attribute pytest 9.2 no longer reads (its ids are ``NodeId`` objects): without this every test was
+    scheduled alone, and a module's server started on each worker that ran one of its tests."""
+    names = {
+        str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+        for m in item.iter_markers("xdist_group")
+    }
+    if not names:
+        return
+    suffix = "@" + "_".join(sorted(names))
+    if item.nodeid.endswith(suffix):
+        return  # an xdist that sets the suffix itself
+    nodeid = item.nodeid + suffix
+    if hasattr(item, "_id"):
+        from _pytest.nodeid import NodeId
+
+        item._id = NodeId.parse(nodeid)  # parse keeps the whole string as the id
+    else:
+        item._nodeid = nodeid
 
 
 def pytest_configure(config: pytest.Config) -> None:

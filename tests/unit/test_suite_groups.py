@@ -4,6 +4,8 @@ starts once on every worker that runs any of them)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from xdist.scheduler.loadgroup import LoadGroupScheduling
 
@@ -25,6 +27,9 @@ def test_every_group_name_survives_xdist_parsing(request: pytest.FixtureRequest)
         name = "_".join(sorted(set(_groups(item))))
         nodeid = item.nodeid.split("@")[0]  # a worker has already appended the group
         assert scheduler._split_scope(f"{nodeid}@{name}") == name, (item.nodeid, name)
+        if os.environ.get("PYTEST_XDIST_WORKER") and request.config.getvalue("loadgroup"):
+            # What the controller schedules by: the id this worker reported, suffix and all.
+            assert scheduler._split_scope(item.nodeid) == name, (item.nodeid, name)
 
 
 def test_a_module_fixture_groups_its_module(request: pytest.FixtureRequest, module_marker: str) -> None:
