@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
@@ -22,6 +23,34 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 # Fixture scopes whose tests must stay on one worker (a session fixture is simply made once per worker).
 _SHARED_SCOPES = {"module", "class", "package"}
+
+# Session fixtures that start a server only a few tests use: those tests are one group, so the server
+# starts on one worker instead of on each (the fixture name -> the group's name).
+_SESSION_GROUPS = {"embedded_server": "embedded", "one_line_server": "one-line-server"}
+
+# End-to-end modules marked slow as a whole (`-m "not slow"` leaves them out): their cost is their own
+# servers' start-up (7-9 s of CPU each, mostly importing torch and transformers, plus every model they
+# load), not their tests, so marking single tests would not spare it. What stays in the quick run: the
+# unit tests and the e2e modules on the shared `server`, `one_line_server` and test_edge's server.
+_SLOW_MODULES = {
+    "test_admin.py": "a server per database, Chromium",
+    "test_admission.py": "its own server, 4000-token streams filling the queue",
+    "test_files.py": "a server per database, document extraction",
+    "test_files_disk_full.py": "its own server on a tmpfs mount",
+    "test_llamacpp.py": "a llama.cpp server and a transformers server",
+    "test_media_safety.py": "its own server with a VL checkpoint",
+    "test_money.py": "two servers per database, restarts",
+    "test_native.py": "its own server with four models (a VL checkpoint among them)",
+    "test_native_review.py": "its own server and a search fake",
+    "test_node_sdk.py": "npm install of the openai package",
+    "test_search.py": "its own server and a search fake",
+    "test_shutdown.py": "a server per test, stopped by signals",
+    "test_structured_output.py": "its own server with three models, 600-token answers",
+    "test_tools_thinking.py": "its own server with five models",
+    "test_upstream.py": "a local upstream server and the gateways in front of it",
+    "test_upstream_replicas.py": "three servers",
+    "test_vision.py": "its own server with eight models on four checkpoints",
+}
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
@@ -39,10 +68,14 @@ def _group(item: pytest.Item) -> str | None:
         name for name, defs in info.name2fixturedefs.items() if defs and defs[-1].scope in _SHARED_SCOPES
     }
     if not shared:
-        return None
+        sessions = sorted(_SESSION_GROUPS[name] for name in info.names_closure if name in _SESSION_GROUPS)
+        return sessions[0] if sessions else None
     callspec = getattr(item, "callspec", None)
     params = sorted(f"{k}={v}" for k, v in (callspec.params.items() if callspec else ()) if k in shared)
-    return f"{item.path}[{','.join(params)}]"
+    # No "]" or "@" in the name: xdist takes the text after a test id's last "@" as its group only when
+    # no "]" follows it (a "[...]" suffix made every test its own group, so a module's fixture started
+    # once per worker that ran any of its tests).
+    return re.sub(r"[\[\]@]", "_", f"{item.nodeid.partition('::')[0]}::{','.join(params)}")
 
 
 def _heavy(module_items: list[pytest.Item]) -> bool:
@@ -57,14 +90,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         group = _group(item)
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
+        # slow_download (the embedded model's real weights) is slow too: 20 s of CPU for one answer.
+        if item.get_closest_marker("slow_download") or (
+            "e2e" in item.path.parts and item.path.name in _SLOW_MODULES
+        ):
+            item.add_marker(pytest.mark.slow)
 
 
 class _HeavyFirst:
     """Orders modules heavy-first, after pytest's own reordering (a conftest module can hold only one
     implementation per hook, so this one is a plugin object)."""
 
-    @pytest.hookimpl(trylast=True)
-    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+    @pytest.hookimpl(trylast=True)  # after xdist's hook, which names the groups (see _suffix_group)
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
         by_module: dict[str, list[pytest.Item]] = {}
         for item in items:
             by_module.setdefault(str(item.path), []).append(item)
@@ -72,6 +110,31 @@ class _HeavyFirst:
         # the order pytest chose (so its module fixtures are set up once per parameter).
         ordered = sorted(by_module.values(), key=lambda module_items: not _heavy(module_items))
         items[:] = [item for module_items in ordered for item in module_items]
+        if os.environ.get("PYTEST_XDIST_WORKER") and config.getvalue("loadgroup"):
+            for item in items:
+                _suffix_group(item)
+
+
+def _suffix_group(item: pytest.Item) -> None:
+    """Give a grouped test's id xdist's "@group" suffix, which xdist's own hook sets on ``_nodeid``, an
+    attribute pytest 9.2 no longer reads (its ids are ``NodeId`` objects): without this every test was
+    scheduled alone, and a module's server started on each worker that ran one of its tests."""
+    names = {
+        str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+        for m in item.iter_markers("xdist_group")
+    }
+    if not names:
+        return
+    suffix = "@" + "_".join(sorted(names))
+    if item.nodeid.endswith(suffix):
+        return  # an xdist that sets the suffix itself
+    nodeid = item.nodeid + suffix
+    if hasattr(item, "_id"):
+        from _pytest.nodeid import NodeId
+
+        item._id = NodeId.parse(nodeid)  # parse keeps the whole string as the id
+    else:
+        item._nodeid = nodeid
 
 
 def pytest_configure(config: pytest.Config) -> None:
