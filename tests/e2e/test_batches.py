@@ -22,6 +22,7 @@ import openai
 import pytest
 
 from tests.databases import BACKENDS, database_for
+from tests.searx_fake import FakeSearxng
 from tests.support import MODELS, Server, create_key, start_server, wait_for
 
 # qwen-plus: greedy and short (every line costs the same: the random-weight model runs to max_tokens).
@@ -46,6 +47,10 @@ output_price = 2.0
 [batches]
 concurrency = 2
 poll_seconds = 0.5
+
+[search]
+provider = "searxng"
+url = "{searx}"
 """
 TIMEOUT = 120.0
 # Far above a batch's expected time on a busy 2-core machine.
@@ -87,17 +92,28 @@ def query(home: Path, database_url: str | None, sql: str, *args: Any) -> list[tu
         return [] if cursor.description is None else [tuple(r) for r in cursor.fetchall()]
 
 
-def _config(home: Path) -> Path:
+def _config(home: Path, searx_url: str = "http://127.0.0.1:9") -> Path:
     config = home / "config.toml"
-    config.write_text(CONFIG.format(path=MODELS / "tiny-qwen2.5"))
+    config.write_text(CONFIG.format(path=MODELS / "tiny-qwen2.5", searx=searx_url))
     return config
 
 
+@pytest.fixture(scope="module")
+def searx() -> Iterator[FakeSearxng]:
+    fake = FakeSearxng()
+    try:
+        yield fake
+    finally:
+        fake.close()
+
+
 @pytest.fixture(scope="module", params=BACKENDS)
-def gw(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gw]:
+def gw(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, searx: FakeSearxng
+) -> Iterator[Gw]:
     with database_for(str(request.param)) as url:
         home = tmp_path_factory.mktemp(f"batches-{request.param}")
-        server = start_server(home, "--config", str(_config(home)), database_url=url)
+        server = start_server(home, "--config", str(_config(home, searx.url)), database_url=url)
         try:
             yield Gw(server, url)
         finally:
@@ -518,3 +534,33 @@ def test_a_graceful_stop_puts_running_lines_back_and_the_next_start_finishes(
             assert gw.query("SELECT count(*) FROM usage_ledger WHERE key_id = ?", key_id)[0][0] == 12
         finally:
             server.stop()
+
+
+def test_a_batch_line_with_enable_search_is_searched_once_admitted(
+    gw: Gw, searx: FakeSearxng, tmp_path: Path
+) -> None:
+    """A line runs the live request's whole path, web search included: planned before admission,
+    searched once admitted (the results go into its prompt, so it counts more prompt tokens than the
+    same line without search)."""
+    key, _key_id = gw.new_key("--balance", "100")
+    client = gw.client(key)
+    marker = f"batch-search-{time.monotonic_ns()}"
+    content = f"What is new about {marker}?"
+    message = [{"role": "user", "content": content}]
+    lines = [
+        {**_line("searched"), "body": {"model": "qwen-plus", "messages": message, "enable_search": True}},
+        {**_line("plain"), "body": {"model": "qwen-plus", "messages": message}},
+    ]
+    batch = client.batches.create(
+        input_file_id=_upload(client, tmp_path, lines),
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
+    done = _wait_status(client, batch.id, "completed", "failed")
+    assert done.status == "completed", done
+    assert done.output_file_id is not None
+    outputs = {o["custom_id"]: o for o in _jsonl(client, done.output_file_id)}
+    assert len(searx.requests_for(marker)) == 1  # the searched line only, once
+    searched = outputs["searched"]["response"]["body"]["usage"]["prompt_tokens"]
+    plain = outputs["plain"]["response"]["body"]["usage"]["prompt_tokens"]
+    assert searched > plain
