@@ -12,13 +12,12 @@ from qwen_gateway.api.deps import get_gateway
 from qwen_gateway.api.render.batches import batch_list, batch_object
 from qwen_gateway.api.responses import JSONBytesResponse
 from qwen_gateway.api.routes.chat import read_body
+from qwen_gateway.api.routes.files import list_limit
 from qwen_gateway.errors import InvalidParameter, InvalidRequest
 from qwen_gateway.service.validation import parse_body
 
 router = APIRouter()
 
-LIST_LIMIT_MAX = 100
-LIST_LIMIT_DEFAULT = 20
 LIST_PARAMS = frozenset(
     {"after", "limit", "status", "ds_name", "create_after", "create_before", "input_file_ids"}
 )
@@ -73,15 +72,7 @@ def _csv(value: str | None) -> list[str]:
 @router.get("/batches")
 async def list_batches(request: Request) -> Response:
     query = request.query_params
-    for name in query:
-        if name not in LIST_PARAMS:
-            raise InvalidParameter(f"Unknown parameter: {name[:64]}", param=name[:64])
-    raw_limit = query.get("limit")
-    limit = LIST_LIMIT_DEFAULT
-    if raw_limit is not None:
-        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= LIST_LIMIT_MAX:
-            raise InvalidParameter(f"Range of limit should be [1, {LIST_LIMIT_MAX}]", param="limit")
-        limit = int(raw_limit)
+    limit = list_limit(query, LIST_PARAMS)
     statuses = _csv(query.get("status"))
     for status in statuses:
         if status not in STATUSES:

@@ -21,6 +21,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.datastructures import QueryParams
 
 from qwen_gateway.api.deps import get_gateway
 from qwen_gateway.api.responses import JSONBytesResponse
@@ -215,18 +216,24 @@ def _day(value: str | None, param: str) -> datetime | None:
         raise InvalidParameter(f"{param} is not a valid date.", param=param) from None
 
 
+def list_limit(query: QueryParams, allowed: frozenset[str]) -> int:
+    """A list request's ``limit`` (DashScope's default and range, shared by files and batches), after
+    refusing any query parameter not in ``allowed`` with a 400 naming it."""
+    for name in query:
+        if name not in allowed:
+            raise InvalidParameter(f"Unknown parameter: {name[:64]}", param=name[:64])
+    raw_limit = query.get("limit")
+    if raw_limit is None:
+        return LIST_LIMIT_DEFAULT
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= LIST_LIMIT_MAX:
+        raise InvalidParameter(f"Range of limit should be [1, {LIST_LIMIT_MAX}]", param="limit")
+    return int(raw_limit)
+
+
 @router.get("/files")
 async def list_files(request: Request) -> Response:
     query = request.query_params
-    for name in query:
-        if name not in LIST_PARAMS:
-            raise InvalidParameter(f"Unknown parameter: {name[:64]}", param=name[:64])
-    raw_limit = query.get("limit")
-    limit = LIST_LIMIT_DEFAULT
-    if raw_limit is not None:
-        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= LIST_LIMIT_MAX:
-            raise InvalidParameter(f"Range of limit should be [1, {LIST_LIMIT_MAX}]", param="limit")
-        limit = int(raw_limit)
+    limit = list_limit(query, LIST_PARAMS)
     purpose = query.get("purpose")
     if purpose is not None and purpose not in PURPOSES:
         raise PurposeInvalid(PURPOSE_MESSAGE, param="purpose")
