@@ -256,7 +256,8 @@ def paged_attention(
 def _fallback() -> Callable[..., Any]:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    return sdpa_attention_forward
+    forward: Callable[..., Any] = sdpa_attention_forward
+    return forward
 
 
 _FALLBACK = _fallback()
