@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 from jsonschema import Draft202012Validator
@@ -95,7 +95,7 @@ class Server:
     base_url: str
     home: Path
     api_key: str
-    proc: subprocess.Popen[bytes]
+    proc: ServerProcess
     log_path: Path
 
     @property
@@ -166,13 +166,135 @@ def start_servers(
 def _launch(home: Path, args: tuple[str, ...], database_url: str | None, log_name: str) -> Server:
     port = free_port()
     log_path = home / log_name
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "qwen_gateway", "serve", "--home", str(home), "--port", str(port), *args],
-        stdout=log_path.open("wb"),
-        stderr=subprocess.STDOUT,
-        env=_env(database_url),
-    )
+    argv = ["qwen_gateway", "serve", "--home", str(home), "--port", str(port), *args]
+    env = _env(database_url)
+    proc: ServerProcess
+    forked = _forkserver().spawn(argv, env, log_path) if _forkserver_allowed(env) else None
+    if forked is not None:
+        proc = forked
+    else:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", *argv], stdout=log_path.open("wb"), stderr=subprocess.STDOUT, env=env
+        )
     return Server(f"http://127.0.0.1:{port}", home, "", proc, log_path)
+
+
+class ServerProcess(Protocol):
+    """What tests use of a server's process: a ``subprocess.Popen`` or a :class:`ForkedProcess`."""
+
+    @property
+    def returncode(self) -> int | None: ...
+    def poll(self) -> int | None: ...
+    def wait(self, timeout: float | None = None) -> int: ...
+    def send_signal(self, sig: int) -> None: ...
+    def kill(self) -> None: ...
+
+
+class ForkedProcess:
+    """A server forked by this worker's template process (tests/forkserver.py), with the part of
+    ``subprocess.Popen``'s interface tests use. Its exit code arrives on the spawn connection."""
+
+    def __init__(self, conn: socket.socket, pid: int, argv: list[str]) -> None:
+        self._conn = conn
+        self.pid = pid
+        self.args = argv
+        self.returncode: int | None = None
+        self._buffer = b""
+
+    def _read(self, timeout: float | None) -> None:
+        self._conn.settimeout(timeout)
+        while b"\n" not in self._buffer:
+            try:
+                data = self._conn.recv(64)
+            except (TimeoutError, BlockingIOError):
+                return
+            if not data:  # the template process died: the child's code is unknowable
+                raise RuntimeError(f"the fork server lost server process {self.pid}")
+            self._buffer += data
+        self.returncode = int(self._buffer.split(b"\n", 1)[0])
+        self._conn.close()
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self._read(0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            self._read(timeout)
+            if self.returncode is None:
+                raise subprocess.TimeoutExpired(self.args, timeout or 0)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:  # never signal a pid that may have been reused
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+_WORKER_ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+class _ForkServer:
+    """This worker's template process, started on first use (one per pytest-xdist worker)."""
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._path = ""
+        # The environment the worker started with (not the one of whichever test forks first, which
+        # may have patched it).
+        self.env = dict(_WORKER_ENV)
+
+    def _start(self) -> None:
+        import tempfile
+
+        self._path = os.path.join(tempfile.mkdtemp(prefix="qg-fork-"), "sock")
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.forkserver", self._path],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=self.env,
+            cwd=REPO,
+        )
+        assert self._proc.stdout is not None
+        if self._proc.stdout.readline().strip() != b"ready":
+            raise RuntimeError("the fork server did not start")
+
+    def spawn(self, argv: list[str], env: dict[str, str], log: Path) -> ForkedProcess | None:
+        if self._proc is None or self._proc.poll() is not None:
+            self._start()
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.connect(self._path)
+        request = {"argv": argv, "cwd": os.getcwd(), "env": env, "log": str(log)}
+        conn.sendall(json.dumps(request).encode() + b"\n")
+        reply = b""
+        while not reply.endswith(b"\n"):
+            data = conn.recv(64)
+            if not data:
+                conn.close()
+                return None
+            reply += data
+        return ForkedProcess(conn, int(reply), argv)
+
+
+@cache
+def _forkserver() -> _ForkServer:
+    return _ForkServer()
+
+
+def _forkserver_allowed(env: dict[str, str]) -> bool:
+    """Forking from the template is the same as a fresh interpreter only if nothing read at import
+    time differs: the environment may differ from the template's own in ``QWEN_GATEWAY_*`` variables
+    only (the server reads those when it builds its settings). Tests that set anything else (a hub
+    endpoint, thread counts) get a fresh interpreter. ``QWEN_GATEWAY_TEST_FRESH_PROCESSES=1`` turns
+    forking off for a whole run."""
+    if os.environ.get("QWEN_GATEWAY_TEST_FRESH_PROCESSES") == "1" or Path.cwd() != REPO:
+        return False
+    base = _forkserver().env
+    keys = set(base) | set(env)
+    return all(k.startswith("QWEN_GATEWAY_") for k in keys if base.get(k) != env.get(k))
 
 
 def _wait_healthy(
