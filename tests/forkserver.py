@@ -11,7 +11,8 @@ Only the test side decides when forking is equivalent to a fresh interpreter (``
 the environment differs from this process's own only in ``QWEN_GATEWAY_*`` variables, which are read
 when the server's settings are built, never at import time); anything else gets a plain subprocess.
 
-Protocol, on a Unix socket: a client sends one JSON line ``{"argv", "cwd", "env", "log"}`` and reads
+Protocol, on a Unix socket: a client sends one JSON line ``{"argv", "cwd", "env", "log"}`` (or
+``"stdout"`` and ``"stderr"`` paths instead of ``"log"``) and reads
 ``<pid>\\n``; the connection stays open and later carries ``<returncode>\\n`` (negative for a signal,
 as ``subprocess`` reports it) when the child exits. The process exits when its stdin closes (the test
 worker that started it is gone). It is single-threaded, so a fork never copies a lock held by another
@@ -119,10 +120,14 @@ def become(request: dict[str, Any]) -> None:
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
-    log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.dup2(log, 1)
-    os.dup2(log, 2)
-    os.close(log)
+    # A server writes both streams to its log; a CLI command keeps them apart (stdout, stderr).
+    # (A log opened once for both, so the two streams share one file offset, as with stderr=STDOUT.)
+    paths = [request["log"]] * 2 if "log" in request else [request["stdout"], request["stderr"]]
+    outs = [os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) for path in dict.fromkeys(paths)]
+    for fd, out in zip((1, 2), outs * 2 if len(outs) == 1 else outs, strict=True):
+        os.dup2(out, fd)
+    for out in outs:
+        os.close(out)
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)

@@ -64,13 +64,17 @@ def free_port() -> int:
 def cli(
     *args: str, home: Path, check: bool = True, database_url: str | None = None
 ) -> subprocess.CompletedProcess[str]:
+    argv = ["qwen_gateway", *args, "--home", str(home)]
+    env = _env(database_url)
+    timeout = 600  # a bound for a hung CLI only (it takes seconds; far more on a loaded machine)
+    if _forkserver_allowed(env):
+        done = _forkserver().run(argv, env, timeout)
+        if done is not None:
+            if check:
+                done.check_returncode()
+            return done
     return subprocess.run(
-        [sys.executable, "-m", "qwen_gateway", *args, "--home", str(home)],
-        capture_output=True,
-        text=True,
-        check=check,
-        timeout=600,  # a bound for a hung CLI only (it takes seconds; far more on a loaded machine)
-        env=_env(database_url),
+        [sys.executable, "-m", *argv], capture_output=True, text=True, check=check, timeout=timeout, env=env
     )
 
 
@@ -262,12 +266,45 @@ class _ForkServer:
         if self._proc.stdout.readline().strip() != b"ready":
             raise RuntimeError("the fork server did not start")
 
-    def spawn(self, argv: list[str], env: dict[str, str], log: Path) -> ForkedProcess | None:
+    def run(
+        self, argv: list[str], env: dict[str, str], timeout: float
+    ) -> subprocess.CompletedProcess[str] | None:
+        """A CLI command run to its end, its output captured (``subprocess.run``'s result)."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="qg-cli-") as tmp:
+            out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+            proc = self.spawn(argv, env, stdout=out, stderr=err)
+            if proc is None:
+                return None
+            try:
+                code = proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                raise
+            return subprocess.CompletedProcess(
+                [sys.executable, "-m", *argv], code, out.read_text(), err.read_text()
+            )
+
+    def spawn(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        log: Path | None = None,
+        *,
+        stdout: Path | None = None,
+        stderr: Path | None = None,
+    ) -> ForkedProcess | None:
         if self._proc is None or self._proc.poll() is not None:
             self._start()
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.connect(self._path)
-        request = {"argv": argv, "cwd": os.getcwd(), "env": env, "log": str(log)}
+        request: dict[str, Any] = {"argv": argv, "cwd": os.getcwd(), "env": env}
+        if log is not None:
+            request["log"] = str(log)
+        else:
+            request["stdout"], request["stderr"] = str(stdout), str(stderr)
         conn.sendall(json.dumps(request).encode() + b"\n")
         reply = b""
         while not reply.endswith(b"\n"):
