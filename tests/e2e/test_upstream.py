@@ -221,6 +221,31 @@ def test_chat_through_a_real_upstream(front: Server, upstream: Server) -> None:
     )
 
 
+def test_non_stream_through_a_real_dashscope_upstream_matches_it_and_is_billed_from_its_usage(
+    front: Server, upstream: Server
+) -> None:
+    # The dashscope engine's non-streamed call (enable_thinking false: a hybrid Qwen3 refuses thinking
+    # without a stream) to a second qwen-gateway: the same greedy answer and usage as asking it directly.
+    body = {
+        "model": "qwen3-8b",
+        "messages": [{"role": "user", "content": "Hello"}],
+        "max_tokens": 6,
+        "temperature": 0,
+        "enable_thinking": False,
+    }
+    through, direct = post(front, body), post(upstream, body)
+    assert through.status_code == direct.status_code == 200, (through.text, direct.text)
+    assert through.json()["choices"][0]["message"] == direct.json()["choices"][0]["message"]
+    usage = direct.json()["usage"]
+    assert through.json()["usage"]["completion_tokens"] == usage["completion_tokens"]
+    row = ledger_row(front, through.headers["x-request-id"])
+    assert (row["status"], row["usage_source"]) == ("ok", "engine")
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (
+        usage["prompt_tokens"],
+        usage["completion_tokens"],
+    )
+
+
 def test_stream_through_a_real_upstream_is_billed_from_its_usage(front: Server) -> None:
     body = {
         "model": "qwen-plus",
