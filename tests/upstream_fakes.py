@@ -2,7 +2,9 @@
 on demand (hangs, connection resets, garbage, death mid-stream) and for replaying recorded stream
 shapes of other servers (tests/unit/engines/data/upstream/).
 
-The request's ``model`` picks the behaviour (see :data:`MODES`); ``GET .../models`` lists every mode
+The request's ``model`` picks the behaviour (see :data:`MODES`), and ``stream`` whether it answers as a
+stream or as one JSON answer (the modes that have both; replays read ``<name>.json`` for the whole
+answer when it exists); ``GET .../models`` lists every mode
 with a ``max_model_len``, as vLLM does. It is a raw asyncio HTTP/1.1 server with keep-alive and chunked
 streaming (no framework, so it is also fast enough to be a benchmark's upstream), run on its own event
 loop in a thread of the test process, which lets a test look at what it received.
@@ -26,13 +28,13 @@ CONTEXT = 4096  # the max_model_len every mode reports
 UPSTREAM_SECRET = "UPSTREAM-INTERNAL-DETAIL-42"  # in error bodies: must never reach a client
 
 MODES = (
-    "ok",  # 5 tokens, finish, usage
-    "no-usage",  # 5 tokens and finish, but no usage chunk
+    "ok",  # 5 tokens, finish, usage (stream false: one answer with its usage)
+    "no-usage",  # 5 tokens and finish, but no usage chunk (stream false: an answer without usage)
     "hang",  # reads the request, never answers
     "headers-then-hang",  # answers 200 headers, never an event
     "reset",  # closes the connection with a TCP reset on receiving the request
-    "garbage",  # 200 with data lines that are not JSON
-    "die",  # 3 tokens, then the connection is reset (no finish)
+    "garbage",  # 200 with data lines that are not JSON (stream false: a body that is not JSON)
+    "die",  # 3 tokens, then the connection is reset (no finish; stream false: half the answer)
     "slow",  # a token every 20 ms, 500 of them (for disconnects)
     "status-500",
     "status-429",
@@ -135,11 +137,11 @@ class FaultyUpstream:
                     continue
                 self.received.append(Received(path, headers, body))
                 model = body.get("model") if isinstance(body, dict) else None
-                if model == "ok" and isinstance(body, dict) and not body.get("stream"):
-                    self._respond(writer, 200, self._completion())  # a whole answer, for non-stream clients
-                    await writer.drain()
-                    continue
-                keep = await self._chat(reader, writer, self.force_mode or model)
+                mode = self.force_mode or model
+                if isinstance(body, dict) and body.get("stream") is not True and self._whole_mode(mode):
+                    keep = await self._whole(writer, mode)  # a whole answer: stream false
+                else:
+                    keep = await self._chat(reader, writer, mode)
                 if not keep:
                     return
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
@@ -147,9 +149,9 @@ class FaultyUpstream:
         finally:
             writer.close()
 
-    def _completion(self) -> bytes:
+    def _completion(self, usage: bool = True) -> bytes:
         text = "".join(f"tok{i} " for i in range(self.tokens))
-        body = {
+        body: dict[str, Any] = {
             "id": "chatcmpl-fake",
             "object": "chat.completion",
             "created": 1764590000,
@@ -157,9 +159,45 @@ class FaultyUpstream:
             "choices": [
                 {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
             ],
-            "usage": {"prompt_tokens": 7, "completion_tokens": self.tokens, "total_tokens": 7 + self.tokens},
         }
+        if usage:
+            body["usage"] = {
+                "prompt_tokens": 7,
+                "completion_tokens": self.tokens,
+                "total_tokens": 7 + self.tokens,
+            }
         return json.dumps(body).encode()
+
+    @staticmethod
+    def _whole_mode(mode: str | None) -> bool:
+        """Modes with a non-streamed form (the others behave the same whatever ``stream`` says, except
+        the stream-only ones, "slow" and replays without a recorded whole answer, which stream anyway,
+        as some proxies do)."""
+        if mode is not None and mode.startswith("replay-"):
+            return (RECORDED / f"{mode[7:]}.json").exists()
+        return mode in {"ok", "no-usage", "garbage", "die"}
+
+    async def _whole(self, writer: asyncio.StreamWriter, mode: str | None) -> bool:
+        if mode == "ok":
+            self._respond(writer, 200, self._completion())
+        elif mode == "no-usage":
+            self._respond(writer, 200, self._completion(usage=False))
+        elif mode == "garbage":
+            self._respond(writer, 200, b"<html>this is not json</html>")
+        elif mode == "die":  # half the answer, then a TCP reset
+            body = self._completion()
+            head = f"HTTP/1.1 200 X\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            writer.write(head.encode() + body[: len(body) // 2])
+            await writer.drain()
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+            return False
+        else:
+            assert mode is not None
+            self._respond(writer, 200, (RECORDED / f"{mode[7:]}.json").read_bytes())
+        await writer.drain()
+        return True
 
     def modes(self) -> list[str]:
         return [*MODES, *(f"replay-{p.stem}" for p in sorted(RECORDED.glob("*.sse")))]

@@ -170,6 +170,11 @@ class GenerationRequest:
     thinking: Thinking | None = None
     constraint: OutputConstraint | None = None
     media: MediaOptions = MediaOptions()
+    # Whether the caller reads the events as they come (a streaming client). False: only the whole
+    # answer is used (a non-stream call, a batch line), so an engine may produce it in one piece (the
+    # openai engine then asks its upstream for one JSON answer instead of a stream). The events are
+    # the same either way.
+    stream: bool = True
 
 
 # ---------------------------------------------------------------------------------------------------

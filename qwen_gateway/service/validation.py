@@ -576,6 +576,7 @@ def build_call_from(req: ChatCompletionRequest, models: ModelRegistry, *, reques
         thinking=thinking,
         constraint=constraint,
         media=MediaOptions(high_resolution=bool(req.vl_high_resolution_images), ocr=spec.ocr),
+        stream=stream,
     )
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return ChatCall(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -99,9 +100,22 @@ upstream_model = "{mode}"
 tokenizer = "{MODELS / "tiny-qwen2.5"}"
 first_byte_timeout = 2
 idle_timeout = 2
+answer_timeout = 2
 reasoning = true
 """
         )
+    # A non-stream call the upstream holds (it never answers) for longer than any test waits: only the
+    # client's disconnect ends it.
+    out.append(
+        f"""
+[[models]]
+id = "fake-hold"
+engine = "openai"
+base_url = "{fake.url}"
+upstream_model = "hang"
+answer_timeout = 300
+"""
+    )
     return "".join(out)
 
 
@@ -204,6 +218,31 @@ def test_chat_through_a_real_upstream(front: Server, upstream: Server) -> None:
     assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (
         direct.usage.prompt_tokens,
         direct.usage.completion_tokens,
+    )
+
+
+def test_non_stream_through_a_real_dashscope_upstream_matches_it_and_is_billed_from_its_usage(
+    front: Server, upstream: Server
+) -> None:
+    # The dashscope engine's non-streamed call (enable_thinking false: a hybrid Qwen3 refuses thinking
+    # without a stream) to a second qwen-gateway: the same greedy answer and usage as asking it directly.
+    body = {
+        "model": "qwen3-8b",
+        "messages": [{"role": "user", "content": "Hello"}],
+        "max_tokens": 6,
+        "temperature": 0,
+        "enable_thinking": False,
+    }
+    through, direct = post(front, body), post(upstream, body)
+    assert through.status_code == direct.status_code == 200, (through.text, direct.text)
+    assert through.json()["choices"][0]["message"] == direct.json()["choices"][0]["message"]
+    usage = direct.json()["usage"]
+    assert through.json()["usage"]["completion_tokens"] == usage["completion_tokens"]
+    row = ledger_row(front, through.headers["x-request-id"])
+    assert (row["status"], row["usage_source"]) == ("ok", "engine")
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (
+        usage["prompt_tokens"],
+        usage["completion_tokens"],
     )
 
 
@@ -477,3 +516,153 @@ def test_metrics_and_overhead_header(front: Server) -> None:
     assert 'qwen_gateway_queue_depth{model="fake-ok"} 0.0' in text
     # Key names never appear as labels.
     assert "test-" not in text and front.api_key not in text
+
+
+# -- non-stream clients: one non-streamed upstream call -------------------------------------------------
+
+
+def post(server: Server, body: dict[str, Any]) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {server.api_key}"}
+    return httpx.post(f"{server.compat_url}/chat/completions", json=body, headers=headers, timeout=60)
+
+
+def test_a_non_stream_client_makes_a_non_streamed_upstream_call(front: Server, fake: FaultyUpstream) -> None:
+    r = post(front, {"model": "fake-ok", "messages": [{"role": "user", "content": "whole"}], "top_k": 3})
+    assert r.status_code == 200, r.text
+    request_id = r.headers["x-request-id"]
+    sent = [x for x in fake.received if x.headers.get("x-request-id") == request_id]
+    assert len(sent) == 1
+    # One JSON answer asked for (the fake answers stream false with one body, never a stream); no
+    # stream_options, which vLLM refuses without stream: a whole answer always has its usage.
+    assert sent[0].body["stream"] is False and "stream_options" not in sent[0].body
+    assert sent[0].body["top_k"] == 3 and sent[0].headers["accept"] == "application/json"
+    answer = r.json()
+    assert answer["choices"][0]["message"]["content"] == "tok0 tok1 tok2 tok3 tok4 "
+    assert answer["choices"][0]["finish_reason"] == "stop"
+    assert (answer["usage"]["prompt_tokens"], answer["usage"]["completion_tokens"]) == (7, 5)
+    row = ledger_row(front, request_id)
+    assert (row["status"], row["usage_source"], row["prompt_tokens"], row["completion_tokens"]) == (
+        "ok",
+        "engine",
+        7,
+        5,
+    )
+
+
+def test_a_whole_answer_without_usage_is_counted_locally(front: Server) -> None:
+    r = post(front, {"model": "fake-no-usage", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200, r.text
+    row = ledger_row(front, r.headers["x-request-id"])
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(MODELS / "tiny-qwen2.5" / "tokenizer.json"))
+    text = r.json()["choices"][0]["message"]["content"]
+    assert text == "tok0 tok1 tok2 tok3 tok4 "
+    assert row["usage_source"] == "local" and row["status"] == "ok"
+    assert row["completion_tokens"] == len(tokenizer.encode(text, add_special_tokens=False).ids)
+    assert r.json()["usage"]["completion_tokens"] == row["completion_tokens"]
+
+
+@pytest.mark.parametrize(
+    "mode", ["hang", "headers-then-hang", "reset", "garbage", "die", "status-500", "status-429"]
+)
+def test_a_failed_non_streamed_upstream_call_is_a_clean_error_charged_nothing(
+    front: Server, mode: str
+) -> None:
+    r = post(front, {"model": f"fake-{mode}", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 503, r.text  # an upstream's 429 too: our capacity is what is short
+    assert UPSTREAM_SECRET not in r.text
+    assert r.json()["error"]["code"] in {"ModelUnavailable", "ModelServingError"}
+    rows = front.ledger(r.headers["x-request-id"])
+    assert not rows or (rows[0]["prompt_tokens"], rows[0]["completion_tokens"]) == (0, 0)
+
+
+def test_a_non_stream_call_is_retried_on_another_replica_and_charged_once(
+    front: Server, resetting: FaultyUpstream, fake: FaultyUpstream
+) -> None:
+    before = len(resetting.received)
+    for _ in range(4):
+        r = post(front, {"model": "fake-retry", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == "tok0 tok1 tok2 tok3 tok4 "
+        request_id = r.headers["x-request-id"]
+        row = ledger_row(front, request_id)
+        assert (row["status"], row["prompt_tokens"], row["completion_tokens"]) == ("ok", 7, 5)
+        answered = [x for x in fake.received if x.headers.get("x-request-id") == request_id]
+        assert [x.body["stream"] for x in answered] == [False]
+    assert len(resetting.received) > before
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected_calls", "reasoning"),
+    [
+        (
+            "replay-vllm017_reasoning_tools",
+            [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Lyon"})],
+            "Need the weather for two cities.",
+        ),
+        ("replay-ollama_reasoning_tools", [("get_weather", {"city": "Paris"})], "Let me check."),
+        ("replay-ollama_old_tools", [("get_weather", {"city": "Paris"}), ("get_time", {"tz": "CET"})], ""),
+    ],
+)
+def test_recorded_whole_answers_reach_non_stream_clients_in_dashscope_shape(
+    front: Server, fake: FaultyUpstream, mode: str, expected_calls: list[tuple[str, Any]], reasoning: str
+) -> None:
+    tools = [
+        {"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
+        for n in ("get_weather", "get_time")
+    ]
+    body = {"model": f"fake-{mode}", "messages": [{"role": "user", "content": "weather?"}], "tools": tools}
+    r = post(front, body)
+    assert r.status_code == 200, r.text
+    sent = [x.body for x in fake.received if x.headers.get("x-request-id") == r.headers["x-request-id"]]
+    assert sent[0]["stream"] is False  # the recorded whole answer was what came back
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    message = choice["message"]
+    assert (message.get("reasoning_content") or "") == reasoning
+    got = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message["tool_calls"]]
+    assert got == expected_calls
+    assert all(c["id"] and c["type"] == "function" for c in message["tool_calls"])
+    assert len({c["id"] for c in message["tool_calls"]}) == len(expected_calls)
+
+
+def test_recorded_whole_reasoning_reaches_non_stream_clients_as_reasoning_content(front: Server) -> None:
+    completion = client(front).chat.completions.create(
+        model="fake-replay-vllm_reasoning",
+        messages=[{"role": "user", "content": "hi"}],
+        extra_body={"enable_thinking": True},
+    )
+    message = completion.choices[0].message
+    assert getattr(message, "reasoning_content", None) == "The user greets me."
+    assert message.content == "Hello!"
+    assert completion.usage is not None and completion.usage.completion_tokens == 8
+
+
+def test_a_non_stream_client_that_hangs_up_cancels_the_upstream_call(
+    front: Server, fake: FaultyUpstream
+) -> None:
+    gone = threading.Event()
+    fake.on_disconnect = gone.set
+    marker = f"hold-{os.getpid()}-{threading.get_ident()}"
+    body = json.dumps({"model": "fake-hold", "messages": [{"role": "user", "content": marker}]}).encode()
+    host, port = "127.0.0.1", int(front.compat_url.split(":")[2].split("/")[0])
+    with socket.create_connection((host, port), timeout=30) as sock:
+        sock.sendall(
+            f"POST /compatible-mode/v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n"
+            f"Authorization: Bearer {front.api_key}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+
+        def arrived() -> bool:
+            return any(marker in json.dumps(x.body) for x in fake.received)
+
+        wait_for(arrived, "the call at the upstream")
+    # The client is gone while the upstream holds the answer (its answer_timeout is 300 s): the
+    # gateway drops the upstream connection at once.
+    assert gone.wait(30), "the upstream never saw the disconnect"
+    sent = [x for x in fake.received if marker in json.dumps(x.body)]
+    assert len(sent) == 1 and sent[0].body["stream"] is False
+    row = ledger_row(front, sent[0].headers["x-request-id"])
+    assert row["status"] == "cancelled" and (row["prompt_tokens"], row["completion_tokens"]) == (0, 0)

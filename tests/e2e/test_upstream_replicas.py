@@ -110,19 +110,47 @@ def stream(front: Server, call: Call, max_tokens: int) -> Call:
     return call
 
 
+def whole(front: Server, max_tokens: int) -> httpx.Response:
+    """One non-stream call (a non-streamed upstream call: retried on another replica whenever its
+    replica fails, since nothing has reached the client before the whole answer)."""
+    body = {
+        "model": "qwen-turbo",
+        "messages": [{"role": "user", "content": "Tell a long story"}],
+        "max_tokens": max_tokens,
+    }
+    headers = {"Authorization": f"Bearer {front.api_key}"}
+    return httpx.post(f"{front.compat_url}/chat/completions", json=body, headers=headers, timeout=120)
+
+
 def test_a_replica_killed_under_load(front: Server, replicas: list[Server]) -> None:
     tokenizer = Tokenizer.from_file(str(MODELS / "tiny-qwen2.5" / "tokenizer.json"))
     first = [Call() for _ in range(8)]
-    with ThreadPoolExecutor(16) as pool:
+    with ThreadPoolExecutor(24) as pool:
         futures = [pool.submit(stream, front, c, 64) for c in first]
+        wholes = [pool.submit(whole, front, 64) for _ in range(4)]
         # Least-outstanding balancing spreads 8 requests over both replicas: wait until they stream.
         wait_for(lambda: sum(c.first_content.is_set() for c in first) >= 4, "first tokens", timeout=120)
         replicas[1].proc.kill()  # SIGKILL: connections reset mid-stream, new connections refused
         replicas[1].proc.wait()
         second = [Call() for _ in range(8)]
         futures += [pool.submit(stream, front, c, 8) for c in second]
+        wholes += [pool.submit(whole, front, 8) for _ in range(4)]
         for future in futures:
             future.result(timeout=300)
+        answers = [w.result(timeout=300) for w in wholes]
+    # Non-stream calls never fail on the kill (one in flight on the killed replica is asked again of
+    # the other) and are charged once, what the replica that answered reported.
+    for answer in answers:
+        assert answer.status_code == 200, answer.text
+        request_id = answer.headers["x-request-id"]
+        wait_for(lambda r=request_id: bool(front.ledger(r)), "ledger row")  # type: ignore[misc]
+        row = front.ledger(request_id)[0]
+        usage = answer.json()["usage"]
+        assert (row["status"], row["usage_source"]) == ("ok", "engine")
+        assert (row["prompt_tokens"], row["completion_tokens"]) == (
+            usage["prompt_tokens"],
+            usage["completion_tokens"],
+        )
     for call in first + second:
         assert call.status == 200, call.payloads
         assert call.payloads[-1] == "[DONE]", call.payloads[-3:]

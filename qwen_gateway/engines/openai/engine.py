@@ -2,14 +2,16 @@
 llama.cpp's server, DashScope's compatible mode), one or several replicas, on one pooled HTTP/1.1
 keep-alive client owned by the engine.
 
-Every request is streamed upstream (also for a client's non-stream call), so time to first token,
-retries before the first byte and a cut-short stream are handled one way. Nothing above ``engines/``
+A streaming client's request is streamed upstream; a client's non-stream call (and a batch line) is a
+non-streamed upstream call, one JSON answer turned into the same events (one read and one parse
+instead of an event per token through the whole stack). Nothing above ``engines/``
 sees an aiohttp or socket exception: :meth:`OpenAIEngine._open` and :meth:`OpenAIEngine.run` map
 each to our error tree here, and the upstream's own message goes to the server log only (it may name
 internals of the upstream). The HTTP side (one pooled session, server-sent events) is http.py.
 
-Faults: a replica that fails before its first streamed event is retried on another one (the client
-never sees it and is charged once: nothing was delivered); each failure feeds that replica's circuit
+Faults: a replica that fails before its first streamed event (a non-streamed call: before its whole
+answer is read, ``answer_timeout``) is retried on another one (the client never sees it and is charged
+once: nothing was delivered); each failure feeds that replica's circuit
 breaker; an upstream that dies after the first event ends the request with ``EngineFailure`` (the
 service sends it in-band with the end marker) and the request is charged what was delivered, counted
 here (:meth:`_Stream.spent`). Closing the stream (client gone) closes the upstream connection at once,
@@ -42,7 +44,7 @@ from qwen_gateway.engines.base import (
     Usage,
 )
 from qwen_gateway.engines.openai.counting import TokenCounter
-from qwen_gateway.engines.openai.http import EventStream, dumps, session
+from qwen_gateway.engines.openai.http import EventStream, dumps, loads, session, sse_payloads
 from qwen_gateway.engines.openai.options import DashScopeModelConfig, OpenAIModelConfig
 from qwen_gateway.engines.openai.replicas import Replica, ReplicaSet
 from qwen_gateway.engines.openai.wire import (
@@ -243,7 +245,11 @@ class OpenAIEngine:
                 f"{exc.param} is not supported by this model's upstream.", param=exc.param
             ) from None
         content = dumps(body)
-        headers = {"Content-Type": "application/json", "X-Request-Id": request.request_id}
+        headers = {
+            "Content-Type": "application/json",
+            "Accept": "text/event-stream" if request.stream else "application/json",
+            "X-Request-Id": request.request_id,
+        }
         tried: set[str] = set()
         last: _Retry | None = None
         while True:
@@ -259,7 +265,10 @@ class OpenAIEngine:
                 reader = ChunkReader()
                 stream.reader = reader
                 try:
-                    response, events, first = await self._open(replica, content, headers, reader)
+                    if request.stream:
+                        response, events, first = await self._open(replica, content, headers, reader)
+                    else:
+                        answer = await self._answer(replica, content, headers, reader)
                 except _Retry as exc:
                     log.warning("request %s: upstream %s: %s", request.request_id, replica.url, exc.detail)
                     self._errors[replica.index, "before_first_byte" if exc.retry else "refused"] += 1
@@ -268,6 +277,15 @@ class OpenAIEngine:
                     self._replicas.failed(replica)
                     last = exc
                     continue
+                if not request.stream:
+                    # The whole answer, read: the same events a stream would have given, at once.
+                    self._replicas.succeeded(replica)
+                    for event in answer:
+                        yield event
+                    usage = reader.usage or stream.count(reader)
+                    stream.finished = True
+                    yield Finished(reader.finish_reason or "stop", usage)
+                    return
                 reusable = False
                 try:
                     for event in first:
@@ -329,21 +347,50 @@ class OpenAIEngine:
                     if reader.finish_reason is not None:
                         break
                 return response, events, first
-        except _Retry:
-            if response is not None:
-                response.close()
-            raise
         except BaseException as exc:
             if response is not None:
                 response.close()
-            if isinstance(exc, aiohttp.ClientError | UpstreamProtocolError):
-                # Before TimeoutError: aiohttp's connect timeout is both.
-                raise _Retry(EngineUnavailable(), f"{type(exc).__name__}: {exc}") from None
-            if isinstance(exc, TimeoutError):
-                raise _Retry(EngineUnavailable(), "no first event within first_byte_timeout") from None
-            if isinstance(exc, OSError):
-                raise _Retry(EngineUnavailable(), f"{type(exc).__name__}: {exc}") from None
-            raise
+            mapped = _before_first_byte(exc, "no first event within first_byte_timeout")
+            if mapped is exc:
+                raise
+            raise mapped from None
+
+    async def _answer(
+        self, replica: Replica, content: bytes, headers: dict[str, str], reader: ChunkReader
+    ) -> list[GenerationEvent]:
+        """A non-streamed call: send the request, read the whole answer and turn it into events. Every
+        failure here is a :class:`_Retry`: nothing has reached the client yet, so another replica may
+        answer instead (and the request is charged once). Cancelled (the client hung up), the
+        connection is closed at once, which is how the upstream learns to abort."""
+        assert self._client is not None
+        response: aiohttp.ClientResponse | None = None
+        try:
+            async with asyncio.timeout(self._config.answer_timeout):
+                response = await self._client.post(
+                    f"{replica.url}/chat/completions", data=content, headers=headers
+                )
+                if response.status != 200:
+                    body = (await response.read())[:500]
+                    status = response.status
+                    raise _Retry(
+                        _status_error(status), f"HTTP {status}: {body!r}", retry=status not in _REFUSED
+                    )
+                raw = await response.read()  # read to its end: the connection goes back to the pool
+            if response.content_type == "text/event-stream":
+                # Streamed although asked for one answer (some proxies do): the same events.
+                events = [e for payload in sse_payloads(raw) for e in reader.feed(payload)]
+            else:
+                events = reader.answer(loads(raw))
+            if reader.finish_reason is None:
+                raise UpstreamProtocolError("the answer has no finish_reason")
+            return events
+        except BaseException as exc:
+            if response is not None:
+                response.close()
+            mapped = _before_first_byte(exc, "no whole answer within answer_timeout")
+            if mapped is exc:
+                raise
+            raise mapped from None
 
     def _mid_stream(self, request_id: str, replica: Replica, what: str) -> EngineFailure:
         """A stream that failed after its first event: counted against the replica, logged, and the
@@ -397,10 +444,27 @@ class _Stream:
         reader = self.reader
         if self.finished or reader is None or not reader.delivered:
             return None  # finished (it reported its usage) or nothing delivered (nothing charged)
+        if reader.usage is not None:
+            return reader.usage  # a whole answer read, closed while its events were handed out
         return self.count(reader)
 
 
 _REFUSED = frozenset({400, 413, 422})  # the request's fault: not retried, not a replica failure
+
+
+def _before_first_byte(exc: BaseException, timed_out: str) -> BaseException:
+    """What a failure before anything reached the client becomes: a :class:`_Retry` (carrying our
+    error) for the upstream's faults; anything else (a cancellation) unchanged."""
+    if isinstance(exc, _Retry):
+        return exc
+    if isinstance(exc, aiohttp.ClientError | UpstreamProtocolError):
+        # Before TimeoutError: aiohttp's connect timeout is both.
+        return _Retry(EngineUnavailable(), f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, TimeoutError):
+        return _Retry(EngineUnavailable(), timed_out)
+    if isinstance(exc, OSError):
+        return _Retry(EngineUnavailable(), f"{type(exc).__name__}: {exc}")
+    return exc
 
 
 def _status_error(status: int) -> ApiError:

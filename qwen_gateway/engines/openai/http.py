@@ -1,5 +1,5 @@
-"""The engine's HTTP side: one pooled keep-alive aiohttp session per engine, and a server-sent event
-reader over a streamed response.
+"""The engine's HTTP side: one pooled keep-alive aiohttp session per engine, a server-sent event
+reader over a streamed response, and the parsing of a whole (non-streamed) answer.
 
 aiohttp rather than httpx: reading 20-chunk streams from benchmarks/bench_upstream.py's mock, httpx's
 ``AsyncClient.send`` + ``aiter_lines`` cost 2.2-3.5 ms CPU per request on this machine, an aiohttp
@@ -57,6 +57,27 @@ def _plain(value: object) -> object:
     if isinstance(value, Mapping):
         return dict(value)
     raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def loads(data: bytes) -> Any:
+    """One JSON document from the upstream (a whole answer); not JSON is a protocol error."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise UpstreamProtocolError(f"not JSON: {data[:200]!r}") from None
+
+
+def sse_payloads(body: bytes) -> list[Any]:
+    """The ``data:`` payloads of a whole event-stream body already read (an upstream that streamed
+    although asked for one answer), parsed, up to ``[DONE]``."""
+    out = []
+    for line in body.split(b"\n"):
+        if line.startswith(b"data:"):
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                break
+            out.append(loads(data))
+    return out
 
 
 class EventStream:

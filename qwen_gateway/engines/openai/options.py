@@ -37,6 +37,10 @@ class OpenAIModelConfig(EngineConfig):
     connect_timeout: float = Field(default=5.0, gt=0)
     first_byte_timeout: float = Field(default=60.0, gt=0)
     idle_timeout: float = Field(default=30.0, gt=0)
+    # Seconds for a non-streamed call (a client that did not stream): from sending the request to its
+    # whole answer read (the upstream answers only once it has generated everything, so first_byte /
+    # idle timeouts can't apply). A replica that takes longer is given up and the next one tried.
+    answer_timeout: float = Field(default=600.0, gt=0)
     # Requests in flight to the upstream at once (admission control queues beyond it), and the pool's
     # keep-alive connections (shared by all replicas).
     max_concurrency: int = Field(default=64, ge=1, le=4096)

@@ -1,5 +1,5 @@
 """The upstream's wire format, both ways: a :class:`GenerationRequest` as an OpenAI-compatible chat
-completion body, and the upstream's streamed chunks as our engine events.
+completion body, and the upstream's streamed chunks (or its whole answer) as our engine events.
 
 These dicts are this engine's private business (engines never import ``qwen_gateway.protocol``): they
 are built field by field from the internal request, so nothing a client sent reaches the upstream
@@ -97,16 +97,19 @@ def _message(message: ChatMessage, dialect: Dialect) -> dict[str, Any]:
 
 
 def request_body(request: GenerationRequest, model: str, dialect: Dialect) -> dict[str, Any]:
-    """The upstream's chat-completion body for ``request`` (always streamed, usage always asked for:
-    billing must not depend on what the client asked)."""
+    """The upstream's chat-completion body for ``request``: streamed with usage always asked for
+    (billing must not depend on what the client asked), or, for a caller that only wants the whole
+    answer (``request.stream`` false), one non-streamed answer, which always carries its usage
+    (``stream_options`` is refused there by vLLM and OpenAI's API)."""
     sampling = request.sampling
     body: dict[str, Any] = {
         "model": model,
         "messages": [_message(m, dialect) for m in request.messages],
-        "stream": True,
-        "stream_options": {"include_usage": True},
+        "stream": request.stream,
         "max_tokens": sampling.max_tokens,
     }
+    if request.stream:
+        body["stream_options"] = {"include_usage": True}
     optional = {
         "temperature": sampling.temperature,
         "top_p": sampling.top_p,
@@ -260,6 +263,28 @@ class ChunkReader:
             if self._calls and self.finish_reason == "stop":
                 self.finish_reason = "tool_calls"  # older Ollama says "stop" after calling tools
         return out
+
+    def answer(self, body: Any) -> list[GenerationEvent]:
+        """Events for a whole (non-streamed) chat completion: its message read as one delta, so the
+        same translation applies (``reasoning`` or ``reasoning_content``, tool calls normalised, the
+        finish reason, usage); a whole answer's tool calls are numbered by their position."""
+        if not isinstance(body, dict):
+            raise UpstreamProtocolError(f"answer is not an object: {body!r:.200}")
+        if "error" in body:
+            raise UpstreamProtocolError(f"upstream error in answer: {body['error']!r:.500}")
+        choices = body.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            raise UpstreamProtocolError(f"choices is not a list of objects: {choices!r:.200}")
+        choice = choices[0]
+        message = choice.get("message")
+        if not isinstance(message, dict):
+            raise UpstreamProtocolError(f"message is not an object: {message!r:.200}")
+        calls = message.get("tool_calls")
+        if calls and isinstance(calls, list):
+            numbered = [{**c, "index": i} if isinstance(c, dict) else c for i, c in enumerate(calls)]
+            message = {**message, "tool_calls": numbered}
+        delta = {"delta": message, "finish_reason": choice.get("finish_reason")}
+        return self.feed({"choices": [delta], "usage": body.get("usage")})
 
     def _tool_call(self, call: Any) -> ToolCallChunk:
         if not isinstance(call, dict):

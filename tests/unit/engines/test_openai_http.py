@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from qwen_gateway.engines.openai.http import MAX_LINE, EventStream, dumps, session
+from qwen_gateway.engines.openai.http import MAX_LINE, EventStream, dumps, loads, session, sse_payloads
 from qwen_gateway.engines.openai.wire import UpstreamProtocolError
 
 BODY = (
@@ -121,3 +121,17 @@ def test_request_bodies_keep_unicode_and_take_any_mapping() -> None:
     assert (
         dumps(body) == '{"messages":[{"content":"你好"}],"tools":[{"parameters":{"type":"object"}}]}'.encode()
     )
+
+
+def test_a_whole_event_stream_body_gives_the_same_payloads() -> None:
+    # An upstream that streamed although asked for one answer: its body, read whole, is parsed the same.
+    assert sse_payloads(BODY) == PAYLOADS
+    assert sse_payloads(BODY + b'data: {"after": "done"}\n\n') == PAYLOADS  # nothing past [DONE]
+    with pytest.raises(UpstreamProtocolError, match="not JSON"):
+        sse_payloads(b"data: <html>\n\n")
+
+
+def test_a_whole_answer_that_is_not_json_is_a_protocol_error() -> None:
+    assert loads(b'{"a": 1}') == {"a": 1}
+    with pytest.raises(UpstreamProtocolError, match="not JSON"):
+        loads(b"<html>this is not json</html>")

@@ -204,3 +204,80 @@ def test_image_sizing_goes_to_dashscope_and_is_refused_elsewhere() -> None:
     with pytest.raises(UnsupportedField) as refused:
         request_body(_request(media=MediaOptions(high_resolution=True)), "m", Dialect())
     assert refused.value.param == "vl_high_resolution_images"
+
+
+# -- whole (non-streamed) answers: the same events as the stream of the same name --------------------
+
+
+def answer(name: str) -> tuple[list[object], ChunkReader]:
+    reader = ChunkReader()
+    return list(reader.answer(json.loads((DATA / name).read_text()))), reader
+
+
+def merged(events: list[object]) -> list[tuple[str, object]]:
+    """Events with consecutive text pieces of one kind joined and a call's argument pieces joined: what a
+    client that reads the whole answer sees of them."""
+    out: list[tuple[str, object]] = []
+    for e in events:
+        if isinstance(e, ReasoningTextDelta | TextDelta):
+            kind = type(e).__name__
+            if out and out[-1][0] == kind:
+                out[-1] = (kind, str(out[-1][1]) + e.text)
+            else:
+                out.append((kind, e.text))
+        elif isinstance(e, ToolCallChunk):
+            if e.id is not None:
+                out.append(("call", [e.call_index, e.id, e.name, e.arguments]))
+            else:
+                head = out[-1][1]
+                assert isinstance(head, list) and head[0] == e.call_index
+                head[3] += e.arguments
+    return out
+
+
+@pytest.mark.parametrize("name", ["vllm_reasoning", "vllm017_reasoning_tools", "ollama_reasoning_tools"])
+def test_a_whole_answer_gives_the_events_of_its_stream(name: str) -> None:
+    whole, whole_reader = answer(f"{name}.json")
+    streamed, stream_reader = read(f"{name}.sse")
+    assert merged(whole) == merged(streamed)
+    assert whole_reader.finish_reason == stream_reader.finish_reason
+    assert whole_reader.usage == stream_reader.usage and whole_reader.usage is not None
+    assert "".join(whole_reader.delivered) == "".join(stream_reader.delivered)
+
+
+def test_whole_answer_tool_calls_are_numbered_and_old_ollama_stop_becomes_tool_calls() -> None:
+    events, reader = answer("ollama_old_tools.json")
+    assert calls(events) == [
+        ToolCallChunk(0, "call_a1", "get_weather", '{"city":"Paris"}'),
+        ToolCallChunk(1, "call_b2", "get_time", '{"tz":"CET"}'),
+    ]
+    assert reader.finish_reason == "tool_calls" and reader.usage is None
+    # vLLM >= 0.17: two whole calls without index, reasoning as message.reasoning, content null.
+    events, reader = answer("vllm017_reasoning_tools.json")
+    assert [(c.call_index, c.id, c.name) for c in calls(events)] == [
+        (0, "chatcmpl-tool-5e1", "get_weather"),
+        (1, "chatcmpl-tool-7a2", "get_weather"),
+    ]
+    assert not [e for e in events if isinstance(e, TextDelta)]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        [1],
+        {"choices": []},
+        {"choices": [{"delta": {"content": "x"}}]},  # a stream chunk, not an answer
+        {"choices": [{"message": "x"}]},
+        {"error": {"message": "boom"}},
+    ],
+)
+def test_answers_that_are_not_chat_completions_are_protocol_errors(body: object) -> None:
+    with pytest.raises(UpstreamProtocolError):
+        ChunkReader().answer(body)
+
+
+def test_a_caller_that_wants_the_whole_answer_gets_a_non_streamed_upstream_call() -> None:
+    body = request_body(_request(stream=False), "upstream-name", Dialect())
+    assert body["stream"] is False
+    # Usage comes with every whole answer; stream_options is refused without stream (vLLM, OpenAI).
+    assert "stream_options" not in body

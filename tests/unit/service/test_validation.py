@@ -125,3 +125,10 @@ def test_thinking_budget_defaults_to_the_models_reasoning_length() -> None:
     with pytest.raises(InvalidParameter) as info:
         call(models, enable_thinking=True, stream=True, thinking_budget=7)
     assert info.value.param == "thinking_budget"
+
+
+def test_the_engine_is_told_whether_the_client_streams() -> None:
+    # An engine may produce a whole answer at once for a non-stream call (the openai engine then asks
+    # its upstream for one JSON answer).
+    assert call().generation.stream is False
+    assert call(stream=True).generation.stream is True
