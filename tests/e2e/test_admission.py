@@ -4,6 +4,8 @@ Retry-After past it, /health showing the queue, and a client that hangs up while
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -95,3 +97,22 @@ def test_past_the_queue_requests_get_503_with_retry_after(small: Server) -> None
         wait_for(lambda rid=rid: len(small.ledger(rid)) == 1, f"the ledger row of {rid}")
     wait_for(lambda: health(small)["active_generations"] == 0, "the engine to be idle")
     assert health(small)["queued"] == 0
+
+
+def _nice_of_threads(pid: int) -> dict[str, int]:
+    """Each thread's nice value, by thread id (field 19 of /proc/<pid>/task/<tid>/stat)."""
+    nice: dict[str, int] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/stat") as fh:
+            nice[tid] = int(fh.read().rsplit(")", 1)[1].split()[16])
+    return nice
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="nice is per thread on Linux only")
+def test_the_inference_thread_yields_the_cpu_to_the_event_loop(small: Server) -> None:
+    # The event loop (the main thread) refuses surplus requests and answers /health; the inference
+    # thread runs at a lower priority so that, on busy cores, the loop is not left in the run queue.
+    nice = _nice_of_threads(small.proc.pid)
+    loop = nice[str(small.proc.pid)]
+    assert any(value >= min(19, loop + 10) for tid, value in nice.items() if tid != str(small.proc.pid)), nice
+    assert health(small)["state"] == "ready"
