@@ -10,9 +10,12 @@ unknown model, an engine error) fails alone: its DashScope error object goes to 
 
 **Live traffic first.** A line starts only when its model's engine runs no live request, none ended
 within ``[batches] idle_seconds``, and a running slot is free beyond one kept for live requests
-(:func:`_has_room`): batches fill the engine's idle time. A live request that arrives meanwhile shares
-the engine only with the lines already running (at most ``concurrency``, each bounded by its
-``max_tokens``); batch lines never wait in the admission queue.
+(:func:`_has_room`): batches fill the engine's idle time. A live request admitted meanwhile *preempts*
+the lines in its model's engine (:meth:`BatchService._preempt`, called from the admission itself): they
+are cancelled at once (the engine drops them at its next step) and put back to ``pending`` exactly as a
+graceful stop puts them back (crash point 2 without the crash: the hold is given back, no ledger row,
+nothing charged, not failed), and run again, from the start, once the model is idle again. Batch lines
+never wait in the admission queue.
 
 **Money.** A line is admitted like a live request (rate limits, the balance hold at the full price), and
 charged :attr:`~qwen_gateway.settings.BatchSettings.price_percent` of its live price (DashScope: 50 %)
@@ -41,9 +44,12 @@ The output file is built from the stored result lines (one per line number), so 
 at most once whatever happened.
 
 A server stopping gracefully puts the lines it was running back to ``pending`` (their holds given back),
-for the next start. Cancelling: no new line starts, running ones finish, the rest fail with
-``batch_cancelled``; then ``cancelled``. Past its completion window a batch's lines not yet run fail
-with ``batch_expired`` and the batch ends ``expired``.
+for the next start; so does a preemption (the attempt is also taken out of the key's rate window: it
+was the gateway's decision, not the client's request).
+
+Cancelling: no new line starts, running ones finish (a preempted one is pending again: it fails with
+the rest), the rest fail with ``batch_cancelled``; then ``cancelled``. Past its completion window a
+batch's lines not yet run fail with ``batch_expired`` and the batch ends ``expired``.
 """
 
 from __future__ import annotations
@@ -78,6 +84,7 @@ from qwen_gateway.errors import (
 )
 from qwen_gateway.media import MediaFetcher
 from qwen_gateway.service import fileids
+from qwen_gateway.service.admission import Admission
 from qwen_gateway.service.chat import ChatService
 from qwen_gateway.service.events import ChatResult
 from qwen_gateway.service.files import LINE_LIMIT, OUTPUT_PREFIX, FileService
@@ -235,6 +242,7 @@ class BatchService:
         self.media = media
         self.search = search
         self.max_files_per_request = max_files_per_request
+        self.metrics = metrics
         self.clock = clock
         self._spent: dict[str, _Spent] = {}
         # The live path's service with one difference: settlement is handed back to the worker, which
@@ -244,6 +252,11 @@ class BatchService:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._running: dict[tuple[str, int], asyncio.Task[None]] = {}
+        # Lines inside the chat service (admission, engine), by the admission of their model: what a
+        # live request admitted there preempts. ``_preempted``: lines cancelled for that reason.
+        self._in_engine: dict[tuple[str, int], ServedModel] = {}
+        self._preempted: set[tuple[str, int]] = set()
+        self._listening: list[tuple[Admission, Callable[[], None]]] = []
         # Batches being cancelled or expired: their lines still waiting for the engine give up.
         self._stopping: set[str] = set()
 
@@ -344,6 +357,34 @@ class BatchService:
         for line_task in running:
             line_task.cancel()
         await asyncio.gather(*running, return_exceptions=True)
+        for admission, listener in self._listening:
+            with contextlib.suppress(ValueError):
+                admission.on_live.remove(listener)
+        self._listening.clear()
+
+    def _listen(self, admission: Admission) -> None:
+        """Be told when live traffic is admitted on ``admission`` (once per admission)."""
+        if any(known is admission for known, _ in self._listening):
+            return
+        listener = functools.partial(self._preempt, admission)
+        admission.on_live.append(listener)
+        self._listening.append((admission, listener))
+
+    def _preempt(self, admission: Admission) -> None:
+        """A live request was just admitted on ``admission``: cancel the batch lines in that engine
+        (``_run_line`` puts them back to pending). Runs inside the live request's admission: no await,
+        nothing that can raise."""
+        for key, model in list(self._in_engine.items()):
+            if model.admission is not admission:
+                continue
+            task = self._running.get(key)
+            del self._in_engine[key]
+            if task is None or task.done():
+                continue
+            self._preempted.add(key)
+            task.cancel()
+            if self.metrics is not None:
+                self.metrics.batch_line_preempted(model.id)
 
     async def _loop(self) -> None:
         while True:
@@ -444,6 +485,8 @@ class BatchService:
 
     def _line_done(self, key: tuple[str, int], _task: asyncio.Task[None]) -> None:
         self._running.pop(key, None)
+        self._in_engine.pop(key, None)
+        self._preempted.discard(key)
         self._wake.set()
 
     async def _run_line(self, batch: BatchRow, line: LineRow) -> None:
@@ -474,12 +517,15 @@ class BatchService:
             await asyncio.sleep(later.seconds)
             return
         except asyncio.CancelledError:
-            # The server is closing: the line goes back to pending for the next start (shielded: the
-            # release must happen even though this task is being cancelled).
+            # Preempted by a live request, or the server is closing: the line goes back to pending, to
+            # run again later (shielded: the release must happen even though this task is cancelled).
+            preempted = (batch.id, line.line) in self._preempted
             try:
-                await asyncio.shield(self._release(batch, line))
+                await asyncio.shield(self._release(batch, line, uncount=preempted))
             except Exception:
                 log.exception("batch %s line %d: putting it back to pending failed", batch.id, line.line)
+            if preempted:
+                log.info("batch %s line %d: preempted by live traffic, back to pending", batch.id, line.line)
             raise
         await asyncio.shield(
             self.writer.run(
@@ -489,11 +535,17 @@ class BatchService:
             )
         )
 
-    async def _release(self, batch: BatchRow, line: LineRow) -> None:
-        self._spent.pop(line.request_id, None)
+    async def _release(self, batch: BatchRow, line: LineRow, *, uncount: bool = False) -> None:
+        """Back to pending, its hold given back; ``uncount``: its admission also leaves the key's rate
+        window (a preempted attempt)."""
+        spent = self._spent.pop(line.request_id, None)
+        window: rows.WindowEntry | None = None
+        account = None if spent is None else spent.account
+        if uncount and account is not None and account.admitted and account.rate_second is not None:
+            window = rows.WindowEntry(account.key.id, account.rate_second, account.rate_tokens)
         await self.writer.run(
             lambda conn: rows.release_line_sync(
-                conn, batch_id=batch.id, line=line.line, request_id=line.request_id
+                conn, batch_id=batch.id, line=line.line, request_id=line.request_id, window=window
             )
         )
 
@@ -520,12 +572,21 @@ class BatchService:
                 if batch.id in self._stopping:
                     raise _Later(0)  # cancelled or expired while waiting: back to pending, then failed
                 await asyncio.sleep(ROOM_POLL_SECONDS)
-            # No await between the room check and the chat service taking its slots.
-            result = await self.chat.complete(
-                call, key_id=key.id, account=self.meter.account_for(key), prepare=self.search.apply
-            )
+            # No await between the room check and the chat service taking its slots; from then on a
+            # live request admitted on this engine preempts the line (see _preempt).
+            where = (batch.id, line.line)
+            self._listen(call.model.admission)
+            self._in_engine[where] = call.model
+            try:
+                result = await self.chat.complete(
+                    call, key_id=key.id, account=self.meter.account_for(key), prepare=self.search.apply
+                )
+            finally:
+                self._in_engine.pop(where, None)
         except (RateLimited, QuotaExceeded) as exc:
             raise _Later(exc.retry_after or 1) from None
+        except _Later:
+            raise  # the batch is ending while the line waited for room: not a failure of the line
         except ApiError as exc:
             error = exc if call is None else fileids.map_error(call, exc)
             return (
@@ -613,16 +674,25 @@ class BatchService:
             error = BatchLineNotRun(
                 "batch_expired", "The batch's completion window ended before this request ran."
             )
-        while pending := await rows.pending_lines(self.store, batch_id=batch.id, limit=1000):
+        while True:
+            pending = await rows.pending_lines(self.store, batch_id=batch.id, limit=1000)
             lines = {
                 p.line: renderer.failure(request_id=p.request_id, custom_id=p.custom_id, error=error)
                 for p in pending
                 if (batch.id, p.line) not in self._running
             }
-            if not lines or not await rows.fail_pending(self.store, batch_id=batch.id, results=lines):
-                break
-        if self._busy(batch.id):
-            return  # running lines finish first; their end wakes the worker
+            if lines and await rows.fail_pending(self.store, batch_id=batch.id, results=lines):
+                continue
+            if self._busy(batch.id):
+                return  # running lines finish first; their end wakes the worker
+            # A line may have gone back to pending (and its task ended) while the query above ran:
+            # the files are written only once the database says nothing is left to run.
+            states = await rows.line_states(self.store, batch_id=batch.id)
+            if states.get("pending", 0) and not self._busy(batch.id):
+                continue
+            if states.get("pending", 0) or states.get("running", 0):
+                return
+            break
         await self._finalize(batch, status)
 
     async def _finalize(self, batch: BatchRow, status: str) -> None:
