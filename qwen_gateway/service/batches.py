@@ -60,12 +60,11 @@ import dataclasses
 import functools
 import hashlib
 import logging
-import re
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import orjson
@@ -85,6 +84,19 @@ from qwen_gateway.errors import (
 from qwen_gateway.media import MediaFetcher
 from qwen_gateway.service import fileids
 from qwen_gateway.service.admission import Admission
+from qwen_gateway.service.batch_input import (
+    CHAT_ENDPOINT,
+    NOT_SERVED,
+    Problem,
+    check_line,
+    line_request_id,
+    parse_window,
+    plausible,
+    problems_of,
+)
+from qwen_gateway.service.batch_input import (
+    metadata as check_metadata,
+)
 from qwen_gateway.service.chat import ChatService
 from qwen_gateway.service.events import ChatResult
 from qwen_gateway.service.files import LINE_LIMIT, OUTPUT_PREFIX, FileService
@@ -105,34 +117,15 @@ from qwen_gateway.store.usage import NewUsage
 
 log = logging.getLogger(__name__)
 
-# What the Batch API runs here. DashScope also takes /v1/embeddings and its test endpoint
-# /v1/chat/ds-test; this gateway serves neither, so a batch for them is refused when it is created.
-CHAT_ENDPOINT = "/v1/chat/completions"
-NOT_SERVED = ("/v1/embeddings", "/v1/chat/ds-test")
 # The ledger's endpoint of a batch line (tells batch charges from live ones).
 LEDGER_ENDPOINT = "batch.chat.completions"
-# DashScope: the completion window is 24 to 336 hours, in hours ("24h") or days ("14d").
-WINDOW = re.compile(r"^([1-9]\d{0,3})([hd])$")
-MIN_WINDOW_HOURS, MAX_WINDOW_HOURS = 24, 336
 # DashScope: at most 50,000 requests per input file.
 MAX_LINES = 50_000
 # Problems listed on a batch that fails validation (the rest are not).
 MAX_PROBLEMS = 100
-METADATA_KEYS = 16
-METADATA_VALUE_CHARS = 512
 CREATE_PARAMS = frozenset({"input_file_id", "endpoint", "completion_window", "metadata"})
 # How often a line waiting for a free engine slot looks again (only the event loop counts slots).
 ROOM_POLL_SECONDS = 0.02
-
-
-@dataclass(frozen=True, slots=True)
-class Problem:
-    """Why a batch's input failed validation: DashScope's ``errors.data`` item."""
-
-    code: str
-    message: str
-    param: str | None
-    line: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,11 +165,6 @@ class _Spent:
     latency_ms: int
 
 
-def line_request_id(batch_id: str, line: int) -> str:
-    """The line's request id: the same on every attempt (its ledger row's unique key)."""
-    return str(uuid.uuid5(uuid.UUID(batch_id.removeprefix("batch_")), str(line)))
-
-
 def output_file_id(batch_id: str, kind: str) -> str:
     """The batch's output (``kind`` "output") or error file id: derived, so a finalization that is
     repeated after a crash writes the same file."""
@@ -187,21 +175,6 @@ def batch_cost(price: Price, usage: Usage, percent: int) -> int:
     """``percent`` of the live cost, rounded up once to the micro-CNY."""
     per_1k = usage.prompt_tokens * price.input_per_1k + usage.completion_tokens * price.output_per_1k
     return -(-per_1k * percent // 100_000)
-
-
-def parse_window(value: Any) -> timedelta:
-    if not isinstance(value, str) or not (match := WINDOW.match(value)):
-        raise InvalidParameter(
-            "completion_window must be a number of hours or days, such as 24h or 14d",
-            param="completion_window",
-        )
-    hours = int(match.group(1)) * (24 if match.group(2) == "d" else 1)
-    if not MIN_WINDOW_HOURS <= hours <= MAX_WINDOW_HOURS:
-        raise InvalidParameter(
-            f"completion_window should be in [{MIN_WINDOW_HOURS}h, {MAX_WINDOW_HOURS}h]",
-            param="completion_window",
-        )
-    return timedelta(hours=hours)
 
 
 def _has_room(model: ServedModel, idle_seconds: float) -> bool:
@@ -282,7 +255,7 @@ class BatchService:
                 param="endpoint",
             )
         window = parse_window(body.get("completion_window"))
-        metadata = _metadata(body.get("metadata"))
+        metadata = check_metadata(body.get("metadata"))
         file = await self.files.get(key_id=key_id, file_id=input_file_id)
         if file.purpose != "batch":
             raise InvalidParameter(
@@ -315,7 +288,7 @@ class BatchService:
     async def get(self, *, key_id: str, batch_id: str) -> BatchRow:
         row = (
             await rows.get_batch(self.store, key_id=key_id, batch_id=batch_id)
-            if _plausible(batch_id)
+            if plausible(batch_id)
             else None
         )
         if row is None:
@@ -329,7 +302,7 @@ class BatchService:
     async def cancel(self, *, key_id: str, batch_id: str) -> BatchRow:
         row = (
             await rows.request_cancel(self.store, key_id=key_id, batch_id=batch_id, now=self.clock())
-            if _plausible(batch_id)
+            if plausible(batch_id)
             else None
         )
         if row is None:
@@ -450,7 +423,7 @@ class BatchService:
                 number += 1
                 if not raw.strip():
                     continue
-                problem, line = _check_line(raw, number, batch, seen)
+                problem, line = check_line(raw, number, batch, seen)
                 if problem is not None:
                     problems.append(problem)
                 elif line is not None:
@@ -719,101 +692,6 @@ class BatchService:
             self.store, batch_id=batch.id, status=status, output=made[0], error=made[1], now=now
         )
         log.info("batch %s %s: %d outputs, %d errors", batch.id, status, len(outputs), len(errors))
-
-
-def _check_line(
-    raw: bytes, number: int, batch: BatchRow, seen: set[str]
-) -> tuple[Problem | None, LineRow | None]:
-    """One input line: a problem that fails the batch, or the line to store. The request body itself is
-    checked when the line runs (a bad body fails that line only)."""
-    try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return Problem("invalid_json_line", "This line is not valid JSON.", None, number), None
-    if not isinstance(value, dict):
-        return Problem("invalid_json_line", "This line is not a JSON object.", None, number), None
-    url = value.get("url")
-    if not isinstance(url, str):
-        return Problem(
-            "missing_required_parameter", "The url of this request is missing.", "url", number
-        ), None
-    if url != batch.endpoint:
-        if url == CHAT_ENDPOINT or url in NOT_SERVED:
-            message = f"The url '{url[:128]}' does not match the batch's endpoint '{batch.endpoint}'."
-            return Problem("mismatched_url", message, "url", number), None
-        message = f"The provided url '{url[:128]}' is not supported by the Batch API."
-        return Problem("url_not_found", message, "url", number), None
-    method = value.get("method")
-    if not isinstance(method, str) or method.upper() != "POST":
-        return Problem("invalid_method", "The method of every request must be POST.", "method", number), None
-    custom_id = value.get("custom_id")
-    if not isinstance(custom_id, str) or not custom_id or len(custom_id) > 512:
-        return Problem(
-            "missing_required_parameter",
-            "Every request needs a custom_id (a string of at most 512 characters).",
-            "custom_id",
-            number,
-        ), None
-    if custom_id in seen:
-        return Problem(
-            "duplicate_custom_id", f"The custom_id '{custom_id[:128]}' is used twice.", "custom_id", number
-        ), None
-    seen.add(custom_id)
-    body = value.get("body")
-    if not isinstance(body, dict):
-        return Problem(
-            "missing_required_parameter", "The body of this request must be a JSON object.", "body", number
-        ), None
-    for name in value:
-        if name not in ("custom_id", "method", "url", "body"):
-            return Problem(
-                "invalid_parameter", f"Unknown field of a request line: {name[:64]}", name[:64], number
-            ), None
-    line = LineRow(
-        batch_id=batch.id,
-        line=number,
-        custom_id=custom_id,
-        request_id=line_request_id(batch.id, number),
-        body=orjson.dumps(body).decode(),
-        state="pending",
-        result=None,
-        attempts=0,
-    )
-    return None, line
-
-
-def _metadata(value: Any) -> dict[str, str] | None:
-    if value is None:
-        return None
-    if not isinstance(value, dict) or len(value) > METADATA_KEYS:
-        raise InvalidParameter(
-            f"metadata must be an object of at most {METADATA_KEYS} strings", param="metadata"
-        )
-    for name, item in value.items():
-        if not isinstance(item, str) or len(name) > 64 or len(item) > METADATA_VALUE_CHARS:
-            raise InvalidParameter(
-                f"metadata values must be strings of at most {METADATA_VALUE_CHARS} characters",
-                param="metadata",
-            )
-    return dict(value)
-
-
-def _plausible(batch_id: str) -> bool:
-    """``batch_`` + a UUID: anything else is not looked up."""
-    rest = batch_id.removeprefix("batch_")
-    if rest == batch_id:
-        return False
-    try:
-        return str(uuid.UUID(rest)) == rest
-    except ValueError:
-        return False
-
-
-def problems_of(batch: BatchRow) -> list[Problem]:
-    """The stored validation problems of a failed batch."""
-    if batch.errors_json is None:
-        return []
-    return [Problem(**item) for item in orjson.loads(batch.errors_json)]
 
 
 __all__ = [
