@@ -13,8 +13,10 @@ prints their latency p50/p99:
    live request, and a line ``running`` in the database), so it shares the engine with batch work
    (``--arrivals`` of them).
 
-Also printed: CPU seconds of the server process over each phase (``/proc/<pid>/stat``), since the
-machine may be shared and wall-clock latencies move with whatever else runs on the cores.
+Also printed: how many batch lines live requests preempted (cancelled in the engine and put back to
+pending, ``qwen_gateway_batch_lines_preempted_total``), and CPU seconds of the server process over
+each phase (``/proc/<pid>/stat``), since the machine may be shared and wall-clock latencies move with
+whatever else runs on the cores.
 
     python benchmarks/bench_batches.py [--requests 40] [--lines 60] [--concurrency 2]
 """
@@ -168,6 +170,12 @@ def main() -> None:
                 if completed(batch["id"])[1] != "in_progress":
                     break
                 shared += interactive(client, 1)
+            metrics = httpx.get(f"{server.base_url}/metrics", timeout=60).text
+            preempted = sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in metrics.splitlines()
+                if line.startswith("qwen_gateway_batch_lines_preempted_total{")
+            )
         finally:
             server.stop()
     print(f"machine: {os.cpu_count()} CPUs, shared with other work (wall-clock figures are noisy)")
@@ -181,6 +189,7 @@ def main() -> None:
             f"interactive during batch: n={len(during):3d}  p50 {statistics.median(during):7.1f} ms  "
             f"p99 {pct(during, 0.99):7.1f} ms  server CPU {cpu_during:.2f} s"
         )
+    print(f"batch lines preempted by live requests (put back to pending): {preempted:.0f}")
     print(f"batch lines finished during the back-to-back requests: {finished - first} (batch {status})")
     if shared:
         print(

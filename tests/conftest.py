@@ -36,6 +36,7 @@ _SLOW_MODULES = {
     "test_admin.py": "a server per database, Chromium",
     "test_admission.py": "its own server, 4000-token streams filling the queue",
     "test_batches.py": "a server per database, batches of 20 lines, SIGKILL and restarts",
+    "test_batches_preemption.py": "a server per database, live requests preempting batch lines, two servers",
     "test_embedded_qwen.py": "a hub stand-in and a llama.cpp server per test",
     "test_files.py": "a server per database, document extraction",
     "test_files_disk_full.py": "its own server on a tmpfs mount",

@@ -13,6 +13,7 @@ while queued leaves the queue at once.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from qwen_gateway.errors import EngineOverloaded
 
@@ -36,6 +37,9 @@ class Admission:
         # what the batch worker reads to give way to live requests.
         self.background_held = 0
         self.live_at = float("-inf")
+        # Called on the event loop each time live traffic is admitted (the batch worker preempts its
+        # lines running on this engine); a listener must not raise.
+        self.on_live: list[Callable[[], None]] = []
 
     @property
     def held(self) -> int:
@@ -62,6 +66,8 @@ class Admission:
             self.background_held += n
         else:
             self.live_at = time.monotonic()
+            for listener in self.on_live:
+                listener()
         return Ticket(self, n, background)
 
     def refuse_if_full(self, n: object = 1) -> None:

@@ -10,9 +10,12 @@ unknown model, an engine error) fails alone: its DashScope error object goes to 
 
 **Live traffic first.** A line starts only when its model's engine runs no live request, none ended
 within ``[batches] idle_seconds``, and a running slot is free beyond one kept for live requests
-(:func:`_has_room`): batches fill the engine's idle time. A live request that arrives meanwhile shares
-the engine only with the lines already running (at most ``concurrency``, each bounded by its
-``max_tokens``); batch lines never wait in the admission queue.
+(:func:`_has_room`): batches fill the engine's idle time. A live request admitted meanwhile *preempts*
+the lines in its model's engine (:meth:`BatchService._preempt`, called from the admission itself): they
+are cancelled at once (the engine drops them at its next step) and put back to ``pending`` exactly as a
+graceful stop puts them back (crash point 2 without the crash: the hold is given back, no ledger row,
+nothing charged, not failed), and run again, from the start, once the model is idle again. Batch lines
+never wait in the admission queue.
 
 **Money.** A line is admitted like a live request (rate limits, the balance hold at the full price), and
 charged :attr:`~qwen_gateway.settings.BatchSettings.price_percent` of its live price (DashScope: 50 %)
@@ -41,9 +44,12 @@ The output file is built from the stored result lines (one per line number), so 
 at most once whatever happened.
 
 A server stopping gracefully puts the lines it was running back to ``pending`` (their holds given back),
-for the next start. Cancelling: no new line starts, running ones finish, the rest fail with
-``batch_cancelled``; then ``cancelled``. Past its completion window a batch's lines not yet run fail
-with ``batch_expired`` and the batch ends ``expired``.
+for the next start; so does a preemption (the attempt is also taken out of the key's rate window: it
+was the gateway's decision, not the client's request).
+
+Cancelling: no new line starts, running ones finish (a preempted one is pending again: it fails with
+the rest), the rest fail with ``batch_cancelled``; then ``cancelled``. Past its completion window a
+batch's lines not yet run fail with ``batch_expired`` and the batch ends ``expired``.
 """
 
 from __future__ import annotations
@@ -54,12 +60,11 @@ import dataclasses
 import functools
 import hashlib
 import logging
-import re
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import orjson
@@ -78,6 +83,20 @@ from qwen_gateway.errors import (
 )
 from qwen_gateway.media import MediaFetcher
 from qwen_gateway.service import fileids
+from qwen_gateway.service.admission import Admission
+from qwen_gateway.service.batch_input import (
+    CHAT_ENDPOINT,
+    NOT_SERVED,
+    Problem,
+    check_line,
+    line_request_id,
+    parse_window,
+    plausible,
+    problems_of,
+)
+from qwen_gateway.service.batch_input import (
+    metadata as check_metadata,
+)
 from qwen_gateway.service.chat import ChatService
 from qwen_gateway.service.events import ChatResult
 from qwen_gateway.service.files import LINE_LIMIT, OUTPUT_PREFIX, FileService
@@ -98,34 +117,15 @@ from qwen_gateway.store.usage import NewUsage
 
 log = logging.getLogger(__name__)
 
-# What the Batch API runs here. DashScope also takes /v1/embeddings and its test endpoint
-# /v1/chat/ds-test; this gateway serves neither, so a batch for them is refused when it is created.
-CHAT_ENDPOINT = "/v1/chat/completions"
-NOT_SERVED = ("/v1/embeddings", "/v1/chat/ds-test")
 # The ledger's endpoint of a batch line (tells batch charges from live ones).
 LEDGER_ENDPOINT = "batch.chat.completions"
-# DashScope: the completion window is 24 to 336 hours, in hours ("24h") or days ("14d").
-WINDOW = re.compile(r"^([1-9]\d{0,3})([hd])$")
-MIN_WINDOW_HOURS, MAX_WINDOW_HOURS = 24, 336
 # DashScope: at most 50,000 requests per input file.
 MAX_LINES = 50_000
 # Problems listed on a batch that fails validation (the rest are not).
 MAX_PROBLEMS = 100
-METADATA_KEYS = 16
-METADATA_VALUE_CHARS = 512
 CREATE_PARAMS = frozenset({"input_file_id", "endpoint", "completion_window", "metadata"})
 # How often a line waiting for a free engine slot looks again (only the event loop counts slots).
 ROOM_POLL_SECONDS = 0.02
-
-
-@dataclass(frozen=True, slots=True)
-class Problem:
-    """Why a batch's input failed validation: DashScope's ``errors.data`` item."""
-
-    code: str
-    message: str
-    param: str | None
-    line: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,11 +165,6 @@ class _Spent:
     latency_ms: int
 
 
-def line_request_id(batch_id: str, line: int) -> str:
-    """The line's request id: the same on every attempt (its ledger row's unique key)."""
-    return str(uuid.uuid5(uuid.UUID(batch_id.removeprefix("batch_")), str(line)))
-
-
 def output_file_id(batch_id: str, kind: str) -> str:
     """The batch's output (``kind`` "output") or error file id: derived, so a finalization that is
     repeated after a crash writes the same file."""
@@ -180,21 +175,6 @@ def batch_cost(price: Price, usage: Usage, percent: int) -> int:
     """``percent`` of the live cost, rounded up once to the micro-CNY."""
     per_1k = usage.prompt_tokens * price.input_per_1k + usage.completion_tokens * price.output_per_1k
     return -(-per_1k * percent // 100_000)
-
-
-def parse_window(value: Any) -> timedelta:
-    if not isinstance(value, str) or not (match := WINDOW.match(value)):
-        raise InvalidParameter(
-            "completion_window must be a number of hours or days, such as 24h or 14d",
-            param="completion_window",
-        )
-    hours = int(match.group(1)) * (24 if match.group(2) == "d" else 1)
-    if not MIN_WINDOW_HOURS <= hours <= MAX_WINDOW_HOURS:
-        raise InvalidParameter(
-            f"completion_window should be in [{MIN_WINDOW_HOURS}h, {MAX_WINDOW_HOURS}h]",
-            param="completion_window",
-        )
-    return timedelta(hours=hours)
 
 
 def _has_room(model: ServedModel, idle_seconds: float) -> bool:
@@ -235,6 +215,7 @@ class BatchService:
         self.media = media
         self.search = search
         self.max_files_per_request = max_files_per_request
+        self.metrics = metrics
         self.clock = clock
         self._spent: dict[str, _Spent] = {}
         # The live path's service with one difference: settlement is handed back to the worker, which
@@ -244,6 +225,11 @@ class BatchService:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._running: dict[tuple[str, int], asyncio.Task[None]] = {}
+        # Lines inside the chat service (admission, engine), by the admission of their model: what a
+        # live request admitted there preempts. ``_preempted``: lines cancelled for that reason.
+        self._in_engine: dict[tuple[str, int], ServedModel] = {}
+        self._preempted: set[tuple[str, int]] = set()
+        self._listening: list[tuple[Admission, Callable[[], None]]] = []
         # Batches being cancelled or expired: their lines still waiting for the engine give up.
         self._stopping: set[str] = set()
 
@@ -269,7 +255,7 @@ class BatchService:
                 param="endpoint",
             )
         window = parse_window(body.get("completion_window"))
-        metadata = _metadata(body.get("metadata"))
+        metadata = check_metadata(body.get("metadata"))
         file = await self.files.get(key_id=key_id, file_id=input_file_id)
         if file.purpose != "batch":
             raise InvalidParameter(
@@ -302,7 +288,7 @@ class BatchService:
     async def get(self, *, key_id: str, batch_id: str) -> BatchRow:
         row = (
             await rows.get_batch(self.store, key_id=key_id, batch_id=batch_id)
-            if _plausible(batch_id)
+            if plausible(batch_id)
             else None
         )
         if row is None:
@@ -316,7 +302,7 @@ class BatchService:
     async def cancel(self, *, key_id: str, batch_id: str) -> BatchRow:
         row = (
             await rows.request_cancel(self.store, key_id=key_id, batch_id=batch_id, now=self.clock())
-            if _plausible(batch_id)
+            if plausible(batch_id)
             else None
         )
         if row is None:
@@ -344,6 +330,34 @@ class BatchService:
         for line_task in running:
             line_task.cancel()
         await asyncio.gather(*running, return_exceptions=True)
+        for admission, listener in self._listening:
+            with contextlib.suppress(ValueError):
+                admission.on_live.remove(listener)
+        self._listening.clear()
+
+    def _listen(self, admission: Admission) -> None:
+        """Be told when live traffic is admitted on ``admission`` (once per admission)."""
+        if any(known is admission for known, _ in self._listening):
+            return
+        listener = functools.partial(self._preempt, admission)
+        admission.on_live.append(listener)
+        self._listening.append((admission, listener))
+
+    def _preempt(self, admission: Admission) -> None:
+        """A live request was just admitted on ``admission``: cancel the batch lines in that engine
+        (``_run_line`` puts them back to pending). Runs inside the live request's admission: no await,
+        nothing that can raise."""
+        for key, model in list(self._in_engine.items()):
+            if model.admission is not admission:
+                continue
+            task = self._running.get(key)
+            del self._in_engine[key]
+            if task is None or task.done():
+                continue
+            self._preempted.add(key)
+            task.cancel()
+            if self.metrics is not None:
+                self.metrics.batch_line_preempted(model.id)
 
     async def _loop(self) -> None:
         while True:
@@ -409,7 +423,7 @@ class BatchService:
                 number += 1
                 if not raw.strip():
                     continue
-                problem, line = _check_line(raw, number, batch, seen)
+                problem, line = check_line(raw, number, batch, seen)
                 if problem is not None:
                     problems.append(problem)
                 elif line is not None:
@@ -444,6 +458,8 @@ class BatchService:
 
     def _line_done(self, key: tuple[str, int], _task: asyncio.Task[None]) -> None:
         self._running.pop(key, None)
+        self._in_engine.pop(key, None)
+        self._preempted.discard(key)
         self._wake.set()
 
     async def _run_line(self, batch: BatchRow, line: LineRow) -> None:
@@ -474,12 +490,15 @@ class BatchService:
             await asyncio.sleep(later.seconds)
             return
         except asyncio.CancelledError:
-            # The server is closing: the line goes back to pending for the next start (shielded: the
-            # release must happen even though this task is being cancelled).
+            # Preempted by a live request, or the server is closing: the line goes back to pending, to
+            # run again later (shielded: the release must happen even though this task is cancelled).
+            preempted = (batch.id, line.line) in self._preempted
             try:
-                await asyncio.shield(self._release(batch, line))
+                await asyncio.shield(self._release(batch, line, uncount=preempted))
             except Exception:
                 log.exception("batch %s line %d: putting it back to pending failed", batch.id, line.line)
+            if preempted:
+                log.info("batch %s line %d: preempted by live traffic, back to pending", batch.id, line.line)
             raise
         await asyncio.shield(
             self.writer.run(
@@ -489,11 +508,17 @@ class BatchService:
             )
         )
 
-    async def _release(self, batch: BatchRow, line: LineRow) -> None:
-        self._spent.pop(line.request_id, None)
+    async def _release(self, batch: BatchRow, line: LineRow, *, uncount: bool = False) -> None:
+        """Back to pending, its hold given back; ``uncount``: its admission also leaves the key's rate
+        window (a preempted attempt)."""
+        spent = self._spent.pop(line.request_id, None)
+        window: rows.WindowEntry | None = None
+        account = None if spent is None else spent.account
+        if uncount and account is not None and account.admitted and account.rate_second is not None:
+            window = rows.WindowEntry(account.key.id, account.rate_second, account.rate_tokens)
         await self.writer.run(
             lambda conn: rows.release_line_sync(
-                conn, batch_id=batch.id, line=line.line, request_id=line.request_id
+                conn, batch_id=batch.id, line=line.line, request_id=line.request_id, window=window
             )
         )
 
@@ -520,12 +545,21 @@ class BatchService:
                 if batch.id in self._stopping:
                     raise _Later(0)  # cancelled or expired while waiting: back to pending, then failed
                 await asyncio.sleep(ROOM_POLL_SECONDS)
-            # No await between the room check and the chat service taking its slots.
-            result = await self.chat.complete(
-                call, key_id=key.id, account=self.meter.account_for(key), prepare=self.search.apply
-            )
+            # No await between the room check and the chat service taking its slots; from then on a
+            # live request admitted on this engine preempts the line (see _preempt).
+            where = (batch.id, line.line)
+            self._listen(call.model.admission)
+            self._in_engine[where] = call.model
+            try:
+                result = await self.chat.complete(
+                    call, key_id=key.id, account=self.meter.account_for(key), prepare=self.search.apply
+                )
+            finally:
+                self._in_engine.pop(where, None)
         except (RateLimited, QuotaExceeded) as exc:
             raise _Later(exc.retry_after or 1) from None
+        except _Later:
+            raise  # the batch is ending while the line waited for room: not a failure of the line
         except ApiError as exc:
             error = exc if call is None else fileids.map_error(call, exc)
             return (
@@ -613,16 +647,25 @@ class BatchService:
             error = BatchLineNotRun(
                 "batch_expired", "The batch's completion window ended before this request ran."
             )
-        while pending := await rows.pending_lines(self.store, batch_id=batch.id, limit=1000):
+        while True:
+            pending = await rows.pending_lines(self.store, batch_id=batch.id, limit=1000)
             lines = {
                 p.line: renderer.failure(request_id=p.request_id, custom_id=p.custom_id, error=error)
                 for p in pending
                 if (batch.id, p.line) not in self._running
             }
-            if not lines or not await rows.fail_pending(self.store, batch_id=batch.id, results=lines):
-                break
-        if self._busy(batch.id):
-            return  # running lines finish first; their end wakes the worker
+            if lines and await rows.fail_pending(self.store, batch_id=batch.id, results=lines):
+                continue
+            if self._busy(batch.id):
+                return  # running lines finish first; their end wakes the worker
+            # A line may have gone back to pending (and its task ended) while the query above ran:
+            # the files are written only once the database says nothing is left to run.
+            states = await rows.line_states(self.store, batch_id=batch.id)
+            if states.get("pending", 0) and not self._busy(batch.id):
+                continue
+            if states.get("pending", 0) or states.get("running", 0):
+                return
+            break
         await self._finalize(batch, status)
 
     async def _finalize(self, batch: BatchRow, status: str) -> None:
@@ -649,101 +692,6 @@ class BatchService:
             self.store, batch_id=batch.id, status=status, output=made[0], error=made[1], now=now
         )
         log.info("batch %s %s: %d outputs, %d errors", batch.id, status, len(outputs), len(errors))
-
-
-def _check_line(
-    raw: bytes, number: int, batch: BatchRow, seen: set[str]
-) -> tuple[Problem | None, LineRow | None]:
-    """One input line: a problem that fails the batch, or the line to store. The request body itself is
-    checked when the line runs (a bad body fails that line only)."""
-    try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return Problem("invalid_json_line", "This line is not valid JSON.", None, number), None
-    if not isinstance(value, dict):
-        return Problem("invalid_json_line", "This line is not a JSON object.", None, number), None
-    url = value.get("url")
-    if not isinstance(url, str):
-        return Problem(
-            "missing_required_parameter", "The url of this request is missing.", "url", number
-        ), None
-    if url != batch.endpoint:
-        if url == CHAT_ENDPOINT or url in NOT_SERVED:
-            message = f"The url '{url[:128]}' does not match the batch's endpoint '{batch.endpoint}'."
-            return Problem("mismatched_url", message, "url", number), None
-        message = f"The provided url '{url[:128]}' is not supported by the Batch API."
-        return Problem("url_not_found", message, "url", number), None
-    method = value.get("method")
-    if not isinstance(method, str) or method.upper() != "POST":
-        return Problem("invalid_method", "The method of every request must be POST.", "method", number), None
-    custom_id = value.get("custom_id")
-    if not isinstance(custom_id, str) or not custom_id or len(custom_id) > 512:
-        return Problem(
-            "missing_required_parameter",
-            "Every request needs a custom_id (a string of at most 512 characters).",
-            "custom_id",
-            number,
-        ), None
-    if custom_id in seen:
-        return Problem(
-            "duplicate_custom_id", f"The custom_id '{custom_id[:128]}' is used twice.", "custom_id", number
-        ), None
-    seen.add(custom_id)
-    body = value.get("body")
-    if not isinstance(body, dict):
-        return Problem(
-            "missing_required_parameter", "The body of this request must be a JSON object.", "body", number
-        ), None
-    for name in value:
-        if name not in ("custom_id", "method", "url", "body"):
-            return Problem(
-                "invalid_parameter", f"Unknown field of a request line: {name[:64]}", name[:64], number
-            ), None
-    line = LineRow(
-        batch_id=batch.id,
-        line=number,
-        custom_id=custom_id,
-        request_id=line_request_id(batch.id, number),
-        body=orjson.dumps(body).decode(),
-        state="pending",
-        result=None,
-        attempts=0,
-    )
-    return None, line
-
-
-def _metadata(value: Any) -> dict[str, str] | None:
-    if value is None:
-        return None
-    if not isinstance(value, dict) or len(value) > METADATA_KEYS:
-        raise InvalidParameter(
-            f"metadata must be an object of at most {METADATA_KEYS} strings", param="metadata"
-        )
-    for name, item in value.items():
-        if not isinstance(item, str) or len(name) > 64 or len(item) > METADATA_VALUE_CHARS:
-            raise InvalidParameter(
-                f"metadata values must be strings of at most {METADATA_VALUE_CHARS} characters",
-                param="metadata",
-            )
-    return dict(value)
-
-
-def _plausible(batch_id: str) -> bool:
-    """``batch_`` + a UUID: anything else is not looked up."""
-    rest = batch_id.removeprefix("batch_")
-    if rest == batch_id:
-        return False
-    try:
-        return str(uuid.UUID(rest)) == rest
-    except ValueError:
-        return False
-
-
-def problems_of(batch: BatchRow) -> list[Problem]:
-    """The stored validation problems of a failed batch."""
-    if batch.errors_json is None:
-        return []
-    return [Problem(**item) for item in orjson.loads(batch.errors_json)]
 
 
 __all__ = [

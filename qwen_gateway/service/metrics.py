@@ -80,6 +80,13 @@ class Metrics:
             registry=self.registry,
         )
 
+        self._preempted = Counter(
+            "qwen_gateway_batch_lines_preempted",
+            "Batch lines cancelled in the engine by a live request (put back to pending, run again)",
+            ("model",),
+            registry=self.registry,
+        )
+
     def watch_models(self, models: ModelRegistry) -> None:
         self.registry.register(_ModelCollector(models))
 
@@ -95,6 +102,9 @@ class Metrics:
             self._tokens.labels(model, "completion").inc(usage.completion_tokens)
         self._latency.labels(model).observe(time.perf_counter() - timing.started)
         self._overhead.labels(model).observe(timing.overhead_ms() / 1000)
+
+    def batch_line_preempted(self, model: str) -> None:
+        self._preempted.labels(model).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -24,6 +24,7 @@ from qwen_gateway.store.tables import (
     files,
     gateway_instances,
     holds,
+    rate_windows,
     usage_ledger,
 )
 from qwen_gateway.store.usage import NewUsage
@@ -81,6 +82,16 @@ class NewFile:
     filename: str
     bytes: int
     created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class WindowEntry:
+    """Where an admission was counted in its key's rate window: the bucket (epoch second) and the
+    tokens it was counted with."""
+
+    key_id: str
+    second: int
+    tokens: int
 
 
 def _batch(r: Row[Any]) -> BatchRow:
@@ -390,9 +401,26 @@ def finish_line_sync(
     return balance
 
 
-def release_line_sync(conn: Connection, *, batch_id: str, line: int, request_id: str) -> None:
-    """running -> pending (the attempt was stopped: the server is closing); its hold goes back."""
+def release_line_sync(
+    conn: Connection, *, batch_id: str, line: int, request_id: str, window: WindowEntry | None = None
+) -> None:
+    """running -> pending (the attempt was stopped: the server is closing, or a live request preempted
+    it); its hold goes back. ``window``: the attempt's admission also leaves the key's rate window (a
+    bucket already out of the window is gone: nothing to take out)."""
     forget_attempt_sync(conn, request_id=request_id)
+    if window is not None:
+        conn.execute(
+            update(rate_windows)
+            .where(
+                rate_windows.c.key_id == window.key_id,
+                rate_windows.c.second == window.second,
+                rate_windows.c.requests > 0,
+            )
+            .values(
+                requests=rate_windows.c.requests - 1,
+                tokens=rate_windows.c.tokens - window.tokens,
+            )
+        )
     conn.execute(
         update(batch_lines)
         .where(

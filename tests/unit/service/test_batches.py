@@ -9,13 +9,9 @@ import pytest
 
 from qwen_gateway.engines.base import Usage
 from qwen_gateway.errors import InvalidParameter
-from qwen_gateway.service.batches import (
-    _check_line,
-    batch_cost,
-    line_request_id,
-    output_file_id,
-    parse_window,
-)
+from qwen_gateway.service.batch_input import check_line as _check_line
+from qwen_gateway.service.batch_input import line_request_id, parse_window
+from qwen_gateway.service.batches import batch_cost, output_file_id
 from qwen_gateway.service.money.prices import Price
 from qwen_gateway.store.batches import BatchRow
 
