@@ -186,6 +186,11 @@ class Cursor:
         if not rows:
             return
         if self._raw is not None:
+            if len(rows) == 1:
+                # One row (every batch at one client): psycopg's executemany enters pipeline mode, which
+                # costs ~35 µs of CPU more than a plain execute for the same round trip.
+                self._raw.execute(self._sql(sql), rows[0])
+                return
             self._raw.executemany(self._sql(sql), rows)
         else:
             self._conn.exec_driver_sql(self._sql(sql), [dict(r) for r in rows])
