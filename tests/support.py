@@ -64,9 +64,19 @@ def free_port() -> int:
 def cli(
     *args: str, home: Path, check: bool = True, database_url: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    argv = ["qwen_gateway", *args, "--home", str(home)]
+    return run_gateway(*args, "--home", str(home), check=check, database_url=database_url)
+
+
+def run_gateway(
+    *args: str, check: bool = False, database_url: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m qwen_gateway ARGS`` run to its end, output captured (forked from the template when
+    that is the same as a fresh interpreter, see :func:`_forkserver_allowed`)."""
+    argv = ["qwen_gateway", *args]
     env = _env(database_url)
-    timeout = 600  # a bound for a hung CLI only (it takes seconds; far more on a loaded machine)
+    # A bound for a hung process only (it takes seconds; importing torch alone took 60 s on a loaded
+    # 2-core box).
+    timeout = 600
     if _forkserver_allowed(env):
         done = _forkserver().run(argv, env, timeout)
         if done is not None:
@@ -324,14 +334,17 @@ def _forkserver() -> _ForkServer:
 def _forkserver_allowed(env: dict[str, str]) -> bool:
     """Forking from the template is the same as a fresh interpreter only if nothing read at import
     time differs: the environment may differ from the template's own in ``QWEN_GATEWAY_*`` variables
-    only (the server reads those when it builds its settings). Tests that set anything else (a hub
+    (the server reads those when it builds its settings) and pytest's ``PYTEST_CURRENT_TEST`` only. Tests that set anything else (a hub
     endpoint, thread counts) get a fresh interpreter. ``QWEN_GATEWAY_TEST_FRESH_PROCESSES=1`` turns
     forking off for a whole run."""
     if os.environ.get("QWEN_GATEWAY_TEST_FRESH_PROCESSES") == "1" or Path.cwd() != REPO:
         return False
     base = _forkserver().env
     keys = set(base) | set(env)
-    return all(k.startswith("QWEN_GATEWAY_") for k in keys if base.get(k) != env.get(k))
+    # (PYTEST_CURRENT_TEST names the running test: pytest sets it for each one; nothing reads it at
+    # import.)
+    safe = ("QWEN_GATEWAY_", "PYTEST_CURRENT_TEST")
+    return all(k.startswith(safe) for k in keys if base.get(k) != env.get(k))
 
 
 def _wait_healthy(

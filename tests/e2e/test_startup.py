@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from openai import OpenAI
 
-from tests.support import MODELS, Server
+from tests.support import MODELS, Server, run_gateway
 
 
 def serve_fails(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "qwen_gateway", "serve", "--home", str(home), "--port", "0", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,  # a bound for a hung process only: importing torch alone took 60 s on a loaded 2-core box
-    )
+    return run_gateway("serve", "--home", str(home), "--port", "0", *args)
 
 
 def test_checkpoint_that_fails_to_load_exits_with_one_line(tmp_path: Path) -> None:
