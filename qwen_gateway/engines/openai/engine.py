@@ -320,23 +320,30 @@ class OpenAIEngine:
             finally:
                 replica.outstanding -= 1
 
+    async def _post(
+        self, replica: Replica, content: bytes, headers: dict[str, str]
+    ) -> aiohttp.ClientResponse:
+        """Send the request to ``replica``; a status other than 200 is a :class:`_Retry` (its body, cut
+        short, for the log). The caller closes the response on any failure after this returns."""
+        assert self._client is not None
+        response = await self._client.post(f"{replica.url}/chat/completions", data=content, headers=headers)
+        if response.status != 200:
+            try:
+                body = (await response.read())[:500]
+            finally:
+                response.close()
+            status = response.status
+            raise _Retry(_status_error(status), f"HTTP {status}: {body!r}", retry=status not in _REFUSED)
+        return response
+
     async def _open(
         self, replica: Replica, content: bytes, headers: dict[str, str], reader: ChunkReader
     ) -> tuple[aiohttp.ClientResponse, EventStream, list[GenerationEvent]]:
         """Send the request and read up to its first event; every failure here is a :class:`_Retry`."""
-        assert self._client is not None
         response: aiohttp.ClientResponse | None = None
         try:
             async with asyncio.timeout(self._config.first_byte_timeout):
-                response = await self._client.post(
-                    f"{replica.url}/chat/completions", data=content, headers=headers
-                )
-                if response.status != 200:
-                    body = (await response.read())[:500]
-                    status = response.status
-                    raise _Retry(
-                        _status_error(status), f"HTTP {status}: {body!r}", retry=status not in _REFUSED
-                    )
+                response = await self._post(replica, content, headers)
                 events = EventStream(response.content)
                 first: list[GenerationEvent] = []
                 while not first:
@@ -362,19 +369,10 @@ class OpenAIEngine:
         failure here is a :class:`_Retry`: nothing has reached the client yet, so another replica may
         answer instead (and the request is charged once). Cancelled (the client hung up), the
         connection is closed at once, which is how the upstream learns to abort."""
-        assert self._client is not None
         response: aiohttp.ClientResponse | None = None
         try:
             async with asyncio.timeout(self._config.answer_timeout):
-                response = await self._client.post(
-                    f"{replica.url}/chat/completions", data=content, headers=headers
-                )
-                if response.status != 200:
-                    body = (await response.read())[:500]
-                    status = response.status
-                    raise _Retry(
-                        _status_error(status), f"HTTP {status}: {body!r}", retry=status not in _REFUSED
-                    )
+                response = await self._post(replica, content, headers)
                 raw = await response.read()  # read to its end: the connection goes back to the pool
             if response.content_type == "text/event-stream":
                 # Streamed although asked for one answer (some proxies do): the same events.
