@@ -129,7 +129,7 @@ class LlamaCppEngine:
             tool_format=tool_format(template),
             reasoning_format="qwen3",
         )
-        scheduler = Scheduler(model, shape, name=config.id)
+        scheduler = Scheduler(model, shape, name=config.id, prefix_cache=config.prefix_cache)
         try:
             await asyncio.to_thread(scheduler.start)
         except StartupError as exc:

@@ -21,5 +21,8 @@ class LlamaCppModelConfig(EngineConfig):
     kv_cache_tokens: int | None = Field(default=None, ge=64)
     # Tokens one llama_decode call takes at most (prompt chunks of new requests beside the decode rows).
     prefill_chunk: int = Field(default=512, ge=16)
+    # Keep a finished request's KV cells and reuse their longest common prefix with a later prompt
+    # (repeated system prompts, earlier turns of a conversation): only the rest is prefilled.
+    prefix_cache: bool = True
     # CPU threads for llama.cpp (None: half the CPUs this process may use, at least one).
     threads: int | None = Field(default=None, ge=1)

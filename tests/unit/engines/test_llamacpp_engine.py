@@ -112,6 +112,54 @@ def test_two_requests_decode_in_one_step(qwen25: Any) -> None:
     assert qwen25.scheduler.widest_step >= 2
 
 
+def test_a_repeated_prompt_reuses_the_kept_prefix(qwen25: Any) -> None:
+    """A finished request's KV cells stay under its seq id: the same prompt again prefills only its
+    last token (the one whose logits start the answer), and the answer is the one computed afresh."""
+    first, done = run(answer(qwen25, request("Reuse me, please.", max_tokens=12, temperature=0.0)))
+    before = qwen25.scheduler.reused_tokens
+    again, _ = run(answer(qwen25, request("Reuse me, please.", max_tokens=12, temperature=0.0)))
+    assert qwen25.scheduler.reused_tokens - before == done.usage.prompt_tokens - 1
+    assert again == first
+
+
+def test_kept_cells_make_room_for_new_requests(tmp_path: Path) -> None:
+    """Kept cells count against the cache: after two answers that filled it were kept, a long one
+    runs to its length (the other kept cells are dropped, else llama_decode would run out of cells
+    and the inference thread would stop)."""
+    engine = make(GGUF25, tmp_path, max_batch_size=2, kv_cache_tokens=256)
+    try:
+        prompt = len(engine._renderer.render(request("Story 1.")))
+
+        async def pair() -> list[Any]:
+            return list(
+                await asyncio.gather(
+                    *(
+                        answer(engine, request(t, max_tokens=128 - prompt, seed=i, request_id=t, **VARIED))
+                        for i, t in enumerate(("Story 1.", "Story 2."))
+                    )
+                )
+            )
+
+        for _, done in run(pair()):
+            assert done.usage.completion_tokens >= 1
+        _, done = run(answer(engine, request("Story 3.", max_tokens=200 - prompt, seed=3, **VARIED)))
+        assert done.reason == "length" and done.usage.completion_tokens == 200 - prompt
+        assert engine.scheduler.alive and engine.scheduler.widest_step == 2
+        assert engine.scheduler.reused_tokens > 0  # the system prompt the three share, at least
+    finally:
+        run(engine.aclose())
+
+
+def test_prefix_cache_can_be_turned_off(tmp_path: Path) -> None:
+    engine = make(GGUF25, tmp_path, prefix_cache=False)
+    try:
+        a = run(answer(engine, request(max_tokens=8, temperature=0.0)))[0]
+        b = run(answer(engine, request(max_tokens=8, temperature=0.0)))[0]
+        assert a == b and engine.scheduler.reused_tokens == 0
+    finally:
+        run(engine.aclose())
+
+
 def test_cancel_frees_the_slot(qwen25: Any) -> None:
     async def main() -> None:
         stream = qwen25.generate(request(max_tokens=4000, seed=4, **VARIED))
