@@ -11,10 +11,14 @@ one after the other (never two at once), and prints for each: load time (process
 request), resident memory after the runs (VmRSS) and its peak (VmHWM), and for 1 and 4 concurrent
 streams the aggregate completion tokens/s (wall) and completion tokens per server CPU-second (CPU time
 is steadier than wall time on a shared machine). Every request streams the same prompt greedily with
-the same ``max_tokens``; tokens are the servers' own usage counts.
+the same ``max_tokens``; tokens are the servers' own usage counts. Both servers keep a finished
+request's KV cells and reuse a later prompt's common prefix (llama-server per slot, ours by
+``prefix_cache``), so from the second request on the repeated prompt is not prefilled again;
+``--fresh-prompts`` starts every request's message with its own number instead, so only the chat
+template's shared start (its system prompt) can be reused and each request prefills the rest.
 
     python benchmarks/bench_llamacpp.py [--llama-server PATH] [--py-server] [--max-tokens 128]
-        [--rounds 3] [--kv-cells 8192] [--model-path FILE ...]
+        [--rounds 3] [--kv-cells 8192] [--fresh-prompts] [--model-path FILE ...]
 
 Both servers get the same KV-cache cells (``--kv-cells``), since the cache is allocated at start and is
 most of either one's memory. Both are llama.cpp built with OpenMP: on a busy machine its spinning
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import statistics
@@ -44,6 +49,7 @@ sys.path.insert(0, str(REPO))
 from tests.support import free_port, start_server  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper and the sea."}]
+_requests = itertools.count()
 
 
 @dataclass
@@ -71,10 +77,13 @@ def _cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def _stream(client: httpx.AsyncClient, target: Target, max_tokens: int, seed: int) -> int:
+async def _stream(client: httpx.AsyncClient, target: Target, max_tokens: int, seed: int, fresh: bool) -> int:
+    messages = PROMPT
+    if fresh:
+        messages = [{"role": "user", "content": f"Request {next(_requests)}. {PROMPT[0]['content']}"}]
     body = {
         "model": target.model,
-        "messages": PROMPT,
+        "messages": messages,
         "stream": True,
         "max_tokens": max_tokens,
         "temperature": 0.0,
@@ -97,20 +106,24 @@ async def _stream(client: httpx.AsyncClient, target: Target, max_tokens: int, se
     return int(usage["completion_tokens"]) if usage else chunks
 
 
-async def _round(target: Target, streams: int, max_tokens: int) -> tuple[int, float, float]:
+async def _round(
+    target: Target, streams: int, max_tokens: int, fresh: bool = False
+) -> tuple[int, float, float]:
     async with httpx.AsyncClient(headers=target.headers, timeout=600) as client:
         cpu0, t0 = _cpu(target.pid), time.perf_counter()
-        counts = await asyncio.gather(*(_stream(client, target, max_tokens, s) for s in range(streams)))
+        counts = await asyncio.gather(
+            *(_stream(client, target, max_tokens, s, fresh) for s in range(streams))
+        )
         return sum(counts), time.perf_counter() - t0, _cpu(target.pid) - cpu0
 
 
 def measure(target: Target, args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"load_s": target.load_s}
-    asyncio.run(_round(target, 1, 8))  # warm-up (first-request costs are not throughput)
+    asyncio.run(_round(target, 1, 8, args.fresh_prompts))  # warm-up (first-request costs are not throughput)
     for streams in (1, 4):
         rates, per_cpu, tokens = [], [], []
         for _ in range(args.rounds):
-            n, wall, cpu = asyncio.run(_round(target, streams, args.max_tokens))
+            n, wall, cpu = asyncio.run(_round(target, streams, args.max_tokens, args.fresh_prompts))
             rates.append(n / wall)
             per_cpu.append(n / cpu if cpu > 0 else float("nan"))
             tokens.append(n)
@@ -217,10 +230,16 @@ def main() -> None:
         default=8192,
         help="KV-cache cells of both servers (0: our engine's default, llama-server 8192)",
     )
+    parser.add_argument(
+        "--fresh-prompts",
+        action="store_true",
+        help="a different message per request (only the template's shared start can be reused)",
+    )
     args = parser.parse_args()
     models = args.model_path or default_models(args.home)
     print(f"machine load before: {os.getloadavg()[0]:.2f} (1-min); {os.cpu_count()} CPUs")
     print(f"KV cells: {args.kv_cells or 'our default'}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+    print(f"prompts: {'a fresh one per request' if args.fresh_prompts else 'the same for every request'}")
     for model_path in models:
         print(
             f"\n== {model_path.name} ({model_path.stat().st_size / 1e6:.0f} MB), max_tokens {args.max_tokens}"
