@@ -98,8 +98,10 @@ class _Outbox:
 class SSEResponse(Response):
     """An ASGI response that streams ``frames`` and closes them as soon as the client goes away.
 
-    Starlette's StreamingResponse only notices a disconnect when a write fails; here a second task
-    waits for ``http.disconnect`` so generation is cancelled even while the engine is between tokens.
+    Starlette's StreamingResponse only notices a disconnect when a write fails; here a task waits
+    for ``http.disconnect`` so generation is cancelled even while the engine is between tokens. The
+    frames are made in another task (the producer) and written by this one (see the module's
+    docstring).
     """
 
     def __init__(
@@ -120,10 +122,19 @@ class SSEResponse(Response):
         await send({"type": "http.response.start", "status": 200, "headers": self._sse_headers})
         loop = asyncio.get_running_loop()
         outbox = _Outbox(loop)
-        # When something was last written: the keep-alive task adds a comment only into a silence of
-        # ``keepalive`` seconds, never after the end. One timer per stream instead of a timed wait per
-        # frame keeps the per-chunk cost to the write itself.
+        # When something was last written: the keep-alive timer adds a comment only into a silence of
+        # ``keepalive`` seconds, never after the end. One timer per stream (a callback, not a task)
+        # instead of a timed wait per frame keeps the per-chunk cost to the write itself.
         last = [loop.time()]
+        timer: list[asyncio.TimerHandle] = []
+
+        def keepalive() -> None:
+            if outbox.closed or outbox.gone:
+                return
+            if loop.time() - last[0] >= self._keepalive:
+                outbox.put(KEEPALIVE)
+                last[0] = loop.time()
+            timer[0] = loop.call_at(last[0] + self._keepalive, keepalive)
 
         async def produce() -> None:
             try:
@@ -133,22 +144,14 @@ class SSEResponse(Response):
             finally:
                 outbox.close()
 
-        async def keepalive() -> None:
-            while True:
-                await asyncio.sleep(max(0.0, last[0] + self._keepalive - loop.time()))
-                if outbox.closed:
-                    return
-                if loop.time() - last[0] >= self._keepalive:
-                    outbox.put(KEEPALIVE)
-                    last[0] = loop.time()
-
         async def watch() -> None:
             while (await receive())["type"] != "http.disconnect":
                 pass
             outbox.abort()
 
         producer = asyncio.create_task(produce())
-        tasks = (producer, asyncio.create_task(watch()), asyncio.create_task(keepalive()))
+        tasks = (producer, asyncio.create_task(watch()))
+        timer.append(loop.call_at(last[0] + self._keepalive, keepalive))
         failure: BaseException | None = None
         try:
             ended = False
@@ -164,6 +167,7 @@ class SSEResponse(Response):
         except Exception as exc:
             failure = exc
         finally:
+            timer[0].cancel()
             for task in tasks:
                 task.cancel()
             for task in tasks:

@@ -131,3 +131,23 @@ def test_a_client_gone_mid_stream_stops_the_engine_and_is_charged_for_its_tokens
             time.sleep(0.05)
         (row,) = rows
         assert (row.status, row.prompt_tokens, row.completion_tokens) == ("cancelled", 7, 2)
+
+
+def test_keepalives_fill_a_silence_between_two_tokens(tmp_path: Path) -> None:
+    engine = GatedEngine(2)
+    with serve_fake(tmp_path, engine) as (base, key, _):  # keep-alive every 0.3 s
+        stream = RawStream(base, key)
+        seen = b""
+        while b"tok0 " not in seen:
+            chunk = stream.chunk()
+            assert chunk is not None
+            seen += chunk
+        # The engine holds tok1 back: the next writes are comments, each on its own.
+        for _ in range(2):
+            assert stream.chunk() == b": keep-alive\n\n"
+        engine.release()
+        rest = b""
+        while (chunk := stream.chunk()) is not None:
+            rest += chunk
+        stream.close()
+    assert b"tok1 " in rest and rest.endswith(b"data: [DONE]\n\n")
