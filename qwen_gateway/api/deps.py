@@ -55,7 +55,7 @@ class KeyedRoute(APIRoute):
     A route whose endpoint takes only the :class:`Request` and returns a :class:`Response` (the chat
     and native generation routes: every request the gateway exists for) runs :func:`require_key` and
     the endpoint itself, without FastAPI's per-request dependency solver and handler (about 20 µs
-    of CPU a request on this machine, most of the framework's cost). Any other route gets
+    of CPU a request in a micro-benchmark here, half of the framework's own cost). Any other route gets
     :func:`require_key` as an ordinary dependency. Include such a router without ``dependencies=``:
     a route run directly would not run them.
     """
