@@ -146,10 +146,11 @@ async def answer(
             if isinstance(event, StreamFailed) and event.before_output:
                 await events.aclose()
                 raise fileids.map_error(call, event.error)
+        source = resume_until_shutdown(first, events, shutdown, call.request_id)
+        # The call that runs (ran[0]) is known once the first event is out: usually by now, and the
+        # frames are rendered straight from the source; after a slow start they wait for it.
         return SSEResponse(
-            _frames_of_the_call_run(
-                ran, frames, resume_until_shutdown(first, events, shutdown, call.request_id)
-            ),
+            frames(ran[0], source) if first.done() else _frames_of_the_call_run(ran, frames, source),
             keepalive=gateway.settings.keepalive_seconds,
             headers={OVERHEAD_HEADER: f"{timing.overhead_ms():.2f}"},
         )
