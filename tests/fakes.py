@@ -64,6 +64,57 @@ class FaultyEngine:
         return None
 
 
+class GatedEngine:
+    """FAKE engine: yields its first text delta at once, then one more each time the test calls
+    :meth:`release` (from any thread), and finishes after ``deltas``.
+
+    A real engine can't be held between two tokens on demand; this one lets a test see each frame
+    arrive before the next token even exists.
+    """
+
+    name = "gated-fake"
+
+    def __init__(self, deltas: int = 3) -> None:
+        self.deltas = deltas
+        self.active = 0
+        self._gate: asyncio.Semaphore | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(max_context=1024)
+
+    async def start(self) -> None:
+        return None
+
+    def release(self) -> None:
+        """Let the next delta out (call once the stream has started: after its first frame arrived)."""
+        assert self._loop is not None and self._gate is not None, "no stream has started"
+        self._loop.call_soon_threadsafe(self._gate.release)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        self._loop = asyncio.get_running_loop()
+        self._gate = asyncio.Semaphore(0)
+        self.active += 1
+        try:
+            for i in range(self.deltas):
+                if i:
+                    await self._gate.acquire()
+                yield TextDelta(f"tok{i} ", usage=Usage(prompt_tokens=7, completion_tokens=i + 1))
+            yield Finished("stop", Usage(prompt_tokens=7, completion_tokens=self.deltas))
+        finally:
+            self.active -= 1
+
+    async def cancelled_usage(self, request_id: str) -> Usage | None:
+        return None  # every event it makes is delivered: the last usage seen is the count
+
+    async def health(self) -> EngineHealth:
+        return EngineHealth(EngineState.READY, self.active)
+
+    async def aclose(self) -> None:
+        return None
+
+
 class ScriptedDNS:
     """FAKE name resolver (installed as a running loop's ``getaddrinfo``): answers the names in
     ``script`` with the next address list on each lookup, as a rebinding DNS server would; IP literals

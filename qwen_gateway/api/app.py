@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qwen_gateway import __version__
 from qwen_gateway.api import errors
 from qwen_gateway.api.balance import BalanceHeader
-from qwen_gateway.api.deps import require_key
 from qwen_gateway.api.lifecycle import Shutdown
 from qwen_gateway.api.middleware import RequestIdMiddleware
 from qwen_gateway.api.routes import admin, batches, chat, files, health, metrics, models, native
@@ -42,11 +41,12 @@ def create_app(gateway: Gateway) -> FastAPI:
     )
     app.state.gateway = gateway
     app.state.shutdown = Shutdown()
+    # Every route of these routers needs an API key: their routes are KeyedRoutes (api/deps.py).
     for prefix in API_PREFIXES:
         for router in (chat.router, models.router, files.router, batches.router):
-            app.include_router(router, prefix=prefix, dependencies=[Depends(require_key)])
+            app.include_router(router, prefix=prefix)
     # The native DashScope protocol (reference §1.4), same keys.
-    app.include_router(native.router, prefix=NATIVE_API_PREFIX, dependencies=[Depends(require_key)])
+    app.include_router(native.router, prefix=NATIVE_API_PREFIX)
     app.include_router(health.router)
     app.include_router(metrics.router)
     # The admin API checks its own (admin) key; the console's static files need none.

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from qwen_gateway.api.deps import get_gateway
+from qwen_gateway.api.deps import KeyedRoute, get_gateway
 from qwen_gateway.api.render.batches import batch_list, batch_object
 from qwen_gateway.api.responses import JSONBytesResponse
 from qwen_gateway.api.routes.chat import read_body
@@ -16,7 +16,7 @@ from qwen_gateway.api.routes.files import list_limit
 from qwen_gateway.errors import InvalidParameter, InvalidRequest
 from qwen_gateway.service.validation import parse_body
 
-router = APIRouter()
+router = APIRouter(route_class=KeyedRoute)
 
 LIST_PARAMS = frozenset(
     {"after", "limit", "status", "ds_name", "create_after", "create_before", "input_file_ids"}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from qwen_gateway.api.deps import account_of, get_gateway, key_id_of
+from qwen_gateway.api.deps import KeyedRoute, account_of, get_gateway, key_id_of
 from qwen_gateway.api.errors import request_id_of
 from qwen_gateway.api.lifecycle import resume_until_shutdown
 from qwen_gateway.api.render import compat
@@ -26,7 +25,7 @@ from qwen_gateway.service.validation import ChatCall, build_call, parse_body
 
 log = logging.getLogger(__name__)
 
-router = APIRouter()
+router = APIRouter(route_class=KeyedRoute)
 
 # Seconds a stream may wait for its first event before the headers go out anyway.
 FIRST_CHUNK_WAIT = 1.0
@@ -50,9 +49,24 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _until_disconnect(request: Request) -> None:
+# The cancel message that marks a request task cancelled because its client went away.
+_CLIENT_GONE = "qwen-gateway: client disconnected"
+
+
+async def _cancel_on_disconnect(request: Request, task: asyncio.Task[Any] | None) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
+    if task is not None:
+        task.cancel(_CLIENT_GONE)
+
+
+def _client_gone(exc: asyncio.CancelledError, task: asyncio.Task[Any] | None) -> bool:
+    """Whether ``exc`` is :func:`_cancel_on_disconnect`'s cancel of ``task`` and nothing else (the
+    server's last-resort cancel); if so the task carries on, to answer 499."""
+    if exc.args != (_CLIENT_GONE,) or task is None or task.cancelling() != 1:
+        return False
+    task.uncancel()
+    return True
 
 
 @router.post("/chat/completions")
@@ -132,10 +146,11 @@ async def answer(
             if isinstance(event, StreamFailed) and event.before_output:
                 await events.aclose()
                 raise fileids.map_error(call, event.error)
+        source = resume_until_shutdown(first, events, shutdown, call.request_id)
+        # The call that runs (ran[0]) is known once the first event is out: usually by now, and the
+        # frames are rendered straight from the source; after a slow start they wait for it.
         return SSEResponse(
-            _frames_of_the_call_run(
-                ran, frames, resume_until_shutdown(first, events, shutdown, call.request_id)
-            ),
+            frames(ran[0], source) if first.done() else _frames_of_the_call_run(ran, frames, source),
             keepalive=gateway.settings.keepalive_seconds,
             headers={OVERHEAD_HEADER: f"{timing.overhead_ms():.2f}"},
         )
@@ -143,9 +158,12 @@ async def answer(
     # A client that hangs up on a non-stream call frees the engine too; so does the end of the
     # shutdown grace period (the ledger row keeps the tokens used; the client gets a 503): the service
     # stops at a token boundary, or the shutdown interrupts a request that reaches none in time.
+    # The call runs in this task; one watcher task cancels it if the client goes away.
     shutdown = request.app.state.shutdown
-    work = asyncio.ensure_future(
-        gateway.chat.complete(
+    me = shutdown.register()
+    watcher = asyncio.ensure_future(_cancel_on_disconnect(request, me))
+    try:
+        result = await gateway.chat.complete(
             call,
             key_id=key_id,
             stop=lambda: shutdown.expired,
@@ -153,32 +171,23 @@ async def answer(
             timing=timing,
             prepare=prepare,
         )
-    )
-    watcher = asyncio.ensure_future(_until_disconnect(request))
-    me = shutdown.register()
-    interrupted = False
-    try:
-        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError as exc:
-        if not shutdown.interrupted(exc):
+        if shutdown.interrupted(exc):
+            log.info("request %s: stopped by the server's shutdown (grace period over)", call.request_id)
+            raise ShuttingDown() from None
+        if not _client_gone(exc, me):
             raise
-        interrupted = True
-    finally:
-        shutdown.unregister(me)
-        for task in (watcher, work) if not work.done() else (watcher,):
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
-    if interrupted or (work.done() and not work.cancelled() and isinstance(work.exception(), ShuttingDown)):
-        log.info("request %s: stopped by the server's shutdown (grace period over)", call.request_id)
-        raise ShuttingDown()
-    if work.cancelled():
         # Nobody is listening any more; 499 is what proxies log for "client closed request".
         return Response(status_code=499)
-    try:
-        result = work.result()
+    except ShuttingDown:
+        log.info("request %s: stopped by the server's shutdown (grace period over)", call.request_id)
+        raise
     except ApiError as exc:
         raise fileids.map_error(call, exc) from None
+    finally:
+        shutdown.unregister(me)
+        # Not awaited: it only waits in receive(), and cancelling it ends it at its next step.
+        watcher.cancel()
     return JSONBytesResponse(body(ran[0], result), headers={OVERHEAD_HEADER: f"{timing.overhead_ms():.2f}"})
 
 

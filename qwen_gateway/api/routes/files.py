@@ -23,13 +23,13 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.datastructures import QueryParams
 
-from qwen_gateway.api.deps import get_gateway
+from qwen_gateway.api.deps import KeyedRoute, get_gateway
 from qwen_gateway.api.responses import JSONBytesResponse
 from qwen_gateway.errors import FileTooLarge, InvalidParameter, InvalidRequest
 from qwen_gateway.service.files import PURPOSES, Incoming
 from qwen_gateway.store.files import FileRow
 
-router = APIRouter()
+router = APIRouter(route_class=KeyedRoute)
 
 # Multipart framing allowed on top of the file's own cap (boundaries, part headers, the purpose field).
 FRAMING_BYTES = 64 * 1024

@@ -6,10 +6,10 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from qwen_gateway.api.deps import get_gateway
+from qwen_gateway.api.deps import KeyedRoute, get_gateway
 from qwen_gateway.api.render import compat
 
-router = APIRouter()
+router = APIRouter(route_class=KeyedRoute)
 
 
 @router.get("/models")

@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from qwen_gateway.api.deps import get_gateway
+from qwen_gateway.api.deps import KeyedRoute, get_gateway
 from qwen_gateway.api.errors import request_id_of
 from qwen_gateway.api.render import native as render
 from qwen_gateway.api.responses import JSONBytesResponse
@@ -28,7 +28,7 @@ from qwen_gateway.service.requests.native import build_native_call, native_param
 from qwen_gateway.service.tokenize import tokenize
 from qwen_gateway.service.validation import ChatCall, parse_body
 
-router = APIRouter()
+router = APIRouter(route_class=KeyedRoute)
 
 
 async def _generation(request: Request, *, multimodal: bool) -> Response:

@@ -23,13 +23,13 @@ from qwen_gateway.service.runtime import Gateway
 from qwen_gateway.settings import ModelConfig, Settings
 from qwen_gateway.store.db import Store
 from qwen_gateway.store.usage import list_usage
-from tests.fakes import FaultyEngine
+from tests.fakes import FaultyEngine, GatedEngine
 from tests.support import free_port
 
 
 @contextmanager
 def serve_fake(
-    home: Path, engine: FaultyEngine, model_id: str = "qwen-plus"
+    home: Path, engine: FaultyEngine | GatedEngine, model_id: str = "qwen-plus"
 ) -> Iterator[tuple[str, str, Gateway]]:
     """A real server in a thread; yields (base_url, api_key, gateway)."""
     settings = Settings(home=home, max_request_bytes=4096, keepalive_seconds=0.3)
