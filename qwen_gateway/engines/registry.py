@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+import threading
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from qwen_gateway.errors import StartupError
 from qwen_gateway.settings import EngineConfig, engine_config
@@ -11,6 +13,8 @@ from qwen_gateway.settings import EngineConfig, engine_config
 if TYPE_CHECKING:
     from qwen_gateway.engines.base import Engine
     from qwen_gateway.settings import ModelConfig, Settings
+
+T = TypeVar("T")
 
 # name -> "module:Class". Any other "module:Class" string in a config is accepted as-is.
 ENGINES: dict[str, str] = {
@@ -68,7 +72,36 @@ def typed_config(config: ModelConfig) -> EngineConfig:
     return engine_config(config, model)
 
 
-def create_engine(config: ModelConfig, settings: Settings) -> Engine:
-    """Build (not start) the engine that serves ``config``, given its checked options."""
-    engine: Engine = engine_class(config)(typed_config(config), settings=settings)
+class SharedLoads:
+    """What the engines of one model registry load once for all of them, keyed by what it was loaded
+    from: the local engine keeps a checkpoint's tokenizers here, so the [[models]] entries on one
+    checkpoint (an id per context window or sampling default) load them once instead of once each.
+
+    Made by ``ModelRegistry.start`` for its engines and dropped once they are started: nothing outlives
+    the engines that hold it, and two registries (two apps in one process) never share a load."""
+
+    def __init__(self) -> None:
+        self._items: dict[Hashable, tuple[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    def get_or_load(self, key: Hashable, model_id: str, load: Callable[[], T]) -> tuple[T, str]:
+        """``key``'s value, made by ``load`` on its first request; with the id of the model whose
+        request loaded it (``model_id`` itself when this call did). The registry starts its engines
+        one after another; the lock keeps a key loaded once even if two threads asked at once."""
+        with self._lock:
+            found = self._items.get(key)
+            if found is None:
+                found = self._items[key] = (model_id, load())
+            owner, value = found
+            return value, owner
+
+
+def create_engine(config: ModelConfig, settings: Settings, *, shared: SharedLoads | None = None) -> Engine:
+    """Build (not start) the engine that serves ``config``, given its checked options. ``shared`` goes
+    to engine classes that declare ``shares_loads = True`` (the local engine); others never see it."""
+    cls = engine_class(config)
+    extra: dict[str, Any] = {}
+    if shared is not None and getattr(cls, "shares_loads", False) is True:
+        extra["shared"] = shared
+    engine: Engine = cls(typed_config(config), settings=settings, **extra)
     return engine

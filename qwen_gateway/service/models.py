@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 
 from qwen_gateway.engines.base import Engine, EngineHealth, EngineState
-from qwen_gateway.engines.registry import create_engine, typed_config
+from qwen_gateway.engines.registry import SharedLoads, create_engine, typed_config
 from qwen_gateway.errors import ModelNotFound, StartupError
 from qwen_gateway.service.admission import Admission
 from qwen_gateway.service.catalog import ModelSpec, resolve_spec
@@ -63,9 +63,12 @@ class ModelRegistry:
         for config in configs:
             typed_config(config)
         started: list[ServedModel] = []
+        # Loads the engines share (a checkpoint's tokenizers, for the entries on one checkpoint): this
+        # start's own, gone once every engine holds what it took.
+        shared = SharedLoads()
         try:
             for config in configs:
-                engine = create_engine(config, settings)
+                engine = create_engine(config, settings, shared=shared)
                 await engine.start()
                 started.append(ServedModel.build(config, engine))
         except BaseException:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import copy
 import gc
 import logging
 import os
 import threading
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
@@ -48,6 +47,9 @@ from qwen_gateway.errors import (
 )
 from qwen_gateway.settings import ModelConfig, Settings, engine_config
 
+if TYPE_CHECKING:
+    from qwen_gateway.engines.registry import SharedLoads
+
 log = logging.getLogger(__name__)
 
 # Qwen3's own way to end a reasoning block early: the closing tag on a line of its own, then a blank
@@ -70,6 +72,8 @@ class LocalEngine:
     name = "local"
     # The options this engine takes in a [[models]] entry (see engines/registry.py).
     config_model = LocalModelConfig
+    # Takes the registry's SharedLoads: entries on one checkpoint share its tokenizers (loader.Tokenizers).
+    shares_loads = True
 
     def __init__(
         self,
@@ -78,8 +82,10 @@ class LocalEngine:
         settings: Settings,
         scheduler: SchedulerKind | None = None,
         console: Console | None = None,
+        shared: SharedLoads | None = None,
     ) -> None:
         self._config = engine_config(config, LocalModelConfig)
+        self._shared = shared
         self._settings = settings
         self._console = console or Console(stderr=True, soft_wrap=True)
         self._scheduler_kind: SchedulerKind = scheduler or self._config.scheduler
@@ -88,7 +94,7 @@ class LocalEngine:
         self._loaded: loader.LoadedModel | None = None
         self._scheduler: Scheduler | None = None
         self._renderer: PromptRenderer | None = None
-        self._tokenizer_lock = threading.Lock()  # prompt rendering's tokenizer
+        # The locks of the checkpoint's tokenizers (loader.Tokenizers), set once they are loaded.
         self._decode_lock = threading.Lock()
         self._capabilities = Capabilities(max_context=config.context_length or 0)
         self._think_close: tuple[list[int], list[int]] | None = None  # (</think> ids, close ids)
@@ -114,7 +120,9 @@ class LocalEngine:
         if self._state is not EngineState.LOADING or self._loaded is not None:
             raise StartupError(f"model {self._config.id!r}: the engine was already started")
         try:
-            loaded = await asyncio.to_thread(loader.load, self._config, self._settings, self._console)
+            loaded = await asyncio.to_thread(
+                loader.load, self._config, self._settings, self._console, self._shared
+            )
         except StartupError as exc:
             self._state, self._detail = EngineState.FAILED, str(exc)
             raise
@@ -123,16 +131,20 @@ class LocalEngine:
             kind = "interleaved"  # hybrid/sliding-window caches can't be left-padded
         template = loaded.chat_template
         self._loaded = loaded
-        # Rendering gets a tokenizer of its own: a long prompt being tokenized on a worker thread then
-        # never holds up decoding, which uses ``loaded.tokenizer`` on the consumer's side.
-        self._renderer = PromptRenderer(copy.deepcopy(loaded.tokenizer), self._tokenizer_lock)
+        # Rendering has a tokenizer of its own: a long prompt being tokenized on a worker thread then
+        # never holds up decoding, which uses ``loaded.tokenizer`` on the consumer's side. Each comes
+        # with its lock, shared with the other engines on this checkpoint that share the tokenizer.
+        tokenizers = loaded.tokenizers
+        self._decode_lock = tokenizers.decode_lock
+        self._renderer = PromptRenderer(tokenizers.render, tokenizers.render_lock)
         # A configured context_length may only shrink the checkpoint's (e.g. to bound KV-cache memory).
         max_context = min(loaded.max_context, self._config.context_length or loaded.max_context)
         reasoning = "enable_thinking" in template or "<think>" in template
         # Any checkpoint can think: one without markup of its own gets "<think>" opened in its
         # generation prompt (PromptRenderer), and the close is forced at the budget either way.
-        self._think_close = _think_close_ids(loaded.tokenizer)
-        special_tokens = {str(k): int(v) for k, v in loaded.tokenizer.get_added_vocab().items()}
+        with self._decode_lock:  # (another engine on this checkpoint may be decoding with it)
+            self._think_close = _think_close_ids(loaded.tokenizer)
+            special_tokens = {str(k): int(v) for k, v in loaded.tokenizer.get_added_vocab().items()}
         self._specials = {i: t for t, i in special_tokens.items()}
         if loaded.vision is not None:
             self._vision = VisionBuilder(
@@ -155,7 +167,8 @@ class LocalEngine:
         )
         vocab = _vocab_size(loaded.model)
         if constraints.KINDS:
-            self._grammars = constraints.Grammars(loaded.tokenizer, vocab, sorted(loaded.eos_ids))
+            with self._decode_lock:
+                self._grammars = constraints.Grammars(loaded.tokenizer, vocab, sorted(loaded.eos_ids))
         self._token_text = TokenText(loaded.tokenizer, self._decode_lock)
         self._scheduler = Scheduler(
             loaded.model,

@@ -6,14 +6,16 @@ Blocking: the engine calls :func:`load` through ``asyncio.to_thread``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import re
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from rich.console import Console
@@ -24,6 +26,9 @@ from qwen_gateway.engines.local.sampling import GenerationDefaults
 from qwen_gateway.engines.local.vision import VisionSpec
 from qwen_gateway.errors import StartupError
 from qwen_gateway.settings import Settings
+
+if TYPE_CHECKING:
+    from qwen_gateway.engines.registry import SharedLoads
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +52,35 @@ class Source:
         return self.location
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class Tokenizers:
+    """A checkpoint's two tokenizers, each with the lock every call into it holds: ``decode`` for
+    decoding answers (on the event loop) and the engine's other per-token work, ``render`` (a copy) for
+    prompt rendering on worker threads, so that tokenizing a long prompt never holds up decoding.
+
+    Shared by the engines of every [[models]] entry on the checkpoint (see ``SharedLoads``), locks
+    included: a fast tokenizer's Rust object refuses a mutable borrow ("Already borrowed") while another
+    thread is inside it, and with one lock per tokenizer object no two threads ever are, whichever
+    engine they serve."""
+
+    decode: Any
+    render: Any
+    decode_lock: threading.Lock
+    render_lock: threading.Lock
+
+    @classmethod
+    def load(cls, source: Source) -> Tokenizers:
+        from transformers import AutoTokenizer
+
+        kwargs = {"gguf_file": source.gguf_file} if source.kind == "gguf" else {}
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+        return cls(tokenizer, copy.deepcopy(tokenizer), threading.Lock(), threading.Lock())
+
+
 @dataclass(slots=True)
 class LoadedModel:
     model: Any
-    tokenizer: Any
+    tokenizer: Any  # tokenizers.decode
     device: torch.device
     dtype: torch.dtype
     max_context: int
@@ -58,6 +88,7 @@ class LoadedModel:
     defaults: GenerationDefaults
     chat_template: str
     source: Source
+    tokenizers: Tokenizers
     # What a VL checkpoint takes (images; video when vision.video is set); None for text-only models.
     vision: VisionSpec | None = None
 
@@ -115,8 +146,14 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def load(config: LocalModelConfig, settings: Settings, console: Console | None = None) -> LoadedModel:
-    """Load ``config``'s checkpoint. Raises StartupError("model 'id': ...") on every failure."""
+def load(
+    config: LocalModelConfig,
+    settings: Settings,
+    console: Console | None = None,
+    shared: SharedLoads | None = None,
+) -> LoadedModel:
+    """Load ``config``'s checkpoint. Raises StartupError("model 'id': ...") on every failure. With
+    ``shared``, the checkpoint's tokenizers are the ones an earlier entry on it loaded, if one did."""
     console = console or Console(stderr=True, soft_wrap=True)
     started = time.monotonic()
     try:
@@ -126,7 +163,7 @@ def load(config: LocalModelConfig, settings: Settings, console: Console | None =
         if source.kind == "hub":
             source = _download(source, config, settings, console)
         with Steps(console, f"Loading model {config.id} from {source.describe()}…") as steps:
-            loaded = _load(source, device, dtype, steps)
+            loaded = _load(source, device, dtype, steps, config.id, shared)
     except StartupError:
         raise
     except _Fail as exc:
@@ -201,8 +238,15 @@ def _hub_progress_bars(enabled: bool) -> Iterator[None]:
         hub.enable_progress_bars()
 
 
-def _load(source: Source, device: torch.device, dtype: torch.dtype, steps: Steps) -> LoadedModel:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+def _load(
+    source: Source,
+    device: torch.device,
+    dtype: torch.dtype,
+    steps: Steps,
+    model_id: str,
+    shared: SharedLoads | None,
+) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     kwargs: dict[str, Any] = {}
     vision: VisionSpec | None = None
@@ -216,8 +260,17 @@ def _load(source: Source, device: torch.device, dtype: torch.dtype, steps: Steps
         vision = VisionSpec.from_checkpoint(Path(source.location), hf_config)
     auto_class: Any = AutoModelForImageTextToText if vision is not None else AutoModelForCausalLM
     with _progress_bars_as_steps(steps):
-        with steps.step("tokenizer"):
-            tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+        with steps.step("tokenizer") as step:
+            if shared is None:
+                tokenizers = Tokenizers.load(source)
+            else:
+                # The same files give the same tokenizer: keyed by where they are (a resolved source).
+                tokenizers, owner = shared.get_or_load(
+                    ("local-tokenizers", source), model_id, lambda: Tokenizers.load(source)
+                )
+                if owner != model_id:
+                    step.name = f"tokenizer (shared with {owner})"
+        tokenizer = tokenizers.decode
         try:
             with steps.step("model (all steps)"):
                 model: Any = auto_class.from_pretrained(
@@ -250,6 +303,7 @@ def _load(source: Source, device: torch.device, dtype: torch.dtype, steps: Steps
         defaults=GenerationDefaults.from_generation_config(getattr(model, "generation_config", None)),
         chat_template=template,
         source=source,
+        tokenizers=tokenizers,
         vision=vision,
     )
 

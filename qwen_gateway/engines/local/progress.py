@@ -97,12 +97,15 @@ class Steps:
             yield step
         finally:
             seconds = time.monotonic() - started
+            # (Its name as the step left it: a step may learn what it did, e.g. found a shared load.)
             if self.live is not None and task is not None:
                 # A step without a count still ends as a full bar, not a spinner left pulsing.
-                self.live.update(task, total=max(step.done, 1), completed=max(step.done, 1))
+                self.live.update(
+                    task, description=escape(step.name), total=max(step.done, 1), completed=max(step.done, 1)
+                )
             else:
                 count = f" ({step.done}/{total})" if total else (f" ({step.done})" if step.done else "")
-                self.console.print(f"  {escape(name)}{count}: {seconds:.1f} s", highlight=False)
+                self.console.print(f"  {escape(step.name)}{count}: {seconds:.1f} s", highlight=False)
 
     def track(self, iterable: Iterable[T], name: str, total: int | None = None) -> Iterator[T]:
         """Iterate ``iterable`` as one step whose count advances per item."""
