@@ -23,6 +23,11 @@ from the start (measured with benchmarks/bench_batches.py: restarting it at once
 key lookup and validation on the event loop while the live request ran). Batch lines never wait in
 the admission queue.
 
+**Bounded.** Steady live traffic would hold a batch back until it expires. In the last tenth of its
+completion window (:data:`URGENT_SHARE`) a batch stops giving way: its lines start whenever a slot
+beyond the one kept for live requests is free, live traffic or not, and live requests no longer preempt
+them (they share the engine with at most ``concurrency`` lines, as any request shares it with others).
+
 **Money.** A line is admitted like a live request (rate limits, the balance hold at the full price), and
 charged :attr:`~qwen_gateway.settings.BatchSettings.price_percent` of its live price (DashScope: 50 %)
 when it succeeds; a failed line is charged nothing (DashScope bills only successful requests).
@@ -131,6 +136,9 @@ MAX_LINES = 50_000
 # Problems listed on a batch that fails validation (the rest are not).
 MAX_PROBLEMS = 100
 CREATE_PARAMS = frozenset({"input_file_id", "endpoint", "completion_window", "metadata"})
+# The share of a batch's completion window, at its end, in which its lines no longer give way to live
+# traffic (24h: the last 2.4 hours), so that steady live traffic can't make it expire.
+URGENT_SHARE = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,16 +190,19 @@ def batch_cost(price: Price, usage: Usage, percent: int) -> int:
     return -(-per_1k * percent // 100_000)
 
 
-def _hold_off(admission: Admission, idle_seconds: float) -> float:
+def _hold_off(admission: Admission, idle_seconds: float, *, live_first: bool = True) -> float:
     """Seconds before batch work may start on ``admission``'s engine (0: now; ``math.inf``: not before
     something is admitted or released there). It may start when no live request runs or waits on it,
-    none ended (or was admitted) within ``idle_seconds``, and a running slot is free beyond the one
-    kept for the next live request (an engine of one slot: free)."""
-    if admission.live_held > 0:
+    none ended (or was admitted) within ``idle_seconds`` (both only while ``live_first``: see
+    "Bounded" above), and a running slot is free beyond the one kept for the next live request (an
+    engine of one slot: free)."""
+    if live_first and admission.live_held > 0:
         return math.inf
     keep = 1 if admission.running > 1 else 0
     if admission.held + 1 > admission.running - keep:
         return math.inf
+    if not live_first:
+        return 0.0
     return max(0.0, idle_seconds - (time.monotonic() - admission.live_at))
 
 
@@ -240,6 +251,8 @@ class BatchService:
         self._listening: list[tuple[Admission, Callable[[], None]]] = []
         # Batches being cancelled or expired: their lines still waiting for the engine give up.
         self._stopping: set[str] = set()
+        # Batches in the end of their window (URGENT_SHARE): their lines no longer give way.
+        self._urgent: set[str] = set()
 
     # -- the API's operations ----------------------------------------------------------------------
 
@@ -356,7 +369,7 @@ class BatchService:
         (``_run_line`` puts them back to pending). Runs inside the live request's admission: no await,
         nothing that can raise."""
         for key, model in list(self._in_engine.items()):
-            if model.admission is not admission:
+            if model.admission is not admission or key[0] in self._urgent:
                 continue
             task = self._running.get(key)
             del self._in_engine[key]
@@ -369,13 +382,15 @@ class BatchService:
 
     async def _room(self, admission: Admission, batch_id: str) -> bool:
         """Wait until batch work may start on ``admission``'s engine (:func:`_hold_off`), woken by its
-        admissions and releases, the end of its idle window, or the batch starting to end; False: the
+        admissions and releases, the end of its idle window, the batch's urgency (noticed by the
+        worker's pass over the batches) or the batch starting to end; False: the
         batch is ending (cancelled or expired). Returns without awaiting when there is room now, so a
         caller that takes its slot at once takes it with the room it was told of."""
         waiting = False
         try:
             while batch_id not in self._stopping:
-                wait = _hold_off(admission, self.settings.idle_seconds)
+                live_first = batch_id not in self._urgent
+                wait = _hold_off(admission, self.settings.idle_seconds, live_first=live_first)
                 if wait <= 0:
                     return True
                 if not waiting:
@@ -387,6 +402,11 @@ class BatchService:
         finally:
             if waiting:
                 admission.background_waiting -= 1
+
+    def _wake_waiting(self) -> None:
+        """Lines waiting for room look again (a batch became urgent, or is ending)."""
+        for served in self.models:
+            served.admission.wake()
 
     def _admission_of(self, line: LineRow) -> Admission | None:
         """The admission of the model a line names (None: not valid JSON, or no model served under
@@ -412,9 +432,15 @@ class BatchService:
             if batch.status == "validating":
                 await self._validate(batch)
             elif batch.status == "in_progress":
-                if self.clock() >= batch.deadline:
+                now = self.clock()
+                if now >= batch.deadline:
                     await self._end_early(batch, "expired")
                 else:
+                    window = batch.deadline - batch.created_at
+                    if batch.id not in self._urgent and now >= batch.deadline - window * URGENT_SHARE:
+                        log.info("batch %s: in the end of its window, no longer giving way", batch.id)
+                        self._urgent.add(batch.id)
+                        self._wake_waiting()
                     await self._fill(batch)
                     await self._maybe_finish(batch)
             elif batch.status == "cancelling":
@@ -690,8 +716,7 @@ class BatchService:
         renderer = self._renderer
         assert renderer is not None
         self._stopping.add(batch.id)
-        for served in self.models:  # its lines waiting for room give up
-            served.admission.wake()
+        self._wake_waiting()  # its lines waiting for room give up
         if status == "cancelled":
             error = BatchLineNotRun("batch_cancelled", "The batch was cancelled before this request ran.")
         else:
@@ -742,6 +767,7 @@ class BatchService:
         await rows.finalize(
             self.store, batch_id=batch.id, status=status, output=made[0], error=made[1], now=now
         )
+        self._urgent.discard(batch.id)
         log.info("batch %s %s: %d outputs, %d errors", batch.id, status, len(outputs), len(errors))
 
 

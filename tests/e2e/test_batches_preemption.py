@@ -14,6 +14,7 @@ import re
 import signal
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -171,9 +172,13 @@ def test_a_live_request_preempts_running_batch_lines_which_finish_later(gw: Gw, 
     assert counted[0][0] <= 4, counted
 
 
-def _first_data(stream: httpx.Response) -> None:
+def _first_data(stream: httpx.Response) -> Iterator[str]:
+    """Read up to the stream's first data line; the caller keeps the iterator until it closes the
+    stream (a line iterator dropped closes the connection, and so ends the request)."""
     assert stream.status_code == 200, stream.read()
-    assert any(line.startswith("data: ") for line in stream.iter_lines())
+    lines = stream.iter_lines()
+    assert any(line.startswith("data: ") for line in lines)
+    return lines
 
 
 def _live_status(gw: Gw, request_id: str) -> str:
@@ -189,7 +194,7 @@ def test_no_line_starts_while_a_live_request_runs_on_its_model(gw: Gw, tmp_path:
     live_key, _ = gw.new_key()
     client = gw.client(key)
     with gw.http(live_key) as live, live.stream("POST", "/chat/completions", json=LONG_STREAM) as stream:
-        _first_data(stream)
+        _kept = _first_data(stream)  # the request runs while this is kept
         lines = [_line(f"w-{i}", model="qwen-turbo", max_tokens=4) for i in range(3)]
         batch = client.batches.create(
             input_file_id=_upload(client, tmp_path, lines),
@@ -218,7 +223,7 @@ def test_a_preempted_line_waits_until_the_live_request_has_ended(gw: Gw, tmp_pat
     key, _ = gw.new_key("--balance", "100")
     live_key, _ = gw.new_key()
     client = gw.client(key)
-    lines = [_line(f"q-{i}", model="qwen-turbo", max_tokens=300) for i in range(2)]
+    lines = [_line(f"q-{i}", model="qwen-turbo", max_tokens=100) for i in range(2)]
     batch = client.batches.create(
         input_file_id=_upload(client, tmp_path, lines),
         endpoint="/v1/chat/completions",
@@ -248,7 +253,7 @@ def test_a_preempted_line_waits_until_the_live_request_has_ended(gw: Gw, tmp_pat
             if status() != "in_progress":
                 break
             with live.stream("POST", "/chat/completions", json=LONG_STREAM) as stream:
-                _first_data(stream)
+                _kept = _first_data(stream)  # the request runs while this is kept
                 if _metric(gw, "qwen_gateway_batch_lines_preempted_total", "qwen-turbo") == before:
                     continue
                 # The preempted lines went back to pending and their tasks hold them there: no line
@@ -270,6 +275,47 @@ def test_a_preempted_line_waits_until_the_live_request_has_ended(gw: Gw, tmp_pat
     assert done.status == "completed", done
     attempts = gw.query("SELECT attempts FROM batch_lines WHERE batch_id = ?", batch.id)
     assert max(a[0] for a in attempts) == 2, attempts
+
+
+def test_a_batch_in_the_end_of_its_window_no_longer_gives_way(gw: Gw, tmp_path: Path) -> None:
+    key, _ = gw.new_key("--balance", "100")
+    live_key, _ = gw.new_key()
+    client = gw.client(key)
+    lines = [_line(f"u-{i}", model="qwen-turbo", max_tokens=300) for i in range(2)]
+
+    def lines_now() -> list[tuple[Any, ...]]:
+        return sorted(gw.query("SELECT state, attempts FROM batch_lines WHERE batch_id = ?", batch.id))
+
+    before = _metric(gw, "qwen_gateway_batch_lines_preempted_total", "qwen-turbo")
+    with gw.http(live_key) as live, live.stream("POST", "/chat/completions", json=LONG_STREAM) as stream:
+        _kept = _first_data(stream)  # the request runs while this is kept
+        batch = client.batches.create(
+            input_file_id=_upload(client, tmp_path, lines),
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+        )
+        wait_for(
+            lambda: _metric(gw, "qwen_gateway_batch_lines_waiting", "qwen-turbo") >= 2,
+            "batch lines held back",
+            timeout=BATCH_DEADLINE,
+        )
+        # Created 300 hours ago: 24 of its 324 hours are left, under a tenth. The worker's next pass
+        # over the batches sees it, and its lines start beside the live stream.
+        created = datetime.now(UTC) - timedelta(hours=300)
+        stored: object = created if gw.database_url else created.replace(tzinfo=None).isoformat(" ")
+        gw.query("UPDATE batches SET created_at = ? WHERE id = ?", stored, batch.id)
+        wait_for(lambda: lines_now() == [("running", 1)] * 2, "both lines running", timeout=BATCH_DEADLINE)
+        # A live request admitted now preempts neither (each is 300 tokens long, the request 2).
+        answer = gw.client(live_key).chat.completions.create(
+            model="qwen-turbo", messages=[{"role": "user", "content": "Hi"}], max_tokens=2
+        )
+        assert answer.choices[0].message.content is not None
+        assert lines_now() == [("running", 1)] * 2
+    assert _live_status(gw, stream.headers["x-request-id"]) == "cancelled"
+    assert _metric(gw, "qwen_gateway_batch_lines_preempted_total", "qwen-turbo") == before
+    done = _wait_status(client, batch.id, "completed", "failed")
+    assert done.status == "completed", done
+    assert lines_now() == [("done", 1)] * 2
 
 
 def test_cancel_with_preempted_lines_ends_cancelled(gw: Gw, tmp_path: Path) -> None:

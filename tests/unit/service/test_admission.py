@@ -67,3 +67,14 @@ def test_batch_work_is_held_off_by_live_traffic_its_idle_window_and_the_kept_slo
     assert math.isinf(_hold_off(admission, 0.0))  # only the kept slot is left
     batch.release()
     assert _hold_off(admission, 0.0) == 0
+
+
+def test_urgent_batch_work_ignores_live_traffic_but_not_the_kept_slot() -> None:
+    admission = Admission(running=3, queue=1)
+    live = admission.acquire(1)
+    assert math.isinf(_hold_off(admission, 60.0))
+    assert _hold_off(admission, 60.0, live_first=False) == 0
+    admission.acquire(1, background=True)
+    assert math.isinf(_hold_off(admission, 0.0, live_first=False))  # the last slot is kept
+    live.release()
+    assert _hold_off(admission, 60.0, live_first=False) == 0  # no idle window either
