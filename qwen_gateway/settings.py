@@ -247,7 +247,8 @@ class BatchSettings(BaseModel):
 
     # Batch lines running at once, over every batch of the server. A line starts only when its
     # model's engine runs no live request, none ran for ``idle_seconds``, and a running slot
-    # is free beyond the one kept for live requests: batches use the engine's idle time.
+    # is free beyond the one kept for live requests: batches use the engine's idle time (except
+    # in the last tenth of a batch's window: service/batches.py, "Bounded").
     concurrency: int = Field(default=2, ge=1, le=256)
     # Seconds since the last live request on a model ended before batch lines start on it (0: start
     # whenever no live request runs).

@@ -12,6 +12,7 @@ while queued leaves the queue at once.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
@@ -40,6 +41,9 @@ class Admission:
         # Called on the event loop each time live traffic is admitted (the batch worker preempts its
         # lines running on this engine); a listener must not raise.
         self.on_live: list[Callable[[], None]] = []
+        # Batch lines held back for this engine's live traffic (the worker counts them; a gauge).
+        self.background_waiting = 0
+        self._waiters: list[asyncio.Future[None]] = []
 
     @property
     def held(self) -> int:
@@ -56,6 +60,21 @@ class Admission:
         """Live (not batch) sequences admitted and not yet released."""
         return self._held - self.background_held
 
+    def changed(self) -> asyncio.Future[None]:
+        """A future resolved at the next admission or release here (or :meth:`wake`): what the batch
+        worker awaits for room instead of looking again and again."""
+        self._waiters = [w for w in self._waiters if not w.done()]
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        return waiter
+
+    def wake(self) -> None:
+        """Resolve the futures of :meth:`changed` (also called on every admission and release)."""
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
     def acquire(self, n: int = 1, *, background: bool = False) -> Ticket:
         """Admit ``n`` sequences (all of a request's choices, or none) or raise EngineOverloaded;
         ``background``: batch work (not live traffic)."""
@@ -68,6 +87,7 @@ class Admission:
             self.live_at = time.monotonic()
             for listener in self.on_live:
                 listener()
+        self.wake()
         return Ticket(self, n, background)
 
     def refuse_if_full(self, n: object = 1) -> None:
@@ -89,6 +109,7 @@ class Admission:
             # Live traffic is "recent" from its last admission or end: back-to-back live requests
             # leave no idle gap for batch work to start in.
             self.live_at = time.monotonic()
+        self.wake()
 
 
 class Ticket:

@@ -10,12 +10,23 @@ unknown model, an engine error) fails alone: its DashScope error object goes to 
 
 **Live traffic first.** A line starts only when its model's engine runs no live request, none ended
 within ``[batches] idle_seconds``, and a running slot is free beyond one kept for live requests
-(:func:`_has_room`): batches fill the engine's idle time. A live request admitted meanwhile *preempts*
-the lines in its model's engine (:meth:`BatchService._preempt`, called from the admission itself): they
-are cancelled at once (the engine drops them at its next step) and put back to ``pending`` exactly as a
-graceful stop puts them back (crash point 2 without the crash: the hold is given back, no ledger row,
-nothing charged, not failed), and run again, from the start, once the model is idle again. Batch lines
-never wait in the admission queue.
+(:func:`_hold_off`): batches fill the engine's idle time. The worker looks before the line starts at
+all (nothing of it runs, not even its ``start_line_sync``, while live traffic is on its model: that
+work took the event loop from the live requests) and again at the engine's door; in between it waits
+on the admission's own events (an admission or a release there, the end of the idle window), never by
+looking again and again. A live request admitted meanwhile *preempts* the lines in its model's engine
+(:meth:`BatchService._preempt`, called from the admission itself): they are cancelled at once (the
+engine drops them at its next step) and put back to ``pending`` exactly as a graceful stop puts them
+back (crash point 2 without the crash: the hold is given back, no ledger row, nothing charged, not
+failed); the line's task then keeps its place until the model has room again, and the line runs again,
+from the start (measured with benchmarks/bench_batches.py: restarting it at once put its start, its
+key lookup and validation on the event loop while the live request ran). Batch lines never wait in
+the admission queue.
+
+**Bounded.** Steady live traffic would hold a batch back until it expires. In the last tenth of its
+completion window (:data:`URGENT_SHARE`) a batch stops giving way: its lines start whenever a slot
+beyond the one kept for live requests is free, live traffic or not, and live requests no longer preempt
+them (they share the engine with at most ``concurrency`` lines, as any request shares it with others).
 
 **Money.** A line is admitted like a live request (rate limits, the balance hold at the full price), and
 charged :attr:`~qwen_gateway.settings.BatchSettings.price_percent` of its live price (DashScope: 50 %)
@@ -60,6 +71,7 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -124,8 +136,9 @@ MAX_LINES = 50_000
 # Problems listed on a batch that fails validation (the rest are not).
 MAX_PROBLEMS = 100
 CREATE_PARAMS = frozenset({"input_file_id", "endpoint", "completion_window", "metadata"})
-# How often a line waiting for a free engine slot looks again (only the event loop counts slots).
-ROOM_POLL_SECONDS = 0.02
+# The share of a batch's completion window, at its end, in which its lines no longer give way to live
+# traffic (24h: the last 2.4 hours), so that steady live traffic can't make it expire.
+URGENT_SHARE = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,15 +190,20 @@ def batch_cost(price: Price, usage: Usage, percent: int) -> int:
     return -(-per_1k * percent // 100_000)
 
 
-def _has_room(model: ServedModel, idle_seconds: float) -> bool:
-    """Batch work may start on ``model``: no live request runs or waits on it, none ended (or was
-    admitted) within ``idle_seconds``, and a running slot is free beyond the one kept for the next
-    live request (an engine of one slot: free)."""
-    admission = model.admission
-    if admission.live_held > 0 or time.monotonic() - admission.live_at < idle_seconds:
-        return False
+def _hold_off(admission: Admission, idle_seconds: float, *, live_first: bool = True) -> float:
+    """Seconds before batch work may start on ``admission``'s engine (0: now; ``math.inf``: not before
+    something is admitted or released there). It may start when no live request runs or waits on it,
+    none ended (or was admitted) within ``idle_seconds`` (both only while ``live_first``: see
+    "Bounded" above), and a running slot is free beyond the one kept for the next live request (an
+    engine of one slot: free)."""
+    if live_first and admission.live_held > 0:
+        return math.inf
     keep = 1 if admission.running > 1 else 0
-    return admission.held + 1 <= admission.running - keep
+    if admission.held + 1 > admission.running - keep:
+        return math.inf
+    if not live_first:
+        return 0.0
+    return max(0.0, idle_seconds - (time.monotonic() - admission.live_at))
 
 
 class BatchService:
@@ -226,12 +244,15 @@ class BatchService:
         self._wake = asyncio.Event()
         self._running: dict[tuple[str, int], asyncio.Task[None]] = {}
         # Lines inside the chat service (admission, engine), by the admission of their model: what a
-        # live request admitted there preempts. ``_preempted``: lines cancelled for that reason.
+        # live request admitted there preempts. ``_preempted``: lines cancelled for that reason, with
+        # the admission they wait on for room again.
         self._in_engine: dict[tuple[str, int], ServedModel] = {}
-        self._preempted: set[tuple[str, int]] = set()
+        self._preempted: dict[tuple[str, int], Admission] = {}
         self._listening: list[tuple[Admission, Callable[[], None]]] = []
         # Batches being cancelled or expired: their lines still waiting for the engine give up.
         self._stopping: set[str] = set()
+        # Batches in the end of their window (URGENT_SHARE): their lines no longer give way.
+        self._urgent: set[str] = set()
 
     # -- the API's operations ----------------------------------------------------------------------
 
@@ -348,16 +369,53 @@ class BatchService:
         (``_run_line`` puts them back to pending). Runs inside the live request's admission: no await,
         nothing that can raise."""
         for key, model in list(self._in_engine.items()):
-            if model.admission is not admission:
+            if model.admission is not admission or key[0] in self._urgent:
                 continue
             task = self._running.get(key)
             del self._in_engine[key]
             if task is None or task.done():
                 continue
-            self._preempted.add(key)
+            self._preempted[key] = admission
             task.cancel()
             if self.metrics is not None:
                 self.metrics.batch_line_preempted(model.id)
+
+    async def _room(self, admission: Admission, batch_id: str) -> bool:
+        """Wait until batch work may start on ``admission``'s engine (:func:`_hold_off`), woken by its
+        admissions and releases, the end of its idle window, the batch's urgency (noticed by the
+        worker's pass over the batches) or the batch starting to end; False: the
+        batch is ending (cancelled or expired). Returns without awaiting when there is room now, so a
+        caller that takes its slot at once takes it with the room it was told of."""
+        waiting = False
+        try:
+            while batch_id not in self._stopping:
+                live_first = batch_id not in self._urgent
+                wait = _hold_off(admission, self.settings.idle_seconds, live_first=live_first)
+                if wait <= 0:
+                    return True
+                if not waiting:
+                    waiting = True
+                    admission.background_waiting += 1
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(admission.changed(), None if math.isinf(wait) else wait)
+            return False
+        finally:
+            if waiting:
+                admission.background_waiting -= 1
+
+    def _wake_waiting(self) -> None:
+        """Lines waiting for room look again (a batch became urgent, or is ending)."""
+        for served in self.models:
+            served.admission.wake()
+
+    def _admission_of(self, line: LineRow) -> Admission | None:
+        """The admission of the model a line names (None: not valid JSON, or no model served under
+        that name; its validation then fails it)."""
+        try:
+            body = orjson.loads(line.body)
+        except orjson.JSONDecodeError:
+            return None
+        return self.models.admission_of(body.get("model")) if isinstance(body, dict) else None
 
     async def _loop(self) -> None:
         while True:
@@ -374,9 +432,15 @@ class BatchService:
             if batch.status == "validating":
                 await self._validate(batch)
             elif batch.status == "in_progress":
-                if self.clock() >= batch.deadline:
+                now = self.clock()
+                if now >= batch.deadline:
                     await self._end_early(batch, "expired")
                 else:
+                    window = batch.deadline - batch.created_at
+                    if batch.id not in self._urgent and now >= batch.deadline - window * URGENT_SHARE:
+                        log.info("batch %s: in the end of its window, no longer giving way", batch.id)
+                        self._urgent.add(batch.id)
+                        self._wake_waiting()
                     await self._fill(batch)
                     await self._maybe_finish(batch)
             elif batch.status == "cancelling":
@@ -459,10 +523,13 @@ class BatchService:
     def _line_done(self, key: tuple[str, int], _task: asyncio.Task[None]) -> None:
         self._running.pop(key, None)
         self._in_engine.pop(key, None)
-        self._preempted.discard(key)
+        self._preempted.pop(key, None)
         self._wake.set()
 
     async def _run_line(self, batch: BatchRow, line: LineRow) -> None:
+        admission = self._admission_of(line)
+        if admission is not None and not await self._room(admission, batch.id):
+            return  # the batch is ending: the line, still pending, fails with the rest
         start = asyncio.ensure_future(
             self.writer.run(
                 lambda conn: rows.start_line_sync(
@@ -492,21 +559,31 @@ class BatchService:
         except asyncio.CancelledError:
             # Preempted by a live request, or the server is closing: the line goes back to pending, to
             # run again later (shielded: the release must happen even though this task is cancelled).
-            preempted = (batch.id, line.line) in self._preempted
+            preempted = self._preempted.pop((batch.id, line.line), None)
             try:
-                await asyncio.shield(self._release(batch, line, uncount=preempted))
+                await asyncio.shield(self._release(batch, line, uncount=preempted is not None))
             except Exception:
                 log.exception("batch %s line %d: putting it back to pending failed", batch.id, line.line)
-            if preempted:
-                log.info("batch %s line %d: preempted by live traffic, back to pending", batch.id, line.line)
-            raise
-        await asyncio.shield(
-            self.writer.run(
-                lambda conn: rows.finish_line_sync(
-                    conn, batch_id=batch.id, line=line.line, state=state, result=result, usage=usage
+            if preempted is None:
+                raise
+            log.info("batch %s line %d: preempted by live traffic, back to pending", batch.id, line.line)
+            # The cancellation was ours, not the server's: it ends here.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+        else:
+            await asyncio.shield(
+                self.writer.run(
+                    lambda conn: rows.finish_line_sync(
+                        conn, batch_id=batch.id, line=line.line, state=state, result=result, usage=usage
+                    )
                 )
             )
-        )
+            return
+        # Preempted: the task keeps its place until the model has room again. Started again at once,
+        # the line would only wait at the engine's door, its start and preparation run on the event
+        # loop beside the live request (measured with benchmarks/bench_batches.py).
+        await self._room(preempted, batch.id)
 
     async def _release(self, batch: BatchRow, line: LineRow, *, uncount: bool = False) -> None:
         """Back to pending, its hold given back; ``uncount``: its admission also leaves the key's rate
@@ -541,10 +618,8 @@ class BatchService:
             # As on a live request: planned (and reserved for in the hold) now, searched once admitted.
             call = self.search.plan(call)
             call = await fileids.inject(call, self.files, key_id=key.id, max_files=self.max_files_per_request)
-            while not _has_room(call.model, self.settings.idle_seconds):
-                if batch.id in self._stopping:
-                    raise _Later(0)  # cancelled or expired while waiting: back to pending, then failed
-                await asyncio.sleep(ROOM_POLL_SECONDS)
+            if not await self._room(call.model.admission, batch.id):
+                raise _Later(0)  # cancelled or expired while waiting: back to pending, then failed
             # No await between the room check and the chat service taking its slots; from then on a
             # live request admitted on this engine preempts the line (see _preempt).
             where = (batch.id, line.line)
@@ -641,6 +716,7 @@ class BatchService:
         renderer = self._renderer
         assert renderer is not None
         self._stopping.add(batch.id)
+        self._wake_waiting()  # its lines waiting for room give up
         if status == "cancelled":
             error = BatchLineNotRun("batch_cancelled", "The batch was cancelled before this request ran.")
         else:
@@ -691,6 +767,7 @@ class BatchService:
         await rows.finalize(
             self.store, batch_id=batch.id, status=status, output=made[0], error=made[1], now=now
         )
+        self._urgent.discard(batch.id)
         log.info("batch %s %s: %d outputs, %d errors", batch.id, status, len(outputs), len(errors))
 
 

@@ -124,6 +124,11 @@ class _ModelCollector(Collector):
         active = GaugeMetricFamily(
             "qwen_gateway_active_generations", "Generations running now", labels=["model"]
         )
+        waiting = GaugeMetricFamily(
+            "qwen_gateway_batch_lines_waiting",
+            "Batch lines held back for live traffic on their model (or for its idle window)",
+            labels=["model"],
+        )
         errors = CounterMetricFamily(
             "qwen_gateway_upstream_errors",
             "Upstream failures by model, replica (its position in the config) and kind",
@@ -132,10 +137,12 @@ class _ModelCollector(Collector):
         for served in self._models:
             queued.add_metric([served.id], served.admission.queued)
             active.add_metric([served.id], served.admission.held - served.admission.queued)
+            waiting.add_metric([served.id], served.admission.background_waiting)
             report = getattr(served.engine, "upstream_errors", None)
             if report is not None:
                 for (replica, kind), count in sorted(report().items()):
                     errors.add_metric([served.id, str(replica), kind], count)
         yield queued
         yield active
+        yield waiting
         yield errors

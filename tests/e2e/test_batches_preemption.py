@@ -14,7 +14,9 @@ import re
 import signal
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -36,8 +38,16 @@ from tests.e2e.test_batches import (
 from tests.support import MODELS, start_server, start_servers, wait_for
 
 # qwen-max: long answers (48 tokens), only for the preemption test, so that its metrics are that
-# test's alone. qwen-plus: short lines.
+# test's alone. qwen-plus: short lines. qwen-turbo: long live streams, only for the tests of lines held
+# back while one runs.
 CONFIG = """
+[[models]]
+id = "qwen-turbo"
+path = "{path}"
+max_output = 4000
+input_price = 1.0
+output_price = 2.0
+
 [[models]]
 id = "qwen-max"
 path = "{path}"
@@ -59,6 +69,18 @@ concurrency = 2
 poll_seconds = 0.5
 idle_seconds = 0.5
 """
+
+
+# Random weights rarely emit EOS: this stream runs for seconds, far longer than the checks made while
+# it runs (each test proves it afterwards: closed by the client, its ledger row says "cancelled").
+LONG_STREAM = {
+    "model": "qwen-turbo",
+    "messages": [{"role": "user", "content": "Tell me a long story."}],
+    "stream": True,
+    "max_tokens": 4000,
+    "temperature": 1.0,
+    "seed": 1,
+}
 
 
 def _config(home: Path) -> Path:
@@ -148,6 +170,152 @@ def test_a_live_request_preempts_running_batch_lines_which_finish_later(gw: Gw, 
     assert balance == 100 * MICRO - sum(c[4] for c in charges)
     counted = gw.query("SELECT coalesce(sum(requests), 0) FROM rate_windows WHERE key_id = ?", key_id)
     assert counted[0][0] <= 4, counted
+
+
+def _first_data(stream: httpx.Response) -> Iterator[str]:
+    """Read up to the stream's first data line; the caller keeps the iterator until it closes the
+    stream (a line iterator dropped closes the connection, and so ends the request)."""
+    assert stream.status_code == 200, stream.read()
+    lines = stream.iter_lines()
+    assert any(line.startswith("data: ") for line in lines)
+    return lines
+
+
+def _live_status(gw: Gw, request_id: str) -> str:
+    def row() -> list[tuple[Any, ...]]:
+        return gw.query("SELECT status FROM usage_ledger WHERE request_id = ?", request_id)
+
+    wait_for(lambda: bool(row()), "the live request's ledger row")
+    return str(row()[0][0])
+
+
+def test_no_line_starts_while_a_live_request_runs_on_its_model(gw: Gw, tmp_path: Path) -> None:
+    key, _ = gw.new_key("--balance", "100")
+    live_key, _ = gw.new_key()
+    client = gw.client(key)
+    with gw.http(live_key) as live, live.stream("POST", "/chat/completions", json=LONG_STREAM) as stream:
+        _kept = _first_data(stream)  # the request runs while this is kept
+        lines = [_line(f"w-{i}", model="qwen-turbo", max_tokens=4) for i in range(3)]
+        batch = client.batches.create(
+            input_file_id=_upload(client, tmp_path, lines),
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+        )
+        # The worker took the lines (validated, a task each up to its concurrency) and holds them back.
+        wait_for(
+            lambda: _metric(gw, "qwen_gateway_batch_lines_waiting", "qwen-turbo") >= 2,
+            "batch lines held back",
+            timeout=BATCH_DEADLINE,
+        )
+        # Not started at all: no attempt counted, nothing "running" in the database.
+        rows = gw.query("SELECT state, attempts FROM batch_lines WHERE batch_id = ?", batch.id)
+        assert sorted(rows) == [("pending", 0)] * 3, rows
+    # Closed by the client while it generated: it ran throughout the looks above.
+    assert _live_status(gw, stream.headers["x-request-id"]) == "cancelled"
+    done = _wait_status(client, batch.id, "completed", "failed")
+    assert done.status == "completed", done
+    rows = gw.query("SELECT state, attempts FROM batch_lines WHERE batch_id = ?", batch.id)
+    assert sorted(rows) == [("done", 1)] * 3, rows
+    assert _metric(gw, "qwen_gateway_batch_lines_waiting", "qwen-turbo") == 0
+
+
+def test_a_preempted_line_waits_until_the_live_request_has_ended(gw: Gw, tmp_path: Path) -> None:
+    key, _ = gw.new_key("--balance", "100")
+    live_key, _ = gw.new_key()
+    client = gw.client(key)
+    lines = [_line(f"q-{i}", model="qwen-turbo", max_tokens=100) for i in range(2)]
+    batch = client.batches.create(
+        input_file_id=_upload(client, tmp_path, lines),
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
+
+    def status() -> str:
+        return str(gw.query("SELECT status FROM batches WHERE id = ?", batch.id)[0][0])
+
+    def running() -> int:
+        sql = "SELECT count(*) FROM batch_lines WHERE batch_id = ? AND state = 'running'"
+        return int(gw.query(sql, batch.id)[0][0])
+
+    before = _metric(gw, "qwen_gateway_batch_lines_preempted_total", "qwen-turbo")
+    live_id = None
+    with gw.http(live_key) as live:
+        # Bounded: a line may end between the look and the live request.
+        for _ in range(40):
+            wait_for(
+                lambda: (
+                    _metric(gw, "qwen_gateway_active_generations", "qwen-turbo") > 0
+                    or status() != "in_progress"
+                ),
+                "batch lines in the engine",
+                timeout=BATCH_DEADLINE,
+            )
+            if status() != "in_progress":
+                break
+            with live.stream("POST", "/chat/completions", json=LONG_STREAM) as stream:
+                _kept = _first_data(stream)  # the request runs while this is kept
+                if _metric(gw, "qwen_gateway_batch_lines_preempted_total", "qwen-turbo") == before:
+                    continue
+                # The preempted lines went back to pending and their tasks hold them there: no line
+                # runs again, none was started a second time.
+                wait_for(
+                    lambda: (
+                        _metric(gw, "qwen_gateway_batch_lines_waiting", "qwen-turbo") >= 1 and running() == 0
+                    ),
+                    "the preempted lines back to pending, held back",
+                )
+                attempts = gw.query("SELECT attempts FROM batch_lines WHERE batch_id = ?", batch.id)
+                assert max(a[0] for a in attempts) == 1, attempts
+                live_id = stream.headers["x-request-id"]
+                break
+    assert live_id is not None, "no batch line was preempted"
+    assert _live_status(gw, live_id) == "cancelled"
+    # Once the model is idle again, the preempted lines run from the start and complete.
+    done = _wait_status(client, batch.id, "completed", "failed")
+    assert done.status == "completed", done
+    attempts = gw.query("SELECT attempts FROM batch_lines WHERE batch_id = ?", batch.id)
+    assert max(a[0] for a in attempts) == 2, attempts
+
+
+def test_a_batch_in_the_end_of_its_window_no_longer_gives_way(gw: Gw, tmp_path: Path) -> None:
+    key, _ = gw.new_key("--balance", "100")
+    live_key, _ = gw.new_key()
+    client = gw.client(key)
+    lines = [_line(f"u-{i}", model="qwen-turbo", max_tokens=300) for i in range(2)]
+
+    def lines_now() -> list[tuple[Any, ...]]:
+        return sorted(gw.query("SELECT state, attempts FROM batch_lines WHERE batch_id = ?", batch.id))
+
+    before = _metric(gw, "qwen_gateway_batch_lines_preempted_total", "qwen-turbo")
+    with gw.http(live_key) as live, live.stream("POST", "/chat/completions", json=LONG_STREAM) as stream:
+        _kept = _first_data(stream)  # the request runs while this is kept
+        batch = client.batches.create(
+            input_file_id=_upload(client, tmp_path, lines),
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+        )
+        wait_for(
+            lambda: _metric(gw, "qwen_gateway_batch_lines_waiting", "qwen-turbo") >= 2,
+            "batch lines held back",
+            timeout=BATCH_DEADLINE,
+        )
+        # Created 300 hours ago: 24 of its 324 hours are left, under a tenth. The worker's next pass
+        # over the batches sees it, and its lines start beside the live stream.
+        created = datetime.now(UTC) - timedelta(hours=300)
+        stored: object = created if gw.database_url else created.replace(tzinfo=None).isoformat(" ")
+        gw.query("UPDATE batches SET created_at = ? WHERE id = ?", stored, batch.id)
+        wait_for(lambda: lines_now() == [("running", 1)] * 2, "both lines running", timeout=BATCH_DEADLINE)
+        # A live request admitted now preempts neither (each is 300 tokens long, the request 2).
+        answer = gw.client(live_key).chat.completions.create(
+            model="qwen-turbo", messages=[{"role": "user", "content": "Hi"}], max_tokens=2
+        )
+        assert answer.choices[0].message.content is not None
+        assert lines_now() == [("running", 1)] * 2
+    assert _live_status(gw, stream.headers["x-request-id"]) == "cancelled"
+    assert _metric(gw, "qwen_gateway_batch_lines_preempted_total", "qwen-turbo") == before
+    done = _wait_status(client, batch.id, "completed", "failed")
+    assert done.status == "completed", done
+    assert lines_now() == [("done", 1)] * 2
 
 
 def test_cancel_with_preempted_lines_ends_cancelled(gw: Gw, tmp_path: Path) -> None:
