@@ -153,14 +153,19 @@ def front(
 ) -> Iterator[Server]:
     home = tmp_path_factory.mktemp("front-home")
     config = home / "config.toml"
-    retry = f"""
+    # One entry per retry test: a replica that failed a request is passed over while a healthy one
+    # is there (until a health check finds it answering), so each test starts from fresh replica state.
+    retry = "".join(
+        f"""
 [[models]]
-id = "fake-retry"
+id = "{name}"
 engine = "openai"
 replicas = ["{resetting.url}", "{fake.url}"]
 upstream_model = "ok"
 breaker_failures = 1000
 """
+        for name in ("fake-retry", "fake-retry-whole")
+    )
     config.write_text(front_config(upstream, fake) + retry)
     os.environ["QG_TEST_UPSTREAM_KEY"] = upstream.api_key  # inherited by the server process only
     try:
@@ -582,7 +587,7 @@ def test_a_non_stream_call_is_retried_on_another_replica_and_charged_once(
 ) -> None:
     before = len(resetting.received)
     for _ in range(4):
-        r = post(front, {"model": "fake-retry", "messages": [{"role": "user", "content": "hi"}]})
+        r = post(front, {"model": "fake-retry-whole", "messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["message"]["content"] == "tok0 tok1 tok2 tok3 tok4 "
         request_id = r.headers["x-request-id"]

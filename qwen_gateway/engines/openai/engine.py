@@ -144,7 +144,13 @@ class OpenAIEngine:
 
     async def health(self) -> EngineHealth:
         active = sum(r.outstanding for r in self._replicas.replicas)
-        if self._state is EngineState.READY and not self._replicas.any_available:
+        # Unreachable: every replica's breaker is open, or the last contact with each (the start's
+        # probe, a health check or a request) failed; a readiness probe then keeps this process out of
+        # rotation. Requests still try an unhealthy replica (it may be back), so they are not refused.
+        replicas = self._replicas.replicas
+        if self._state is EngineState.READY and (
+            not self._replicas.any_available or not any(r.healthy for r in replicas)
+        ):
             return EngineHealth(EngineState.FAILED, active, "no upstream replica is reachable")
         return EngineHealth(self._state, active)
 
