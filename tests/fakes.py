@@ -20,7 +20,30 @@ from qwen_gateway.engines.base import (
 from qwen_gateway.errors import EngineFailure
 
 
-class FaultyEngine:
+class _FakeEngineBase:
+    """What the named fake engines below share: a small context, nothing to start or close, every
+    event delivered (so the last usage seen is the count), READY with their ``active`` count."""
+
+    active: int
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(max_context=1024)
+
+    async def start(self) -> None:
+        return None
+
+    async def cancelled_usage(self, request_id: str) -> Usage | None:
+        return None  # every event it makes is delivered: the last usage seen is the count
+
+    async def health(self) -> EngineHealth:
+        return EngineHealth(EngineState.READY, self.active)
+
+    async def aclose(self) -> None:
+        return None
+
+
+class FaultyEngine(_FakeEngineBase):
     """FAKE engine: after ``delay`` seconds yields ``good_deltas`` text deltas, then fails as a broken
     engine would.
 
@@ -35,13 +58,6 @@ class FaultyEngine:
         self.delay = delay  # seconds of "prefill" before the first event
         self.active = 0
 
-    @property
-    def capabilities(self) -> Capabilities:
-        return Capabilities(max_context=1024)
-
-    async def start(self) -> None:
-        return None
-
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         self.active += 1
         try:
@@ -54,17 +70,8 @@ class FaultyEngine:
         finally:
             self.active -= 1
 
-    async def cancelled_usage(self, request_id: str) -> Usage | None:
-        return None  # every event it makes is delivered: the last usage seen is the count
 
-    async def health(self) -> EngineHealth:
-        return EngineHealth(EngineState.READY, self.active)
-
-    async def aclose(self) -> None:
-        return None
-
-
-class GatedEngine:
+class GatedEngine(_FakeEngineBase):
     """FAKE engine: yields its first text delta at once, then one more each time the test calls
     :meth:`release` (from any thread), and finishes after ``deltas``.
 
@@ -79,13 +86,6 @@ class GatedEngine:
         self.active = 0
         self._gate: asyncio.Semaphore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-
-    @property
-    def capabilities(self) -> Capabilities:
-        return Capabilities(max_context=1024)
-
-    async def start(self) -> None:
-        return None
 
     def release(self) -> None:
         """Let the next delta out (call once the stream has started: after its first frame arrived)."""
@@ -104,15 +104,6 @@ class GatedEngine:
             yield Finished("stop", Usage(prompt_tokens=7, completion_tokens=self.deltas))
         finally:
             self.active -= 1
-
-    async def cancelled_usage(self, request_id: str) -> Usage | None:
-        return None  # every event it makes is delivered: the last usage seen is the count
-
-    async def health(self) -> EngineHealth:
-        return EngineHealth(EngineState.READY, self.active)
-
-    async def aclose(self) -> None:
-        return None
 
 
 class ScriptedDNS:
