@@ -4,7 +4,8 @@ Starts ``qwen-gateway serve`` (tiny-qwen2.5, ``max_batch_size`` 8, ``[batches] c
 then sends ``--requests`` interactive chat requests one after another (``max_tokens`` 16, greedy) and
 prints their latency p50/p99:
 
-1. with no batch;
+1. with no batch, back to back, then each after the same pause as in 3. (the control for 3.: what a
+   pause alone costs, an engine gone idle and cold caches, with no batch at all);
 2. back to back while a batch of ``--lines`` lines (``max_tokens`` 64 each) is in progress: they start
    once the first batch line has finished (a count in the database) and stop when the batch ends or
    the requests are all sent; the printout says how many batch lines finished meanwhile (steady live
@@ -114,6 +115,12 @@ def main() -> None:
             cpu0 = cpu_seconds(server.proc.pid)
             alone = interactive(client, args.requests)
             cpu_alone = cpu_seconds(server.proc.pid) - cpu0
+            # The control for phase 3: the same pause before each request, with no batch at all, so
+            # what the pause alone costs (an engine gone idle, cold caches) is not put on the batch.
+            paused: list[float] = []
+            for _ in range(args.arrivals):
+                time.sleep(IDLE_SECONDS + 0.5)
+                paused += interactive(client, 1)
 
             lines = "".join(
                 json.dumps(
@@ -183,6 +190,10 @@ def main() -> None:
     print(
         f"interactive alone:        n={len(alone):3d}  p50 {statistics.median(alone):7.1f} ms  "
         f"p99 {pct(alone, 0.99):7.1f} ms  server CPU {cpu_alone:.2f} s"
+    )
+    print(
+        f"interactive after a pause, no batch: n={len(paused):3d}  p50 {statistics.median(paused):7.1f} ms  "
+        f"p99 {pct(paused, 0.99):7.1f} ms"
     )
     if during:
         print(
