@@ -135,6 +135,13 @@ def _upload(client: openai.OpenAI, tmp: Path, lines: list[dict[str, Any]]) -> st
     return client.files.create(file=path, purpose="batch").id
 
 
+def _submit(client: openai.OpenAI, tmp: Path, lines: list[dict[str, Any]]) -> Any:
+    """A batch of ``lines`` for the chat endpoint, in the 24 h window, as a client makes one."""
+    return client.batches.create(
+        input_file_id=_upload(client, tmp, lines), endpoint="/v1/chat/completions", completion_window="24h"
+    )
+
+
 def _wait_status(client: openai.OpenAI, batch_id: str, *statuses: str) -> Any:
     found: list[Any] = []
 
@@ -281,11 +288,7 @@ def test_invalid_lines_fail_the_batch_as_dashscope_does(gw: Gw, tmp_path: Path) 
     key, _ = gw.new_key()
     client = gw.client(key)
     lines = [_line("a"), {**_line("b"), "url": "/v1/chat/completion"}]
-    batch = client.batches.create(
-        input_file_id=_upload(client, tmp_path, lines),
-        endpoint="/v1/chat/completions",
-        completion_window="24h",
-    )
+    batch = _submit(client, tmp_path, lines)
     failed = _wait_status(client, batch.id, "failed", "completed")
     assert failed.status == "failed" and failed.failed_at is not None
     raw = gw.http(key).get(f"/batches/{batch.id}").json()
@@ -366,11 +369,7 @@ def test_cancel_stops_new_lines_and_ends_cancelled(gw: Gw, tmp_path: Path) -> No
     key, _ = gw.new_key("--balance", "100")
     client = gw.client(key)
     lines = [_line(f"c-{i}", model="qwen-turbo") for i in range(40)]
-    batch = client.batches.create(
-        input_file_id=_upload(client, tmp_path, lines),
-        endpoint="/v1/chat/completions",
-        completion_window="24h",
-    )
+    batch = _submit(client, tmp_path, lines)
     # A real signal: the first line's result is in the database.
     wait_for(
         lambda: gw.query("SELECT completed FROM batches WHERE id = ?", batch.id)[0][0] >= 1,
@@ -400,11 +399,7 @@ def test_lines_not_run_when_the_window_ends_fail_as_expired(gw: Gw, tmp_path: Pa
     key, _ = gw.new_key("--balance", "100")
     client = gw.client(key)
     lines = [_line(f"e-{i}", model="qwen-turbo") for i in range(40)]
-    batch = client.batches.create(
-        input_file_id=_upload(client, tmp_path, lines),
-        endpoint="/v1/chat/completions",
-        completion_window="24h",
-    )
+    batch = _submit(client, tmp_path, lines)
     wait_for(
         lambda: gw.query("SELECT completed FROM batches WHERE id = ?", batch.id)[0][0] >= 1,
         "a first finished line",
@@ -449,11 +444,7 @@ def test_sigkill_half_way_resumes_without_running_or_charging_a_line_twice(
             key, key_id = gw.new_key("--balance", "100")
             client = gw.client(key)
             lines = [_line(f"k-{i}", model="qwen-turbo") for i in range(20)]
-            batch = client.batches.create(
-                input_file_id=_upload(client, home, lines),
-                endpoint="/v1/chat/completions",
-                completion_window="24h",
-            )
+            batch = _submit(client, home, lines)
             # Half-way: a real count of finished lines in the database, then no grace at all.
             wait_for(
                 lambda: gw.query("SELECT completed FROM batches WHERE id = ?", batch.id)[0][0] >= 8,
@@ -505,11 +496,7 @@ def test_a_graceful_stop_puts_running_lines_back_and_the_next_start_finishes(
             gw = Gw(server, url)
             key, key_id = gw.new_key("--balance", "100")
             client = gw.client(key)
-            batch = client.batches.create(
-                input_file_id=_upload(client, home, [_line(f"s-{i}", model="qwen-turbo") for i in range(12)]),
-                endpoint="/v1/chat/completions",
-                completion_window="24h",
-            )
+            batch = _submit(client, home, [_line(f"s-{i}", model="qwen-turbo") for i in range(12)])
             wait_for(
                 lambda: gw.query("SELECT completed FROM batches WHERE id = ?", batch.id)[0][0] >= 3,
                 "three finished lines",
@@ -551,11 +538,7 @@ def test_a_batch_line_with_enable_search_is_searched_once_admitted(
         {**_line("searched"), "body": {"model": "qwen-plus", "messages": message, "enable_search": True}},
         {**_line("plain"), "body": {"model": "qwen-plus", "messages": message}},
     ]
-    batch = client.batches.create(
-        input_file_id=_upload(client, tmp_path, lines),
-        endpoint="/v1/chat/completions",
-        completion_window="24h",
-    )
+    batch = _submit(client, tmp_path, lines)
     done = _wait_status(client, batch.id, "completed", "failed")
     assert done.status == "completed", done
     assert done.output_file_id is not None

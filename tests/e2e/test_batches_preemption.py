@@ -31,6 +31,7 @@ from tests.e2e.test_batches import (
     _half_price,
     _jsonl,
     _line,
+    _submit,
     _upload,
     _wait_status,
     query,
@@ -100,6 +101,11 @@ def gw(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory)
             server.stop()
 
 
+def _status(gw: Gw, batch_id: str) -> str:
+    """The batch's status as stored (no API call: the checks run while the worker is busy)."""
+    return str(gw.query("SELECT status FROM batches WHERE id = ?", batch_id)[0][0])
+
+
 def _metric(gw: Gw, name: str, model: str) -> float:
     text = httpx.get(f"{gw.server.base_url}/metrics", timeout=TIMEOUT).text
     match = re.search(rf'^{name}\{{model="{model}"\}} (\S+)$', text, re.MULTILINE)
@@ -113,14 +119,10 @@ def test_a_live_request_preempts_running_batch_lines_which_finish_later(gw: Gw, 
     client = gw.client(key)
     live = gw.client(live_key)
     lines = [_line(f"p-{i}", model="qwen-max") for i in range(4)]
-    batch = client.batches.create(
-        input_file_id=_upload(client, tmp_path, lines),
-        endpoint="/v1/chat/completions",
-        completion_window="24h",
-    )
+    batch = _submit(client, tmp_path, lines)
 
     def status() -> str:
-        return str(gw.query("SELECT status FROM batches WHERE id = ?", batch.id)[0][0])
+        return _status(gw, batch.id)
 
     def most_attempts() -> int:
         return int(gw.query("SELECT max(attempts) FROM batch_lines WHERE batch_id = ?", batch.id)[0][0] or 0)
@@ -196,11 +198,7 @@ def test_no_line_starts_while_a_live_request_runs_on_its_model(gw: Gw, tmp_path:
     with gw.http(live_key) as live, live.stream("POST", "/chat/completions", json=LONG_STREAM) as stream:
         _kept = _first_data(stream)  # the request runs while this is kept
         lines = [_line(f"w-{i}", model="qwen-turbo", max_tokens=4) for i in range(3)]
-        batch = client.batches.create(
-            input_file_id=_upload(client, tmp_path, lines),
-            endpoint="/v1/chat/completions",
-            completion_window="24h",
-        )
+        batch = _submit(client, tmp_path, lines)
         # The worker took the lines (validated, a task each up to its concurrency) and holds them back.
         wait_for(
             lambda: _metric(gw, "qwen_gateway_batch_lines_waiting", "qwen-turbo") >= 2,
@@ -224,14 +222,10 @@ def test_a_preempted_line_waits_until_the_live_request_has_ended(gw: Gw, tmp_pat
     live_key, _ = gw.new_key()
     client = gw.client(key)
     lines = [_line(f"q-{i}", model="qwen-turbo", max_tokens=100) for i in range(2)]
-    batch = client.batches.create(
-        input_file_id=_upload(client, tmp_path, lines),
-        endpoint="/v1/chat/completions",
-        completion_window="24h",
-    )
+    batch = _submit(client, tmp_path, lines)
 
     def status() -> str:
-        return str(gw.query("SELECT status FROM batches WHERE id = ?", batch.id)[0][0])
+        return _status(gw, batch.id)
 
     def running() -> int:
         sql = "SELECT count(*) FROM batch_lines WHERE batch_id = ? AND state = 'running'"
@@ -289,11 +283,7 @@ def test_a_batch_in_the_end_of_its_window_no_longer_gives_way(gw: Gw, tmp_path: 
     before = _metric(gw, "qwen_gateway_batch_lines_preempted_total", "qwen-turbo")
     with gw.http(live_key) as live, live.stream("POST", "/chat/completions", json=LONG_STREAM) as stream:
         _kept = _first_data(stream)  # the request runs while this is kept
-        batch = client.batches.create(
-            input_file_id=_upload(client, tmp_path, lines),
-            endpoint="/v1/chat/completions",
-            completion_window="24h",
-        )
+        batch = _submit(client, tmp_path, lines)
         wait_for(
             lambda: _metric(gw, "qwen_gateway_batch_lines_waiting", "qwen-turbo") >= 2,
             "batch lines held back",
@@ -324,11 +314,7 @@ def test_cancel_with_preempted_lines_ends_cancelled(gw: Gw, tmp_path: Path) -> N
     client = gw.client(key)
     live = gw.client(live_key)
     lines = [_line(f"x-{i}", model="qwen-max") for i in range(6)]
-    batch = client.batches.create(
-        input_file_id=_upload(client, tmp_path, lines),
-        endpoint="/v1/chat/completions",
-        completion_window="24h",
-    )
+    batch = _submit(client, tmp_path, lines)
     before = _metric(gw, "qwen_gateway_batch_lines_preempted_total", "qwen-max")
     for _ in range(40):
         wait_for(
@@ -381,11 +367,7 @@ def _refused_line_completes(gw: Gw, tmp_path: Path, age: int) -> bool:
     assert live.choices[0].message.content is not None
     (second,) = [r[0] for r in gw.query("SELECT second FROM rate_windows WHERE key_id = ?", key_id)]
     gw.query("UPDATE rate_windows SET second = ? WHERE key_id = ?", second - age, key_id)
-    batch = client.batches.create(
-        input_file_id=_upload(client, tmp_path, [_line("r-0"), _line("r-1")]),
-        endpoint="/v1/chat/completions",
-        completion_window="24h",
-    )
+    batch = _submit(client, tmp_path, [_line("r-0"), _line("r-1")])
     done = _wait_status(client, batch.id, "completed", "failed")
     assert done.status == "completed", done
     assert done.request_counts is not None
@@ -454,11 +436,7 @@ def test_a_running_server_takes_over_the_batch_of_a_dead_one(
             key, key_id = gw.new_key("--balance", "100")
             client = gw.client(key)
             lines = [_line(f"t-{i}", model="qwen-max") for i in range(8)]
-            batch = client.batches.create(
-                input_file_id=_upload(client, home, lines),
-                endpoint="/v1/chat/completions",
-                completion_window="24h",
-            )
+            batch = _submit(client, home, lines)
             wait_for(
                 lambda: query(home, url, "SELECT completed FROM batches WHERE id = ?", batch.id)[0][0] >= 2,
                 "two finished lines",
