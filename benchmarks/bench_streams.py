@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import statistics
 import sys
 import tempfile
@@ -313,7 +315,17 @@ def through_server(path: str, args: argparse.Namespace) -> None:
     from tests.support import start_server
 
     home = Path(tempfile.mkdtemp(prefix="qwgw-bench-"))
-    server = start_server(home, "--model", f"bench={path}", timeout=600)
+    # The same batch size as the direct runs (the server's default of 8 would queue half of 16
+    # streams), and the same torch thread count (the server is another process: --threads reaches it
+    # as OMP_NUM_THREADS, which torch reads at start).
+    config = home / "bench.toml"
+    config.write_text(
+        f'[[models]]\nid = "bench"\npath = {json.dumps(path)}\nmax_batch_size = {max(16, *args.streams)}\n'
+        f"max_queue = {max(16, *args.streams)}\n"
+    )
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    server = start_server(home, "--config", str(config), timeout=600)
 
     async def one(client: AsyncOpenAI, seed: int) -> int:
         chunks = await client.chat.completions.create(

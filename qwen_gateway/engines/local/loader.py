@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from rich.console import Console
 
+from qwen_gateway.engines.local import cpu_matmul
 from qwen_gateway.engines.local.options import LocalModelConfig
 from qwen_gateway.engines.local.progress import Steps
 from qwen_gateway.engines.local.sampling import GenerationDefaults
@@ -288,6 +289,8 @@ def _load(
                 "(causal language models and Qwen-VL image-text-to-text models)"
             ) from None
     model.eval()
+    # The output layer's and large layers' products through oneDNN on packed weights (cpu_matmul.py).
+    cpu_matmul.pack_model(model, device, dtype)
     template = tokenizer.chat_template
     if isinstance(template, dict):  # several named templates: the default one renders chats
         template = template.get("default")
