@@ -315,13 +315,15 @@ def through_server(path: str, args: argparse.Namespace) -> None:
     from tests.support import start_server
 
     home = Path(tempfile.mkdtemp(prefix="qwgw-bench-"))
-    # The same batch size as the direct runs (the server's default of 8 would queue half of 16
-    # streams), and the same torch thread count (the server is another process: --threads reaches it
-    # as OMP_NUM_THREADS, which torch reads at start).
+    # The local engine, as in the direct runs (a .gguf without an engine would go to llama.cpp), with
+    # the same batch size (the server's default of 8 would queue half of 16 streams) and the same torch
+    # thread count (the server is another process: --threads reaches it as OMP_NUM_THREADS, which
+    # torch reads at start).
     config = home / "bench.toml"
+    size = max(16, *args.streams)
     config.write_text(
-        f'[[models]]\nid = "bench"\npath = {json.dumps(path)}\nmax_batch_size = {max(16, *args.streams)}\n'
-        f"max_queue = {max(16, *args.streams)}\n"
+        f'[[models]]\nid = "bench"\nengine = "local"\npath = {json.dumps(path)}\n'
+        f"max_batch_size = {size}\nmax_queue = {size}\n"
     )
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
