@@ -21,6 +21,11 @@ elements: +0.5 ms per step when packed too, measured in the engine), while on Sm
 A layer's plain weight is dropped once packed, so memory stays the same, except when the output layer
 shares its weight with the embeddings (the embedding lookup needs the plain rows): that one is kept.
 Vision towers are left alone (their code reads their layers' weights).
+
+In the engine (tiny-qwen2.5, inference-thread CPU per decode step, MKL and oneDNN heads alternated in
+one process on a shared 2-core host, load 2.5-5): 8 rows 4.9-6.5 -> 3.5-3.8 ms, 16 rows 7.4 -> 4.5
+ms; one row 2.11-2.26 -> 2.10-2.41 ms (oneDNN's one-row product is ~0.1 ms slower than MKL's gemv on
+a weight that fits in the cache; on SmolLM2's, which does not, it is faster).
 """
 
 from __future__ import annotations
