@@ -255,3 +255,22 @@ def test_work_handed_over_a_loop_turn_after_the_first_row_joins_its_batch(
     assert results == [None, None, 2, None, 4]
     assert batches == 1
     assert ids(rows) == sorted(["warm-up", "first", "late0", "late2"])
+
+
+def test_the_writers_transactions_and_rows_are_metrics(run: Callable[[Body], Any]) -> None:
+    from qwen_gateway.service.metrics import Metrics
+
+    async def body(store: Store) -> tuple[str, int]:
+        writer = LedgerWriter(store)
+        metrics = Metrics()
+        metrics.watch_ledger(writer)
+        await asyncio.gather(*(writer.record(row(f"r{i}")) for i in range(3)))
+        await writer.record(row("alone"))
+        await writer.aclose()
+        return metrics.render().decode(), writer.batches
+
+    text, batches = run(body)
+    assert f"qwen_gateway_ledger_transactions_total {float(batches)}" in text
+    assert "qwen_gateway_ledger_rows_total 4.0" in text
+    assert "qwen_gateway_ledger_rows_lost_total 0.0" in text
+    assert batches == 2  # the three that queued together, then the one alone
