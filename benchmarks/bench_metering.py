@@ -25,7 +25,9 @@ Without ``--database-url`` the server uses a SQLite file in a fresh home; with i
 existing) database, e.g. PostgreSQL's, for the server and the key commands alike.
 
 The machine may be shared: CPU ms per request is the figure to trust; latencies move with whatever
-else runs on the cores.
+else runs on the cores. ``tx/req`` (ledger-writer transactions per request, from the server's
+``/metrics``) does not move with the load at all: each transaction is a commit, a thread hop and a
+wake-up of the event loop, and what metering adds of them is what group commit could not share.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import os
 import statistics
 import sys
 import tempfile
+import urllib.request
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -56,14 +59,28 @@ def create_key(home: Path, name: str, *options: str) -> str:
     return _create_key(home, name, *options, env=env)
 
 
-def measure(server: Server, key: str, clients: int, total: int, stream: bool) -> tuple[float, float, float]:
-    """(p50 ms, p99 ms, server CPU ms per request) of ``total`` requests with ``key``."""
+def ledger_transactions(port: int) -> float:
+    """The server's ledger-writer transactions so far (``/metrics``)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith("qwen_gateway_ledger_transactions_total "):
+                return float(line.split()[1])
+    raise SystemExit("the server's /metrics has no qwen_gateway_ledger_transactions_total")
+
+
+def measure(
+    server: Server, key: str, clients: int, total: int, stream: bool
+) -> tuple[float, float, float, float]:
+    """(p50 ms, p99 ms, server CPU ms per request, ledger transactions per request) of ``total``
+    requests with ``key``."""
     asyncio.run(drive(server.port, key, clients, max(50, total // 10), stream))  # warm-up
+    tx0 = ledger_transactions(server.port)
     cpu0 = server.cpu_seconds()
     latencies, _ = asyncio.run(drive(server.port, key, clients, total, stream))
     cpu = server.cpu_seconds() - cpu0
+    tx = ledger_transactions(server.port) - tx0
     latencies.sort()
-    return _pct(latencies, 0.5) * 1e3, _pct(latencies, 0.99) * 1e3, cpu / total * 1e3
+    return _pct(latencies, 0.5) * 1e3, _pct(latencies, 0.99) * 1e3, cpu / total * 1e3, tx / total
 
 
 def check_money(home: Path, names: list[str], database_url: str | None) -> str:
@@ -124,7 +141,7 @@ def main() -> None:
         f"zero-cost engine, {backend}, load {os.getloadavg()[0]:.2f} (shared machine: trust CPU/request)"
     )
     streams = [False, True] if args.only is None else [args.only == "stream"]
-    results: dict[tuple[bool, int, str], list[tuple[float, float, float]]] = {}
+    results: dict[tuple[bool, int, str], list[tuple[float, float, float, float]]] = {}
     try:
         for round_ in range(args.repeat):
             # Each round starts with another kind, so that none is always measured first (right after
@@ -134,11 +151,12 @@ def main() -> None:
                 for clients in (1, 16):
                     total = args.requests if clients > 1 else args.single_requests
                     for kind in order:
-                        p50, p99, cpu = measure(server, keys[kind], clients, total, stream)
-                        results.setdefault((stream, clients, kind), []).append((p50, p99, cpu))
+                        p50, p99, cpu, tx = measure(server, keys[kind], clients, total, stream)
+                        results.setdefault((stream, clients, kind), []).append((p50, p99, cpu, tx))
                         print(
                             f"{'stream' if stream else 'non-stream':10s} clients={clients:<3d} n={total:<5d} "
-                            f"{kind:16s} p50={p50:7.2f} ms  p99={p99:7.2f} ms  cpu/req={cpu:5.2f} ms",
+                            f"{kind:16s} p50={p50:7.2f} ms  p99={p99:7.2f} ms  cpu/req={cpu:5.2f} ms  "
+                            f"tx/req={tx:4.2f}",
                             flush=True,
                         )
     finally:
@@ -152,11 +170,13 @@ def main() -> None:
                 runs = results[(stream, clients, kind)]
                 p50s = [r[0] - b[0] for r, b in zip(runs, base, strict=True)]
                 cpus = [r[2] - b[2] for r, b in zip(runs, base, strict=True)]
+                txs = [r[3] - b[3] for r, b in zip(runs, base, strict=True)]
                 # The spread over rounds says how far the median can be trusted on this machine.
                 print(
                     f"  {'stream' if stream else 'non-stream':10s} clients={clients:<3d} {kind:16s} "
                     f"p50 {statistics.median(p50s):+6.2f} ms ({min(p50s):+.2f}..{max(p50s):+.2f})  "
-                    f"cpu/req {statistics.median(cpus):+5.2f} ms ({min(cpus):+.2f}..{max(cpus):+.2f})"
+                    f"cpu/req {statistics.median(cpus):+5.2f} ms ({min(cpus):+.2f}..{max(cpus):+.2f})  "
+                    f"tx/req {statistics.median(txs):+4.2f}"
                 )
     print(check_money(home, ["bench-metered", "bench-limited"], args.database_url))
 

@@ -50,6 +50,17 @@ from qwen_gateway.store.usage import NewUsage, insert_usage, insert_usage_sync
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# Event-loop turns the writer lets pass between the first item of a batch and taking the batch. Why:
+# without them, the batch is taken the moment its first item arrives, so under load (16 streaming
+# clients on one core) a batch held ~7 items, and a metered request's hold (one more item than a plain
+# request's row) cost about one more transaction, commit and thread hop in seven. Two turns let the
+# tasks already ready to run (other requests reaching their hold or their settlement, the I/O the last
+# poll found) queue theirs first: batches of ~15 items, half the transactions (measured on the server
+# at 16 clients: 555 -> 264 transactions for 2,000 metered streams, 278 -> 129 plain; a third turn
+# gained nothing). Each turn costs one pass of the loop (a poll that does not block), microseconds at one
+# client, where nothing else is waiting.
+GATHER_TURNS = 2
 A = TypeVar("A")
 R = TypeVar("R")
 
@@ -242,6 +253,10 @@ class LedgerWriter:
             stop = first is None
             if first is not None:
                 batch.append(first)
+                # Let the requests that are ready to run hand their work over before the batch is taken
+                # (see GATHER_TURNS).
+                for _ in range(GATHER_TURNS):
+                    await asyncio.sleep(0)
             # Everything that queued up while the previous batch was being written goes in this one.
             while not stop and len(batch) < self._max_batch and not queue.empty():
                 item = queue.get_nowait()

@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 from qwen_gateway.engines.base import Usage
 
 if TYPE_CHECKING:
+    from qwen_gateway.service.ledger import LedgerWriter
     from qwen_gateway.service.models import ModelRegistry
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -90,6 +91,11 @@ class Metrics:
     def watch_models(self, models: ModelRegistry) -> None:
         self.registry.register(_ModelCollector(models))
 
+    def watch_ledger(self, writer: LedgerWriter) -> None:
+        """The ledger writer's transactions and rows (read at scrape time): transactions per request
+        is what the group commit saves, a figure that does not move with the machine's load."""
+        self.registry.register(_LedgerCollector(writer))
+
     def first_output(self, model: str, timing: Timing) -> None:
         timing.first_output = time.perf_counter()
         self._ttft.labels(model).observe(timing.first_output - timing.started)
@@ -146,3 +152,26 @@ class _ModelCollector(Collector):
         yield active
         yield waiting
         yield errors
+
+
+class _LedgerCollector(Collector):
+    def __init__(self, writer: LedgerWriter) -> None:
+        self._writer = writer
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        writer = self._writer
+        yield CounterMetricFamily(
+            "qwen_gateway_ledger_transactions",
+            "Transactions the ledger writer committed (each holds every row, hold and settlement that queued"
+            " up together)",
+            value=writer.batches,
+        )
+        yield CounterMetricFamily(
+            "qwen_gateway_ledger_rows", "Usage ledger rows written", value=writer.written
+        )
+        yield CounterMetricFamily(
+            "qwen_gateway_ledger_rows_lost", "Usage ledger rows that could not be written", value=writer.lost
+        )

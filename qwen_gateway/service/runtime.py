@@ -95,6 +95,7 @@ class Gateway:
         keys = KeyService(store)
         metrics = Metrics()
         metrics.watch_models(models)
+        metrics.watch_ledger(writer)
         files = FileService(store, settings.files, settings.home)
         media = MediaFetcher(settings.media)
         search = WebSearch(create_search_provider(settings.search), settings.search)

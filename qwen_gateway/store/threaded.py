@@ -11,9 +11,12 @@ SQLite has a synchronous driver in the standard library; other backends use the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import queue
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL
@@ -23,16 +26,41 @@ T = TypeVar("T")
 
 
 class ThreadedConnection:
-    """A synchronous connection used only from its own thread; :meth:`run` calls ``fn(conn)`` there."""
+    """A synchronous connection used only from its own thread; :meth:`run` calls ``fn(conn)`` there.
+
+    The thread takes work from a plain queue and hands each result back with one
+    ``call_soon_threadsafe``. Why not ``loop.run_in_executor``: every call there builds a
+    ``concurrent.futures.Future`` (with its own lock and condition), a work item, and an asyncio future
+    chained to it by callbacks both ways, and takes the executor's locks, for a thread that never runs
+    more than one thing at a time. Work handed over always runs, even if the caller is cancelled
+    meanwhile (its result is then dropped): a transaction is never skipped half-way between callers.
+    """
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
+        self._inbox: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
         self._conn: Connection | None = None
 
     async def run(self, fn: Callable[[Connection], T]) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._call, fn)
+        done: asyncio.Future[T] = loop.create_future()
+        if self._thread is None:
+            # A daemon: one left idle by a caller that never closed it must not keep the process alive.
+            self._thread = threading.Thread(target=self._serve, name="store-writer", daemon=True)
+            self._thread.start()
+        self._inbox.put((functools.partial(self._call, fn), loop, done))
+        return await done
+
+    def _serve(self) -> None:
+        while (job := self._inbox.get()) is not None:
+            work, loop, done = job
+            try:
+                result = work()
+            except BaseException as exc:  # handed to the caller, whatever it is
+                _reply(loop, _fail, done, exc)
+            else:
+                _reply(loop, _succeed, done, result)
 
     def _call(self, fn: Callable[[Connection], T]) -> T:
         if self._conn is None:
@@ -52,9 +80,36 @@ class ThreadedConnection:
                 self._conn = None
             self._engine.dispose()
 
+        if self._thread is None:
+            self._engine.dispose()
+            return
+        # ``close`` is queued behind every call handed over before; the thread ends right after it.
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, close)
-        self._executor.shutdown(wait=True)
+        done: asyncio.Future[None] = loop.create_future()
+        self._inbox.put((close, loop, done))
+        self._inbox.put(None)
+        await done
+        self._thread.join()
+        self._thread = None
+
+
+# What the thread runs, the loop to answer on, and the future it answers.
+_Job = tuple[Callable[[], Any], asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
+
+
+def _reply(loop: asyncio.AbstractEventLoop, how: Callable[..., None], *args: Any) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+        loop.call_soon_threadsafe(how, *args)
+
+
+def _succeed(done: asyncio.Future[Any], result: Any) -> None:
+    if not done.done():
+        done.set_result(result)
+
+
+def _fail(done: asyncio.Future[Any], exc: BaseException) -> None:
+    if not done.done():
+        done.set_exception(exc)
 
 
 def open_threaded(url: URL, on_connect: Callable[..., None]) -> ThreadedConnection | None:

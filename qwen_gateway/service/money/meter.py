@@ -253,10 +253,23 @@ class Meter:
         try:
             outcome = await asyncio.shield(work)
         except asyncio.CancelledError:
-            try:
-                self._record(account, await work)
-            except Exception:
-                log.exception("admission of request %s failed while cancelled", call.request_id)
+            # The hold may be taken all the same: its outcome goes on the account (so that the
+            # caller's settlement gives it back) before the cancellation goes on, even if this task is
+            # cancelled again meanwhile (an unshielded wait would then cancel the result itself, and
+            # the hold would stay taken, unsettled, until hold_max_seconds).
+            while not work.done():
+                try:
+                    await asyncio.shield(work)
+                except asyncio.CancelledError:
+                    continue
+                except Exception:
+                    break
+            if work.cancelled():
+                log.error("admission of request %s was cancelled in the writer", call.request_id)
+            elif (error := work.exception()) is not None:
+                log.error("admission of request %s failed while cancelled", call.request_id, exc_info=error)
+            else:
+                self._record(account, work.result())
             raise
         self._record(account, outcome)
         if isinstance(outcome, money.Refused):

@@ -13,7 +13,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, create_engine, inspect, text
 
 from qwen_gateway.errors import StartupError
-from qwen_gateway.store.db import MIGRATIONS_DIR, Store
+from qwen_gateway.store.db import MIGRATIONS_DIR, Store, transaction
 from qwen_gateway.store.keys import insert_key, list_keys
 from qwen_gateway.store.tables import metadata
 from tests.unit.store.conftest import StoreRunner
@@ -209,6 +209,57 @@ def test_the_writers_thread_connection_works_on_both_databases(db_url: str) -> N
                 await threaded.aclose()
 
     assert asyncio.run(main()) == 42
+
+
+def test_the_writers_thread_runs_in_order_survives_errors_and_runs_work_of_cancelled_callers(
+    db_url: str,
+) -> None:
+    """Calls run one at a time in the order handed over; a failing call raises in its caller and the
+    next one gets a fresh connection; a call whose caller is cancelled before it ran still runs (its
+    transaction is not skipped), and close waits for everything handed over before it."""
+
+    async def main() -> tuple[list[int], list[int]]:
+        async with await Store.open(db_url) as store:
+            threaded = store.threaded()
+            assert threaded is not None
+            await threaded.run(
+                lambda conn: _exec(conn, "CREATE TABLE hop_order (seq INTEGER NOT NULL, n INTEGER NOT NULL)")
+            )
+            calls = [
+                asyncio.ensure_future(
+                    threaded.run(
+                        lambda conn, i=i: _exec(
+                            conn, f"INSERT INTO hop_order SELECT count(*), {i} FROM hop_order"
+                        )
+                    )
+                )
+                for i in range(5)
+            ]
+            await asyncio.sleep(0)  # every call is handed over
+            calls[3].cancel()  # its caller goes away; the insert still runs
+            with pytest.raises(Exception, match="no_such_table"):
+                await threaded.run(lambda conn: _exec(conn, "SELECT * FROM no_such_table"))
+            await asyncio.gather(*calls, return_exceptions=True)
+            late = threaded.run(
+                lambda conn: _exec(conn, "INSERT INTO hop_order SELECT count(*), 5 FROM hop_order")
+            )
+            late_task = asyncio.ensure_future(late)
+            await asyncio.sleep(0)
+            await threaded.aclose()  # after the call handed over before it
+            await late_task
+            async with transaction(store) as conn:
+                rows = list((await conn.execute(text("SELECT n FROM hop_order ORDER BY seq"))).scalars())
+                await conn.execute(text("DROP TABLE hop_order"))
+            return sorted(rows), rows
+
+    ordered, stored = asyncio.run(main())
+    assert ordered == [0, 1, 2, 3, 4, 5]
+    assert stored == [0, 1, 2, 3, 4, 5]  # in the order handed over
+
+
+def _exec(conn: Connection, sql: str) -> None:
+    with conn.begin():
+        conn.execute(text(sql))
 
 
 def test_a_migration_that_fails_half_way_on_sqlite_changes_nothing(tmp_path: Path) -> None:
