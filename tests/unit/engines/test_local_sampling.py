@@ -97,7 +97,9 @@ def _reference_nucleus(logits: torch.Tensor, top_p: float) -> set[int]:
     probs = torch.softmax(logits, dim=-1)
     values, indices = torch.sort(probs, descending=True)
     cumulative = torch.cumsum(values, dim=-1)
-    return {int(i) for i, c, p in zip(indices, cumulative, values, strict=True) if c - p <= top_p}
+    # The tokens whose preceding mass is within top_p (one tensor comparison: a Python loop over the
+    # 150k elements took 1.5 s of CPU).
+    return set(indices[cumulative - values <= top_p].tolist())
 
 
 @pytest.mark.parametrize("peaked", [True, False])
