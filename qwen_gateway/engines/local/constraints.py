@@ -26,7 +26,6 @@ is accepted must guarantee that the output validates.
 from __future__ import annotations
 
 import collections
-import copy
 import json
 import logging
 import re
@@ -42,6 +41,7 @@ from qwen_gateway.engines.base import (
     ToolCallConstraint,
     ToolSpec,
 )
+from qwen_gateway.engines.local.loader import copy_tokenizer
 from qwen_gateway.errors import InvalidParameter
 
 if TYPE_CHECKING:
@@ -158,7 +158,7 @@ class CompiledGrammars:
                 # A copy of its own: the setup walks the vocabulary on a worker thread while the
                 # engine's tokenizer keeps decoding answers.
                 self._info = xgr.TokenizerInfo.from_huggingface(
-                    copy.deepcopy(self._tokenizer), vocab_size=self.vocab_size, stop_token_ids=self.stop_ids
+                    copy_tokenizer(self._tokenizer), vocab_size=self.vocab_size, stop_token_ids=self.stop_ids
                 )
                 # xgrammar's own cache off: ours below is bounded by count and bytes and keyed by request.
                 self._compiler = xgr.GrammarCompiler(self._info, max_threads=2, cache_enabled=False)

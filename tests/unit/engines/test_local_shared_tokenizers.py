@@ -58,6 +58,10 @@ def test_entries_on_one_checkpoint_share_its_tokenizers_and_answer_as_alone(tmp_
             assert plus._decode_lock is big._decode_lock is shared.decode_lock
             assert plus._renderer._lock is big._renderer._lock is shared.render_lock
             assert shared.render is not shared.decode
+            # Two Rust tokenizers (each thread has its own to borrow); only the read-only data the
+            # rendering copy was built from is shared (loader.copy_tokenizer).
+            assert shared.render.backend_tokenizer is not shared.decode.backend_tokenizer
+            assert shared.render.init_kwargs is not shared.decode.init_kwargs
             # So is the grammar compiler (its ~2 s set-up and its cache of compiled grammars); each
             # engine keeps its own mask plans (its inference thread's alone).
             grammars = plus._grammars
