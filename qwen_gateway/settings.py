@@ -316,6 +316,10 @@ class Settings(BaseSettings):
     # Seconds after which a hold is given back whoever owns it: the backstop behind "a crashed process's
     # holds are given back as soon as it is seen dead" (same host: its pid is gone; else no heartbeat).
     hold_max_seconds: float = Field(default=86_400.0, gt=0)
+    # Seconds between two sweeps for dead server processes (besides the one at startup): their holds
+    # are given back, their rows leave ``gateway_instances`` and the batches they ran are taken over by
+    # a live process. Shorter: a crash is noticed sooner, for one small transaction per sweep.
+    sweep_seconds: float = Field(default=30.0, ge=1.0)
 
     @field_validator("home", mode="after")
     @classmethod

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import os
 import re
@@ -275,6 +277,17 @@ class _ForkServer:
         assert self._proc.stdout is not None
         if self._proc.stdout.readline().strip() != b"ready":
             raise RuntimeError("the fork server did not start")
+        atexit.register(self._close, self._proc)
+
+    @staticmethod
+    def _close(proc: subprocess.Popen[bytes]) -> None:
+        """At the worker's exit: the template's stdin closed (it exits then) and the process reaped,
+        so the CPU time of every server it forked counts in the worker's (``/usr/bin/time``)."""
+        with contextlib.suppress(OSError, ValueError):
+            assert proc.stdin is not None
+            proc.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
 
     def run(
         self, argv: list[str], env: dict[str, str], timeout: float

@@ -74,8 +74,9 @@ def typed_config(config: ModelConfig) -> EngineConfig:
 
 class SharedLoads:
     """What the engines of one model registry load once for all of them, keyed by what it was loaded
-    from: the local engine keeps a checkpoint's tokenizers here, so the [[models]] entries on one
-    checkpoint (an id per context window or sampling default) load them once instead of once each.
+    from: the local engine keeps a checkpoint's tokenizers and its grammar compiler here, so the
+    [[models]] entries on one checkpoint (an id per context window or sampling default) load them once
+    instead of once each.
 
     Made by ``ModelRegistry.start`` for its engines and dropped once they are started: nothing outlives
     the engines that hold it, and two registries (two apps in one process) never share a load."""

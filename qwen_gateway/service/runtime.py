@@ -91,6 +91,7 @@ class Gateway:
             Meter.prices_of(models),
             retention_days=settings.usage_retention_days,
             hold_max_seconds=settings.hold_max_seconds,
+            sweep_seconds=settings.sweep_seconds,
         )
         keys = KeyService(store)
         metrics = Metrics()

@@ -11,7 +11,8 @@ composes grammars (the tool-call wrapper around a parameters schema) and ships a
 The pieces:
 - :class:`Grammars` (one per engine) compiles an :data:`OutputConstraint` into an xgrammar
   ``CompiledGrammar``, off the event loop (the engine calls it through ``asyncio.to_thread``) and off
-  the inference thread, and keeps compiled grammars in an LRU bounded by count and bytes.
+  the inference thread, through :class:`CompiledGrammars` (one per checkpoint: the tokenizer's
+  compiler, and the compiled grammars in an LRU bounded by count and bytes).
 - :class:`GrammarState` (one per sequence) is the matcher the inference thread drives: each step it
   fills its row of the batch's packed bitmask, the sampler applies the bitmask to the constrained
   rows' logits, and the sampled token advances the matcher. The end-of-answer ids are the grammar's
@@ -25,12 +26,11 @@ is accepted must guarantee that the output validates.
 from __future__ import annotations
 
 import collections
-import copy
 import json
 import logging
 import re
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -41,6 +41,7 @@ from qwen_gateway.engines.base import (
     ToolCallConstraint,
     ToolSpec,
 )
+from qwen_gateway.engines.local.loader import copy_tokenizer
 from qwen_gateway.errors import InvalidParameter
 
 if TYPE_CHECKING:
@@ -129,8 +130,12 @@ def check_schema(schema: Any, param: str) -> None:
                 stack.append((value, f"{where}/{key}"))
 
 
-class Grammars:
-    """Compiles constraints for one model's tokenizer; thread-safe; LRU-bounded by count and bytes."""
+class CompiledGrammars:
+    """A tokenizer's grammar compiler and the grammars it compiled: thread-safe, LRU-bounded by count
+    and bytes. What it compiles depends only on the tokenizer, the vocabulary size and the stop ids, so
+    the engines of every [[models]] entry on one checkpoint share one (through the registry's
+    ``SharedLoads``, as they share the tokenizer): the ~2 s set-up is paid once per checkpoint, and a
+    schema compiled for one entry is cached for all."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_ids: Sequence[int]) -> None:
         if xgr is None:
@@ -144,21 +149,16 @@ class Grammars:
         self._lock = threading.Lock()
         self._cache: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self._bytes = 0
-        self.masks = MaskPlans(vocab_size)
-        self._tag_ids = [
-            i for i in (tokenizer.convert_tokens_to_ids(t) for t in TOOL_TAGS)
-            if isinstance(i, int) and i != tokenizer.unk_token_id
-        ]  # fmt: skip
 
     def _ensure(self) -> Any:
         # The tokenizer's grammar view takes ~2 s to build: only a server that gets a constrained
-        # request pays it, once.
+        # request pays it, once per checkpoint.
         with self._setup_lock:
             if self._compiler is None:
                 # A copy of its own: the setup walks the vocabulary on a worker thread while the
                 # engine's tokenizer keeps decoding answers.
                 self._info = xgr.TokenizerInfo.from_huggingface(
-                    copy.deepcopy(self._tokenizer), vocab_size=self.vocab_size, stop_token_ids=self.stop_ids
+                    copy_tokenizer(self._tokenizer), vocab_size=self.vocab_size, stop_token_ids=self.stop_ids
                 )
                 # xgrammar's own cache off: ours below is bounded by count and bytes and keyed by request.
                 self._compiler = xgr.GrammarCompiler(self._info, max_threads=2, cache_enabled=False)
@@ -168,10 +168,8 @@ class Grammars:
     def cached_bytes(self) -> int:
         return self._bytes
 
-    def compile(self, constraint: OutputConstraint, tools: Sequence[ToolSpec]) -> GrammarState:
-        """A fresh matcher for ``constraint`` (blocking; call it off the event loop)."""
-        param = "tool_choice" if isinstance(constraint, ToolCallConstraint) else "response_format"
-        key, build = self._plan(constraint, tools, param)
+    def get(self, key: str, build: Callable[[], Any], param: str) -> Any:
+        """The compiled grammar for ``key`` (``build()`` gives its xgrammar grammar), cached."""
         compiled = self._lookup(key)
         if compiled is None:
             compiler = self._ensure()
@@ -186,6 +184,54 @@ class Grammars:
                     f"{param}: the JSON schema cannot be compiled: {detail}", param=param
                 ) from None
             self._store(key, compiled)
+        return compiled
+
+    def _lookup(self, key: str) -> Any:
+        with self._lock:
+            compiled = self._cache.get(key)
+            if compiled is not None:
+                self._cache.move_to_end(key)
+            return compiled
+
+    def _store(self, key: str, compiled: Any) -> None:
+        size = int(compiled.memory_size_bytes)
+        with self._lock:
+            if key in self._cache or size > CACHE_BYTES:
+                return
+            self._cache[key] = compiled
+            self._bytes += size
+            while len(self._cache) > CACHE_ENTRIES or self._bytes > CACHE_BYTES:
+                _, old = self._cache.popitem(last=False)
+                self._bytes -= int(old.memory_size_bytes)
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+
+class Grammars:
+    """One engine's constraints: plans a request's constraint, compiles it through the checkpoint's
+    :class:`CompiledGrammars` (shared with the other engines on it, or its own), and gives each
+    sequence a matcher over this engine's :class:`MaskPlans` (used by its inference thread only)."""
+
+    def __init__(self, tokenizer: Any, compiled: CompiledGrammars) -> None:
+        self.compiled = compiled
+        self.vocab_size = compiled.vocab_size
+        self.stop_ids = compiled.stop_ids
+        self.masks = MaskPlans(compiled.vocab_size)
+        self._tag_ids = [
+            i for i in (tokenizer.convert_tokens_to_ids(t) for t in TOOL_TAGS)
+            if isinstance(i, int) and i != tokenizer.unk_token_id
+        ]  # fmt: skip
+
+    @property
+    def cached_bytes(self) -> int:
+        return self.compiled.cached_bytes
+
+    def compile(self, constraint: OutputConstraint, tools: Sequence[ToolSpec]) -> GrammarState:
+        """A fresh matcher for ``constraint`` (blocking; call it off the event loop)."""
+        param = "tool_choice" if isinstance(constraint, ToolCallConstraint) else "response_format"
+        key, build = self._plan(constraint, tools, param)
+        compiled = self.compiled.get(key, build, param)
         prefer = self._tag_ids if isinstance(constraint, ToolCallConstraint) else []
         matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=self.stop_ids)
         return GrammarState(matcher, self.masks, prefer)
@@ -217,26 +263,8 @@ class Grammars:
             )
         raise InvalidParameter("This model does not support this output constraint.", param=param)
 
-    def _lookup(self, key: str) -> Any:
-        with self._lock:
-            compiled = self._cache.get(key)
-            if compiled is not None:
-                self._cache.move_to_end(key)
-            return compiled
-
-    def _store(self, key: str, compiled: Any) -> None:
-        size = int(compiled.memory_size_bytes)
-        with self._lock:
-            if key in self._cache or size > CACHE_BYTES:
-                return
-            self._cache[key] = compiled
-            self._bytes += size
-            while len(self._cache) > CACHE_ENTRIES or self._bytes > CACHE_BYTES:
-                _, old = self._cache.popitem(last=False)
-                self._bytes -= int(old.memory_size_bytes)
-
     def __len__(self) -> int:
-        return len(self._cache)
+        return len(self.compiled)
 
 
 def _schema_text(schema: Mapping[str, Any], param: str) -> str:

@@ -72,7 +72,8 @@ class LocalEngine:
     name = "local"
     # The options this engine takes in a [[models]] entry (see engines/registry.py).
     config_model = LocalModelConfig
-    # Takes the registry's SharedLoads: entries on one checkpoint share its tokenizers (loader.Tokenizers).
+    # Takes the registry's SharedLoads: entries on one checkpoint share its tokenizers (loader.Tokenizers)
+    # and its grammar compiler (constraints.CompiledGrammars).
     shares_loads = True
 
     def __init__(
@@ -167,8 +168,7 @@ class LocalEngine:
         )
         vocab = _vocab_size(loaded.model)
         if constraints.KINDS:
-            with self._decode_lock:
-                self._grammars = constraints.Grammars(loaded.tokenizer, vocab, sorted(loaded.eos_ids))
+            self._grammars = self._make_grammars(loaded, vocab)
         self._token_text = TokenText(loaded.tokenizer, self._decode_lock)
         self._scheduler = Scheduler(
             loaded.model,
@@ -182,6 +182,23 @@ class LocalEngine:
         )
         self._scheduler.start()
         self._state = EngineState.READY
+
+    def _make_grammars(self, loaded: loader.LoadedModel, vocab: int) -> constraints.Grammars:
+        """This engine's constraints, over the checkpoint's compiler: shared with the other entries
+        on it (SharedLoads, keyed like its tokenizers plus what the compiler depends on), else its own."""
+        stop_ids = sorted(loaded.eos_ids)
+
+        def make() -> constraints.CompiledGrammars:
+            # (Nothing is read from the tokenizer until the first constrained request.)
+            return constraints.CompiledGrammars(loaded.tokenizer, vocab, stop_ids)
+
+        if self._shared is None:
+            compiled = make()
+        else:
+            key = ("local-grammars", loaded.source, vocab, tuple(stop_ids))
+            compiled, _owner = self._shared.get_or_load(key, self._config.id, make)
+        with self._decode_lock:
+            return constraints.Grammars(loaded.tokenizer, compiled)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         scheduler, loaded, renderer = self._ready()

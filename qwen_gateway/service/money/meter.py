@@ -18,7 +18,8 @@ Keys that are neither metered nor limited cost nothing here: no transaction at a
 ledger rows keep the writer's plain group commit.
 
 Crashes: every server process registers itself (``gateway_instances``) and writes a heartbeat every
-:data:`HEARTBEAT_SECONDS`. At startup and then every :data:`SWEEP_SECONDS`, holds of dead processes
+:data:`HEARTBEAT_SECONDS`. At startup and then every ``sweep_seconds`` (the setting, default
+:data:`SWEEP_SECONDS`), holds of dead processes
 (same host and pid gone, or no heartbeat for :data:`STALE_SECONDS`) are given back and their requests
 written to the ledger as "expired" (charged nothing: what they generated died with them); holds older
 than ``hold_max_seconds`` are given back whoever owns them.
@@ -107,6 +108,7 @@ class Meter:
         *,
         retention_days: int = 90,
         hold_max_seconds: float = 86_400.0,
+        sweep_seconds: float = SWEEP_SECONDS,
         clock: Callable[[], Any] = money.utcnow,
     ) -> None:
         self._writer = writer
@@ -117,11 +119,13 @@ class Meter:
         self._overridden: set[str] = set()
         self._retention_days = retention_days
         self._hold_max = timedelta(seconds=hold_max_seconds)
+        self._sweep_seconds = sweep_seconds
         self._clock = clock
         self.instance_id = "gw_" + secrets.token_hex(8)
         self._hostname = socket.gethostname()
         self._task: asyncio.Task[None] | None = None
         self._price_task: asyncio.Task[None] | None = None
+        self._sweep_task: asyncio.Task[None] | None = None
 
     @staticmethod
     def prices_of(models: Any) -> dict[str, Price]:
@@ -346,7 +350,7 @@ class Meter:
 
     async def start(self) -> None:
         """Register this process, give back dead processes' holds, roll up old ledger rows, and keep
-        doing the first two (and the heartbeat) in the background."""
+        doing all three (and the heartbeat) in the background."""
         now = self._clock()
         await self._writer.run(
             lambda conn: money.register_instance(
@@ -359,6 +363,7 @@ class Meter:
         loop = asyncio.get_running_loop()
         self._task = loop.create_task(self._background(), name="money-heartbeat")
         self._price_task = loop.create_task(self._refresh_prices_forever(), name="money-prices")
+        self._sweep_task = loop.create_task(self._sweep_forever(), name="money-sweep")
 
     async def _refresh_prices_forever(self) -> None:
         while True:
@@ -415,15 +420,21 @@ class Meter:
             )
         return total
 
+    async def _sweep_forever(self) -> None:
+        # Its own task, on its own interval (which may be shorter than the heartbeat's).
+        while True:
+            await asyncio.sleep(self._sweep_seconds)
+            try:
+                await self.sweep()
+            except Exception:  # a busy or briefly unreachable database: the next sweep tries again
+                log.exception("sweeping dead processes' holds failed")
+
     async def _background(self) -> None:
-        last_sweep = last_rollup = time.monotonic()
+        last_rollup = time.monotonic()
         while True:
             await asyncio.sleep(HEARTBEAT_SECONDS)
             try:
                 await self._writer.run(functools.partial(self._heartbeat, now=self._clock()))
-                if time.monotonic() - last_sweep >= SWEEP_SECONDS:
-                    last_sweep = time.monotonic()
-                    await self.sweep()
                 if time.monotonic() - last_rollup >= ROLLUP_SECONDS:
                     last_rollup = time.monotonic()
                     await self.roll_up()
@@ -436,12 +447,12 @@ class Meter:
     async def aclose(self) -> None:
         """Stop the heartbeat and unregister (after every request is settled: call after the ledger's
         flush)."""
-        for task in (self._task, self._price_task):
+        for task in (self._task, self._price_task, self._sweep_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self._task = self._price_task = None
+        self._task = self._price_task = self._sweep_task = None
         try:
             await self._writer.run(lambda conn: money.unregister_instance(conn, instance_id=self.instance_id))
         except Exception:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from qwen_gateway.engines.registry import SharedLoads
 from tests.unit.engines.local_helpers import QWEN25, make_engine, run
 
 
@@ -23,11 +24,16 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="module")
 def engine_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Any]]:
-    """Start engines on demand; every one is closed when the module ends."""
+    """Start engines on demand; every one is closed when the module ends. The module's engines share
+    each checkpoint's tokenizers and grammar compiler (one SharedLoads, as the [[models]] entries of a
+    server on one checkpoint do): loading a tokenizer and its rendering copy costs ~1.2 s of CPU, and
+    the tests start a dozen engines per module. (tests/unit/engines/test_local_shared_tokenizers.py
+    checks that sharing changes no answer.)"""
     started: list[Any] = []
+    shared = SharedLoads()
 
     def factory(path: Path = QWEN25, **config: Any) -> Any:
-        engine = make_engine(path, tmp_path_factory.mktemp("home"), **config)
+        engine = make_engine(path, tmp_path_factory.mktemp("home"), shared=shared, **config)
         run(engine.start())
         started.append(engine)
         return engine

@@ -17,6 +17,7 @@ from qwen_gateway.engines.base import (
     SamplingParams,
     TextDelta,
 )
+from qwen_gateway.engines.registry import SharedLoads
 from qwen_gateway.settings import ModelConfig, Settings
 
 MODELS = Path(__file__).resolve().parents[3] / ".." / "shared" / "models"
@@ -33,12 +34,14 @@ def run(coro: Awaitable[T]) -> T:
     return asyncio.run(main())
 
 
-def make_engine(path: Path, tmp: Path, **config: Any) -> Any:
+def make_engine(path: Path, tmp: Path, *, shared: SharedLoads | None = None, **config: Any) -> Any:
+    """A local engine for ``path`` (not started); ``shared``: the SharedLoads it takes its tokenizers
+    and grammar compiler from, as a server's [[models]] entries on one checkpoint do."""
     from qwen_gateway.engines.local import LocalEngine
 
     scheduler = config.pop("scheduler", None)
     cfg = ModelConfig(id=config.pop("id", "tiny"), path=str(path), **config)
-    return LocalEngine(cfg, settings=Settings(home=tmp), scheduler=scheduler)
+    return LocalEngine(cfg, settings=Settings(home=tmp), scheduler=scheduler, shared=shared)
 
 
 def request(

@@ -59,6 +59,7 @@ def test_architecture_without_a_generation_head_is_unsupported(tmp_path: Path) -
     assert "T5EncoderModel is not supported" in message
 
 
+@pytest.mark.slow  # 4-8 s: loads both VL checkpoints (out of the quick run, in CI)
 def test_vision_checkpoints_load_and_declare_what_they_take(tmp_path: Path) -> None:
     for name in ("tiny-qwen2-vl", "tiny-qwen3-vl"):
         engine = make_engine(MODELS / name, tmp_path / name, id=name)

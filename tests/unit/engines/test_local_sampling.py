@@ -97,10 +97,14 @@ def _reference_nucleus(logits: torch.Tensor, top_p: float) -> set[int]:
     probs = torch.softmax(logits, dim=-1)
     values, indices = torch.sort(probs, descending=True)
     cumulative = torch.cumsum(values, dim=-1)
-    return {int(i) for i, c, p in zip(indices, cumulative, values, strict=True) if c - p <= top_p}
+    # The tokens whose preceding mass is within top_p (one tensor comparison: a Python loop over the
+    # 150k elements took 1.5 s of CPU).
+    return set(indices[cumulative - values <= top_p].tolist())
 
 
-@pytest.mark.parametrize("peaked", [True, False])
+# Flat is slow (4-7 s: 300 draws that each sort the 150k-token row, the path under test): out of the
+# quick run (`-m "not slow"`), in CI.
+@pytest.mark.parametrize("peaked", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_top_p_over_a_large_vocabulary_is_the_exact_nucleus(peaked: bool) -> None:
     """Peaked: the nucleus sits in the top few hundred tokens (the fast path, no full sort).
     Flat: it doesn't, and the full sort is used. Either way only nucleus tokens are drawn, and the

@@ -6,12 +6,15 @@ outside one lock can raise "Already borrowed")."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
+import json
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
+from qwen_gateway.engines.base import JsonConstraint
 from qwen_gateway.engines.local import LocalEngine
 from qwen_gateway.engines.registry import SharedLoads
 from qwen_gateway.service.models import ModelRegistry
@@ -19,6 +22,11 @@ from qwen_gateway.settings import ModelConfig, Settings
 from tests.unit.engines.local_helpers import QWEN3, QWEN25, answer, request, run
 
 PROMPTS = [f"Tell me about the number {i}, and the sea." * (1 + i % 3) for i in range(12)]
+
+
+def constrained_request(schema: dict[str, Any]) -> Any:
+    base = request("Answer in JSON.", max_tokens=40, temperature=0.0)
+    return dataclasses.replace(base, constraint=JsonConstraint(schema))
 
 
 def _config(model_id: str, path: Path, **options: Any) -> ModelConfig:
@@ -50,6 +58,27 @@ def test_entries_on_one_checkpoint_share_its_tokenizers_and_answer_as_alone(tmp_
             assert plus._decode_lock is big._decode_lock is shared.decode_lock
             assert plus._renderer._lock is big._renderer._lock is shared.render_lock
             assert shared.render is not shared.decode
+            # Two Rust tokenizers (each thread has its own to borrow); only the read-only data the
+            # rendering copy was built from is shared (loader.copy_tokenizer).
+            assert shared.render.backend_tokenizer is not shared.decode.backend_tokenizer
+            assert shared.render.init_kwargs is not shared.decode.init_kwargs
+            # So is the grammar compiler (its ~2 s set-up and its cache of compiled grammars); each
+            # engine keeps its own mask plans (its inference thread's alone).
+            grammars = plus._grammars
+            assert big._grammars.compiled is grammars.compiled
+            assert other._grammars.compiled is not grammars.compiled
+            assert alone._grammars.compiled is not grammars.compiled
+            assert big._grammars.masks is not grammars.masks
+            schema = {
+                "type": "object",
+                "properties": {"ok": {"type": "boolean"}},
+                "required": ["ok"],
+                "additionalProperties": False,
+            }
+            for engine in (plus, big):
+                text, _ = await answer(engine, constrained_request(schema))
+                assert isinstance(json.loads(text)["ok"], bool), text
+            assert len(grammars.compiled) == 1  # compiled once, for the first entry, then cached
 
             # The same answers, one request at a time, as an engine with tokenizers of its own.
             for prompt in PROMPTS[:4]:

@@ -257,6 +257,9 @@ def _hf_logits(name: str, prompt: VisionPrompt, new_tokens: int) -> list[torch.T
     return [step[0] for step in out.logits]
 
 
+# Slow (3-7 s per checkpoint: a VL engine, then transformers' own generate for the reference): out of
+# the quick run (`-m "not slow"`), in CI.
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CHECKPOINTS)
 def test_engine_chunked_batched_vl_rows_match_transformers_generate(name: str, engine_factory: Any) -> None:
     """Three VL requests (one image, two images, a video) and a text-only row at once, prompts
