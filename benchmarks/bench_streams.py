@@ -299,9 +299,10 @@ async def long_prompt_gap(engine: LocalEngine, probe: Probe, prompt_tokens: int,
         return
     a, b = max(pairs, key=lambda p: p[1] - p[0])
     longest = b - a
-    # Steps that started inside the gap (the one before it hands its token over just before it ends);
-    # the time steps ran, from every step overlapping it.
-    inside = [s for s in probe.steps if a <= s[0] < b]
+    # The steps of the gap: those whose middle lies inside it (a step hands its token over just before
+    # it ends, and the next one starts before the event loop has stamped that token, so starts and ends
+    # sit a hair either side of the stamps); the time steps ran, from every step overlapping it.
+    inside = [s for s in probe.steps if a < (s[0] + s[1]) / 2 < b]
     chunks_inside = [s for s in inside if s[4] > 0]
     busy = sum(max(0.0, min(s[1], b) - max(s[0], a)) for s in probe.steps)
     # The denominator: the chunk step inside the gap (the costliest, if several), else the costliest one.
