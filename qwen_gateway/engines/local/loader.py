@@ -179,7 +179,7 @@ def load(
         if source.kind == "hub":
             source = _download(source, config, settings, console)
         with Steps(console, f"Loading model {config.id} from {source.describe()}…") as steps:
-            loaded = _load(source, device, dtype, steps, config.id, shared)
+            loaded = _load(source, device, dtype, steps, config.id, shared, packed=config.packed_linear)
     except StartupError:
         raise
     except _Fail as exc:
@@ -261,6 +261,8 @@ def _load(
     steps: Steps,
     model_id: str,
     shared: SharedLoads | None,
+    *,
+    packed: bool = True,
 ) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
@@ -304,8 +306,10 @@ def _load(
                 "(causal language models and Qwen-VL image-text-to-text models)"
             ) from None
     model.eval()
-    # The output layer's and large layers' products through oneDNN on packed weights (cpu_matmul.py).
-    cpu_matmul.pack_model(model, device, dtype)
+    # The output layer's and large layers' products through oneDNN on packed weights (cpu_matmul.py),
+    # unless the entry turns it off (``packed_linear = false``).
+    if packed:
+        cpu_matmul.pack_model(model, device, dtype)
     template = tokenizer.chat_template
     if isinstance(template, dict):  # several named templates: the default one renders chats
         template = template.get("default")

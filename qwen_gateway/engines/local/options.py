@@ -23,3 +23,7 @@ class LocalModelConfig(EngineConfig):
     scheduler: Literal["batched", "interleaved"] = "batched"
     # Prompt tokens prefilled per scheduler step while other requests are decoding.
     prefill_chunk: int = Field(default=512, ge=16)
+    # On the CPU in float32: the output layer's and the large linear layers' products through oneDNN on
+    # weights packed once at load (engines/local/cpu_matmul.py). False keeps torch's own nn.Linear,
+    # which saves the second copy of an output layer tied to the embeddings (+545 MB on Qwen2.5-0.5B).
+    packed_linear: bool = True

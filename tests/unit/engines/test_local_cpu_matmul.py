@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from qwen_gateway.engines.local import cpu_matmul
-from tests.unit.engines.local_helpers import QWEN25
+from tests.unit.engines.local_helpers import QWEN25, collect, request, run
 
 pytestmark = pytest.mark.skipif(not cpu_matmul.onednn_available(), reason="torch built without oneDNN")
 
@@ -106,3 +106,16 @@ def test_a_models_large_decoder_layers_are_packed_without_holding_their_weights_
     with torch.inference_mode():
         got = model(input_ids=ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_linear_false_keeps_torchs_layers(engine_factory: Any) -> None:
+    """The ``[[models]]`` option ``packed_linear``: on by default, off leaves every nn.Linear in place."""
+    default = engine_factory(QWEN25, id="packed-default")
+    plain = engine_factory(QWEN25, id="packed-off", packed_linear=False)
+    assert isinstance(default._loaded.model.get_output_embeddings(), cpu_matmul.PackedLinear)
+    model = plain._loaded.model
+    assert type(model.get_output_embeddings()) is torch.nn.Linear
+    assert not any(isinstance(m, cpu_matmul.PackedLinear) for m in model.modules())
+    # And it still answers.
+    _, finished = run(collect(plain.generate(request(max_tokens=4, seed=3))))
+    assert finished.usage.completion_tokens >= 1
