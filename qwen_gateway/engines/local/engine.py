@@ -9,6 +9,7 @@ import gc
 import logging
 import os
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -335,9 +336,16 @@ class LocalEngine:
         self._state = EngineState.CLOSED
         if scheduler is not None:
             await asyncio.to_thread(scheduler.stop)
+            del scheduler  # (it holds the model)
+        weights = weakref.ref(self._loaded.model) if self._loaded is not None else None
         self._loaded = None
         self._renderer = None
-        gc.collect()
+        self._vision = None  # (it holds the model's rope-index method)
+        # Finished sequences drop their callbacks, so the weights usually go with the last reference.
+        # A full collection (0.3 s and more in a process holding torch and transformers) only when
+        # something still holds them: a reference cycle, or another engine sharing the checkpoint.
+        if weights is not None and weights() is not None:
+            gc.collect()
 
     def tokenize(self, text: str) -> list[tuple[int, str]]:
         """:class:`~qwen_gateway.engines.base.Tokenizes`: the checkpoint's own tokenizer on ``text``."""

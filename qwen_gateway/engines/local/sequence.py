@@ -181,9 +181,12 @@ class Sequence:
             if self._released:
                 return
             self._released = True
-            stopped = self._on_stopped
-        if self.on_release is not None:
-            self.on_release()
+            stopped, self._on_stopped = self._on_stopped, None
+        # Dropped once called: each callback refers back to the scheduler or the engine, and a cycle
+        # through a finished sequence would keep the model's weights alive until a full collection.
+        released, self.on_release = self.on_release, None
+        if released is not None:
+            released()
         if stopped is not None:
             stopped()
 

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import json
+import weakref
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,11 +21,14 @@ from qwen_gateway.engines.base import (
     ChatMessage,
     Engine,
     EngineState,
+    SamplingParams,
     TextDelta,
     Thinking,
     ToolCall,
     ToolSpec,
 )
+from qwen_gateway.engines.local.sampling import GenerationDefaults, ResolvedSampling, Sampler
+from qwen_gateway.engines.local.sequence import Sequence
 from qwen_gateway.errors import ContextLengthExceeded, InvalidParameter
 from tests.unit.engines.local_helpers import (
     QWEN3,
@@ -32,6 +38,7 @@ from tests.unit.engines.local_helpers import (
     answer,
     collect,
     install_masks,
+    make_engine,
     remove_masks,
     request,
     run,
@@ -342,3 +349,53 @@ def test_a_generation_closed_early_reports_its_final_usage(engine_factory: Calla
     # Every token the engine generated, read or not; it stopped soon after the close.
     assert seen.completion_tokens <= final.completion_tokens < 2000
     assert again is None and unknown is None  # each id is answered once
+
+
+def test_a_released_sequence_drops_its_callbacks_so_refcounting_frees_their_owners() -> None:
+    """The scheduler's release counter and the engine's stop callback refer back to their owners; kept
+    on a finished sequence they made cycles that held the model's weights until a full collection."""
+
+    class Owner:
+        def count(self) -> None:
+            self.counted = True
+
+    owner, stops = Owner(), []
+    seq = Sequence(
+        request_id="r",
+        prompt_ids=[1],
+        max_new_tokens=4,
+        sampler=Sampler(ResolvedSampling.resolve(SamplingParams(max_tokens=4), GenerationDefaults()), [1]),
+        eos_ids=frozenset(),
+        stop_token_ids=(),
+        emit=lambda _item: None,
+    )
+    seq.on_release = owner.count
+    seq.when_stopped(lambda: stops.append(seq))  # a closure over the sequence: a cycle until dropped
+    gone = weakref.ref(owner)
+    automatic = gc.isenabled()
+    gc.disable()
+    try:
+        seq.release()
+        assert owner.counted and stops == [seq]
+        del owner
+        assert gone() is None  # freed by its reference count alone: no cycle through the sequence
+        seq.release()  # a second release calls nothing again
+        assert stops == [seq]
+    finally:
+        if automatic:
+            gc.enable()
+
+
+def test_a_closed_engine_frees_its_weights(tmp_path: Path) -> None:
+    engine = make_engine(QWEN25, tmp_path)
+    run(engine.start())
+    weights = weakref.ref(engine._loaded.model)
+
+    async def three() -> None:
+        await asyncio.gather(
+            *(answer(engine, request(max_tokens=4, seed=i, request_id=f"w{i}")) for i in range(3))
+        )
+
+    run(three())
+    run(engine.aclose())
+    assert weights() is None
