@@ -28,7 +28,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
-from bench_streams import PROMPT, TINY, req, stream
+from bench_streams import PROMPT, TINY, Probe, req, stream
 
 from qwen_gateway.engines.local import LocalEngine, sampling
 from qwen_gateway.settings import ModelConfig, Settings
@@ -37,49 +37,47 @@ ROWS = 8
 
 
 class Parts:
-    """CPU nanoseconds of each timed part, collected only while a call of ``ROWS`` rows runs."""
+    """CPU nanoseconds of each timed part, collected only while a call of ``ROWS`` rows runs. Patches
+    through ``bench_streams.Probe``'s ``wrap``/``undo``."""
 
     def __init__(self) -> None:
         self.times: dict[str, list[int]] = collections.defaultdict(list)
         self.active = False
-        self._undo: list[tuple[Any, str, Any]] = []
+        self._patches = Probe()
 
     def wrap(self, owner: Any, name: str, label: str) -> None:
-        original = getattr(owner, name)
-        parts = self
+        def hook(original: Callable[..., Any]) -> Callable[..., Any]:
+            def inner(*a: Any, **k: Any) -> Any:
+                if not self.active:
+                    return original(*a, **k)
+                t = time.thread_time_ns()
+                try:
+                    return original(*a, **k)
+                finally:
+                    self.times[label].append(time.thread_time_ns() - t)
 
-        def inner(*a: Any, **k: Any) -> Any:
-            if not parts.active:
-                return original(*a, **k)
-            t = time.thread_time_ns()
-            try:
-                return original(*a, **k)
-            finally:
-                parts.times[label].append(time.thread_time_ns() - t)
+            return inner
 
-        self._undo.append((owner, name, original))
-        setattr(owner, name, inner)
+        self._patches.wrap(owner, name, hook)
 
     def wrap_call(self) -> None:
-        original: Callable[..., Any] = sampling.BatchSampler.sample
-        parts = self
+        def hook(original: Callable[..., Any]) -> Callable[..., Any]:
+            def sample(self_: Any, rows: Any, logits: Any, *a: Any, **k: Any) -> Any:
+                self.active = len(rows) == ROWS
+                t = time.thread_time_ns()
+                try:
+                    return original(self_, rows, logits, *a, **k)
+                finally:
+                    if self.active:
+                        self.times["whole call"].append(time.thread_time_ns() - t)
+                    self.active = False
 
-        def sample(self_: Any, rows: Any, logits: Any, *a: Any, **k: Any) -> Any:
-            parts.active = len(rows) == ROWS
-            t = time.thread_time_ns()
-            try:
-                return original(self_, rows, logits, *a, **k)
-            finally:
-                if parts.active:
-                    parts.times["whole call"].append(time.thread_time_ns() - t)
-                parts.active = False
+            return sample
 
-        self._undo.append((sampling.BatchSampler, "sample", original))
-        setattr(sampling.BatchSampler, "sample", sample)  # noqa: B010 (a timing wrapper, undone)
+        self._patches.wrap(sampling.BatchSampler, "sample", hook)
 
     def undo(self) -> None:
-        for owner, name, original in reversed(self._undo):
-            setattr(owner, name, original)
+        self._patches.undo()
 
 
 async def run(path: str, max_tokens: int) -> Parts:
