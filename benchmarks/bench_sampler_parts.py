@@ -33,6 +33,12 @@ from bench_streams import PROMPT, TINY, Probe, req, stream
 from qwen_gateway.engines.local import LocalEngine, sampling
 from qwen_gateway.settings import ModelConfig, Settings
 
+kernels: Any
+try:  # the sampler's compiled loops (absent before they landed)
+    from qwen_gateway.engines.local import kernels
+except ImportError:
+    kernels = None
+
 ROWS = 8
 
 
@@ -88,8 +94,14 @@ async def run(path: str, max_tokens: int) -> Parts:
     try:
         await stream(engine, req(PROMPT, 8, 1, "warm"))
         parts.wrap(sampling._Penalties, "apply", "penalties")
+        parts.wrap(sampling._Penalties, "_take_new_ids", "  of which: extend the index")
+        if kernels is not None:
+            parts.wrap(kernels, "repetition_penalty", "  of which: compiled penalty")
         parts.wrap(sampling, "_search", "candidate search")
         parts.wrap(sampling, "_gather_blocks", "  of which: gather the top blocks")
+        if kernels is not None:  # (commits before the compiled loops have none)
+            parts.wrap(kernels, "top_k_from_maxima", "  of which: compiled search in the top blocks")
+            parts.wrap(kernels, "nucleus_draw", "  of which: compiled cut and draw")
         parts.wrap(sampling.BatchSampler, "_sample_candidates", "temperature, top-p, draw")
         parts.wrap(sampling.BatchSampler, "_draw", "  of which: the draw")
         parts.wrap(sampling._Found, "ids", "  of which: the drawn ids")
@@ -121,8 +133,16 @@ def main() -> None:
         print(f"no sampler call ran at batch {ROWS}")
         return
     print(f"model: {path}, threads {torch.get_num_threads()}, sampler calls at batch {ROWS}: {len(whole)}")
-    order = ["penalties", "candidate search", "  of which: gather the top blocks"]
-    order += ["temperature, top-p, draw", "  of which: the draw", "  of which: the drawn ids", "whole call"]
+    order = [
+        "penalties",
+        "  of which: extend the index",
+        "  of which: compiled penalty",
+        "candidate search",
+        "  of which: gather the top blocks",
+    ]
+    order += ["  of which: compiled search in the top blocks", "temperature, top-p, draw"]
+    order += ["  of which: compiled cut and draw", "  of which: the draw", "  of which: the drawn ids"]
+    order += ["whole call"]
     for label in order:
         values = parts.times.get(label)
         if values:

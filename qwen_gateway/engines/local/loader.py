@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from rich.console import Console
 
-from qwen_gateway.engines.local import cpu_matmul
+from qwen_gateway.engines.local import cpu_matmul, kernels
 from qwen_gateway.engines.local.options import LocalModelConfig
 from qwen_gateway.engines.local.progress import Steps
 from qwen_gateway.engines.local.sampling import GenerationDefaults
@@ -180,6 +180,9 @@ def load(
             source = _download(source, config, settings, console)
         with Steps(console, f"Loading model {config.id} from {source.describe()}…") as steps:
             loaded = _load(source, device, dtype, steps, config.id, shared, packed=config.packed_linear)
+        # The sampler's compiled loops: compiled on a first run, else loaded from numba's disk cache,
+        # here rather than on the first request.
+        kernels.warm()
     except StartupError:
         raise
     except _Fail as exc:

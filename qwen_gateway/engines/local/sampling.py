@@ -11,7 +11,9 @@ Penalties are applied sparsely, to the tokens a row has seen, instead of as voca
 The k best tokens of a row are found through block maxima (:func:`top_candidates`), exactly, at a
 fraction of a full ``torch.topk``'s cost; greedy rows take :func:`first_argmax` the same way. Only
 the candidates are scaled by temperature and cut by top-p. What depends on the batch's settings
-alone (groups, parameter tensors, the penalty index) is kept until the batch changes.
+alone (groups, parameter tensors, the penalty index) is kept until the batch changes. The loops over
+a few entries each (the penalty, the search among the best blocks, the cut and the draw) are
+compiled (kernels.py); the one pass over every logit stays with torch.
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ import itertools
 import secrets
 from collections.abc import Callable, Collection, Sequence
 
+import numpy as np
 import torch
+
+from qwen_gateway.engines.local import kernels
 
 # The settings and the penalty bookkeeping are shared with the llama.cpp engine (re-exported here).
 from qwen_gateway.engines.rules import MIN_SAMPLING_TEMPERATURE as MIN_SAMPLING_TEMPERATURE
@@ -96,8 +101,10 @@ class _Penalties:
 
     The repetition penalty's entries are kept as one flat index into the logits (and a factor per
     entry) that is extended by the ids rows saw since the last step, instead of being rebuilt from every
-    row's ids at every step: a batch of 8 then costs a handful of tensor operations, not a few per
-    row. Kept until the batch changes (:class:`_Plan`)."""
+    row's ids at every step, and applied by one compiled pass (kernels.py). Index and factors are
+    numpy buffers grown in place: a step then makes no tensor at all (``torch.tensor`` and
+    ``torch.cat`` of a few new ids cost ~100 us together after the output layer's product, measured in
+    the engine). Kept until the batch changes (:class:`_Plan`)."""
 
     def __init__(self, rows: Sequence[Sampler], vocab: int) -> None:
         self._vocab = vocab
@@ -105,22 +112,24 @@ class _Penalties:
             (i, r._seen, r.settings.repetition_penalty) for i, r in enumerate(rows) if r._seen is not None
         ]
         self._taken = [0] * len(self._repeat)  # ids of each row's set already in the index
-        self._index = torch.empty(0, dtype=torch.long)
-        self._factor = torch.empty(0, dtype=torch.float32)
+        self._index = _Buffer(np.int64)
         # One penalty for every row (the usual case: the checkpoint's default): a scalar factor, and
-        # no factor tensor to keep (a float32 tensor of equal factors divides bit for bit the same).
+        # no factor per entry to keep (equal float32 factors divide bit for bit the same).
         penalties = {p for _, _, p in self._repeat}
         self._scalar: float | None = penalties.pop() if len(penalties) == 1 else None
+        self._factor = _Buffer(np.float32)  # stays empty with a scalar factor
         self._counted = [(i, r) for i, r in enumerate(rows) if r._counts is not None]
 
     def apply(self, logits: torch.Tensor) -> None:
         flat = logits.view(-1)
         if self._repeat:
             self._take_new_ids()
-            index = self._index
-            factor = self._scalar if self._scalar is not None else self._factor
-            vals = flat.index_select(0, index)
-            flat.index_copy_(0, index, torch.where(vals < 0, vals * factor, vals / factor))
+            # One compiled pass over the entries: index_select, where and index_copy_ were four
+            # operations, each slowed by the output layer's product having emptied the caches.
+            scalar = self._scalar
+            kernels.repetition_penalty(
+                flat.numpy(), self._index.view(), self._factor.view(), 0.0 if scalar is None else scalar
+            )
         if self._counted:
             r_idx, c_idx, sub = [], [], []
             for i, row in self._counted:
@@ -148,13 +157,32 @@ class _Penalties:
                 if self._scalar is None:
                     factor += [penalty] * len(fresh)
                 self._taken[j] = size
-        if not index:
-            return
-        # Appended whole (a copy of a few thousand ids at most): the index is then exactly its size,
-        # and a step takes no slicing calls (each a few microseconds after the output layer's product).
-        self._index = torch.cat([self._index, torch.tensor(index, dtype=torch.long)])
-        if self._scalar is None:
-            self._factor = torch.cat([self._factor, torch.tensor(factor, dtype=torch.float32)])
+        if index:  # (one numpy write per step: each costs a microsecond or two)
+            self._index.extend(index)
+            if self._scalar is None:
+                self._factor.extend(factor)
+
+
+class _Buffer:
+    """A numpy array that grows at its end (capacity doubled when full); :meth:`view` is what it holds."""
+
+    __slots__ = ("_data", "_size")
+
+    def __init__(self, dtype: type[np.generic]) -> None:
+        self._data = np.empty(256, dtype=dtype)
+        self._size = 0
+
+    def extend(self, values: list[int] | list[float]) -> None:
+        end = self._size + len(values)
+        if end > self._data.shape[0]:
+            grown = np.empty(max(end, 2 * self._data.shape[0]), dtype=self._data.dtype)
+            grown[: self._size] = self._data[: self._size]
+            self._data = grown
+        self._data[self._size : end] = values
+        self._size = end
+
+    def view(self) -> np.ndarray:
+        return self._data[: self._size]
 
 
 class BatchSampler:
@@ -257,11 +285,13 @@ class BatchSampler:
                     fallback.append(j)
             cut = torch.tensor(thresholds, dtype=torch.float32).unsqueeze(1)
         probs = torch.softmax(values, dim=-1)
-        cumulative = torch.cumsum(probs, dim=-1)
-        # Drop a candidate when the more likely ones already cover top_p; the best one always stays.
-        probs = probs.masked_fill(cumulative - probs > cut, 0.0)
-        # Only the drawn candidates' ids are worked out, in Python (see _Found).
-        out = found.ids(group.positions, self._draw(group, probs))
+        # The cut (a candidate goes when the more likely ones already cover top_p; the best one always
+        # stays) and the draw in one compiled call: the same bits as torch's cumsum and masked_fill
+        # and the Python draw they replace (kernels.nucleus_draw).
+        picks = np.empty(len(group.rows), dtype=np.int64)
+        kernels.nucleus_draw(probs.numpy(), cut.view(-1).numpy(), np.asarray(self._numbers(group)), picks)
+        # Only the drawn candidates' ids are worked out (see _Found).
+        out = found.ids(group.positions, picks.tolist())
         for j in fallback:  # only rows without top-k fall back, and for them ``scaled`` is set
             assert scaled is not None
             out[j] = self._full_nucleus(group.rows[j], scaled[j], group.top_p[j])
@@ -274,10 +304,9 @@ class BatchSampler:
         probs = probs.masked_fill(cumulative - probs > top_p, 0.0)
         return int(indices[self._draw(_Group.single(row), probs.unsqueeze(0))[0]].item())
 
-    def _draw(self, group: _Group, probs: torch.Tensor) -> list[int]:
-        """Inverse-CDF draw of one index per row: one uniform number per row (torch.multinomial
-        costs about a millisecond per call over a full vocabulary on CPU). A seeded row draws from
-        its own generator, the others from the shared one."""
+    def _numbers(self, group: _Group) -> list[float]:
+        """One uniform number in [0, 1) per row of the group: a seeded row's from its own generator,
+        the others' from the shared one."""
         numbers: list[float] = [0.0] * len(group.rows)
         if group.shared:
             shared = torch.rand(len(group.shared), generator=self._generator, dtype=torch.float64)
@@ -285,6 +314,12 @@ class BatchSampler:
                 numbers[i] = number
         for i, row in group.seeded:
             numbers[i] = row.uniform()
+        return numbers
+
+    def _draw(self, group: _Group, probs: torch.Tensor) -> list[int]:
+        """Inverse-CDF draw of one index per row: one uniform number per row (torch.multinomial
+        costs about a millisecond per call over a full vocabulary on CPU)."""
+        numbers = self._numbers(group)
         last = probs.shape[-1] - 1
         if probs.shape[-1] <= PYTHON_DRAW_WIDTH:
             # A few hundred candidates per row at most: the same arithmetic in Python, without the
@@ -397,6 +432,9 @@ def _rows_of(logits: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
 # their ids only (and the vocabulary's ragged tail, when its size is not a multiple of the block).
 
 SEARCH_BLOCK = 128  # ids per block for narrow searches (top-k of a few dozen, argmax)
+# Up to this width the k best of the top blocks are found by the compiled search (kernels.py), which
+# keeps a sorted list by insertion; past it (the nucleus' 256), by torch.topk over the gathered blocks.
+KERNEL_SEARCH_WIDTH = 32
 WIDE_SEARCH_BLOCK = 32  # for wide ones (the nucleus' 256 candidates): fewer ids to gather per block
 
 
@@ -423,8 +461,9 @@ def top_candidates(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
 class _Found:
     """The k best candidates of each row: ``values`` ([rows, k], descending) and where they are.
 
-    Their ids are only needed for the one candidate a row draws, so in the usual case (the
-    vocabulary a whole number of blocks) they are kept as ``where`` (position among the gathered
+    The compiled search (widths up to ``KERNEL_SEARCH_WIDTH``) gives the ids with the values. From
+    torch's wider one, ids are only needed for the one candidate a row draws, so when the
+    vocabulary is a whole number of blocks they are kept as ``where`` (position among the gathered
     blocks) and ``best`` (the blocks' numbers) and worked out in Python for the drawn ones: after the
     output layer's product has streamed its weight through the caches, each small tensor operation
     costs several microseconds (measured in the engine: ~6 against ~2.5 in a warm loop), and these
@@ -454,8 +493,8 @@ class _Found:
     def ids(self, rows: list[int], picks: list[int]) -> list[int]:
         """The ids of candidate ``picks[j]`` of row ``rows[j]``, for each j."""
         if self._ids is not None:
-            ids = self._ids.tolist()
-            return [ids[r][j] for r, j in zip(rows, picks, strict=True)]
+            ids = self._ids.numpy()  # (a [rows, k] tolist is 160 Python ints, of which 8 are wanted)
+            return [int(ids[r, j]) for r, j in zip(rows, picks, strict=True)]
         assert self._where is not None and self._best is not None
         block, where, best = self._block, self._where.tolist(), self._best.tolist()
         out = []
@@ -471,7 +510,13 @@ def _search(x: torch.Tensor, k: int) -> _Found:
         values, indices = torch.topk(x, k)
         return _Found(values, indices)
     body, block, whole = split
-    best = torch.topk(body.amax(-1), k, sorted=False).indices  # [rows, k] block numbers
+    maxima = body.amax(-1)  # the one pass over every logit, at memory speed (see kernels.py)
+    if k <= KERNEL_SEARCH_WIDTH and _kernel_ready(x):
+        values = torch.empty((x.shape[0], k), dtype=torch.float32)
+        ids = torch.empty((x.shape[0], k), dtype=torch.long)
+        kernels.top_k_from_maxima(x.numpy(), maxima.numpy(), block, values.numpy(), ids.numpy())
+        return _Found(values, ids)
+    best = torch.topk(maxima, k, sorted=False).indices  # [rows, k] block numbers
     found = _gather_blocks(body, best)  # [rows, k * block]
     if whole == x.shape[-1]:
         values, where = torch.topk(found, k)
@@ -480,6 +525,11 @@ def _search(x: torch.Tensor, k: int) -> _Found:
     values, where = torch.topk(torch.cat([found, x[:, whole:]], dim=1), k)
     from_blocks = best.gather(1, (where // block).clamp_(max=k - 1)).mul_(block).add_(where % block)
     return _Found(values, torch.where(where < gathered, from_blocks, where - gathered + whole))
+
+
+def _kernel_ready(x: torch.Tensor) -> bool:
+    """Whether the compiled search can read ``x`` in place: contiguous float32 on the CPU."""
+    return x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous()
 
 
 def _gather_blocks(body: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
@@ -508,7 +558,13 @@ def first_argmax(x: torch.Tensor) -> torch.Tensor:
     if split is None:
         return torch.argmax(x, dim=-1)
     body, block, whole = split
-    best = body.amax(-1).argmax(-1)  # [rows] the first block holding a row's maximum
+    maxima = body.amax(-1)
+    if _kernel_ready(x):  # the search of one candidate: ties go to the lower id, as argmax's do
+        values = torch.empty((x.shape[0], 1), dtype=torch.float32)
+        ids = torch.empty((x.shape[0], 1), dtype=torch.long)
+        kernels.top_k_from_maxima(x.numpy(), maxima.numpy(), block, values.numpy(), ids.numpy())
+        return ids.view(-1)
+    best = maxima.argmax(-1)  # [rows] the first block holding a row's maximum
     found = _gather_blocks(body, best.unsqueeze(1))  # [rows, block]
     if whole < x.shape[-1]:
         found = torch.cat([found, x[:, whole:]], dim=1)
