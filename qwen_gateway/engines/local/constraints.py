@@ -26,6 +26,8 @@ is accepted must guarantee that the output validates.
 from __future__ import annotations
 
 import collections
+import functools
+import importlib.util
 import json
 import logging
 import re
@@ -50,14 +52,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-xgr: Any
-try:  # the grammar engine is part of the ``local`` extra; without it the engine advertises no kinds
-    import xgrammar as xgr
-except ImportError:  # pragma: no cover - exercised only on installs without the extra
-    xgr = None
+# The grammar engine is part of the ``local`` extra; without it the engine advertises no kinds. It is
+# imported on the first constrained request (``_xgr``), not with the engine: 0.2 s of every local
+# engine's start-up (measured after torch and transformers), which most servers never use.
+_AVAILABLE = importlib.util.find_spec("xgrammar") is not None
 
 # The kinds (CONSTRAINT_KINDS names) this module compiles.
-KINDS = frozenset({"json", "tool_call"}) if xgr is not None else frozenset()
+KINDS = frozenset({"json", "tool_call"}) if _AVAILABLE else frozenset()
+
+
+@functools.cache
+def _xgr() -> Any:
+    import xgrammar
+
+    return xgrammar
+
 
 # JSON text the model writes: the separators Python's json.dumps and the Qwen chat templates' tojson
 # use, and no free whitespace (random or confused weights would otherwise pad an answer forever).
@@ -138,7 +147,7 @@ class CompiledGrammars:
     schema compiled for one entry is cached for all."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_ids: Sequence[int]) -> None:
-        if xgr is None:
+        if not _AVAILABLE:
             raise RuntimeError("xgrammar is not installed")
         self._tokenizer = tokenizer
         self.vocab_size = vocab_size
@@ -157,11 +166,11 @@ class CompiledGrammars:
             if self._compiler is None:
                 # A copy of its own: the setup walks the vocabulary on a worker thread while the
                 # engine's tokenizer keeps decoding answers.
-                self._info = xgr.TokenizerInfo.from_huggingface(
+                self._info = _xgr().TokenizerInfo.from_huggingface(
                     copy_tokenizer(self._tokenizer), vocab_size=self.vocab_size, stop_token_ids=self.stop_ids
                 )
                 # xgrammar's own cache off: ours below is bounded by count and bytes and keyed by request.
-                self._compiler = xgr.GrammarCompiler(self._info, max_threads=2, cache_enabled=False)
+                self._compiler = _xgr().GrammarCompiler(self._info, max_threads=2, cache_enabled=False)
             return self._compiler
 
     @property
@@ -233,7 +242,7 @@ class Grammars:
         key, build = self._plan(constraint, tools, param)
         compiled = self.compiled.get(key, build, param)
         prefer = self._tag_ids if isinstance(constraint, ToolCallConstraint) else []
-        matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=self.stop_ids)
+        matcher = _xgr().GrammarMatcher(compiled, override_stop_tokens=self.stop_ids)
         return GrammarState(matcher, self.masks, prefer)
 
     def _plan(self, constraint: OutputConstraint, tools: Sequence[ToolSpec], param: str) -> tuple[str, Any]:
@@ -258,7 +267,7 @@ class Grammars:
             }
             check_schema(parameters, param)
             text = _schema_text(wrapper, param)
-            return "tool:" + text, lambda: xgr.Grammar.concat(
+            return "tool:" + text, lambda: _xgr().Grammar.concat(
                 _literal(TOOL_CALL_OPEN), _json_grammar(text), _literal(TOOL_CALL_CLOSE)
             )
         raise InvalidParameter("This model does not support this output constraint.", param=param)
@@ -285,17 +294,17 @@ _JSON_CHAR = r"[^\0-\x1f\"\\\r\n]"
 
 
 def _json_grammar(schema_text: str) -> Any:
-    grammar = xgr.Grammar.from_json_schema(
+    grammar = _xgr().Grammar.from_json_schema(
         schema_text, any_whitespace=False, separators=SEPARATORS, strict_mode=True
     )
     ebnf = str(grammar)
     if _BOUNDED_CHAR not in ebnf:
         return grammar
-    return xgr.Grammar.from_ebnf(ebnf.replace(_BOUNDED_CHAR, _JSON_CHAR))
+    return _xgr().Grammar.from_ebnf(ebnf.replace(_BOUNDED_CHAR, _JSON_CHAR))
 
 
 def _literal(text: str) -> Any:
-    return xgr.Grammar.from_ebnf("root ::= " + json.dumps(text))
+    return _xgr().Grammar.from_ebnf("root ::= " + json.dumps(text))
 
 
 class GrammarState:
@@ -338,7 +347,7 @@ def grammar_bitmask(seqs: Sequence[SequenceState], vocab: int) -> PackedMask | N
     rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
     if not rows:
         return None
-    bitmask = xgr.allocate_token_bitmask(len(seqs), vocab)
+    bitmask = _xgr().allocate_token_bitmask(len(seqs), vocab)
     states: list[GrammarState] = []
     for i in rows:
         grammar = seqs[i].grammar
@@ -352,7 +361,7 @@ def grammar_bitmask(seqs: Sequence[SequenceState], vocab: int) -> PackedMask | N
             if not state.masks.apply(logits, bitmask, row):
                 kernel.append(row)
         if kernel:
-            xgr.apply_token_bitmask_inplace(logits, bitmask, indices=kernel)
+            _xgr().apply_token_bitmask_inplace(logits, bitmask, indices=kernel)
 
     return apply, rows
 
