@@ -52,6 +52,9 @@ class Parts:
         self._patches = Probe()
 
     def wrap(self, owner: Any, name: str, label: str) -> None:
+        if not hasattr(owner, name):  # a part this commit's sampler does not have
+            return
+
         def hook(original: Callable[..., Any]) -> Callable[..., Any]:
             def inner(*a: Any, **k: Any) -> Any:
                 if not self.active:
@@ -98,7 +101,8 @@ async def run(path: str, max_tokens: int) -> Parts:
         if kernels is not None:
             parts.wrap(kernels, "repetition_penalty", "  of which: compiled penalty")
         parts.wrap(sampling, "_search", "candidate search")
-        parts.wrap(sampling, "_gather_blocks", "  of which: gather the top blocks")
+        parts.wrap(sampling, "_gather_blocks", "  of which: gather the top blocks")  # (before the kernels)
+        parts.wrap(sampling, "_split", "  of which: block maxima (torch amax)")
         if kernels is not None:  # (commits before the compiled loops have none)
             parts.wrap(kernels, "top_k_from_maxima", "  of which: compiled search in the top blocks")
             parts.wrap(kernels, "nucleus_draw", "  of which: compiled cut and draw")
@@ -138,6 +142,7 @@ def main() -> None:
         "  of which: extend the index",
         "  of which: compiled penalty",
         "candidate search",
+        "  of which: block maxima (torch amax)",
         "  of which: gather the top blocks",
     ]
     order += ["  of which: compiled search in the top blocks", "temperature, top-p, draw"]

@@ -9,11 +9,12 @@ bulk pass over the whole ``[rows, vocab]`` logits (the block maxima) stays with 
 ``amax``: numba's loops for it, plain or unrolled, measured 2-4x slower.
 
 Every function works on numpy views of CPU tensors (no copies) and returns the bits the torch code
-it replaces returned, except where a docstring says otherwise: the candidate search breaks ties by
-the lower id (torch's ``topk`` left their order to its selection algorithm). Compiled on first use
-and cached on disk beside this file, or in numba's user-wide cache where that is read-only
-(``cache=True``; measured: 3.3 s to compile, 0.3 s to load from the cache, plus 0.4 s to import
-numba); :func:`warm` does that at engine load so no request waits for it.
+it replaces returned, except where a docstring says otherwise: the candidate search puts equal
+values lowest id first, at every width (torch's ``topk`` left their order to its selection
+algorithm, so a seeded row's tokens could depend on its neighbours' widths), and never prefers a
+NaN to a number. Compiled on first use and cached on disk (:func:`_compiled`; measured: 3.3 s to
+compile, 0.3 s to load from the cache, plus 0.2-0.4 s to import numba); :func:`warm` does that at
+engine load so no request waits for it.
 """
 
 from __future__ import annotations
@@ -26,9 +27,20 @@ import numpy as np
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
-# The GIL stays held: each call is tens of microseconds, and a thread that lets it go must win it back
-# from the event loop's thread afterwards (up to the 5 ms switch interval when that thread is busy).
-_compiled = cast(Callable[[_F], _F], numba.njit(cache=True))
+
+def _compiled(fn: _F) -> _F:
+    """``fn`` compiled by numba, its machine code cached on disk where numba finds a writable place
+    (beside this file, else its user-wide cache); with none (a read-only install and home), compiled
+    in every process instead of failing at import.
+
+    ``error_model="numpy"``: a float division by zero gives inf, as torch's did, instead of raising
+    half way through an in-place pass. The GIL stays held: each call is tens of microseconds, and a
+    thread that lets it go must win it back from the event loop's thread afterwards (up to the 5 ms
+    switch interval when that thread is busy)."""
+    try:
+        return cast(_F, numba.njit(cache=True, error_model="numpy")(fn))
+    except RuntimeError:  # "cannot cache function ...: no locator available for file ..."
+        return cast(_F, numba.njit(cache=False, error_model="numpy")(fn))
 
 
 @_compiled
@@ -46,21 +58,97 @@ def repetition_penalty(flat: Any, index: Any, factors: Any, factor: float) -> No
 
 
 @_compiled
+def _sift_down(heap_v: Any, heap_i: Any, n: int, at: int) -> None:
+    """Restore the heap of ``n`` entries below ``at``: its root is the worst kept entry, "worse"
+    meaning the lower value, or the same value and the higher id."""
+    while True:
+        child = 2 * at + 1
+        if child >= n:
+            return
+        right = child + 1
+        # (comparisons written out: a helper taking the arrays costs a reference count per call)
+        if right < n and (
+            heap_v[right] < heap_v[child]
+            or (heap_v[right] == heap_v[child] and heap_i[right] > heap_i[child])
+        ):
+            child = right
+        if heap_v[child] < heap_v[at] or (heap_v[child] == heap_v[at] and heap_i[child] > heap_i[at]):
+            heap_v[at], heap_v[child] = heap_v[child], heap_v[at]
+            heap_i[at], heap_i[child] = heap_i[child], heap_i[at]
+            at = child
+        else:
+            return
+
+
+@_compiled
+def _offer(keep_v: Any, keep_i: Any, n: int, v: Any, i: int, listed: bool) -> int:
+    """Keep entry (``v``, id ``i``) among the best ``len(keep_v)`` seen so far, of which there are
+    ``n``; returns the new count. Callers offer ids in increasing order and only entries that beat
+    the worst kept one once all places are taken, so an equal value never displaces a kept one (the
+    lower id stays).
+
+    ``listed``: the kept entries are a list in descending order, each new one inserted in place (for
+    a few dozen places, cheaper than a heap's bookkeeping); else a heap whose root is the worst (for
+    the nucleus' 256, where insertion would move ~128 entries each time)."""
+    k = keep_v.shape[0]
+    if listed:
+        j = n if n < k else k - 1
+        while j > 0 and v > keep_v[j - 1]:
+            keep_v[j] = keep_v[j - 1]
+            keep_i[j] = keep_i[j - 1]
+            j -= 1
+        keep_v[j] = v
+        keep_i[j] = i
+        return n + 1 if n < k else n
+    if n < k:
+        at = n
+        keep_v[at] = v
+        keep_i[at] = i
+        while at > 0:  # sift up
+            parent = (at - 1) // 2
+            if keep_v[at] < keep_v[parent] or (keep_v[at] == keep_v[parent] and keep_i[at] > keep_i[parent]):
+                keep_v[at], keep_v[parent] = keep_v[parent], keep_v[at]
+                keep_i[at], keep_i[parent] = keep_i[parent], keep_i[at]
+                at = parent
+            else:
+                break
+        return n + 1
+    keep_v[0] = v
+    keep_i[0] = i
+    _sift_down(keep_v, keep_i, k, 0)
+    return n
+
+
+@_compiled
 def top_k_from_maxima(x: Any, maxima: Any, block: int, values: Any, ids: Any) -> None:
     """The ``k = values.shape[1]`` largest entries of each row of ``x`` ([rows, vocab] float32) into
-    ``values`` (descending) and ``ids``; ties go to the lower id.
+    ``values`` (descending) and ``ids``, by :func:`_top_k_listed` up to ``LISTED_WIDTH`` places, else
+    by :func:`_top_k` (a heap); both break ties and treat NaN the same way."""
+    if values.shape[1] <= LISTED_WIDTH:
+        _top_k_listed(x, maxima, block, values, ids)
+    else:
+        _top_k(x, maxima, block, values, ids, False)
 
-    ``maxima`` ([rows, count]): the maximum of each whole block of ``block`` ids. Exact: every
-    entry ranked above the k-th best sits in a block whose (maximum, lower block first) ranks among
-    the k best blocks, so only those blocks, and the ragged tail past ``count * block``, are read.
-    """
+
+@_compiled
+def _top_k_listed(x: Any, maxima: Any, block: int, values: Any, ids: Any) -> None:
+    """:func:`_top_k` with the kept entries a sorted list, its loops written out: the sampler's
+    usual width (top-k 20) runs at about half the cost of the generic loops."""
     rows, vocab = x.shape
     k = values.shape[1]
     count = maxima.shape[1]
     best_v = np.empty(k, np.float32)
     best_b = np.empty(k, np.int64)
+    minus_inf = np.float32(-np.inf)
     for r in range(rows):
-        # The k best blocks, by insertion into a descending list (ties keep the lower block).
+        whole = count < k
+        for b in range(count):
+            if maxima[r, b] != maxima[r, b]:
+                whole = True
+                break
+        if whole:
+            _top_k(x[r : r + 1], maxima[r : r + 1, :0], block, values[r : r + 1], ids[r : r + 1], True)
+            continue
         n = 0
         for b in range(count):
             v = maxima[r, b]
@@ -77,13 +165,12 @@ def top_k_from_maxima(x: Any, maxima: Any, block: int, values: Any, ids: Any) ->
                 j -= 1
             best_v[j] = v
             best_b[j] = b
-        # Their ids in increasing order, then the tail: an entry equal to one already held stays behind it.
-        chosen = np.sort(best_b[:n])
+        chosen = np.sort(best_b)
         m = 0
         out_v = values[r]
         out_i = ids[r]
-        for c in range(n + 1):
-            if c < n:
+        for c in range(k + 1):
+            if c < k:
                 start = chosen[c] * block
                 stop = start + block
             else:
@@ -92,10 +179,12 @@ def top_k_from_maxima(x: Any, maxima: Any, block: int, values: Any, ids: Any) ->
             for t in range(start, stop):
                 v = x[r, t]
                 if m == k:
-                    if not v > out_v[k - 1]:
+                    if not v > out_v[k - 1]:  # (a NaN fails it too)
                         continue
                     j = k - 1
                 else:
+                    if v != v:
+                        v = minus_inf
                     j = m
                     m += 1
                 while j > 0 and v > out_v[j - 1]:
@@ -104,6 +193,79 @@ def top_k_from_maxima(x: Any, maxima: Any, block: int, values: Any, ids: Any) ->
                     j -= 1
                 out_v[j] = v
                 out_i[j] = t
+
+
+@_compiled
+def _top_k(x: Any, maxima: Any, block: int, values: Any, ids: Any, listed: bool) -> None:
+    """The ``k = values.shape[1]`` largest entries of each row of ``x`` ([rows, vocab] float32) into
+    ``values`` (descending) and ``ids``; equal values go lowest id first, and a NaN counts as -inf
+    (it is never preferred to a number).
+
+    ``maxima`` ([rows, count], count = 0 for none): the maximum of each whole block of ``block`` ids.
+    Exact: every entry ranked above the k-th best sits in a block whose (maximum, lower block first)
+    ranks among the k best blocks, so only those blocks and the ragged tail past ``count * block``
+    are read. A row with fewer than k blocks, or a NaN among its maxima (which hides the block's real
+    maximum), is read whole. ``listed``: the kept entries are a sorted list, else a heap (see
+    :func:`_offer`).
+    """
+    rows, vocab = x.shape
+    k = values.shape[1]
+    count = maxima.shape[1]
+    keep_v = np.empty(k, np.float32)
+    keep_i = np.empty(k, np.int64)
+    chosen = np.empty(k, np.int64)
+    minus_inf = np.float32(-np.inf)
+    for r in range(rows):
+        whole = count < k
+        for b in range(count):
+            if maxima[r, b] != maxima[r, b]:
+                whole = True
+                break
+        # Each loop rejects, in line, what cannot displace the worst kept entry (nearly every one):
+        # ``floor``, once all k places are taken.
+        n = 0
+        floor = minus_inf
+        if not whole:
+            for b in range(count):
+                v = maxima[r, b]
+                if n < k or v > floor:
+                    n = _offer(keep_v, keep_i, n, v, b, listed)
+                    if n == k:
+                        floor = keep_v[k - 1] if listed else keep_v[0]
+            chosen[:] = keep_i
+            chosen.sort()  # their ids in increasing order, then the tail's
+            n = 0
+            floor = minus_inf
+        for c in range(k + 1):
+            if whole:
+                start, stop = (0, vocab) if c == 0 else (0, 0)
+            elif c < k:
+                start = chosen[c] * block
+                stop = start + block
+            else:
+                start = count * block
+                stop = vocab
+            for t in range(start, stop):
+                v = x[r, t]
+                if n < k or v > floor:  # (a NaN fails the comparison: only a filling list sees one)
+                    n = _offer(keep_v, keep_i, n, minus_inf if v != v else v, t, listed)
+                    if n == k:
+                        floor = keep_v[k - 1] if listed else keep_v[0]
+        if listed:
+            values[r, :] = keep_v
+            ids[r, :] = keep_i
+            continue
+        # Best first: the heap's worst goes last, then the next worst before it, ...
+        for j in range(n - 1, -1, -1):
+            values[r, j] = keep_v[0]
+            ids[r, j] = keep_i[0]
+            keep_v[0] = keep_v[j]
+            keep_i[0] = keep_i[j]
+            _sift_down(keep_v, keep_i, j, 0)
+
+
+# Up to this many places the best entries are kept as a sorted list, past it as a heap.
+LISTED_WIDTH = 32
 
 
 @_compiled
@@ -142,6 +304,8 @@ def warm() -> None:
     """Compile (or load from the disk cache) every function for the types the sampler passes."""
     x = np.zeros((1, 8), np.float32)
     pair = np.ones((1, 2), np.float32)
+    values, ids = np.empty((1, 2), np.float32), np.empty((1, 2), np.int64)
     repetition_penalty(x.reshape(-1), np.zeros(1, np.int64), np.zeros(0, np.float32), 1.0)
-    top_k_from_maxima(x, pair, 4, np.empty((1, 2), np.float32), np.empty((1, 2), np.int64))
+    top_k_from_maxima(x, pair, 4, values, ids)
+    top_k_from_maxima(x, np.empty((1, 0), np.float32), 1, values, ids)
     nucleus_draw(pair / 2, np.ones(1, np.float32), np.zeros(1), np.empty(1, np.int64))

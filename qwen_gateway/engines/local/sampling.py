@@ -19,7 +19,6 @@ compiled (kernels.py); the one pass over every logit stays with torch.
 from __future__ import annotations
 
 import bisect
-import functools
 import itertools
 import secrets
 from collections.abc import Callable, Collection, Sequence
@@ -128,7 +127,7 @@ class _Penalties:
             # operations, each slowed by the output layer's product having emptied the caches.
             scalar = self._scalar
             kernels.repetition_penalty(
-                flat.numpy(), self._index.view(), self._factor.view(), 0.0 if scalar is None else scalar
+                _np(flat), self._index.view(), self._factor.view(), 0.0 if scalar is None else float(scalar)
             )
         if self._counted:
             r_idx, c_idx, sub = [], [], []
@@ -212,7 +211,7 @@ class BatchSampler:
         over, so penalties and masks may be written into it instead of into a copy."""
         plan = self._plan_for(rows, logits.shape[-1])
         source = logits
-        if logits.dtype != torch.float32:  # (a call less after the output layer's product: see _Found)
+        if logits.dtype != torch.float32:  # (a call less after the output layer's product)
             logits = logits.float()
         writes = plan.penalties is not None or allowed is not None or packed is not None
         if writes and not owned and logits is source:
@@ -289,8 +288,7 @@ class BatchSampler:
         # stays) and the draw in one compiled call: the same bits as torch's cumsum and masked_fill
         # and the Python draw they replace (kernels.nucleus_draw).
         picks = np.empty(len(group.rows), dtype=np.int64)
-        kernels.nucleus_draw(probs.numpy(), cut.view(-1).numpy(), np.asarray(self._numbers(group)), picks)
-        # Only the drawn candidates' ids are worked out (see _Found).
+        kernels.nucleus_draw(_np(probs), _np(cut.view(-1)), np.asarray(self._numbers(group)), picks)
         out = found.ids(group.positions, picks.tolist())
         for j in fallback:  # only rows without top-k fall back, and for them ``scaled`` is set
             assert scaled is not None
@@ -432,144 +430,69 @@ def _rows_of(logits: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
 # their ids only (and the vocabulary's ragged tail, when its size is not a multiple of the block).
 
 SEARCH_BLOCK = 128  # ids per block for narrow searches (top-k of a few dozen, argmax)
-# Up to this width the k best of the top blocks are found by the compiled search (kernels.py), which
-# keeps a sorted list by insertion; past it (the nucleus' 256), by torch.topk over the gathered blocks.
-KERNEL_SEARCH_WIDTH = 32
-WIDE_SEARCH_BLOCK = 32  # for wide ones (the nucleus' 256 candidates): fewer ids to gather per block
+WIDE_SEARCH_BLOCK = 32  # for wide ones (the nucleus' 256 candidates): fewer ids to read per block
 
 
-def _blocks(x: torch.Tensor, k: int) -> tuple[torch.Tensor, int, int] | None:
-    """``x`` ([rows, vocab]) as ``[rows, blocks, block]`` (its ragged tail left out), the block size
-    and the number of ids in whole blocks; None when blocks would not save work over a plain search."""
+def _split(x: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
+    """The block maxima of ``x`` ([rows, vocab]) for a search of width ``k``, and the block size; no
+    blocks (``[rows, 0]``) when they would not save work over reading every id."""
     block = SEARCH_BLOCK if k <= 32 else WIDE_SEARCH_BLOCK
     vocab = x.shape[-1]
     count = vocab // block
     if count < 4 * k:
-        return None
-    body = count * block
-    whole = x if body == vocab else x[:, :body]  # (no slicing call when there is no ragged tail)
-    return whole.view(x.shape[0], count, block), block, body
+        return _NO_MAXIMA.expand(x.shape[0], 0), block
+    whole = x if count * block == vocab else x[:, : count * block]  # (no slicing call without a tail)
+    # The one pass over every logit, at memory speed (see kernels.py); the ragged tail is left out.
+    return whole.view(x.shape[0], count, block).amax(-1), block
+
+
+_NO_MAXIMA = torch.empty(1, 0, dtype=torch.float32)  # never written to
 
 
 def top_candidates(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.topk(x, k)`` over the last dimension of ``x`` ([rows, vocab]): the k largest values of
-    each row in descending order and their ids (equal values may come in another order)."""
+    """The k largest values of each row of ``x`` ([rows, vocab]) in descending order and their ids,
+    as ``torch.topk`` gives them, except that equal values come lowest id first (at every width, so
+    a row's candidates never depend on its neighbours) and a NaN ranks below every number."""
     found = _search(x, k)
-    return found.values, found.id_tensor()
+    return found.values.to(x.dtype), found.ids_tensor
 
 
 class _Found:
-    """The k best candidates of each row: ``values`` ([rows, k], descending) and where they are.
+    """The k best candidates of each row: ``values`` ([rows, k], descending) and their ids."""
 
-    The compiled search (widths up to ``KERNEL_SEARCH_WIDTH``) gives the ids with the values. From
-    torch's wider one, ids are only needed for the one candidate a row draws, so when the
-    vocabulary is a whole number of blocks they are kept as ``where`` (position among the gathered
-    blocks) and ``best`` (the blocks' numbers) and worked out in Python for the drawn ones: after the
-    output layer's product has streamed its weight through the caches, each small tensor operation
-    costs several microseconds (measured in the engine: ~6 against ~2.5 in a warm loop), and these
-    are five of them."""
+    __slots__ = ("ids_tensor", "values")
 
-    __slots__ = ("_best", "_block", "_ids", "_where", "values")
-
-    def __init__(
-        self,
-        values: torch.Tensor,
-        ids: torch.Tensor | None,
-        where: torch.Tensor | None = None,
-        best: torch.Tensor | None = None,
-        block: int = 0,
-    ) -> None:
+    def __init__(self, values: torch.Tensor, ids: torch.Tensor) -> None:
         self.values = values
-        self._ids = ids
-        self._where, self._best, self._block = where, best, block
-
-    def id_tensor(self) -> torch.Tensor:
-        if self._ids is None:
-            assert self._where is not None and self._best is not None
-            block, where = self._block, self._where
-            self._ids = self._best.gather(1, where // block).mul_(block).add_(where % block)
-        return self._ids
+        self.ids_tensor = ids
 
     def ids(self, rows: list[int], picks: list[int]) -> list[int]:
         """The ids of candidate ``picks[j]`` of row ``rows[j]``, for each j."""
-        if self._ids is not None:
-            ids = self._ids.numpy()  # (a [rows, k] tolist is 160 Python ints, of which 8 are wanted)
-            return [int(ids[r, j]) for r, j in zip(rows, picks, strict=True)]
-        assert self._where is not None and self._best is not None
-        block, where, best = self._block, self._where.tolist(), self._best.tolist()
-        out = []
-        for r, j in zip(rows, picks, strict=True):
-            w = where[r][j]
-            out.append(best[r][w // block] * block + w % block)
-        return out
+        ids = self.ids_tensor.numpy()  # (a [rows, k] tolist is 160 Python ints, of which 8 are wanted)
+        return [int(ids[r, j]) for r, j in zip(rows, picks, strict=True)]
 
 
 def _search(x: torch.Tensor, k: int) -> _Found:
-    split = _blocks(x, k)
-    if split is None:
-        values, indices = torch.topk(x, k)
-        return _Found(values, indices)
-    body, block, whole = split
-    maxima = body.amax(-1)  # the one pass over every logit, at memory speed (see kernels.py)
-    if k <= KERNEL_SEARCH_WIDTH and _kernel_ready(x):
-        values = torch.empty((x.shape[0], k), dtype=torch.float32)
-        ids = torch.empty((x.shape[0], k), dtype=torch.long)
-        kernels.top_k_from_maxima(x.numpy(), maxima.numpy(), block, values.numpy(), ids.numpy())
-        return _Found(values, ids)
-    best = torch.topk(maxima, k, sorted=False).indices  # [rows, k] block numbers
-    found = _gather_blocks(body, best)  # [rows, k * block]
-    if whole == x.shape[-1]:
-        values, where = torch.topk(found, k)
-        return _Found(values, None, where, best, block)
-    gathered = k * block
-    values, where = torch.topk(torch.cat([found, x[:, whole:]], dim=1), k)
-    from_blocks = best.gather(1, (where // block).clamp_(max=k - 1)).mul_(block).add_(where % block)
-    return _Found(values, torch.where(where < gathered, from_blocks, where - gathered + whole))
+    """The k best of each row by the compiled search over the best blocks (kernels.py)."""
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        x = x.float().contiguous()
+    maxima, block = _split(x, k)
+    values = torch.empty((x.shape[0], k), dtype=torch.float32)
+    ids = torch.empty((x.shape[0], k), dtype=torch.long)
+    kernels.top_k_from_maxima(_np(x), _np(maxima), block, values.numpy(), ids.numpy())
+    return _Found(values, ids)
 
 
-def _kernel_ready(x: torch.Tensor) -> bool:
-    """Whether the compiled search can read ``x`` in place: contiguous float32 on the CPU."""
-    return x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous()
-
-
-def _gather_blocks(body: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
-    """The blocks ``best`` ([rows, n] block numbers) of each row of ``body`` ([rows, blocks, block]),
-    as ``[rows, n * block]`` in the order of ``best``. When ``body`` is the whole contiguous
-    vocabulary, an ``index_select`` of whole blocks does it at a fifth of ``gather``'s cost
-    (measured at [8, 20] blocks of 128: ~10 against ~54 us); the values and their order are the same."""
-    rows, count, block = body.shape
-    if body.is_contiguous():
-        offsets = _row_offsets(rows, count)
-        return body.view(rows * count, block).index_select(0, (best + offsets).view(-1)).view(rows, -1)
-    return body.gather(1, best.unsqueeze(-1).expand(-1, -1, block)).flatten(1)
-
-
-@functools.lru_cache(maxsize=64)
-def _row_offsets(rows: int, count: int) -> torch.Tensor:
-    """``[rows, 1]``: the first block number of each row in a ``[rows * count, block]`` view (kept:
-    the same few shapes come back every step; never written to)."""
-    return torch.arange(0, rows * count, count, dtype=torch.long).unsqueeze(1)
+def _np(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of CPU tensor ``t`` (the engine samples in inference mode; a caller's tensor
+    that requires grad is viewed through ``detach``)."""
+    return t.detach().numpy() if t.requires_grad else t.numpy()
 
 
 def first_argmax(x: torch.Tensor) -> torch.Tensor:
-    """``torch.argmax(x, -1)`` of ``x`` ([rows, vocab]), the first id of the maximum included: the
-    first block holding the maximum, then the first id in it (the ragged tail comes last)."""
-    split = _blocks(x, 1)
-    if split is None:
-        return torch.argmax(x, dim=-1)
-    body, block, whole = split
-    maxima = body.amax(-1)
-    if _kernel_ready(x):  # the search of one candidate: ties go to the lower id, as argmax's do
-        values = torch.empty((x.shape[0], 1), dtype=torch.float32)
-        ids = torch.empty((x.shape[0], 1), dtype=torch.long)
-        kernels.top_k_from_maxima(x.numpy(), maxima.numpy(), block, values.numpy(), ids.numpy())
-        return ids.view(-1)
-    best = maxima.argmax(-1)  # [rows] the first block holding a row's maximum
-    found = _gather_blocks(body, best.unsqueeze(1))  # [rows, block]
-    if whole < x.shape[-1]:
-        found = torch.cat([found, x[:, whole:]], dim=1)
-    where = found.argmax(-1)
-    return torch.where(where < block, best * block + where, where - block + whole)
+    """``torch.argmax(x, -1)`` of ``x`` ([rows, vocab]), the first id of the maximum included (the
+    search of one candidate), except that a NaN is never the maximum of a row that has a number."""
+    return _search(x, 1).ids_tensor.view(-1)
 
 
 # Most next-token distributions put top_p of their mass on far fewer tokens than this.

@@ -5,11 +5,10 @@ batches of one to eight rows, Qwen's and SmolLM2's vocabulary sizes and one with
 float32 logits and bfloat16 ones (whose many exact ties would show any change of candidate order),
 and some steps with a forced-token bitmask.
 
-One rule changed on purpose: equal values among a row's top k (k up to
-``sampling.KERNEL_SEARCH_WIDTH``) now come in the order of their ids, lower first, where the sampler
-before took the order ``torch.topk`` happened to give them. The copy's candidate search is replaced,
-for those widths, by the definition (a stable full sort), so everything else it does is compared
-unchanged.
+Two rules changed on purpose: equal values among a row's top k now come in the order of their ids,
+lower first, where the sampler before took the order ``torch.topk`` happened to give them; and a
+NaN ranks below every number. The copy's candidate search is replaced by the definition (a stable
+full sort; these logits hold no NaN), so everything else it does is compared unchanged.
 """
 
 from __future__ import annotations
@@ -44,11 +43,7 @@ def _settings(rng: random.Random, row: int) -> sampling.ResolvedSampling:
 def test_the_same_tokens_as_the_sampler_before(
     vocab: int, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    widest_search = before.top_candidates
-
     def by_definition(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if k > sampling.KERNEL_SEARCH_WIDTH:
-            return widest_search(x, k)
         values, ids = torch.sort(x, dim=-1, descending=True, stable=True)
         return values[:, :k], ids[:, :k]
 
