@@ -452,7 +452,8 @@ _NO_MAXIMA = torch.empty(1, 0, dtype=torch.float32)  # never written to
 def top_candidates(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest values of each row of ``x`` ([rows, vocab]) in descending order and their ids,
     as ``torch.topk`` gives them, except that equal values come lowest id first (at every width, so
-    a row's candidates never depend on its neighbours) and a NaN ranks below every number."""
+    a row's candidates never depend on its neighbours), a NaN ranks below every number and the values
+    are ranked as float32."""
     found = _search(x, k)
     return found.values.to(x.dtype), found.ids_tensor
 
@@ -473,7 +474,10 @@ class _Found:
 
 
 def _search(x: torch.Tensor, k: int) -> _Found:
-    """The k best of each row by the compiled search over the best blocks (kernels.py)."""
+    """The k best of each row by the compiled search over the best blocks (kernels.py), ranked as
+    float32 (the sampler's logits). ``0 < k <= vocab``, as torch.topk requires: the kernel trusts it."""
+    if not 0 < k <= x.shape[-1]:
+        raise ValueError(f"a search for the {k} best of {x.shape[-1]} ids")
     if x.dtype != torch.float32 or not x.is_contiguous():
         x = x.float().contiguous()
     maxima, block = _split(x, k)
@@ -491,7 +495,8 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 def first_argmax(x: torch.Tensor) -> torch.Tensor:
     """``torch.argmax(x, -1)`` of ``x`` ([rows, vocab]), the first id of the maximum included (the
-    search of one candidate), except that a NaN is never the maximum of a row that has a number."""
+    search of one candidate), except that a NaN is never the maximum of a row that has a number and
+    the values are compared as float32."""
     return _search(x, 1).ids_tensor.view(-1)
 
 

@@ -213,3 +213,9 @@ def test_a_tensor_that_requires_grad_is_sampled_as_any_other() -> None:
     assert torch.equal(
         sampling.top_candidates(x.clone().requires_grad_(), 5)[1], sampling.top_candidates(x, 5)[1]
     )
+
+
+@pytest.mark.parametrize("k", [0, 11, 40])
+def test_a_search_wider_than_the_vocabulary_or_empty_is_refused(k: int) -> None:
+    with pytest.raises(ValueError, match="best of 10 ids"):
+        sampling.top_candidates(torch.randn(2, 10), k)
