@@ -120,6 +120,27 @@ def _offer(keep_v: Any, keep_i: Any, n: int, v: Any, i: int, listed: bool) -> in
 
 
 @_compiled
+def _read_whole(maxima: Any, r: int, k: int) -> bool:
+    """Whether row ``r`` must be read whole: fewer than k blocks, or a NaN among its maxima (which
+    hides that block's real maximum)."""
+    count = maxima.shape[1]
+    if count < k:
+        return True
+    for b in range(count):  # noqa: SIM110 (a plain loop compiles; numba takes no generator in any())
+        if maxima[r, b] != maxima[r, b]:
+            return True
+    return False
+
+
+@_compiled
+def _span(chosen: int, block: int, count: int, vocab: int) -> tuple[int, int]:
+    """The ids a search reads for block number ``chosen``, or for -1 the ragged tail past the blocks."""
+    if chosen < 0:
+        return count * block, vocab
+    return chosen * block, chosen * block + block
+
+
+@_compiled
 def top_k_from_maxima(x: Any, maxima: Any, block: int, values: Any, ids: Any) -> None:
     """The ``k = values.shape[1]`` largest entries of each row of ``x`` ([rows, vocab] float32) into
     ``values`` (descending) and ``ids``, by :func:`_top_k_listed` up to ``LISTED_WIDTH`` places, else
@@ -141,11 +162,7 @@ def _top_k_listed(x: Any, maxima: Any, block: int, values: Any, ids: Any) -> Non
     best_b = np.empty(k, np.int64)
     minus_inf = np.float32(-np.inf)
     for r in range(rows):
-        whole = count < k
-        for b in range(count):
-            if maxima[r, b] != maxima[r, b]:
-                whole = True
-                break
+        whole = _read_whole(maxima, r, k)
         if whole:
             _top_k(x[r : r + 1], maxima[r : r + 1, :0], block, values[r : r + 1], ids[r : r + 1], True)
             continue
@@ -170,12 +187,7 @@ def _top_k_listed(x: Any, maxima: Any, block: int, values: Any, ids: Any) -> Non
         out_v = values[r]
         out_i = ids[r]
         for c in range(k + 1):
-            if c < k:
-                start = chosen[c] * block
-                stop = start + block
-            else:
-                start = count * block
-                stop = vocab
+            start, stop = _span(chosen[c] if c < k else -1, block, count, vocab)
             for t in range(start, stop):
                 v = x[r, t]
                 if m == k:
@@ -216,11 +228,7 @@ def _top_k(x: Any, maxima: Any, block: int, values: Any, ids: Any, listed: bool)
     chosen = np.empty(k, np.int64)
     minus_inf = np.float32(-np.inf)
     for r in range(rows):
-        whole = count < k
-        for b in range(count):
-            if maxima[r, b] != maxima[r, b]:
-                whole = True
-                break
+        whole = _read_whole(maxima, r, k)
         # Each loop rejects, in line, what cannot displace the worst kept entry (nearly every one):
         # ``floor``, once all k places are taken.
         n = 0
@@ -239,12 +247,8 @@ def _top_k(x: Any, maxima: Any, block: int, values: Any, ids: Any, listed: bool)
         for c in range(k + 1):
             if whole:
                 start, stop = (0, vocab) if c == 0 else (0, 0)
-            elif c < k:
-                start = chosen[c] * block
-                stop = start + block
             else:
-                start = count * block
-                stop = vocab
+                start, stop = _span(chosen[c] if c < k else -1, block, count, vocab)
             for t in range(start, stop):
                 v = x[r, t]
                 if n < k or v > floor:  # (a NaN fails the comparison: only a filling list sees one)

@@ -18,8 +18,6 @@ compiled (kernels.py); the one pass over every logit stays with torch.
 
 from __future__ import annotations
 
-import bisect
-import itertools
 import secrets
 from collections.abc import Callable, Collection, Sequence
 
@@ -316,18 +314,10 @@ class BatchSampler:
 
     def _draw(self, group: _Group, probs: torch.Tensor) -> list[int]:
         """Inverse-CDF draw of one index per row: one uniform number per row (torch.multinomial
-        costs about a millisecond per call over a full vocabulary on CPU)."""
+        costs about a millisecond per call over a full vocabulary on CPU). Full-vocabulary rows only:
+        candidates are drawn by kernels.nucleus_draw."""
         numbers = self._numbers(group)
         last = probs.shape[-1] - 1
-        if probs.shape[-1] <= PYTHON_DRAW_WIDTH:
-            # A few hundred candidates per row at most: the same arithmetic in Python, without the
-            # tensor path's half-dozen tiny operations. torch's CPU cumsum adds left to right in
-            # float64, as accumulate does over the same doubles; then one multiply, and bisect_right
-            # is searchsorted(right=True) on a non-decreasing row: the same index, bit for bit.
-            return [
-                min(bisect.bisect_right(cdf, u * cdf[-1]), last)
-                for u, cdf in zip(numbers, map(_running_sums, probs.tolist()), strict=True)
-            ]
         cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64)
         u = torch.tensor(numbers, dtype=torch.float64)
         target = (u * cdf[:, -1]).unsqueeze(1)
@@ -405,10 +395,6 @@ class _Plan:
             if len(g.members) != len(self.selected):
                 g.positions = [position[i] for i in g.members]
                 g.at = torch.tensor(g.positions, dtype=torch.long)
-
-
-def _running_sums(values: list[float]) -> list[float]:
-    return list(itertools.accumulate(values))
 
 
 def _index(members: list[int], rows: int) -> torch.Tensor | None:
@@ -502,7 +488,5 @@ def first_argmax(x: torch.Tensor) -> torch.Tensor:
 
 # Most next-token distributions put top_p of their mass on far fewer tokens than this.
 NUCLEUS_CANDIDATES = 256
-# Up to this many candidates a row's draw is searched in Python (see BatchSampler._draw).
-PYTHON_DRAW_WIDTH = NUCLEUS_CANDIDATES
 # Uniform numbers a seeded row draws from its generator at once (Sampler.uniform).
 SEED_DRAWS_AHEAD = 32
