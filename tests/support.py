@@ -357,7 +357,20 @@ def _forkserver_allowed(env: dict[str, str]) -> bool:
     # (PYTEST_CURRENT_TEST names the running test: pytest sets it for each one; nothing reads it at
     # import.)
     safe = ("QWEN_GATEWAY_", "PYTEST_CURRENT_TEST")
-    return all(k.startswith(safe) for k in keys if base.get(k) != env.get(k))
+    return all(k.startswith(safe) or _torch_set_it(k, env.get(k)) for k in keys if base.get(k) != env.get(k))
+
+
+def _torch_set_it(name: str, value: str | None) -> bool:
+    """True for a variable torch sets in its own process to the value a fresh interpreter computes
+    alike: the first lookup of inductor's cache directory (made while some test module imports
+    transformers) stores its default in ``TORCHINDUCTOR_CACHE_DIR``. Not counting it as a difference
+    matters: from then on every server and CLI command of the worker was started as a fresh
+    interpreter (5-8 s of imports each) instead of forked."""
+    if name != "TORCHINDUCTOR_CACHE_DIR" or value is None:
+        return False
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    return os.path.abspath(default_cache_dir()) == value
 
 
 def _wait_healthy(
