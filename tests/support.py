@@ -347,7 +347,8 @@ def _forkserver() -> _ForkServer:
 def _forkserver_allowed(env: dict[str, str]) -> bool:
     """Forking from the template is the same as a fresh interpreter only if nothing read at import
     time differs: the environment may differ from the template's own in ``QWEN_GATEWAY_*`` variables
-    (the server reads those when it builds its settings) and pytest's ``PYTEST_CURRENT_TEST`` only. Tests that set anything else (a hub
+    (the server reads those when it builds its settings), ``QG_TEST_*`` and pytest's
+    ``PYTEST_CURRENT_TEST`` only. Tests that set anything else (a hub
     endpoint, thread counts) get a fresh interpreter. ``QWEN_GATEWAY_TEST_FRESH_PROCESSES=1`` turns
     forking off for a whole run."""
     if os.environ.get("QWEN_GATEWAY_TEST_FRESH_PROCESSES") == "1" or Path.cwd() != REPO:
@@ -355,8 +356,9 @@ def _forkserver_allowed(env: dict[str, str]) -> bool:
     base = _forkserver().env
     keys = set(base) | set(env)
     # (PYTEST_CURRENT_TEST names the running test: pytest sets it for each one; nothing reads it at
-    # import.)
-    safe = ("QWEN_GATEWAY_", "PYTEST_CURRENT_TEST")
+    # import. QG_TEST_* are the tests' own secrets, named by a config's `api_key_env` and read when the
+    # engine is built.)
+    safe = ("QWEN_GATEWAY_", "PYTEST_CURRENT_TEST", "QG_TEST_")
     return all(k.startswith(safe) or _torch_set_it(k, env.get(k)) for k in keys if base.get(k) != env.get(k))
 
 
