@@ -116,6 +116,10 @@ class Scheduler:
                         self._wake.wait()
                     if self._stopping:
                         break
+                    # Leaving before admitting: a request that arrives right after another one's
+                    # answer (its Finished already delivered) finds that one's seq id and kept
+                    # prefix free instead of taking another id.
+                    self._leave()
                     self._admit()
                 self._step()
         except BaseException as exc:  # the thread must never die silently: health reports it
@@ -217,11 +221,13 @@ class Scheduler:
             seq.chain = None
         seq.retired.set()
 
-    def _step(self) -> None:
-        # Cancelled and finished sequences leave first: their seq ids and KV cells are free again.
+    def _leave(self) -> None:
+        """Cancelled and finished sequences leave: their seq ids and KV cells are free again."""
         for seq in [s for s in self._running if s.cancelled or s.finished]:
             self._running.remove(seq)
             self._release(seq, keep=True)
+
+    def _step(self) -> None:
         if not self._running:
             return
         batch = self._batch
