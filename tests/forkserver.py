@@ -52,7 +52,6 @@ PRELOAD = (
     "qwen_gateway.server",
     "qwen_gateway.engines.local.engine",
     "qwen_gateway.engines.openai.engine",
-    "qwen_gateway.engines.local.kernels",
     "transformers.models.qwen2.modeling_qwen2",
     "transformers.models.qwen3.modeling_qwen3",
     "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",

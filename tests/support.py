@@ -346,20 +346,27 @@ def _forkserver() -> _ForkServer:
 
 def _forkserver_allowed(env: dict[str, str]) -> bool:
     """Forking from the template is the same as a fresh interpreter only if nothing read at import
-    time differs: the environment may differ from the template's own in ``QWEN_GATEWAY_*`` variables
-    (the server reads those when it builds its settings), ``QG_TEST_*`` and pytest's
-    ``PYTEST_CURRENT_TEST`` only. Tests that set anything else (a hub
-    endpoint, thread counts) get a fresh interpreter. ``QWEN_GATEWAY_TEST_FRESH_PROCESSES=1`` turns
+    time differs (see :func:`unforkable_changes`). ``QWEN_GATEWAY_TEST_FRESH_PROCESSES=1`` turns
     forking off for a whole run."""
     if os.environ.get("QWEN_GATEWAY_TEST_FRESH_PROCESSES") == "1" or Path.cwd() != REPO:
         return False
+    return not unforkable_changes(env)
+
+
+def unforkable_changes(env: dict[str, str]) -> list[str]:
+    """The variables of ``env`` that differ from the template's own and could be read at import time.
+    Safe: ``QWEN_GATEWAY_*`` (the server reads those when it builds its settings), ``QG_TEST_*`` (the
+    tests' own secrets, named by a config's ``api_key_env`` and read when the engine is built),
+    pytest's ``PYTEST_CURRENT_TEST`` (it names the running test; nothing reads it at import) and what
+    torch set itself (:func:`_torch_set_it`). Anything else (a hub endpoint, thread counts) sends the
+    spawn to a fresh interpreter."""
     base = _forkserver().env
-    keys = set(base) | set(env)
-    # (PYTEST_CURRENT_TEST names the running test: pytest sets it for each one; nothing reads it at
-    # import. QG_TEST_* are the tests' own secrets, named by a config's `api_key_env` and read when the
-    # engine is built.)
     safe = ("QWEN_GATEWAY_", "PYTEST_CURRENT_TEST", "QG_TEST_")
-    return all(k.startswith(safe) or _torch_set_it(k, env.get(k)) for k in keys if base.get(k) != env.get(k))
+    return sorted(
+        k
+        for k in set(base) | set(env)
+        if base.get(k) != env.get(k) and not k.startswith(safe) and not _torch_set_it(k, env.get(k))
+    )
 
 
 def _torch_set_it(name: str, value: str | None) -> bool:

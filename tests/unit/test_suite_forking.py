@@ -10,16 +10,14 @@ import os
 
 import pytest
 
-from tests.support import _env, _forkserver, _forkserver_allowed, _torch_set_it
+from tests.support import _env, _forkserver_allowed, _torch_set_it, unforkable_changes
 
 
 def test_spawns_are_forked_after_collection() -> None:
     if os.environ.get("QWEN_GATEWAY_TEST_FRESH_PROCESSES") == "1":
         pytest.skip("QWEN_GATEWAY_TEST_FRESH_PROCESSES=1 turns forking off for this run")
     env = _env(None)
-    base = _forkserver().env
-    changed = sorted(k for k in set(base) | set(env) if base.get(k) != env.get(k))
-    assert _forkserver_allowed(env), f"the environment changed since the worker started: {changed}"
+    assert _forkserver_allowed(env), f"changed since the worker started: {unforkable_changes(env)}"
 
 
 def test_torch_default_cache_dir_is_not_a_difference_but_another_value_is() -> None:
