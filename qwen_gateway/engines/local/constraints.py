@@ -43,7 +43,7 @@ from qwen_gateway.engines.base import (
     ToolCallConstraint,
     ToolSpec,
 )
-from qwen_gateway.engines.local.loader import copy_tokenizer
+from qwen_gateway.engines.local.tokenizer_copy import copy_tokenizer
 from qwen_gateway.errors import InvalidParameter
 
 if TYPE_CHECKING:
