@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -321,7 +322,7 @@ def test_events_after_the_consumer_loop_closed_are_dropped(engine: Any) -> None:
         # The loop ends here; asyncio.run closes the async generator, which cancels the request.
 
     run(abandon())
-    deadline = time.monotonic() + 1.0
+    deadline = time.monotonic() + 30  # a bound for a wedged thread only: the reap takes milliseconds
     while run(engine.health()).active_generations:
         assert time.monotonic() < deadline
         time.sleep(0.01)
@@ -407,26 +408,32 @@ def test_cancel_during_the_last_prefill_chunk_leaves_no_row_behind(
     async def main() -> None:
         loop = asyncio.get_running_loop()
         victim: dict[str, asyncio.Future[Any]] = {}
+        hung_up = threading.Event()
 
         class HangUpWhileChoosingFirstToken:
             def allowed(self, generated: Any) -> Any:
                 if len(generated) == 0:  # on the inference thread, at the end of the victim's prefill
                     loop.call_soon_threadsafe(victim["task"].cancel)
-                    time.sleep(0.3)
+                    # The step goes on only once the client side has seen the hang-up through (an
+                    # event, not a sleep); the bound is for an engine that would wait on this thread.
+                    assert hung_up.wait(60)
                 return None
 
         install_masks(
             engine, lambda req: [HangUpWhileChoosingFirstToken()] if req.request_id == "victim" else []
         )
-        other = asyncio.ensure_future(
-            answer(engine, request("hello", request_id="other", max_tokens=120, temperature=0))
-        )
-        await asyncio.sleep(0.2)
+        # The other request is decoding (its first token is out) before the victim arrives, so the
+        # victim's last prefill chunk joins a running batch.
+        other_stream = engine.generate(request("hello", request_id="other", max_tokens=120, temperature=0))
+        assert isinstance(await other_stream.__anext__(), TextDelta)
+        other = asyncio.ensure_future(collect(other_stream))
         victim["task"] = asyncio.ensure_future(
             answer(engine, request("bye", request_id="victim", max_tokens=3, temperature=0))
         )
+        victim["task"].add_done_callback(lambda _task: hung_up.set())
         with contextlib.suppress(asyncio.CancelledError):
             await victim["task"]
+        assert victim["task"].cancelled()
         await other
         await answer(engine, request("again", request_id="third", max_tokens=20, temperature=0))
 

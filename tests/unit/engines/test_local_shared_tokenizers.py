@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from rich.console import Console
 
 from qwen_gateway.engines.base import JsonConstraint
@@ -33,6 +34,8 @@ def _config(model_id: str, path: Path, **options: Any) -> ModelConfig:
     return ModelConfig(id=model_id, path=str(path), **options)
 
 
+# Slow: four engines and two dozen answers (~5 s); the quick run keeps the sharing itself (the next test).
+@pytest.mark.slow
 def test_entries_on_one_checkpoint_share_its_tokenizers_and_answer_as_alone(tmp_path: Path) -> None:
     settings = Settings(home=tmp_path)
     configs = (
