@@ -66,7 +66,10 @@ def test_past_the_queue_requests_get_503_with_retry_after(small: Server) -> None
         for lines in running:
             assert any(line.startswith("data: ") for line in lines)
         wait_for(lambda: health(small)["queued"] == 2, "two queued requests")
-        assert health(small)["queue_limit"] == 2
+        status = health(small)
+        assert status["queue_limit"] == 2
+        # Active counts the two running only: the queued two are in `queued`, not in both.
+        assert (status["active_generations"], status["queued"]) == (2, 2)
 
         refused = client.post(url, json=BODY)
         assert refused.status_code == 503, refused.text

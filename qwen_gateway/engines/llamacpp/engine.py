@@ -223,7 +223,8 @@ class LlamaCppEngine:
             error = scheduler.error
             self._state = EngineState.FAILED
             self._detail = f"the inference thread stopped: {type(error).__name__ if error else 'exited'}"
-        active = scheduler.held if scheduler is not None else 0
+        # Running only: the requests waiting behind them are /health's `queued` (the service's count).
+        active = scheduler.running if scheduler is not None else 0
         return EngineHealth(self._state, active, detail=self._detail)
 
     async def aclose(self) -> None:

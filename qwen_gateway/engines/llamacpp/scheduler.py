@@ -80,6 +80,11 @@ class Scheduler:
         """Sequences queued or running."""
         return len(self._waiting) + len(self._running)
 
+    @property
+    def running(self) -> int:
+        """Sequences decoding or prefilling (not those waiting for a place): what /health reports."""
+        return len(self._running)
+
     def submit(self, seq: Sequence) -> None:
         with self._wake:
             self._waiting.append(seq)

@@ -328,7 +328,8 @@ class LocalEngine:
         scheduler = self._scheduler
         if self._state is EngineState.READY and scheduler is not None and not scheduler.alive:
             self._state, self._detail = EngineState.FAILED, "the inference thread stopped"
-        active = scheduler.held if scheduler is not None else 0
+        # Running only: the requests waiting behind them are /health's `queued` (the service's count).
+        active = scheduler.running if scheduler is not None else 0
         return EngineHealth(self._state, active, detail=self._detail)
 
     async def aclose(self) -> None:

@@ -113,6 +113,14 @@ class Scheduler:
             return self._held
 
     @property
+    def running(self) -> int:
+        """Sequences in the batch (prefilling or decoding), not those still waiting for a place: what
+        /health reports as active (the service counts the queue itself). Read without the thread's
+        lists being locked: a snapshot for a gauge, which a sequence moving between the two lists can
+        put one off for an instant, so it is bounded by what is held."""
+        return min(len(self._active) + len(self._prefilling), self.held)
+
+    @property
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
 
