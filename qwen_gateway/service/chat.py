@@ -98,6 +98,7 @@ class ChatService:
         account: Account | None = None,
         timing: Timing | None = None,
         prepare: Prepare | None = None,
+        delivered: bool = True,
     ) -> AsyncGenerator[ChoiceEvent, None]:
         """The request's choice events, ending with :class:`UsageReport` or :class:`StreamFailed`.
 
@@ -113,6 +114,10 @@ class ChatService:
         ``prepare`` (the web search) runs once the request is admitted and its hold taken, before the
         engine sees it, and gives the call that runs: work that costs something (a provider call) is
         never done for a request that is refused.
+
+        ``delivered``: whether each event reaches the client as it is yielded (a stream). A consumer
+        that collects the whole answer first (:meth:`complete`) passes False: a failure then leaves
+        the client with an error and nothing else, so it is charged nothing, as before any output.
         """
         started = time.monotonic()
         timing = timing or Timing()
@@ -125,7 +130,7 @@ class ChatService:
         closed_early = set(range(call.n))  # choices whose engine stream ended without Finished/error
         parsers = _parsers(call)
         status = "cancelled"
-        emitted = False
+        emitted = False  # an event was yielded (and, if ``delivered``, so reached the client)
         finished = 0
         ended: set[int] = set()  # choices whose parser wanted no more output
         # What an engine stream closed before its Finished says it spent (see _spent_report).
@@ -198,20 +203,26 @@ class ChatService:
                 status = "error"
                 _apply(usage, late)
                 closed_early.clear()
-                yield StreamFailed(exc, before_output=not emitted, usage=_spent(usage, emitted))
+                yield StreamFailed(exc, before_output=not emitted, usage=_spent(usage, emitted and delivered))
                 return
             except Exception:
                 status = "error"
                 closed_early.clear()
                 log.exception("generation of request %s failed", call.request_id)
                 _apply(usage, late)
-                yield StreamFailed(EngineFailure(), before_output=not emitted, usage=_spent(usage, emitted))
+                yield StreamFailed(
+                    EngineFailure(), before_output=not emitted, usage=_spent(usage, emitted and delivered)
+                )
                 return
             status = "ok"
             yield UsageReport(_total(usage))
         finally:
             await engine_events.aclose()
             ticket.release()
+            if status == "cancelled" and not delivered and stop is not None and stop():
+                # Interrupted by the server's shutdown before reaching a token boundary (queued, in a
+                # long prefill): the client of a whole answer gets a 503 and nothing else, a failure.
+                status = "error"
             if status != "ok":
                 _apply(usage, late)
             if settle and status == "cancelled":
@@ -219,9 +230,13 @@ class ChatService:
                 # token still in its outbox); it tells the final count once it has stopped.
                 await self._engine_counts(call, usage, closed_early)
             if settle:
-                # A failure is charged what it reported spending (nothing before output); a client that
-                # went away, everything generated until then.
-                spent = _total(usage) if status != "error" else (_spent(usage, emitted) or Usage(0, 0))
+                # A failure is charged what it reported spending (nothing before output reached the
+                # client); a client that went away, everything generated until then.
+                spent = (
+                    _total(usage)
+                    if status != "error"
+                    else (_spent(usage, emitted and delivered) or Usage(0, 0))
+                )
                 latency_ms = int((time.monotonic() - started) * 1000)
                 await self._settle(call, key_id, status, spent, account, latency_ms)
                 if self._metrics is not None:
@@ -246,7 +261,10 @@ class ChatService:
         calls: dict[tuple[int, int], list[str]] = {}
         heads: dict[tuple[int, int], tuple[str, str]] = {}
         total = Usage(0, 0)
-        events = self.events(call, key_id=key_id, stop=stop, account=account, timing=timing, prepare=prepare)
+        # Nothing reaches the client before the whole answer: a failure half-way is charged nothing.
+        events = self.events(
+            call, key_id=key_id, stop=stop, account=account, timing=timing, prepare=prepare, delivered=False
+        )
         try:
             async for event in events:
                 match event:

@@ -13,6 +13,7 @@ import asyncio
 import json
 import re
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -480,22 +481,38 @@ def _sigterm_settles(home: Path, config: Path) -> None:
             pass
         return chunks
 
-    async def scenario() -> list[int]:
+    async def whole_answer() -> httpx.Response:
+        body = {"model": "qwen-turbo", "messages": PROMPT, "max_tokens": 4000, "seed": 9}
+        async with client(server, key) as c:
+            return await c.post("/chat/completions", json=body)
+
+    async def scenario() -> tuple[list[int], httpx.Response]:
         tasks = [asyncio.create_task(long_stream(seed)) for seed in range(n_streams)]
         await asyncio.wait_for(started.wait(), timeout=300)
-        assert db.holds(key_id) == n_streams
+        # A non-stream call beside the streams, admitted (its hold taken) before the signal.
+        whole = asyncio.create_task(whole_answer())
+        deadline = time.monotonic() + 300
+        while db.holds(key_id) < n_streams + 1:
+            assert time.monotonic() < deadline and not whole.done()
+            await asyncio.sleep(0.02)
         server.proc.send_signal(signal.SIGTERM)
-        return await asyncio.gather(*tasks)
+        return await asyncio.gather(*tasks), await whole
 
     try:
-        delivered = asyncio.run(scenario())
+        delivered, whole = asyncio.run(scenario())
         assert server.proc.wait(timeout=120) == 0, server.log()
     finally:
         server.stop()
     rows = db.ledger(key_id)
-    assert len(rows) == n_streams and db.holds(key_id) == 0
-    assert all(row["completion_tokens"] >= 1 for row in rows) and min(delivered) >= 1
-    assert start - db.balance(key_id) == sum(row["cost_micro"] for row in rows) > 0
+    assert len(rows) == n_streams + 1 and db.holds(key_id) == 0
+    # The non-stream call was stopped by the shutdown: its client got a 503 and nothing else, so it is
+    # charged nothing (streams pay for what reached their clients).
+    assert whole.status_code == 503, whole.text
+    (cut,) = [row for row in rows if row["request_id"] == whole.headers["x-request-id"]]
+    streams = [row for row in rows if row is not cut]
+    assert (cut["status"], cut["cost_micro"]) == ("error", 0)
+    assert all(row["completion_tokens"] >= 1 for row in streams) and min(delivered) >= 1
+    assert start - db.balance(key_id) == sum(row["cost_micro"] for row in streams) > 0
     assert db.scalar("SELECT count(*) FROM gateway_instances") == 0
 
 

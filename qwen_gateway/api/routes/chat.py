@@ -156,8 +156,9 @@ async def answer(
         )
 
     # A client that hangs up on a non-stream call frees the engine too; so does the end of the
-    # shutdown grace period (the ledger row keeps the tokens used; the client gets a 503): the service
-    # stops at a token boundary, or the shutdown interrupts a request that reaches none in time.
+    # shutdown grace period (the client gets a 503 and nothing else, so the row is a failure charged
+    # nothing): the service stops at a token boundary, or the shutdown interrupts a request that
+    # reaches none in time.
     # The call runs in this task; one watcher task cancels it if the client goes away.
     shutdown = request.app.state.shutdown
     me = shutdown.register()

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import httpx
 import uvicorn
+from fastapi import FastAPI
 
 from qwen_gateway.api.app import create_app
+from qwen_gateway.engines.base import Usage
 from qwen_gateway.service.models import ModelRegistry, ServedModel
 from qwen_gateway.service.runtime import Gateway
 from qwen_gateway.settings import ModelConfig, Settings
@@ -43,10 +45,10 @@ def serve_fake(
         served = ServedModel.build(config, engine)  # type: ignore[arg-type]
         gateway = Gateway.assemble(settings, store, ModelRegistry([served]))
         _, raw = await gateway.keys.create("t")
-        server = uvicorn.Server(
-            uvicorn.Config(create_app(gateway), host="127.0.0.1", port=port, log_level="warning")
-        )
+        app = create_app(gateway)
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         _LOOPS[id(gateway)] = asyncio.get_running_loop()
+        _APPS[id(gateway)] = app
         state.update(key=raw, gateway=gateway, server=server)
         ready.set()
         await server.serve()
@@ -77,6 +79,7 @@ def ledger(gateway: Gateway) -> list:  # type: ignore[type-arg]
 
 
 _LOOPS: dict[int, asyncio.AbstractEventLoop] = {}
+_APPS: dict[int, FastAPI] = {}
 
 
 def test_error_mid_stream_goes_in_band(tmp_path: Path) -> None:
@@ -231,3 +234,52 @@ def test_disconnect_during_a_long_prefill_frees_the_engine(tmp_path: Path) -> No
             assert time.monotonic() < deadline
             time.sleep(0.05)
         assert rows[0].status == "cancelled"
+
+
+class _PromptCountingFaultyEngine(FaultyEngine):
+    """FaultyEngine that, like a real engine, reports the prompt tokens a request used when it is
+    stopped before its first token (a queued or long prefill)."""
+
+    async def cancelled_usage(self, request_id: str) -> Usage | None:
+        return Usage(prompt_tokens=7, completion_tokens=0)
+
+
+def test_a_whole_answer_interrupted_by_the_shutdown_before_its_first_token_is_a_failure(
+    tmp_path: Path,
+) -> None:
+    """Past the grace period, a non-stream call still in its prefill is interrupted: its client gets a
+    503 and nothing else, so its row is a failure charged nothing (not a client that went away)."""
+    engine = _PromptCountingFaultyEngine(2, fail=False, delay=60.0)
+    with serve_fake(tmp_path, engine) as (base, key, gateway):
+        result: dict[str, httpx.Response] = {}
+
+        def call() -> None:
+            result["r"] = httpx.post(
+                f"{base}/v1/chat/completions",
+                headers={"Authorization": f"Bearer {key}"},
+                json={"model": "qwen-plus", "messages": [{"role": "user", "content": "hi"}]},
+                timeout=60,
+            )
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        deadline = time.monotonic() + 30
+        while not engine.active:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        shutdown = _APPS[id(gateway)].state.shutdown
+        loop = _LOOPS[id(gateway)]
+        # The grace period ends; the request reaches no token boundary, so the shutdown interrupts it
+        # (called at once here instead of STOP_AT_BOUNDARY_SECONDS later).
+        loop.call_soon_threadsafe(shutdown.expire)
+        loop.call_soon_threadsafe(shutdown._interrupt)
+        caller.join(60)
+        r = result["r"]
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "ServiceUnavailable"
+        deadline = time.monotonic() + 30
+        while not (rows := ledger(gateway)):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        (row,) = rows
+        assert (row.status, row.prompt_tokens, row.completion_tokens) == ("error", 0, 0)
