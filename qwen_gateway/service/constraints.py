@@ -77,7 +77,8 @@ def _response_format(
 ) -> OutputConstraint | None:
     if fmt is None:
         return None
-    kind = fmt.get("type", "text")
+    # No "type" is DashScope's "Unknown format" too (not plain text): {} is refused like {"type": null}.
+    kind = fmt.get("type")
     if kind == "text":
         return None
     if kind == "json_object":

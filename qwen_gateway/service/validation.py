@@ -425,8 +425,10 @@ def _check_tool_choice(choice: str | dict[str, Any] | None, tools: tuple[ToolSpe
         )
 
 
-# DashScope parameters this server knows but cannot honour yet: set to anything but their "off" value,
-# they are refused with a 400 naming them instead of being accepted and ignored.
+# Parameters this server knows (DashScope's, and OpenAI's that change an answer) but cannot honour yet:
+# set to anything but their "off" value, they are refused with a 400 naming them instead of being
+# accepted and ignored. Unknown fields in general are kept (clients send metadata, cache_control and
+# extensions of later features); these are the ones whose silent loss would change what a client gets.
 _NOT_YET: dict[str, Callable[[Any], bool]] = {
     "logit_bias": bool,
     "enable_code_interpreter": bool,
@@ -435,6 +437,24 @@ _NOT_YET: dict[str, Callable[[Any], bool]] = {
     "tool_stream": bool,
     "audio": lambda v: v is not None,
     "modalities": lambda v: v not in (None, ["text"]),
+    # OpenAI's legacy function calling, predicted outputs, its own search, stored completions, paid
+    # tiers and output verbosity; vLLM's template variables.
+    "functions": lambda v: v is not None,
+    "function_call": lambda v: v is not None,
+    "prediction": lambda v: v is not None,
+    "web_search_options": lambda v: v is not None,
+    "store": bool,
+    "service_tier": lambda v: v not in (None, "auto", "default"),
+    "verbosity": lambda v: v is not None,
+    "chat_template_kwargs": bool,
+}
+# What to use instead, where this server has it.
+_INSTEAD = {
+    "functions": "tools",
+    "function_call": "tool_choice",
+    "web_search_options": "enable_search and search_options",
+    "reasoning_effort": "enable_thinking and thinking_budget",
+    "chat_template_kwargs": "enable_thinking",
 }
 
 
@@ -443,7 +463,8 @@ def _refuse_unsupported(req: ChatCompletionRequest) -> None:
     values = {**(req.model_extra or {}), **req.model_dump(include=known)}
     for param, is_set in _NOT_YET.items():
         if is_set(values.get(param)):
-            raise InvalidParameter(f"{param} is not supported by this server yet.", param=param)
+            instead = f" Use {_INSTEAD[param]} instead." if param in _INSTEAD else ""
+            raise InvalidParameter(f"{param} is not supported by this server yet.{instead}", param=param)
 
 
 def _max_tokens(req: ChatCompletionRequest, limit: int) -> int:

@@ -31,6 +31,17 @@ def post(server: Server, body: dict[str, Any]) -> httpx.Response:
         ({"logit_bias": {"9707": 5}}, "logit_bias"),
         ({"modalities": ["text", "audio"]}, "modalities"),
         ({"reasoning_effort": "high"}, "reasoning_effort"),
+        # OpenAI's (and vLLM's) parameters that would change the answer if they were honoured.
+        ({"functions": [{"name": "get_weather", "parameters": {"type": "object"}}]}, "functions"),
+        ({"function_call": "auto"}, "function_call"),
+        ({"prediction": {"type": "content", "content": "hello"}}, "prediction"),
+        ({"web_search_options": {}}, "web_search_options"),
+        ({"store": True}, "store"),
+        ({"service_tier": "flex"}, "service_tier"),
+        ({"verbosity": "low"}, "verbosity"),
+        ({"chat_template_kwargs": {"enable_thinking": False}}, "chat_template_kwargs"),
+        # No "type" is not plain text: DashScope's "Unknown format" names response_format.
+        ({"response_format": {}}, "response_format"),
     ],
 )
 def test_unhonoured_parameter_is_refused_by_name(server: Server, extra: dict[str, Any], param: str) -> None:
@@ -102,6 +113,10 @@ def test_off_values_of_unhonoured_parameters_are_accepted(server: Server) -> Non
         "response_format": {"type": "text"},
         "tool_choice": "none",
         "search_options": {"forced_search": False},
+        "store": False,
+        "service_tier": "auto",
+        "functions": None,
+        "chat_template_kwargs": {},
     }
     assert post(server, body).status_code == 200
 
