@@ -139,6 +139,10 @@ def check_schema(schema: Any, param: str) -> None:
                 stack.append((value, f"{where}/{key}"))
 
 
+# xgrammar's C++ log prefix on its error messages: a time, then the source file and line.
+_LOG_PREFIX = re.compile(r"^(?:\[[\d:]+\]\s*)?(?:[^\s:]+\.(?:cc|h|cpp):\d+:\s*)?")
+
+
 class CompiledGrammars:
     """A tokenizer's grammar compiler and the grammars it compiled: thread-safe, LRU-bounded by count
     and bytes. What it compiles depends only on the tokenizer, the vocabulary size and the stop ids, so
@@ -188,7 +192,9 @@ class CompiledGrammars:
                 raise
             except Exception as exc:  # the schema is the request's: xgrammar's refusal is a 400
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                detail = first.split(": ", 1)[-1] if "json_schema_converter" in first else first
+                # Without xgrammar's log prefix ("[21:56:16] /project/cpp/regex_converter.cc:94: "):
+                # the client gets the reason, not the library's build paths.
+                detail = _LOG_PREFIX.sub("", first)
                 raise InvalidParameter(
                     f"{param}: the JSON schema cannot be compiled: {detail}", param=param
                 ) from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -126,6 +127,12 @@ def test_uncompilable_schema_is_a_400_naming_the_parameter(engine: Any) -> None:
     with pytest.raises(InvalidParameter) as info:
         run(answer(engine, constrained({"type": "foo"})))
     assert info.value.param == "response_format" and "cannot be compiled" in info.value.message
+    # A bad regex: xgrammar's reason, without its log prefix (time, C++ source path and line).
+    with pytest.raises(InvalidParameter) as info:
+        run(answer(engine, constrained({"type": "string", "pattern": "(["})))
+    message = info.value.message
+    assert "cannot be compiled: " in message and "Regex" in message, message
+    assert ".cc" not in message and "/project" not in message and not re.search(r"\[\d+:\d+", message)
     tool = ToolSpec("t", None, {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}})
     req = dataclasses.replace(request(tools=(tool,)), constraint=ToolCallConstraint("t"))
     with pytest.raises(InvalidParameter) as info:
