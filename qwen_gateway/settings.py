@@ -129,7 +129,12 @@ def engine_config(config: ModelConfig, model: type[C]) -> C:
                 f"model {config.id!r}: engine {config.engine!r} has no option {where!r} "
                 f"(its options: {', '.join(known) or 'none'})"
             ) from None
-        raise StartupError(f"model {config.id!r}: invalid option {where}: {first['msg']}") from None
+        # A validator's own ValueError reads as its message alone, without pydantic's "Value error, ".
+        error = first.get("ctx", {}).get("error") if first["type"] == "value_error" else None
+        message = str(error) if error is not None else first["msg"]
+        if not where:  # an entry-level rule (several options together): no option to name
+            raise StartupError(f"model {config.id!r}: {message}") from None
+        raise StartupError(f"model {config.id!r}: invalid option {where}: {message}") from None
 
 
 class MediaSettings(BaseModel):

@@ -7,7 +7,9 @@ import sys
 
 import pytest
 
-from qwen_gateway.engines.registry import CONFIG_MODELS, ENGINES, import_from_string
+from qwen_gateway.engines.registry import CONFIG_MODELS, ENGINES, import_from_string, typed_config
+from qwen_gateway.errors import StartupError
+from qwen_gateway.settings import ModelConfig
 
 
 @pytest.mark.parametrize("name", sorted(ENGINES))
@@ -28,3 +30,21 @@ def test_checking_a_local_entry_imports_neither_torch_nor_the_engine() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        # An entry-level rule (several options together) reads as the entry's own error.
+        ({}, "model 'qwen-max': give exactly one of base_url or replicas"),
+        # An option's own check: named, with its validator's message (no pydantic "Value error, ").
+        (
+            {"base_url": "http://h/v1", "breaker_failures": 0},
+            "model 'qwen-max': invalid option breaker_failures: Input should be greater than or equal to 1",
+        ),
+    ],
+)
+def test_an_invalid_entry_is_one_readable_line(options: dict[str, object], message: str) -> None:
+    with pytest.raises(StartupError) as error:
+        typed_config(ModelConfig(id="qwen-max", engine="openai", **options))
+    assert str(error.value) == message
