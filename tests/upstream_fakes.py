@@ -130,7 +130,8 @@ class FaultyUpstream:
                 length = int(headers.get("content-length", "0"))
                 raw = await reader.readexactly(length) if length else b""
                 body = json.loads(raw) if raw else None
-                if method == "GET" and path.endswith("/models"):
+                # (Received keeps the query a base URL may carry; the route is the path without it.)
+                if method == "GET" and path.partition("?")[0].endswith("/models"):
                     data = [{"id": m, "object": "model", "max_model_len": CONTEXT} for m in self.modes()]
                     self._respond(writer, 200, json.dumps({"object": "list", "data": data}).encode())
                     await writer.drain()

@@ -219,7 +219,7 @@ class OpenAIEngine:
         """GET <replica>/models: the replica answers, and its context length if it reports one."""
         assert self._client is not None
         timeout = aiohttp.ClientTimeout(total=self._config.connect_timeout * 2)
-        async with self._client.get(f"{replica.url}/models", timeout=timeout) as response:
+        async with self._client.get(replica.models_url, timeout=timeout) as response:
             if response.status != 200:
                 raise UpstreamProtocolError(f"GET /models answered {response.status}")
             listing = orjson.loads(await response.read())
@@ -238,7 +238,12 @@ class OpenAIEngine:
                 found = await self._probe(replica)
             except (aiohttp.ClientError, OSError, UpstreamProtocolError, ValueError) as exc:
                 self._replicas.failed(replica)
-                log.warning("model %r: upstream %s did not answer: %s", self._config.id, replica.url, exc)
+                log.warning(
+                    "model %r: upstream %s did not answer: %s",
+                    self._config.id,
+                    replica.shown,
+                    replica.scrub(str(exc)),
+                )
                 continue
             self._replicas.succeeded(replica)
             if found is not None:
@@ -257,7 +262,9 @@ class OpenAIEngine:
                     await self._probe(replica)
                 except (aiohttp.ClientError, OSError, UpstreamProtocolError, ValueError) as exc:
                     if replica.healthy:
-                        log.warning("upstream %s failed its health check: %s", replica.url, exc)
+                        log.warning(
+                            "upstream %s failed its health check: %s", replica.shown, replica.scrub(str(exc))
+                        )
                     replica.healthy = False
                     replica.failures = max(replica.failures, self._config.breaker_failures)
                     replica.open_until = time.monotonic() + self._config.health_interval
@@ -300,7 +307,8 @@ class OpenAIEngine:
                     else:
                         answer = await self._answer(replica, content, headers, reader)
                 except _Retry as exc:
-                    log.warning("request %s: upstream %s: %s", request.request_id, replica.url, exc.detail)
+                    detail = replica.scrub(exc.detail)
+                    log.warning("request %s: upstream %s: %s", request.request_id, replica.shown, detail)
                     self._errors[replica.index, "before_first_byte" if exc.retry else "refused"] += 1
                     if not exc.retry:
                         raise exc.error from None
@@ -356,7 +364,7 @@ class OpenAIEngine:
         """Send the request to ``replica``; a status other than 200 is a :class:`_Retry` (its body, cut
         short, for the log). The caller closes the response on any failure after this returns."""
         assert self._client is not None
-        response = await self._client.post(f"{replica.url}/chat/completions", data=content, headers=headers)
+        response = await self._client.post(replica.chat_url, data=content, headers=headers)
         if response.status != 200:
             try:
                 body = (await response.read())[:500]
@@ -425,7 +433,9 @@ class OpenAIEngine:
         error the service sends in-band (the request is charged what was delivered)."""
         self._replicas.failed(replica)
         self._errors[replica.index, "mid_stream"] += 1
-        log.warning("request %s: upstream %s failed mid-stream: %s", request_id, replica.url, what)
+        log.warning(
+            "request %s: upstream %s failed mid-stream: %s", request_id, replica.shown, replica.scrub(what)
+        )
         return EngineFailure()
 
 

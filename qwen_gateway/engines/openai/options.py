@@ -7,13 +7,19 @@ model); its key is never in the config file, only the name of the environment va
 
 from __future__ import annotations
 
+import re
 from typing import Literal, Self
+from urllib.parse import urlsplit
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from qwen_gateway.engines.openai.urls import redact_url
 from qwen_gateway.settings import EngineConfig
 
 Modality = Literal["text", "image", "video"]
+
+# What a POSIX shell (and a container's env list) takes as a variable name.
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 # DashScope's compatible-mode hosts by region (reference §1.1). Keys are per region.
 DASHSCOPE_REGIONS: dict[str, str] = {
@@ -62,13 +68,31 @@ class OpenAIModelConfig(EngineConfig):
     breaker_failures: int = Field(default=3, ge=1)
     breaker_cooldown: float = Field(default=10.0, gt=0)
 
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        # A key pasted here by mistake must not be echoed back (the error is printed and logged).
+        if value is not None and not _ENV_NAME.fullmatch(value):
+            raise ValueError(
+                "must be the NAME of an environment variable (letters, digits and _, not starting with "
+                "a digit), not the key itself; the value given is not one (not shown: it may be a key)"
+            )
+        return value
+
     @model_validator(mode="after")
     def _one_target(self) -> Self:
         if (self.base_url is None) == (not self.replicas):
             raise ValueError("give exactly one of base_url or replicas")
         for url in self.urls:
+            shown = redact_url(url)  # a URL may carry credentials: never echoed as given
             if not url.startswith(("http://", "https://")):
-                raise ValueError(f"upstream URL {url!r} must start with http:// or https://")
+                raise ValueError(f"upstream URL {shown!r} must start with http:// or https://")
+            try:
+                host = urlsplit(url).hostname
+            except ValueError:
+                host = None
+            if not host:
+                raise ValueError(f"upstream URL {shown!r} has no valid host")
         return self
 
     @property

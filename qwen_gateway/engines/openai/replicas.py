@@ -10,18 +10,35 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from qwen_gateway.engines.openai.urls import endpoint, redact_url, scrub, secrets_in
 
 
 @dataclass(slots=True)
 class Replica:
     url: str
     index: int  # its position in the config (a metrics label: URLs may hold credentials)
+    # The URL for logs and errors (credentials masked), the endpoints, and what scrub() removes.
+    shown: str = field(init=False)
+    chat_url: str = field(init=False)
+    models_url: str = field(init=False)
+    _secrets: tuple[str, ...] = field(init=False, repr=False)
     outstanding: int = 0
     failures: int = 0  # in a row
     open_until: float = 0.0  # breaker open (replica skipped) until this monotonic time
     trial: bool = False  # half-open: one request is testing the replica now
     healthy: bool = True  # the last active health check (or request) succeeded
+
+    def __post_init__(self) -> None:
+        self.shown = redact_url(self.url)
+        self.chat_url = endpoint(self.url, "/chat/completions")
+        self.models_url = endpoint(self.url, "/models")
+        self._secrets = secrets_in(self.url)
+
+    def scrub(self, text: str) -> str:
+        """``text`` (an exception's message, which may quote the URL) without the URL's credentials."""
+        return scrub(text, self._secrets)
 
     def available(self, now: float) -> bool:
         if self.open_until > now:
