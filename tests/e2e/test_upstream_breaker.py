@@ -97,6 +97,18 @@ def health_of(server: Server, model: str) -> dict[str, Any]:
     return next(m for m in models if m["id"] == model)
 
 
+def test_health_follows_the_breaker_not_one_failed_request(front: Server) -> None:
+    # breaker_failures = 3 (the default): two failures mid-stream leave the model served and ready.
+    for _ in range(2):
+        assert '"error"' in stream(front, "fake-die-health")  # in-band error after tok0..tok2
+        assert health_of(front, "fake-die-health")["state"] == "ready"
+    # The third opens the breaker (for 600 s): nothing is reachable, and /health says so.
+    stream(front, "fake-die-health")
+    status = health_of(front, "fake-die-health")
+    assert status["state"] == "failed" and status["detail"] == "no upstream replica is reachable"
+    assert httpx.get(f"{front.base_url}/health", timeout=30).status_code == 503
+
+
 def test_credentials_in_an_upstream_url_never_reach_the_log(front: Server, fake: FaultyUpstream) -> None:
     text = stream(front, "fake-secret")
     assert "tok0" in text and '"error"' in text  # the live replica answered, then died mid-stream

@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import time
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping
 from pathlib import Path
@@ -158,13 +157,11 @@ class OpenAIEngine:
 
     async def health(self) -> EngineHealth:
         active = sum(r.outstanding for r in self._replicas.replicas)
-        # Unreachable: every replica's breaker is open, or the last contact with each (the start's
-        # probe, a health check or a request) failed; a readiness probe then keeps this process out of
-        # rotation. Requests still try an unhealthy replica (it may be back), so they are not refused.
-        replicas = self._replicas.replicas
-        if self._state is EngineState.READY and (
-            not self._replicas.any_available or not any(r.healthy for r in replicas)
-        ):
+        # Unreachable: every replica's breaker is open (breaker_failures request failures in a row, or
+        # a failed active check: the start's probe, a health check); a readiness probe then keeps this
+        # process out of rotation. One failed request does not: it is what the breaker counts, and
+        # taking a working gateway out of its load balancer for it would be worse than the failure.
+        if self._state is EngineState.READY and not self._replicas.reachable:
             return EngineHealth(EngineState.FAILED, active, "no upstream replica is reachable")
         return EngineHealth(self._state, active)
 
@@ -237,7 +234,8 @@ class OpenAIEngine:
             try:
                 found = await self._probe(replica)
             except (aiohttp.ClientError, OSError, UpstreamProtocolError, ValueError) as exc:
-                self._replicas.failed(replica)
+                # As a failed health check: skipped until the first one finds it answering.
+                self._replicas.check_failed(replica, self._config.health_interval)
                 log.warning(
                     "model %r: upstream %s did not answer: %s",
                     self._config.id,
@@ -265,13 +263,9 @@ class OpenAIEngine:
                         log.warning(
                             "upstream %s failed its health check: %s", replica.shown, replica.scrub(str(exc))
                         )
-                    replica.healthy = False
-                    replica.failures = max(replica.failures, self._config.breaker_failures)
-                    replica.open_until = time.monotonic() + self._config.health_interval
+                    self._replicas.check_failed(replica, self._config.health_interval)
                     continue
-                if not replica.healthy or replica.open_until:
-                    replica.healthy = True
-                    replica.open_until = 0.0  # half-open: failures stay, so one trial request goes
+                self._replicas.check_passed(replica)
 
     async def run(self, request: GenerationRequest, stream: _Stream) -> AsyncGenerator[GenerationEvent, None]:
         assert self._client is not None, "engine not started"

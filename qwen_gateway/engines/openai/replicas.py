@@ -95,7 +95,28 @@ class ReplicaSet:
         if replica.failures >= self._failures_to_open:
             replica.open_until = self._clock() + self._cooldown
 
+    def check_failed(self, replica: Replica, hold: float) -> None:
+        """An active check (the start's probe, a health check) failed: the replica is skipped (its
+        breaker open) for ``hold`` seconds, until the next check, which may find it back."""
+        replica.healthy = False
+        replica.failures = max(replica.failures, self._failures_to_open)
+        replica.trial = False
+        replica.open_until = self._clock() + hold
+
+    def check_passed(self, replica: Replica) -> None:
+        """An active check succeeded: a replica that was failing gets a trial request (half-open)
+        rather than the full load at once."""
+        if not replica.healthy or replica.open_until:
+            replica.healthy = True
+            replica.open_until = 0.0  # failures stay, so one trial request goes
+
     @property
     def any_available(self) -> bool:
         now = self._clock()
         return any(r.available(now) for r in self.replicas)
+
+    @property
+    def reachable(self) -> bool:
+        """Some replica's breaker is not open (closed, or half-open: a trial may go or is going)."""
+        now = self._clock()
+        return any(r.open_until <= now for r in self.replicas)
