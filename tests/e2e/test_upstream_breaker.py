@@ -109,6 +109,18 @@ def test_health_follows_the_breaker_not_one_failed_request(front: Server) -> Non
     assert httpx.get(f"{front.base_url}/health", timeout=30).status_code == 503
 
 
+def test_an_open_breaker_answers_503_with_retry_after_until_its_cool_down_ends(front: Server) -> None:
+    headers = {"Authorization": f"Bearer {front.api_key}"}
+    body = {"model": "fake-open", "messages": [{"role": "user", "content": "hi"}]}
+    # The first request's failure opens the breaker (breaker_failures = 1); the next is refused at
+    # once. Both are told to come back when the 120 s cool-down ends.
+    for _ in range(2):
+        r = httpx.post(f"{front.compat_url}/chat/completions", json=body, headers=headers, timeout=60)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "ModelUnavailable", r.text
+        assert 60 <= int(r.headers["retry-after"]) <= 120, r.headers
+    assert health_of(front, "fake-open")["state"] == "failed"
+
+
 def test_credentials_in_an_upstream_url_never_reach_the_log(front: Server, fake: FaultyUpstream) -> None:
     text = stream(front, "fake-secret")
     assert "tok0" in text and '"error"' in text  # the live replica answered, then died mid-stream

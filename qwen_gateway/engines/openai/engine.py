@@ -288,7 +288,9 @@ class OpenAIEngine:
             if replica is None:
                 if last is None:
                     log.warning("request %s: no upstream replica available", request.request_id)
-                    raise EngineUnavailable()
+                    raise EngineUnavailable(retry_after=self._replicas.retry_after())
+                if isinstance(last.error, EngineUnavailable):
+                    last.error.retry_after = self._replicas.retry_after()
                 raise last.error
             tried.add(replica.url)
             replica.outstanding += 1

@@ -8,6 +8,7 @@ here must agree across processes.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -120,3 +121,12 @@ class ReplicaSet:
         """Some replica's breaker is not open (closed, or half-open: a trial may go or is going)."""
         now = self._clock()
         return any(r.open_until <= now for r in self.replicas)
+
+    def retry_after(self) -> int:
+        """Seconds until some replica takes a request again, by the breakers (what a 503 for "none
+        available" tells the client, at least 1): the soonest end of an open breaker's cool-down; a
+        half-open replica, whose trial request is running now, is usable as soon as that succeeds."""
+        now = self._clock()
+        # Not open (available, or half-open with its trial under way): 0.
+        soonest = min((max(0.0, r.open_until - now) for r in self.replicas), default=0.0)
+        return max(1, math.ceil(soonest))

@@ -51,3 +51,37 @@ def test_a_failed_trial_reopens() -> None:
     assert replicas.pick(set()) is a
     replicas.failed(a)
     assert replicas.pick(set()) is None and not replicas.any_available
+
+
+def test_retry_after_is_the_soonest_end_of_an_open_breaker() -> None:
+    clock = Clock()
+    replicas = ReplicaSet(["a", "b"], failures_to_open=1, cooldown=30, clock=clock)
+    a, b = replicas.replicas
+    replicas.failed(a)
+    clock.now += 10
+    replicas.failed(b)  # open until 130, a until 130 - 10
+    assert replicas.pick(set()) is None and not replicas.reachable
+    assert replicas.retry_after() == 20
+    clock.now += 19.5
+    assert replicas.retry_after() == 1  # never 0: "now" is rounded up to a second
+    clock.now += 1  # a's cool-down over: half-open, its trial request goes
+    assert replicas.pick(set()) is a and replicas.reachable
+    # Its trial under way, nothing takes a request, but the trial may end it at once.
+    assert replicas.pick(set()) is None and replicas.retry_after() == 1
+
+
+def test_reachable_follows_the_breakers_not_one_failure() -> None:
+    clock = Clock()
+    replicas = ReplicaSet(["a"], failures_to_open=3, cooldown=10, clock=clock)
+    a = replicas.replicas[0]
+    replicas.failed(a)
+    replicas.failed(a)
+    assert replicas.reachable and not a.healthy  # passed over when others are there, still served
+    replicas.failed(a)
+    assert not replicas.reachable
+    replicas.succeeded(a)
+    # An active check that fails opens it until the next check; one that passes lets a trial through.
+    replicas.check_failed(a, 5)
+    assert not replicas.reachable and replicas.retry_after() == 5
+    replicas.check_passed(a)
+    assert replicas.reachable and replicas.pick(set()) is a and replicas.pick(set()) is None
