@@ -36,6 +36,7 @@ MODES = (
     "garbage",  # 200 with data lines that are not JSON (stream false: a body that is not JSON)
     "die",  # 3 tokens, then the connection is reset (no finish; stream false: half the answer)
     "slow",  # a token every 20 ms, 500 of them (for disconnects)
+    "held",  # streams "ok" only once the test lets it (release()), one request per release, in order
     "status-500",
     "status-429",
     "status-400",
@@ -75,6 +76,10 @@ class FaultyUpstream:
     _thread: threading.Thread | None = None
     port: int = 0
     on_disconnect: Callable[[], None] | None = None
+    # "held" requests: how many are being answered now, the most at once, and the permits to answer.
+    in_flight: int = 0
+    max_in_flight: int = 0
+    _permits: asyncio.Queue[None] | None = None
 
     @property
     def url(self) -> str:
@@ -88,6 +93,7 @@ class FaultyUpstream:
             self._loop = loop
 
             async def main() -> None:
+                self._permits = asyncio.Queue()
                 self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, backlog=1024)
                 self.port = self._server.sockets[0].getsockname()[1]
                 ready.set()
@@ -112,6 +118,11 @@ class FaultyUpstream:
                 self._loop.call_soon_threadsafe(task.cancel)
         if self._thread is not None:
             self._thread.join(10)
+
+    def release(self) -> None:
+        """Let the longest-waiting "held" request answer (or the next one to arrive)."""
+        assert self._loop is not None and self._permits is not None
+        self._loop.call_soon_threadsafe(self._permits.put_nowait, None)
 
     def bodies(self, model: str) -> list[Any]:
         return [r.body for r in self.received if isinstance(r.body, dict) and r.body.get("model") == model]
@@ -228,6 +239,15 @@ class FaultyUpstream:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             writer.transport.abort()
             return False
+        if model == "held":
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            assert self._permits is not None
+            try:
+                await self._permits.get()
+            finally:
+                self.in_flight -= 1  # before the answer: the gateway can't have seen its end yet
+            model = "ok"
         if model is not None and model.startswith("status-"):
             status = int(model.split("-")[1])
             error = {"error": {"message": f"upstream says no: {UPSTREAM_SECRET}", "type": "x"}}

@@ -294,6 +294,9 @@ class EngineHealth:
     state: EngineState
     active_generations: int
     detail: str | None = None
+    # Requests waiting inside the engine for one of its slots, for an engine that queues them itself
+    # ahead of its work (the openai engine's gate); None: the service's admission count tells it.
+    queued: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -105,9 +105,8 @@ class ModelRegistry:
                 log.warning("health check of %s failed: %s", served.id, exc)
                 health = EngineHealth(EngineState.FAILED, 0, detail=type(exc).__name__)
             admission = served.admission
-            out.append(
-                ModelStatus(served.id, served.config.engine, health, admission.queued, admission.queue)
-            )
+            queued = admission.queued if health.queued is None else health.queued
+            out.append(ModelStatus(served.id, served.config.engine, health, queued, admission.queue))
         return out
 
     async def aclose(self) -> None:

@@ -44,6 +44,7 @@ from qwen_gateway.engines.base import (
     Usage,
 )
 from qwen_gateway.engines.openai.counting import TokenCounter
+from qwen_gateway.engines.openai.gate import Gate
 from qwen_gateway.engines.openai.http import EventStream, dumps, loads, session, sse_payloads
 from qwen_gateway.engines.openai.options import DashScopeModelConfig, OpenAIModelConfig
 from qwen_gateway.engines.openai.replicas import Replica, ReplicaSet
@@ -106,6 +107,8 @@ class OpenAIEngine:
             config.urls, failures_to_open=config.breaker_failures, cooldown=config.breaker_cooldown
         )
         self._counter = self._token_counter(config, shared)
+        # At most max_concurrency requests in flight upstream, across the replicas (gate.py).
+        self._gate = Gate(config.max_concurrency)
         self._client: aiohttp.ClientSession | None = None
         self._key: SecretStr | None = None
         self._context: int = config.context_length or DEFAULT_CONTEXT
@@ -156,14 +159,16 @@ class OpenAIEngine:
         return None
 
     async def health(self) -> EngineHealth:
-        active = sum(r.outstanding for r in self._replicas.replicas)
+        gate = self._gate
         # Unreachable: every replica's breaker is open (breaker_failures request failures in a row, or
         # a failed active check: the start's probe, a health check); a readiness probe then keeps this
         # process out of rotation. One failed request does not: it is what the breaker counts, and
         # taking a working gateway out of its load balancer for it would be worse than the failure.
         if self._state is EngineState.READY and not self._replicas.reachable:
-            return EngineHealth(EngineState.FAILED, active, "no upstream replica is reachable")
-        return EngineHealth(self._state, active)
+            return EngineHealth(
+                EngineState.FAILED, gate.in_use, "no upstream replica is reachable", queued=gate.waiting
+            )
+        return EngineHealth(self._state, gate.in_use, queued=gate.waiting)
 
     def upstream_errors(self) -> Mapping[tuple[int, str], int]:
         """Failures so far by (replica index, kind): "before_first_byte" (retried on another replica
@@ -281,78 +286,85 @@ class OpenAIEngine:
             "Accept": "text/event-stream" if request.stream else "application/json",
             "X-Request-Id": request.request_id,
         }
-        tried: set[str] = set()
-        last: _Retry | None = None
-        while True:
-            replica = self._replicas.pick(tried)
-            if replica is None:
-                if last is None:
-                    log.warning("request %s: no upstream replica available", request.request_id)
-                    raise EngineUnavailable(retry_after=self._replicas.retry_after())
-                if isinstance(last.error, EngineUnavailable):
-                    last.error.retry_after = self._replicas.retry_after()
-                raise last.error
-            tried.add(replica.url)
-            replica.outstanding += 1
-            try:
-                reader = ChunkReader()
-                stream.reader = reader
+        # Past this point the request waits for one of max_concurrency slots (first come, first
+        # served), holds it across retries on other replicas, and gives it back as it ends; a client
+        # that hangs up while waiting is cancelled out of the queue.
+        await self._gate.acquire()
+        try:
+            tried: set[str] = set()
+            last: _Retry | None = None
+            while True:
+                replica = self._replicas.pick(tried)
+                if replica is None:
+                    if last is None:
+                        log.warning("request %s: no upstream replica available", request.request_id)
+                        raise EngineUnavailable(retry_after=self._replicas.retry_after())
+                    if isinstance(last.error, EngineUnavailable):
+                        last.error.retry_after = self._replicas.retry_after()
+                    raise last.error
+                tried.add(replica.url)
+                replica.outstanding += 1
                 try:
-                    if request.stream:
-                        response, events, first = await self._open(replica, content, headers, reader)
-                    else:
-                        answer = await self._answer(replica, content, headers, reader)
-                except _Retry as exc:
-                    detail = replica.scrub(exc.detail)
-                    log.warning("request %s: upstream %s: %s", request.request_id, replica.shown, detail)
-                    self._errors[replica.index, "before_first_byte" if exc.retry else "refused"] += 1
-                    if not exc.retry:
-                        raise exc.error from None
-                    self._replicas.failed(replica)
-                    last = exc
-                    continue
-                if not request.stream:
-                    # The whole answer, read: the same events a stream would have given, at once.
+                    reader = ChunkReader()
+                    stream.reader = reader
+                    try:
+                        if request.stream:
+                            response, events, first = await self._open(replica, content, headers, reader)
+                        else:
+                            answer = await self._answer(replica, content, headers, reader)
+                    except _Retry as exc:
+                        detail = replica.scrub(exc.detail)
+                        log.warning("request %s: upstream %s: %s", request.request_id, replica.shown, detail)
+                        self._errors[replica.index, "before_first_byte" if exc.retry else "refused"] += 1
+                        if not exc.retry:
+                            raise exc.error from None
+                        self._replicas.failed(replica)
+                        last = exc
+                        continue
+                    if not request.stream:
+                        # The whole answer, read: the same events a stream would have given, at once.
+                        self._replicas.succeeded(replica)
+                        for event in answer:
+                            yield event
+                        usage = reader.usage or stream.count(reader)
+                        stream.finished = True
+                        yield Finished(reader.finish_reason or "stop", usage)
+                        return
+                    reusable = False
+                    try:
+                        for event in first:
+                            yield event
+                        # The rest of the stream, inline rather than a nested generator: each event
+                        # passes one generator frame less (they resume once per upstream chunk).
+                        idle = self._config.idle_timeout
+                        try:
+                            while reader.finish_reason is None or reader.usage is None:
+                                payload = await events.next(idle)
+                                if payload is None:
+                                    break
+                                for event in reader.feed(payload):
+                                    yield event
+                        except (aiohttp.ClientError, OSError, UpstreamProtocolError) as exc:
+                            timeout = isinstance(exc, TimeoutError)
+                            what = "idle timeout" if timeout else f"{type(exc).__name__}: {exc}"
+                            raise self._mid_stream(request.request_id, replica, what) from None
+                        if reader.finish_reason is None:
+                            raise self._mid_stream(request.request_id, replica, "ended without finishing")
+                        reusable = await events.drain()
+                    finally:
+                        if reusable:
+                            response.release()  # read to its end: the connection goes back to the pool
+                        else:
+                            response.close()  # unread (client gone, failure): dropped, the upstream aborts
                     self._replicas.succeeded(replica)
-                    for event in answer:
-                        yield event
                     usage = reader.usage or stream.count(reader)
                     stream.finished = True
                     yield Finished(reader.finish_reason or "stop", usage)
                     return
-                reusable = False
-                try:
-                    for event in first:
-                        yield event
-                    # The rest of the stream, inline rather than a nested generator: each event
-                    # passes one generator frame less (they resume once per upstream chunk).
-                    idle = self._config.idle_timeout
-                    try:
-                        while reader.finish_reason is None or reader.usage is None:
-                            payload = await events.next(idle)
-                            if payload is None:
-                                break
-                            for event in reader.feed(payload):
-                                yield event
-                    except (aiohttp.ClientError, OSError, UpstreamProtocolError) as exc:
-                        timeout = isinstance(exc, TimeoutError)
-                        what = "idle timeout" if timeout else f"{type(exc).__name__}: {exc}"
-                        raise self._mid_stream(request.request_id, replica, what) from None
-                    if reader.finish_reason is None:
-                        raise self._mid_stream(request.request_id, replica, "ended without finishing")
-                    reusable = await events.drain()
                 finally:
-                    if reusable:
-                        response.release()  # read to its end: the connection goes back to the pool
-                    else:
-                        response.close()  # unread (client gone, failure): dropped, the upstream aborts
-                self._replicas.succeeded(replica)
-                usage = reader.usage or stream.count(reader)
-                stream.finished = True
-                yield Finished(reader.finish_reason or "stop", usage)
-                return
-            finally:
-                replica.outstanding -= 1
+                    replica.outstanding -= 1
+        finally:
+            self._gate.release()
 
     async def _post(
         self, replica: Replica, content: bytes, headers: dict[str, str]

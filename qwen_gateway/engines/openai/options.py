@@ -47,8 +47,8 @@ class OpenAIModelConfig(EngineConfig):
     # whole answer read (the upstream answers only once it has generated everything, so first_byte /
     # idle timeouts can't apply). A replica that takes longer is given up and the next one tried.
     answer_timeout: float = Field(default=600.0, gt=0)
-    # Requests in flight to the upstream at once (admission control queues beyond it), and the pool's
-    # keep-alive connections (shared by all replicas).
+    # Requests in flight to the upstream at once, per entry across its replicas (the rest wait in
+    # order, up to max_queue: gate.py), and the pool's keep-alive connections (shared by all replicas).
     max_concurrency: int = Field(default=64, ge=1, le=4096)
     max_connections: int = Field(default=256, ge=1)
     # What an id outside the built-in catalog accepts (for catalog ids the catalog says it).
