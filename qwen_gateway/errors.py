@@ -88,7 +88,10 @@ class InvalidParameter(ApiError):
 
 
 class ContextLengthExceeded(InvalidParameter):
-    pass
+    @classmethod
+    def input_range(cls, max_context: int) -> ContextLengthExceeded:
+        """DashScope's refusal of a prompt of ``max_context`` tokens or more (reference §5.1)."""
+        return cls(f"Range of input length should be [1, {max_context - 1}]", param="messages")
 
 
 class MediaError(InvalidParameter):

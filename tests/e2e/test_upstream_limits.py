@@ -1,5 +1,6 @@
 """The ``openai`` engine's limits end to end: at most ``max_concurrency`` requests in flight upstream
-(the rest queued in order, a queued client that hangs up gone at once, /health telling the queue).
+(the rest queued in order, a queued client that hangs up gone at once, /health telling the queue), and
+the context: a prompt too long for it refused, the upstream's ``max_tokens`` cut to what fits.
 
 Upstream: :class:`tests.upstream_fakes.FaultyUpstream` (FAKE; its "held" mode answers only when the
 test releases a request, which makes what is in flight at the upstream something a test can pin down).
@@ -16,8 +17,10 @@ from typing import Any
 import httpx
 import pytest
 
+from qwen_gateway.engines.base import ChatMessage
+from qwen_gateway.engines.openai.counting import TokenCounter
 from tests.support import MODELS, Server, start_server, wait_for
-from tests.upstream_fakes import FaultyUpstream
+from tests.upstream_fakes import CONTEXT, FaultyUpstream
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +152,70 @@ def test_a_queued_client_that_hangs_up_leaves_the_queue_at_once(front: Server, f
         fake.release()
         assert third.result(timeout=60).status_code == 200
     assert arrived(fake)[before:] == ["hold-first", "after"]
+
+
+# -- the context ---------------------------------------------------------------------------------------
+
+
+def test_a_prompt_longer_than_the_context_is_refused_before_the_upstream(
+    front: Server, fake: FaultyUpstream
+) -> None:
+    words = " ".join(f"word{i % 97}" for i in range(41_000))  # ~250 KB: counted in pieces off the loop
+    r = post(front, {"model": "fake-short", "messages": [{"role": "user", "content": words}]})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["message"] == "Range of input length should be [1, 255]"
+    assert (error["code"], error["param"]) == ("invalid_parameter_error", "messages")
+    assert not [x for x in fake.received if x.headers.get("x-request-id") == r.headers["x-request-id"]]
+    # Streamed too: before any output (a 400, or in-band if the stream's headers had gone out first).
+    with httpx.stream(
+        "POST",
+        f"{front.compat_url}/chat/completions",
+        json={"model": "fake-short", "stream": True, "messages": [{"role": "user", "content": words}]},
+        headers={"Authorization": f"Bearer {front.api_key}"},
+        timeout=120,
+    ) as streamed:
+        assert streamed.status_code in (200, 400)
+        text = streamed.read().decode()
+        assert "Range of input length should be [1, 255]" in text and "tok0" not in text
+    ok = post(front, {"model": "fake-short", "messages": [{"role": "user", "content": "hi"}]})
+    assert ok.status_code == 200, ok.text
+
+
+def test_max_tokens_sent_upstream_fits_the_context_beside_the_prompt(
+    front: Server, fake: FaultyUpstream
+) -> None:
+    counter = TokenCounter(str(MODELS / "tiny-qwen3"))
+
+    def sent(body: dict[str, Any]) -> dict[str, Any]:
+        r = post(front, {"model": "fake-think", "stream": True, **body})
+        assert r.status_code == 200, r.text
+        return next(
+            x.body for x in fake.received if x.headers.get("x-request-id") == r.headers["x-request-id"]
+        )
+
+    def prompt_tokens(text: str) -> int:
+        return counter.prompt([ChatMessage(role="user", content=text)], [])
+
+    # Thinking on, no max_tokens: the answer's cap (the context, for an id outside the catalog) plus
+    # the thinking budget (the context too) was 2 x CONTEXT; vLLM refuses that. Now: what fits.
+    body = sent({"messages": [{"role": "user", "content": "think"}], "enable_thinking": True})
+    assert body["chat_template_kwargs"]["enable_thinking"] is True
+    assert body["max_tokens"] == CONTEXT - prompt_tokens("think")
+    # A long prompt leaves less room, counted the same way.
+    long = "many words here " * 200
+    body = sent({"messages": [{"role": "user", "content": long}], "max_tokens": 50, "enable_thinking": True})
+    assert body["max_tokens"] == CONTEXT - prompt_tokens(long)
+    # Room to spare: the request's own caps, untouched (answer plus budget while thinking).
+    body = sent({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 50, "enable_thinking": False})
+    assert body["max_tokens"] == 50
+    body = sent(
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 50,
+            "enable_thinking": True,
+            "thinking_budget": 100,
+        }
+    )
+    assert body["max_tokens"] == 150
+    assert all(json.dumps(b).count("max_tokens") == 1 for b in fake.bodies("ok")[-4:])

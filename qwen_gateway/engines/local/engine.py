@@ -388,9 +388,7 @@ class LocalEngine:
             raise InvalidParameter("This model does not support image or video input.", param="messages")
         prompt = self._vision.build(request, renderer.render_text(request))
         if not prompt.ids or len(prompt.ids) >= max_context:
-            raise ContextLengthExceeded(
-                f"Range of input length should be [1, {max_context - 1}]", param="messages"
-            )
+            raise ContextLengthExceeded.input_range(max_context)
         return prompt
 
     def _sequence(

@@ -155,7 +155,7 @@ def _content(message: ChatMessage) -> str | list[dict[str, Any]]:
 
 
 def _too_long(max_context: int) -> ContextLengthExceeded:
-    return ContextLengthExceeded(f"Range of input length should be [1, {max_context - 1}]", param="messages")
+    return ContextLengthExceeded.input_range(max_context)
 
 
 def tool_dict(tool: ToolSpec) -> dict[str, Any]:

@@ -43,7 +43,7 @@ from qwen_gateway.engines.base import (
     GenerationRequest,
     Usage,
 )
-from qwen_gateway.engines.openai.counting import TokenCounter
+from qwen_gateway.engines.openai.counting import OFF_LOOP_BYTES, TokenCounter, prompt_bound
 from qwen_gateway.engines.openai.gate import Gate
 from qwen_gateway.engines.openai.http import EventStream, dumps, loads, session, sse_payloads
 from qwen_gateway.engines.openai.options import DashScopeModelConfig, OpenAIModelConfig
@@ -53,6 +53,7 @@ from qwen_gateway.engines.openai.wire import (
     Dialect,
     UnsupportedField,
     UpstreamProtocolError,
+    max_tokens_asked,
     request_body,
 )
 from qwen_gateway.errors import (
@@ -272,10 +273,31 @@ class OpenAIEngine:
                     continue
                 self._replicas.check_passed(replica)
 
+    async def _room(self, request: GenerationRequest, stream: _Stream) -> int | None:
+        """The tokens the context leaves after the prompt, when the upstream's ``max_tokens`` may not
+        fit beside it (None: it fits, or the count is an estimate that says the prompt does not).
+
+        Counted only then: a bound from the prompt's bytes settles most requests without tokenizing.
+        A prompt of the context's length or more is refused (counted exactly, with the tokenizer) as
+        the local engines refuse it; a long one is counted off the event loop, in pieces that stop
+        once past the context."""
+        context = self._context
+        bound = prompt_bound(request.messages, request.tools)
+        if bound + max_tokens_asked(request, self._dialect) <= context:
+            return None
+        messages, tools, counter = request.messages, request.tools, self._counter
+        if bound > OFF_LOOP_BYTES:
+            prompt = await asyncio.to_thread(counter.prompt, messages, tools, limit=context)
+        else:
+            prompt = counter.prompt(messages, tools, limit=context)
+        stream.prompt_tokens = prompt  # the same count bills the prompt if the upstream reports none
+        return context - prompt if prompt < context else None
+
     async def run(self, request: GenerationRequest, stream: _Stream) -> AsyncGenerator[GenerationEvent, None]:
         assert self._client is not None, "engine not started"
+        room = await self._room(request, stream)  # refuses a prompt the context can't hold
         try:
-            body = request_body(request, self._model, self._dialect)
+            body = request_body(request, self._model, self._dialect, room=room)
         except UnsupportedField as exc:
             raise InvalidParameter(
                 f"{exc.param} is not supported by this model's upstream.", param=exc.param
@@ -458,13 +480,14 @@ class DashScopeEngine(OpenAIEngine):
 class _Stream:
     """One request's events; :meth:`spent` tells what a stream closed before its end used."""
 
-    __slots__ = ("_engine", "_events", "_request", "finished", "reader")
+    __slots__ = ("_engine", "_events", "_request", "finished", "prompt_tokens", "reader")
 
     def __init__(self, engine: OpenAIEngine, request: GenerationRequest) -> None:
         self._engine = engine
         self._request = request
         self.reader: ChunkReader | None = None
         self.finished = False
+        self.prompt_tokens: int | None = None  # counted before sending (OpenAIEngine._room), if it was
         self._events = engine.run(request, self)
 
     def __aiter__(self) -> _Stream:
@@ -479,8 +502,11 @@ class _Stream:
     def count(self, reader: ChunkReader) -> Usage:
         """Usage counted here: the prompt as rendered, and the text delivered so far."""
         counter = self._engine._counter
+        prompt = self.prompt_tokens
+        if prompt is None:
+            prompt = counter.prompt(self._request.messages, self._request.tools)
         return Usage(
-            prompt_tokens=counter.prompt(self._request.messages, self._request.tools),
+            prompt_tokens=prompt,
             completion_tokens=counter.text(reader.delivered),
             reasoning_tokens=counter.text(reader.reasoning),
             counted_locally=True,

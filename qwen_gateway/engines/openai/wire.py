@@ -96,17 +96,35 @@ def _message(message: ChatMessage, dialect: Dialect) -> dict[str, Any]:
     return out
 
 
-def request_body(request: GenerationRequest, model: str, dialect: Dialect) -> dict[str, Any]:
+def max_tokens_asked(request: GenerationRequest, dialect: Dialect) -> int:
+    """The upstream's ``max_tokens`` for ``request`` before the context is considered: our
+    ``max_tokens`` caps the answer only, an OpenAI-style one caps reasoning and answer together, so a
+    thinking request adds its budget (DashScope's own max_tokens caps the answer, as ours does)."""
+    asked = request.sampling.max_tokens
+    thinking = request.thinking
+    if not dialect.dashscope and thinking is not None and thinking.enabled and thinking.budget is not None:
+        asked += thinking.budget
+    return asked
+
+
+def request_body(
+    request: GenerationRequest, model: str, dialect: Dialect, *, room: int | None = None
+) -> dict[str, Any]:
     """The upstream's chat-completion body for ``request``: streamed with usage always asked for
     (billing must not depend on what the client asked), or, for a caller that only wants the whole
     answer (``request.stream`` false), one non-streamed answer, which always carries its usage
-    (``stream_options`` is refused there by vLLM and OpenAI's API)."""
+    (``stream_options`` is refused there by vLLM and OpenAI's API).
+
+    ``room``: the tokens the context leaves after the prompt, when the engine counted it; ``max_tokens``
+    is cut to it (vLLM refuses a prompt plus max_tokens over its max_model_len; the local engines end
+    such an answer with "length" instead, and so does the upstream now)."""
     sampling = request.sampling
+    asked = max_tokens_asked(request, dialect)
     body: dict[str, Any] = {
         "model": model,
         "messages": [_message(m, dialect) for m in request.messages],
         "stream": request.stream,
-        "max_tokens": sampling.max_tokens,
+        "max_tokens": asked if room is None else max(1, min(asked, room)),
     }
     if request.stream:
         body["stream_options"] = {"include_usage": True}
@@ -184,9 +202,6 @@ def _thinking(body: dict[str, Any], request: GenerationRequest, dialect: Dialect
     if budget is not None:
         kwargs["thinking_budget"] = budget
     body["chat_template_kwargs"] = kwargs
-    if thinking.enabled and thinking.budget is not None:
-        # An OpenAI-style max_tokens caps reasoning and answer together; ours caps the answer only.
-        body["max_tokens"] = request.sampling.max_tokens + thinking.budget
 
 
 # ---------------------------------------------------------------------------------------------------

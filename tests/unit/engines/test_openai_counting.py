@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from qwen_gateway.engines.base import ChatMessage
-from qwen_gateway.engines.openai.counting import TokenCounter
+from qwen_gateway.engines.base import ChatMessage, ToolSpec
+from qwen_gateway.engines.openai.counting import TokenCounter, prompt_bound
 from qwen_gateway.engines.registry import SharedLoads, create_engine
-from qwen_gateway.errors import StartupError
+from qwen_gateway.errors import ContextLengthExceeded, StartupError
 from qwen_gateway.settings import ModelConfig, Settings
 from tests.support import MODELS
 
@@ -52,3 +52,55 @@ def test_a_bad_tokenizer_directory_fails_every_entry_that_names_it(tmp_path: Pat
     for model_id in ("a", "b"):
         with pytest.raises(StartupError, match=r"cannot read tokenizer\.json"):
             _engine(model_id, str(tmp_path / "missing"), settings, shared)
+
+
+def test_a_prompt_the_context_cannot_hold_is_refused_after_counting_about_a_context_of_it() -> None:
+    counter = TokenCounter(str(QWEN25))
+    short = [ChatMessage(role="user", content="hello there")]
+    count = counter.prompt(short, ())
+    assert counter.prompt(short, (), limit=count + 1) == count
+    with pytest.raises(ContextLengthExceeded, match=r"Range of input length should be \[1, 4\]"):
+        counter.prompt(short, (), limit=5)
+    # Megabytes of text: refused by the pieces counted first, not by tokenizing it all.
+    huge = [ChatMessage(role="user", content="word " * 2_000_000)]
+    calls: list[int] = []
+    tokenizer = counter._tokenizer
+    real = tokenizer.encode_batch
+
+    class Spy:
+        def encode_batch(self, pieces: list[str], **kw: object) -> object:
+            calls.append(sum(map(len, pieces)))
+            return real(pieces, **kw)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(tokenizer, name)
+
+    counter._tokenizer = Spy()
+    try:
+        with pytest.raises(ContextLengthExceeded, match=r"\[1, 8191\]"):
+            counter.prompt(huge, (), limit=8192)
+    finally:
+        counter._tokenizer = tokenizer
+    assert sum(calls) < 1_000_000  # of 10 MB
+
+
+def test_without_a_tokenizer_the_estimate_never_refuses() -> None:
+    counter = TokenCounter(None)
+    messages = [ChatMessage(role="user", content="word " * 1000)]
+    assert counter.prompt(messages, (), limit=10) > 10
+
+
+def test_the_bound_is_at_least_the_count() -> None:
+    counter = TokenCounter(str(MODELS / "tiny-qwen3"))
+    tools = [ToolSpec(name="get_weather", description="Weather.", parameters={"type": "object"})]
+    for text in ("hi", "naïve café " * 50, "天气怎么样？" * 100, "x" * 70_000):
+        messages = [ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content=text)]
+        assert prompt_bound(messages, tools) >= counter.prompt(messages, tools)
+
+
+def test_a_conversation_the_template_refuses_is_estimated_not_an_error(tmp_path: Path) -> None:
+    (tmp_path / "tokenizer.json").write_bytes((QWEN25 / "tokenizer.json").read_bytes())
+    (tmp_path / "chat_template.jinja").write_text("{{ raise_exception('No user query found in messages.') }}")
+    counter = TokenCounter(str(tmp_path))
+    messages = [ChatMessage(role="user", content="word " * 100)]
+    assert counter.prompt(messages, (), limit=10) == TokenCounter(None).prompt(messages, ())

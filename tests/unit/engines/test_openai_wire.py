@@ -30,6 +30,7 @@ from qwen_gateway.engines.openai.wire import (
     Dialect,
     UnsupportedField,
     UpstreamProtocolError,
+    max_tokens_asked,
     request_body,
 )
 
@@ -281,3 +282,13 @@ def test_a_caller_that_wants_the_whole_answer_gets_a_non_streamed_upstream_call(
     assert body["stream"] is False
     # Usage comes with every whole answer; stream_options is refused without stream (vLLM, OpenAI).
     assert "stream_options" not in body
+
+
+def test_max_tokens_is_cut_to_the_room_the_prompt_leaves() -> None:
+    thinking = _request(thinking=Thinking(enabled=True, budget=64))
+    assert max_tokens_asked(thinking, Dialect()) == 10 + 64
+    assert max_tokens_asked(thinking, Dialect(dashscope=True)) == 10  # DashScope's caps the answer only
+    assert request_body(thinking, "m", Dialect(), room=30)["max_tokens"] == 30
+    assert request_body(thinking, "m", Dialect(), room=500)["max_tokens"] == 74
+    assert request_body(_request(), "m", Dialect(), room=4)["max_tokens"] == 4
+    assert request_body(_request(), "m", Dialect(), room=None)["max_tokens"] == 10
