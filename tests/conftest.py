@@ -51,6 +51,8 @@ _SLOW_MODULES = {
     "test_structured_output.py": "its own server with three models, 600-token answers",
     "test_tools_thinking.py": "its own server with five models",
     "test_upstream.py": "a local upstream server and the gateways in front of it",
+    "test_upstream_breaker.py": "its own gateway in front of an upstream that fails on demand",
+    "test_upstream_limits.py": "its own gateway in front of a slow upstream",
     "test_upstream_replicas.py": "three servers",
     "test_vision.py": "its own server with eight models on four checkpoints",
 }

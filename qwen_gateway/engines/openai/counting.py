@@ -91,11 +91,8 @@ class TokenCounter:
         try:
             rendered = self._template.render(
                 messages=plain,
-                tools=[
-                    {"type": "function", "function": {"name": t.name, "parameters": t.parameters}}
-                    for t in tools
-                ]
-                or None,
+                # With their descriptions: the upstream's template renders those too.
+                tools=[_tool(t) for t in tools] or None,
                 add_generation_prompt=True,
             )
         except (TemplateError, ValueError, RecursionError) as exc:
