@@ -215,9 +215,12 @@ class FaultyUpstream:
         return [*MODES, *(f"replay-{p.stem}" for p in sorted(RECORDED.glob("*.sse")))]
 
     @staticmethod
-    def _respond(writer: asyncio.StreamWriter, status: int, body: bytes) -> None:
+    def _respond(
+        writer: asyncio.StreamWriter, status: int, body: bytes, headers: dict[str, str] | None = None
+    ) -> None:
+        extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
         writer.write(
-            f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n{extra}\r\n".encode()
             + body
         )
 
@@ -251,7 +254,9 @@ class FaultyUpstream:
         if model is not None and model.startswith("status-"):
             status = int(model.split("-")[1])
             error = {"error": {"message": f"upstream says no: {UPSTREAM_SECRET}", "type": "x"}}
-            self._respond(writer, status, json.dumps(error).encode())
+            # A 429 says how long to back off, as vLLM's and DashScope's rate limits do.
+            extra = {"Retry-After": "7"} if status == 429 else {}
+            self._respond(writer, status, json.dumps(error).encode(), extra)
             await writer.drain()
             return True
         writer.write(

@@ -438,7 +438,7 @@ _NOT_YET: dict[str, Callable[[Any], bool]] = {
     "audio": lambda v: v is not None,
     "modalities": lambda v: v not in (None, ["text"]),
     # OpenAI's legacy function calling, predicted outputs, its own search, stored completions, paid
-    # tiers and output verbosity; vLLM's template variables.
+    # tiers and output verbosity.
     "functions": lambda v: v is not None,
     "function_call": lambda v: v is not None,
     "prediction": lambda v: v is not None,
@@ -446,7 +446,6 @@ _NOT_YET: dict[str, Callable[[Any], bool]] = {
     "store": bool,
     "service_tier": lambda v: v not in (None, "auto", "default"),
     "verbosity": lambda v: v is not None,
-    "chat_template_kwargs": bool,
 }
 # What to use instead, where this server has it.
 _INSTEAD = {
@@ -454,8 +453,41 @@ _INSTEAD = {
     "function_call": "tool_choice",
     "web_search_options": "enable_search and search_options",
     "reasoning_effort": "enable_thinking and thinking_budget",
-    "chat_template_kwargs": "enable_thinking",
 }
+# vLLM's and SGLang's spelling of the thinking switches (what a client written for them sends, and what
+# this server's own openai engine sends an upstream in their dialect): the chat template's variables.
+_TEMPLATE_SWITCHES = ("enable_thinking", "thinking_budget")
+
+
+def _template_kwargs(req: ChatCompletionRequest) -> ChatCompletionRequest:
+    """``chat_template_kwargs`` ``enable_thinking`` / ``thinking_budget`` as the top-level fields of
+    the same names; any other template variable is refused (the chat template is the server's own),
+    and so is a switch given both ways with different values."""
+    kwargs = (req.model_extra or {}).get("chat_template_kwargs")
+    if kwargs is None:
+        return req
+    if not isinstance(kwargs, dict):
+        raise InvalidParameter("chat_template_kwargs must be an object.", param="chat_template_kwargs")
+    update: dict[str, Any] = {}
+    for name, value in kwargs.items():
+        param = f"chat_template_kwargs.{name}"
+        if name not in _TEMPLATE_SWITCHES:
+            raise InvalidParameter(
+                f"{param} is not supported by this server: only enable_thinking and thinking_budget.",
+                param=param,
+            )
+        wanted = bool if name == "enable_thinking" else int
+        if value is None:
+            continue
+        if not isinstance(value, wanted) or (wanted is int and isinstance(value, bool)):
+            raise InvalidParameter(
+                f"{param} must be {'a boolean' if wanted is bool else 'an integer'}.", param=param
+            )
+        given = getattr(req, name)
+        if given is not None and given != value:
+            raise InvalidParameter(f"{name} and {param} disagree.", param=param)
+        update[name] = value
+    return req.model_copy(update=update) if update else req
 
 
 def _refuse_unsupported(req: ChatCompletionRequest) -> None:
@@ -552,6 +584,7 @@ def build_call_from(req: ChatCompletionRequest, models: ModelRegistry, *, reques
         # Offered, the model could call them, but its calls could not be read: refuse, not ignore.
         raise InvalidParameter("This model does not support tools.", param="tools")
     _refuse_unsupported(req)
+    req = _template_kwargs(req)
     search_options = parse_search_options(req.search_options)
     if req.enable_search and not spec.supports_search:
         raise InvalidParameter("This model does not support enable_search.", param="enable_search")

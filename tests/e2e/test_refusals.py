@@ -39,7 +39,16 @@ def post(server: Server, body: dict[str, Any]) -> httpx.Response:
         ({"store": True}, "store"),
         ({"service_tier": "flex"}, "service_tier"),
         ({"verbosity": "low"}, "verbosity"),
-        ({"chat_template_kwargs": {"enable_thinking": False}}, "chat_template_kwargs"),
+        # vLLM's template variables: only the thinking switches are honoured (below).
+        (
+            {"chat_template_kwargs": {"add_generation_prompt": False}},
+            "chat_template_kwargs.add_generation_prompt",
+        ),
+        ({"chat_template_kwargs": {"enable_thinking": "yes"}}, "chat_template_kwargs.enable_thinking"),
+        (
+            {"enable_thinking": True, "chat_template_kwargs": {"enable_thinking": False}},
+            "chat_template_kwargs.enable_thinking",
+        ),
         # No "type" is not plain text: DashScope's "Unknown format" names response_format.
         ({"response_format": {}}, "response_format"),
     ],
@@ -78,8 +87,20 @@ def test_thinking_budget_closes_the_reasoning_block(server: Server) -> None:
         "temperature": 1.0,
         "seed": 11,
     }
-    for budget, expected in ((5, 5), (None, 64)):  # unset: the model's max_reasoning (config: 64)
-        extra = {} if budget is None else {"thinking_budget": budget}
+    cases: list[tuple[dict[str, Any], int]] = [
+        ({"thinking_budget": 5}, 5),
+        ({}, 64),  # unset: the model's max_reasoning (config: 64)
+        # vLLM's spelling of the same switches, as a client written for vLLM (or a gateway in front
+        # of this one) sends them.
+        (
+            {
+                "enable_thinking": None,
+                "chat_template_kwargs": {"enable_thinking": True, "thinking_budget": 3},
+            },
+            3,
+        ),
+    ]
+    for extra, expected in cases:
         chunks = stream_chunks(server, {**body, **extra})
         deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
         reasoning = "".join(d.get("reasoning_content") or "" for d in deltas)

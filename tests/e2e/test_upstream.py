@@ -577,6 +577,8 @@ def test_a_failed_non_streamed_upstream_call_is_a_clean_error_charged_nothing(
     r = post(front, {"model": f"fake-{mode}", "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 503, r.text  # an upstream's 429 too: our capacity is what is short
     assert UPSTREAM_SECRET not in r.text
+    if mode == "status-429":  # with the upstream's own back-off
+        assert r.headers["retry-after"] == "7"
     assert r.json()["error"]["code"] in {"ModelUnavailable", "ModelServingError"}
     rows = front.ledger(r.headers["x-request-id"])
     assert not rows or (rows[0]["prompt_tokens"], rows[0]["completion_tokens"]) == (0, 0)

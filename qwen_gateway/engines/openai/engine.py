@@ -401,7 +401,8 @@ class OpenAIEngine:
             finally:
                 response.close()
             status = response.status
-            raise _Retry(_status_error(status), f"HTTP {status}: {body!r}", retry=status not in _REFUSED)
+            error = _status_error(status, response.headers.get("Retry-After"))
+            raise _Retry(error, f"HTTP {status}: {body!r}", retry=status not in _REFUSED)
         return response
 
     async def _open(
@@ -521,6 +522,8 @@ class _Stream:
         return self.count(reader)
 
 
+# The longest wait passed on from an upstream's Retry-After (a bound against a misconfigured upstream).
+_MAX_RETRY_AFTER = 300
 _REFUSED = frozenset({400, 413, 422})  # the request's fault: not retried, not a replica failure
 
 
@@ -539,10 +542,13 @@ def _before_first_byte(exc: BaseException, timed_out: str) -> BaseException:
     return exc
 
 
-def _status_error(status: int) -> ApiError:
-    """Our error for an upstream's HTTP status before streaming (its message stays in our log)."""
+def _status_error(status: int, retry_after: str | None = None) -> ApiError:
+    """Our error for an upstream's HTTP status before streaming (its message stays in our log). A 429
+    is our capacity error, with the upstream's own Retry-After seconds when it gives them (an HTTP
+    date or nonsense: 1 s, as our own admission says), so a client backs off as long as the upstream asked."""
     if status == 429:
-        return EngineOverloaded()
+        seconds = int(retry_after) if retry_after is not None and retry_after.strip().isdigit() else 0
+        return EngineOverloaded(retry_after=min(max(seconds, 1), _MAX_RETRY_AFTER))
     if status in _REFUSED:
         return InvalidParameter("The upstream model rejected the request.")
     return EngineUnavailable()
