@@ -159,3 +159,19 @@ def test_a_key_given_as_api_key_env_is_refused_without_being_echoed(tmp_path: Pa
     r = run_gateway("serve", "--home", str(tmp_path / "home"), "--port", "0", "--config", str(config))
     last = r.stderr.strip().splitlines()[-1]
     assert last == "error: model 'qwen-max': give exactly one of base_url or replicas", last
+    # A key that is also a valid variable name, unset as a variable: the error does not echo it; a
+    # conventional (upper-case) name is shown.
+    for env, shown in (
+        ("sk_SUPERSECRET_f00d", "named by api_key_env (not shown)"),
+        ("QG_UNSET_KEY", "QG_UNSET_KEY"),
+    ):
+        config.write_text(
+            f'[[models]]\nid = "qwen-max"\nengine = "openai"\nbase_url = "http://127.0.0.1:9/v1"\n'
+            f'api_key_env = "{env}"\n'
+        )
+        r = run_gateway("serve", "--home", str(tmp_path / "home"), "--port", "0", "--config", str(config))
+        last = r.stderr.strip().splitlines()[-1]
+        assert (
+            r.returncode == 1 and last == f"error: model 'qwen-max': environment variable {shown} is not set"
+        ), last
+        assert "SUPERSECRET" not in r.stderr + r.stdout

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping
 from pathlib import Path
@@ -132,7 +133,10 @@ class OpenAIEngine:
         if env is not None:
             value = os.environ.get(env)
             if not value:
-                raise StartupError(f"model {self._config.id!r}: environment variable {env} is not set")
+                # Named only when it reads as a variable name by convention (upper case): a key in
+                # the form of a valid name (sk_abc123) is not echoed into the printed, logged error.
+                shown = env if _CONVENTIONAL_ENV_NAME.fullmatch(env) else "named by api_key_env (not shown)"
+                raise StartupError(f"model {self._config.id!r}: environment variable {shown} is not set")
             self._key = SecretStr(value)
         cfg = self._config
         self._client = session(
@@ -522,6 +526,7 @@ class _Stream:
         return self.count(reader)
 
 
+_CONVENTIONAL_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
 # The longest wait passed on from an upstream's Retry-After (a bound against a misconfigured upstream).
 _MAX_RETRY_AFTER = 300
 _REFUSED = frozenset({400, 413, 422})  # the request's fault: not retried, not a replica failure
