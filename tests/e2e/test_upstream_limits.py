@@ -60,6 +60,12 @@ upstream_model = "ok"
 tokenizer = "{MODELS / "tiny-qwen3"}"
 reasoning = true
 thinking_budget = true
+
+[[models]]
+id = "fake-estimated"
+engine = "openai"
+base_url = "{fake.url}"
+upstream_model = "ok"
 """
     )
     srv = start_server(home, "--config", str(config))
@@ -219,3 +225,22 @@ def test_max_tokens_sent_upstream_fits_the_context_beside_the_prompt(
     )
     assert body["max_tokens"] == 150
     assert all(json.dumps(b).count("max_tokens") == 1 for b in fake.bodies("ok")[-4:])
+
+
+def test_without_an_exact_count_max_tokens_goes_upstream_as_asked(
+    front: Server, fake: FaultyUpstream
+) -> None:
+    """No tokenizer: the prompt is only estimated (4 bytes a token), which may be off either way, so
+    nothing is cut on it: the upstream's own check decides. ("hello " x 2000 is ~2000 tokens, estimated
+    3000: a clamp on the estimate sent 1096 instead of the 2000 asked, which fit.)"""
+    r = post(
+        front,
+        {
+            "model": "fake-estimated",
+            "messages": [{"role": "user", "content": "hello " * 2000}],
+            "max_tokens": 2000,
+        },
+    )
+    assert r.status_code == 200, r.text
+    (body,) = [x.body for x in fake.received if x.headers.get("x-request-id") == r.headers["x-request-id"]]
+    assert body["max_tokens"] == 2000

@@ -60,6 +60,11 @@ class TokenCounter:
     def exact(self) -> bool:
         return self._tokenizer is not None
 
+    @property
+    def exact_prompts(self) -> bool:
+        """Prompts are counted, not estimated: a tokenizer and the chat template to render them."""
+        return self._tokenizer is not None and self._template is not None
+
     def text(self, pieces: Sequence[str]) -> int:
         """Tokens of generated text (the pieces joined, so a token split across pieces counts once)."""
         joined = "".join(pieces)

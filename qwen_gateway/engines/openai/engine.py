@@ -114,6 +114,10 @@ class OpenAIEngine:
         self._client: aiohttp.ClientSession | None = None
         self._key: SecretStr | None = None
         self._context: int = config.context_length or DEFAULT_CONTEXT
+        # Whether the context is the upstream's own (configured, or learned from its /models), not the
+        # default stand-in: only a known one is checked against (DashScope's /models tells none, and
+        # its models' contexts are far above the default).
+        self._context_known = config.context_length is not None
         self._health_task: asyncio.Task[None] | None = None
         self._state = EngineState.LOADING
         self._errors: Counter[tuple[int, str]] = Counter()  # (replica index, kind) -> count
@@ -149,7 +153,7 @@ class OpenAIEngine:
             )
         learned = await self._probe_all()
         if learned is not None and self._config.context_length is None:
-            self._context = learned
+            self._context, self._context_known = learned, True
             self._capabilities = self._make_capabilities()
         self._state = EngineState.READY
         self._health_task = asyncio.create_task(self._health_loop())
@@ -280,11 +284,16 @@ class OpenAIEngine:
     async def _room(self, request: GenerationRequest, stream: _Stream) -> int | None:
         """The tokens the context leaves after the prompt, when the upstream's ``max_tokens`` may not
         fit beside it (None: it fits, or the count is an estimate that says the prompt does not).
+        Only with an exact count (a tokenizer with its chat template) and a known context: an
+        estimate may be off either way (it over-counted a 20k-token prompt by half, which cut its
+        answer to a third), and the default context is no upstream's.
 
         Counted only then: a bound from the prompt's bytes settles most requests without tokenizing.
         A prompt of the context's length or more is refused (counted exactly, with the tokenizer) as
         the local engines refuse it; a long one is counted off the event loop, in pieces that stop
         once past the context."""
+        if not (self._context_known and self._counter.exact_prompts):
+            return None
         context = self._context
         bound = prompt_bound(request.messages, request.tools)
         if bound + max_tokens_asked(request, self._dialect) <= context:
@@ -552,7 +561,9 @@ def _status_error(status: int, retry_after: str | None = None) -> ApiError:
     is our capacity error, with the upstream's own Retry-After seconds when it gives them (an HTTP
     date or nonsense: 1 s, as our own admission says), so a client backs off as long as the upstream asked."""
     if status == 429:
-        seconds = int(retry_after) if retry_after is not None and retry_after.strip().isdigit() else 0
+        # ASCII digits only: str.isdigit() accepts "²", which int() refuses.
+        given = retry_after.strip() if retry_after is not None else ""
+        seconds = int(given) if re.fullmatch(r"[0-9]{1,6}", given) else 0
         return EngineOverloaded(retry_after=min(max(seconds, 1), _MAX_RETRY_AFTER))
     if status in _REFUSED:
         return InvalidParameter("The upstream model rejected the request.")

@@ -30,6 +30,9 @@ class Replica:
     open_until: float = 0.0  # breaker open (replica skipped) until this monotonic time
     trial: bool = False  # half-open: one request is testing the replica now
     healthy: bool = True  # the last active health check (or request) succeeded
+    # The last active check (the start's probe, a health check) failed. Kept apart from the breaker,
+    # whose hold after a failed check may end before the next check has run (the checks take time).
+    check_failing: bool = False
 
     def __post_init__(self) -> None:
         self.shown = redact_url(self.url)
@@ -84,6 +87,7 @@ class ReplicaSet:
         return best
 
     def succeeded(self, replica: Replica) -> None:
+        replica.check_failing = False  # it answered: up, whatever the last check found
         replica.failures = 0
         replica.trial = False
         replica.open_until = 0.0
@@ -100,6 +104,7 @@ class ReplicaSet:
         """An active check (the start's probe, a health check) failed: the replica is skipped (its
         breaker open) for ``hold`` seconds, until the next check, which may find it back."""
         replica.healthy = False
+        replica.check_failing = True
         replica.failures = max(replica.failures, self._failures_to_open)
         replica.trial = False
         replica.open_until = self._clock() + hold
@@ -107,6 +112,7 @@ class ReplicaSet:
     def check_passed(self, replica: Replica) -> None:
         """An active check succeeded: a replica that was failing gets a trial request (half-open)
         rather than the full load at once."""
+        replica.check_failing = False
         if not replica.healthy or replica.open_until:
             replica.healthy = True
             replica.open_until = 0.0  # failures stay, so one trial request goes
@@ -118,9 +124,11 @@ class ReplicaSet:
 
     @property
     def reachable(self) -> bool:
-        """Some replica's breaker is not open (closed, or half-open: a trial may go or is going)."""
+        """Some replica passed its last active check and its breaker is not open (closed, or
+        half-open: a trial may go or is going). Failed requests alone open a breaker only after
+        ``breaker_failures`` in a row; a failed check counts until the next check passes."""
         now = self._clock()
-        return any(r.open_until <= now for r in self.replicas)
+        return any(r.open_until <= now and not r.check_failing for r in self.replicas)
 
     def retry_after(self) -> int:
         """Seconds until some replica takes a request again, by the breakers (what a 503 for "none

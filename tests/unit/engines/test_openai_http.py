@@ -135,3 +135,22 @@ def test_a_whole_answer_that_is_not_json_is_a_protocol_error() -> None:
     assert loads(b'{"a": 1}') == {"a": 1}
     with pytest.raises(UpstreamProtocolError, match="not JSON"):
         loads(b"<html>this is not json</html>")
+
+
+def test_an_upstream_429_passes_its_retry_after_on_when_it_is_seconds() -> None:
+    from qwen_gateway.engines.openai.engine import _status_error
+    from qwen_gateway.errors import EngineOverloaded
+
+    for given, expected in (
+        ("7", 7),
+        (" 12 ", 12),
+        (None, 1),
+        ("0", 1),
+        ("100000", 300),
+        ("²", 1),
+        ("Wed, 21 Oct 2026 07:28:00 GMT", 1),
+        ("-5", 1),
+        ("1.5", 1),
+    ):
+        error = _status_error(429, given)
+        assert isinstance(error, EngineOverloaded) and error.retry_after == expected, given

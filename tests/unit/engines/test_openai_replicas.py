@@ -85,3 +85,24 @@ def test_reachable_follows_the_breakers_not_one_failure() -> None:
     assert not replicas.reachable and replicas.retry_after() == 5
     replicas.check_passed(a)
     assert replicas.reachable and replicas.pick(set()) is a and replicas.pick(set()) is None
+
+
+def test_a_failed_check_counts_until_the_next_check_not_only_for_the_breakers_hold() -> None:
+    """The breaker's hold after a failed check ends after health_interval, but the next check starts
+    only then and takes up to its timeouts: an upstream that never answers stays unreachable between
+    the two checks (it read as reachable for ~2 s of every 7), until a check or a request passes."""
+    clock = Clock()
+    replicas = ReplicaSet(["a"], failures_to_open=3, cooldown=10, clock=clock)
+    a = replicas.replicas[0]
+    replicas.check_failed(a, 5)
+    clock.now += 6  # the hold is over; the next check is still waiting for its answer
+    assert not replicas.reachable
+    assert replicas.pick(set()) is a  # the half-open trial may still go: it is how a request finds out
+    replicas.failed(a)
+    assert not replicas.reachable
+    replicas.check_passed(a)
+    assert replicas.reachable
+    replicas.check_failed(a, 5)
+    clock.now += 6
+    replicas.succeeded(a)  # a trial request was answered: it is up
+    assert replicas.reachable
