@@ -254,7 +254,7 @@ class OpenAIEngine:
                     "model %r: upstream %s did not answer: %s",
                     self._config.id,
                     replica.shown,
-                    replica.scrub(str(exc)),
+                    replica.scrub(str(exc) or type(exc).__name__),
                 )
                 continue
             self._replicas.succeeded(replica)
@@ -275,7 +275,9 @@ class OpenAIEngine:
                 except (aiohttp.ClientError, OSError, UpstreamProtocolError, ValueError) as exc:
                     if replica.healthy:
                         log.warning(
-                            "upstream %s failed its health check: %s", replica.shown, replica.scrub(str(exc))
+                            "upstream %s failed its health check: %s",
+                            replica.shown,
+                            replica.scrub(str(exc) or type(exc).__name__),
                         )
                     self._replicas.check_failed(replica, self._config.health_interval)
                     continue

@@ -7,10 +7,13 @@ goes through :func:`redact_url`; exception texts that may quote the URL go throu
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 MASK = "***"
+_CREDENTIAL_KEY = re.compile(r"key|token|secret|pass|auth|sig|cred|session|code", re.IGNORECASE)
+_TOKEN_LENGTH = 16
 
 
 def redact_url(url: str) -> str:
@@ -43,7 +46,12 @@ def secrets_in(url: str) -> tuple[str, ...]:
         userinfo = parts.netloc.rpartition("@")[0]
         user, sep, password = userinfo.partition(":")
         found.append(password if sep else user)
-    found += [value if sep else key for key, sep, value in (p.partition("=") for p in parts.query.split("&"))]
+    for key, sep, value in (p.partition("=") for p in parts.query.split("&")):
+        # Replaced wherever it appears in a message, so only what may be a credential: a value under
+        # a credential-like key, a long (token-like) value or a bare item; "api-version=1" would
+        # otherwise turn every "1" of the message into ***.
+        if not sep or _CREDENTIAL_KEY.search(key) or len(value) >= _TOKEN_LENGTH:
+            found.append(value if sep else key)
     found.append(parts.fragment)
     raw = {s for s in found if s}
     return tuple(sorted(raw | {unquote(s) for s in raw}, key=len, reverse=True))

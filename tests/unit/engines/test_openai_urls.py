@@ -35,3 +35,11 @@ def test_a_replica_shows_and_scrubs_its_credentials_and_joins_endpoints_before_t
     message = replica.scrub(f"cannot open {replica.chat_url} (password S/ECRET)")
     assert "SECRET" not in message and "host:1" in message
     assert endpoint("http://host/v1/", "/models") == "http://host/v1/models"
+
+
+def test_only_credential_like_query_values_are_scrubbed_from_messages() -> None:
+    url = "http://host:1/v1?api-version=1&access_token=abc&sid=0123456789abcdef0123"
+    replica = ReplicaSet([url], failures_to_open=3, cooldown=10).replicas[0]
+    assert replica.shown == "http://host:1/v1?api-version=***&access_token=***&sid=***"
+    message = replica.scrub("upstream failed at 10:41 with abc, 0123456789abcdef0123 and 1 retry")
+    assert message == "upstream failed at 10:41 with ***, *** and 1 retry"
