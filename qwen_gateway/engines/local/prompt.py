@@ -7,12 +7,9 @@ import threading
 from typing import Any
 
 from qwen_gateway.engines.base import ChatMessage, GenerationRequest, ImagePart, TextPart, ToolSpec, VideoPart
+from qwen_gateway.engines.pieces import PIECE_CHARS, clearly_over
 from qwen_gateway.errors import ContextLengthExceeded, InvalidParameter
 
-# Texts longer than this are counted piece by piece first, so a prompt that cannot fit is refused
-# after tokenizing about a context's worth of it, not all of it.
-PIECE_CHARS = 64 * 1024
-PIECES_PER_CALL = 4
 THINK_OPEN = "<think>\n"
 
 
@@ -48,26 +45,16 @@ class PromptRenderer:
         return ids
 
     def _refuse_if_too_long(self, text: str, max_context: int) -> None:
-        """Count tokens piece by piece, cutting before whitespace so the pieces tokenize (almost)
-        as the whole does, and stop once the count is clearly past the context (the margin covers
-        the few tokens a cut inside a word can add)."""
-        limit = max_context + max_context // 50 + 16
-        count, start = 0, 0
-        while start < len(text):
-            pieces: list[str] = []
-            while start < len(text) and len(pieces) < PIECES_PER_CALL:
-                end = min(len(text), start + PIECE_CHARS)
-                if end < len(text):
-                    cut = text.rfind(" ", start + PIECE_CHARS // 2, end)
-                    end = cut if cut > start else end
-                pieces.append(text[start:end])
-                start = end
-            # One batch call: the tokenizer's Rust side encodes the pieces in parallel.
+        """Refuse ``text`` once counting it piece by piece shows it clearly past the context
+        (pieces.py); each batch of pieces holds the tokenizer's lock for one call only."""
+
+        def count(pieces: list[str]) -> int:
             with self._lock:
                 encoded = self._tokenizer(pieces, add_special_tokens=False)["input_ids"]
-            count += sum(len(ids) for ids in encoded)
-            if count >= limit:
-                raise _too_long(max_context)
+            return sum(len(ids) for ids in encoded)
+
+        if clearly_over(text, max_context, count):
+            raise _too_long(max_context)
 
     def render_text(self, request: GenerationRequest) -> str:
         messages = list(request.messages)

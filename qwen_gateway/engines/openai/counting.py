@@ -23,15 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from qwen_gateway.engines.base import ChatMessage, ToolSpec
+from qwen_gateway.engines.pieces import PIECE_CHARS, clearly_over
 from qwen_gateway.errors import ContextLengthExceeded, StartupError
 
 log = logging.getLogger(__name__)
 
 _BYTES_PER_TOKEN = 4  # the estimate without a tokenizer (a typical BPE average on English text)
-# Texts longer than this are counted piece by piece first (the local engine's prompt.py does the same),
-# so a prompt that cannot fit is refused after tokenizing about a context's worth of it.
-PIECE_CHARS = 64 * 1024
-PIECES_PER_CALL = 4
 # A prompt bound over this many bytes is counted off the event loop (rendering and tokenizing 4 KiB took
 # 0.8 ms here, 64 KiB 20 ms: time every other request on the loop would wait).
 OFF_LOOP_BYTES = 8 * 1024
@@ -113,25 +110,13 @@ class TokenCounter:
         return count
 
     def _refuse_if_too_long(self, text: str, limit: int) -> None:
-        """Count ``text`` piece by piece, cut before whitespace so the pieces tokenize (almost) as the
-        whole does, and stop once the count is clearly past ``limit`` (the margin covers the few
-        tokens a cut inside a word can add)."""
-        threshold = limit + limit // 50 + 16
-        count, start = 0, 0
-        while start < len(text):
-            pieces: list[str] = []
-            while start < len(text) and len(pieces) < PIECES_PER_CALL:
-                end = min(len(text), start + PIECE_CHARS)
-                if end < len(text):
-                    cut = text.rfind(" ", start + PIECE_CHARS // 2, end)
-                    end = cut if cut > start else end
-                pieces.append(text[start:end])
-                start = end
-            # One batch call: the Rust side encodes the pieces in parallel.
-            encoded = self._tokenizer.encode_batch(pieces, add_special_tokens=False)
-            count += sum(len(e.ids) for e in encoded)
-            if count >= threshold:
-                raise ContextLengthExceeded.input_range(limit)
+        """Refuse ``text`` once counting it piece by piece shows it clearly past ``limit`` (pieces.py)."""
+
+        def count(pieces: list[str]) -> int:
+            return sum(len(e.ids) for e in self._tokenizer.encode_batch(pieces, add_special_tokens=False))
+
+        if clearly_over(text, limit, count):
+            raise ContextLengthExceeded.input_range(limit)
 
 
 def prompt_bound(messages: Sequence[ChatMessage], tools: Sequence[ToolSpec]) -> int:
