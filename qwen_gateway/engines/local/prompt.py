@@ -6,8 +6,9 @@ import json
 import threading
 from typing import Any
 
-from qwen_gateway.engines.base import ChatMessage, GenerationRequest, ImagePart, TextPart, ToolSpec, VideoPart
+from qwen_gateway.engines.base import ChatMessage, GenerationRequest, ImagePart, TextPart, VideoPart
 from qwen_gateway.engines.pieces import PIECE_CHARS, clearly_over
+from qwen_gateway.engines.template_messages import message_dict, tool_dict
 from qwen_gateway.errors import ContextLengthExceeded, InvalidParameter
 
 THINK_OPEN = "<think>\n"
@@ -106,23 +107,7 @@ class PromptRenderer:
             return [(i, str(self._tokenizer.decode([i]))) for i in ids]
 
     def message_dict(self, message: ChatMessage) -> dict[str, Any]:
-        out: dict[str, Any] = {"role": message.role, "content": _content(message)}
-        if message.name is not None:
-            out["name"] = message.name
-        if message.tool_calls:
-            out["tool_calls"] = [
-                {
-                    "id": call.id,
-                    "type": "function",
-                    "function": {"name": call.name, "arguments": _arguments(call.arguments)},
-                }
-                for call in message.tool_calls
-            ]
-        if message.tool_call_id is not None:
-            out["tool_call_id"] = message.tool_call_id
-        if message.reasoning_content is not None and self._uses_reasoning:
-            out["reasoning_content"] = message.reasoning_content
-        return out
+        return message_dict(message, _content(message), reasoning=self._uses_reasoning)
 
 
 def _content(message: ChatMessage) -> str | list[dict[str, Any]]:
@@ -143,20 +128,3 @@ def _content(message: ChatMessage) -> str | list[dict[str, Any]]:
 
 def _too_long(max_context: int) -> ContextLengthExceeded:
     return ContextLengthExceeded.input_range(max_context)
-
-
-def tool_dict(tool: ToolSpec) -> dict[str, Any]:
-    function: dict[str, Any] = {"name": tool.name}
-    if tool.description is not None:
-        function["description"] = tool.description
-    function["parameters"] = dict(tool.parameters)
-    return {"type": "function", "function": function}
-
-
-def _arguments(text: str) -> Any:
-    # Qwen templates write `arguments | tojson`: a dict renders as the JSON object the model was trained
-    # on, while a string would render double-encoded. Unparseable text is passed through unchanged.
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError):
-        return text

@@ -24,6 +24,7 @@ from typing import Any
 
 from qwen_gateway.engines.base import ChatMessage, ToolSpec
 from qwen_gateway.engines.pieces import PIECE_CHARS, clearly_over
+from qwen_gateway.engines.template_messages import message_dict, tool_dict
 from qwen_gateway.errors import ContextLengthExceeded, StartupError
 
 log = logging.getLogger(__name__)
@@ -92,9 +93,10 @@ class TokenCounter:
 
         try:
             rendered = self._template.render(
-                messages=plain,
-                # With their descriptions: the upstream's template renders those too.
-                tools=[_tool(t) for t in tools] or None,
+                # As the upstream's template gets them (wire.py sends names, tool calls and tool
+                # results, not earlier turns' reasoning), tools with their descriptions.
+                messages=[message_dict(m, m.text(), reasoning=False) for m in messages],
+                tools=[tool_dict(t) for t in tools] or None,
                 add_generation_prompt=True,
             )
         except (TemplateError, ValueError, RecursionError) as exc:
@@ -140,11 +142,6 @@ def prompt_bound(messages: Sequence[ChatMessage], tools: Sequence[ToolSpec]) -> 
 
 def _bytes(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8"))  # isascii() is O(1) in CPython
-
-
-def _tool(tool: ToolSpec) -> dict[str, Any]:
-    function = {"name": tool.name, "description": tool.description, "parameters": tool.parameters}
-    return {"type": "function", "function": function}
 
 
 def _estimate_prompt(plain: list[dict[str, str]]) -> int:

@@ -104,3 +104,37 @@ def test_a_conversation_the_template_refuses_is_estimated_not_an_error(tmp_path:
     counter = TokenCounter(str(tmp_path))
     messages = [ChatMessage(role="user", content="word " * 100)]
     assert counter.prompt(messages, (), limit=10) == TokenCounter(None).prompt(messages, ())
+
+
+def test_a_tool_conversation_counts_as_the_local_engine_renders_it() -> None:
+    """Tool calls, tool results and tool descriptions are part of what the upstream's template renders:
+    the counter hands the template the same conversation the local engine does (template_messages.py),
+    so with the same checkpoint both count the same tokens."""
+    import threading
+
+    from transformers import AutoTokenizer
+
+    from qwen_gateway.engines.base import GenerationRequest, SamplingParams, ToolCall
+    from qwen_gateway.engines.local.prompt import PromptRenderer
+
+    tool = ToolSpec(
+        "get_weather",
+        "The weather in a city, today.",
+        {"type": "object", "properties": {"city": {"type": "string"}}},
+    )
+    messages = (
+        ChatMessage(role="user", content="Weather in Paris?"),
+        ChatMessage(
+            role="assistant", content="", tool_calls=(ToolCall("call_1", "get_weather", '{"city": "Paris"}'),)
+        ),
+        ChatMessage(role="tool", content='{"sky": "clear", "c": 21}', tool_call_id="call_1"),
+    )
+    counter = TokenCounter(str(QWEN25))
+    renderer = PromptRenderer(AutoTokenizer.from_pretrained(QWEN25), threading.Lock())
+    request = GenerationRequest(
+        request_id="r", model="m", messages=messages, sampling=SamplingParams(max_tokens=8), tools=(tool,)
+    )
+    local = len(renderer.render(request))
+    assert counter.prompt(messages, [tool]) == local
+    # Without the tool call and its result the count is smaller: they were counted, not dropped.
+    assert counter.prompt(messages[:1], [tool]) < local
