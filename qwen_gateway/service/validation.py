@@ -591,6 +591,10 @@ def build_call_from(req: ChatCompletionRequest, models: ModelRegistry, *, reques
 
     stream = bool(req.stream)
     thinking = _thinking(req, served)
+    # The schema sits two levels inside response_format ({"json_schema": {"schema": ...}}): bounded as
+    # a tool's parameters are (a deeper one exhausted the stack where the grammar is built: a 500).
+    if _depth(req.response_format, MAX_SCHEMA_DEPTH + 2) > MAX_SCHEMA_DEPTH + 2:
+        raise InvalidParameter("The response_format's schema is nested too deeply.", param="response_format")
     constraint = output_constraint(req, served, messages, thinking=bool(thinking and thinking.enabled))
     if not stream and spec.stream_only:
         raise InvalidParameter(QVQ_STREAM_ONLY_MESSAGE if spec.family == "qvq" else STREAM_ONLY_MESSAGE)

@@ -147,3 +147,31 @@ def test_enable_search_answers_and_logs_once_that_no_provider_is_configured(serv
         r = post(server, {"model": "qwen-plus", "messages": MSG, "max_tokens": 2, "enable_search": True})
         assert r.status_code == 200, r.text
     assert server.log().count("no search provider is configured") == 1
+
+
+def test_a_response_format_schema_nested_too_deeply_is_a_400_not_a_500(server: Server) -> None:
+    # 1000 levels: deep enough to exhaust the stack where the grammar is built (and json.dumps here,
+    # so the body is written out as text).
+    depth = 1000
+    schema_text = '{"type": "array", "items": ' * depth + "{}" + "}" * depth
+    body = (
+        '{"model": "qwen-plus", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, '
+        '"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": '
+        + schema_text
+        + "}}}"
+    )
+    r = httpx.post(
+        f"{server.compat_url}/chat/completions",
+        headers={"Authorization": f"Bearer {server.api_key}", "Content-Type": "application/json"},
+        content=body,
+        timeout=60,
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "response_format"
+    # As deep as a tool's parameters may be: compiled and answered.
+    schema = {"type": "string"}
+    for _ in range(60):
+        schema = {"type": "array", "items": schema}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    r = post(server, {"model": "qwen-plus", "messages": MSG, "max_tokens": 2, "response_format": fmt})
+    assert r.status_code == 200, r.text
