@@ -446,6 +446,26 @@ _NOT_YET: dict[str, Callable[[Any], bool]] = {
     "store": bool,
     "service_tier": lambda v: v not in (None, "auto", "default"),
     "verbosity": lambda v: v is not None,
+    # vLLM's and transformers' sampling extensions that vLLM-style clients send.
+    **dict.fromkeys(
+        (
+            "min_p",
+            "min_tokens",
+            "best_of",
+            "typical_p",
+            "length_penalty",
+            "num_beams",
+            "use_beam_search",
+            "guided_json",
+            "guided_regex",
+            "guided_choice",
+            "guided_grammar",
+            "suffix",
+        ),
+        lambda v: v is not None,
+    ),
+    "ignore_eos": bool,
+    "echo": bool,
 }
 # What to use instead, where this server has it.
 _INSTEAD = {

@@ -39,6 +39,9 @@ def post(server: Server, body: dict[str, Any]) -> httpx.Response:
         ({"store": True}, "store"),
         ({"service_tier": "flex"}, "service_tier"),
         ({"verbosity": "low"}, "verbosity"),
+        ({"min_p": 0.1}, "min_p"),
+        ({"ignore_eos": True}, "ignore_eos"),
+        ({"guided_json": {"type": "object"}}, "guided_json"),
         # vLLM's template variables: only the thinking switches are honoured (below).
         (
             {"chat_template_kwargs": {"add_generation_prompt": False}},
