@@ -371,6 +371,29 @@ def test_same_conversation_same_tokens_and_text_in_both_protocols(server: Server
     assert native["output"]["choices"][0]["message"]["content"] == compat["choices"][0]["message"]["content"]
 
 
+def test_sdk_history_is_the_turns_before_the_prompt(server: Server, sdk: str) -> None:
+    """``Generation.call(history=...)`` (``input.history``, the legacy {user, bot} turns beside the
+    prompt) is the same conversation as those turns given as messages: same tokens, same answer."""
+    history = [{"user": "Name a colour.", "bot": "Blue."}]
+    r = Generation.call(model="qwen-plus", prompt="Another?", history=history, api_key=sdk, **SAMPLING)
+    assert r.status_code == 200, r
+    messages = [
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "Another?"},
+    ]
+    m = Generation.call(model="qwen-plus", messages=messages, result_format="text", api_key=sdk, **SAMPLING)
+    assert m.status_code == 200, m
+    assert r.usage.input_tokens == m.usage.input_tokens and r.output.text == m.output.text
+    alone = Generation.call(model="qwen-plus", prompt="Another?", api_key=sdk, **SAMPLING)
+    assert alone.usage.input_tokens < r.usage.input_tokens
+    # A malformed turn, or history beside messages, is a 400 naming it.
+    bad = post(server, TEXT_URL, {"model": "qwen-plus", "input": {"prompt": "hi", "history": [{"user": 1}]}})
+    assert bad.status_code == 400 and bad.json()["message"] and "input.history" in bad.text, bad.text
+    both = post(server, TEXT_URL, {"model": "qwen-plus", "input": {"messages": messages, "history": history}})
+    assert both.status_code == 400 and "input.history" in both.text, both.text
+
+
 # -- thinking, tools, money -------------------------------------------------------------------------
 
 

@@ -153,7 +153,7 @@ def _messages(req: NativeRequest) -> list[dict[str, Any]]:
             )
         if not prompt:
             raise InvalidParameter(ROLE_MESSAGE, param="input.prompt")
-        return [{"role": "user", "content": prompt}]
+        return [*_history(req), {"role": "user", "content": prompt}]
     if not given:
         # DashScope's answer to an empty list, with or without a prompt (captures: parameter-error).
         raise InvalidParameter(ROLE_MESSAGE, param="input.messages")
@@ -162,7 +162,34 @@ def _messages(req: NativeRequest) -> list[dict[str, Any]]:
             "input.prompt and input.messages can't both be given: put the prompt in the messages.",
             param="input.prompt",
         )
+    if (req.input.model_extra or {}).get("history") is not None:
+        raise InvalidParameter(
+            "input.history goes with input.prompt; with input.messages, put the turns in the messages.",
+            param="input.history",
+        )
     return [_message(m, i) for i, m in enumerate(given)]
+
+
+def _history(req: NativeRequest) -> list[dict[str, Any]]:
+    """The ``dashscope`` SDK's ``history=`` (``input.history``: earlier turns as ``{"user", "bot"}``
+    pairs, the legacy form beside ``prompt``) as the messages before the prompt."""
+    history = (req.input.model_extra or {}).get("history")
+    if history is None:
+        return []
+    if not isinstance(history, list):
+        raise InvalidParameter("input.history must be a list of {user, bot} turns.", param="input.history")
+    out: list[dict[str, Any]] = []
+    for i, turn in enumerate(history):
+        if (
+            not isinstance(turn, dict)
+            or set(turn) - {"user", "bot"}
+            or not all(isinstance(turn.get(k), str) for k in ("user", "bot"))
+        ):
+            raise InvalidParameter(
+                'each turn of input.history is {"user": text, "bot": text}.', param=f"input.history.{i}"
+            )
+        out += [{"role": "user", "content": turn["user"]}, {"role": "assistant", "content": turn["bot"]}]
+    return out
 
 
 def _result_format(given: str | None, call: ChatCall, *, multimodal: bool) -> ResultFormat:
