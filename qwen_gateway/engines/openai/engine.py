@@ -254,7 +254,7 @@ class OpenAIEngine:
                     "model %r: upstream %s did not answer: %s",
                     self._config.id,
                     replica.shown,
-                    replica.scrub(str(exc) or type(exc).__name__),
+                    replica.reason(exc),
                 )
                 continue
             self._replicas.succeeded(replica)
@@ -277,7 +277,7 @@ class OpenAIEngine:
                         log.warning(
                             "upstream %s failed its health check: %s",
                             replica.shown,
-                            replica.scrub(str(exc) or type(exc).__name__),
+                            replica.reason(exc),
                         )
                     self._replicas.check_failed(replica, self._config.health_interval)
                     continue
@@ -306,6 +306,8 @@ class OpenAIEngine:
         else:
             prompt = counter.prompt(messages, tools, limit=context)
         stream.prompt_tokens = prompt  # the same count bills the prompt if the upstream reports none
+        # An exact count of the context or more was refused above; an estimate (a conversation the
+        # template rejects) that says so cuts nothing.
         return context - prompt if prompt < context else None
 
     async def run(self, request: GenerationRequest, stream: _Stream) -> AsyncGenerator[GenerationEvent, None]:

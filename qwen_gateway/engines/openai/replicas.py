@@ -44,6 +44,11 @@ class Replica:
         """``text`` (an exception's message, which may quote the URL) without the URL's credentials."""
         return scrub(text, self._secrets)
 
+    def reason(self, exc: BaseException) -> str:
+        """Why a contact with this replica failed, for the log: the exception's text without the
+        URL's credentials (its type when the text is empty, as a timeout's is)."""
+        return self.scrub(str(exc) or type(exc).__name__)
+
     def available(self, now: float) -> bool:
         if self.open_until > now:
             return False
